@@ -1,0 +1,37 @@
+# Two entry points on a fresh clone (with ../shared beside it, no network needed beyond PyPI):
+#   make run   set up, pull the pinned data, run the pipeline (dvc repro)
+#   make test  set up, run the tests
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test setup data params ui clean
+
+setup: $(STAMP)
+
+# Reinstall only when the pinned stack or the package metadata changes.
+$(STAMP): constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+data: setup
+	$(BIN)/dvc pull data.dvc
+
+run: data
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest
+
+# Rewrite params.yaml from conf/ (what `dvc exp run` does before each experiment).
+params: setup
+	$(BIN)/covidxray params
+
+ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000
+
+clean:
+	rm -rf $(VENV) outputs multirun

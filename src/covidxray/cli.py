@@ -1,0 +1,131 @@
+"""The `covidxray` command: one subcommand per pipeline stage, plus tools.
+
+Stages (fetch, curate, split, train, evaluate) are Hydra apps composed from conf/, so they take
+overrides and `-m` sweeps: `covidxray train -m model=vgg16,mobilenetv2 optimizer.lr=1e-3,1e-4`.
+DVC runs them as `covidxray STAGE --params params.yaml`, reading the composed parameters instead.
+Tools (predict, validate, manifest, params) take ordinary options; see `covidxray TOOL --help`.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from covidxray import CovidXrayError  # noqa: E402
+
+STAGES = ("fetch", "curate", "split", "train", "evaluate")
+TOOLS = {
+    "predict": "covidxray.predict:predict_cli",
+    "validate": "covidxray.predict:validate_cli",
+    "manifest": "covidxray.fetch:manifest_cli",
+    "params": "covidxray.cli:params_cli",
+}
+USAGE = f"""usage: covidxray STAGE [--params FILE | HYDRA_OVERRIDES... [-m]]
+       covidxray TOOL [OPTIONS]
+stages: {', '.join(STAGES)}
+tools:  {', '.join(TOOLS)}"""
+
+
+def conf_dir() -> Path:
+    """The project's conf/: the one in the working directory, else the one beside the package."""
+    here = Path.cwd() / "conf"
+    if (here / "config.yaml").exists():
+        return here
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+def _load(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _run_stage(stage: str, cfg) -> None:
+    """Run one stage's `main(cfg)`, turning a CovidXrayError into a one-line error and exit 1."""
+    try:
+        _load(f"covidxray.{stage}:main")(cfg)
+    except CovidXrayError as err:
+        print(f"covidxray {stage}: error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run_stage_from_params(stage: str, params_file: str) -> None:
+    """Run a stage on an already composed parameter file (what `dvc repro` does)."""
+    from omegaconf import OmegaConf
+
+    path = Path(params_file)
+    if not path.is_file():
+        print(f"covidxray {stage}: error: parameter file not found: {path}", file=sys.stderr)
+        sys.exit(1)
+    _run_stage(stage, OmegaConf.load(path))
+
+
+def run_stage_with_hydra(stage: str, overrides: list[str]) -> None:
+    """Run a stage as a Hydra app over conf/, so overrides, -m sweeps and launchers all work."""
+    import hydra
+
+    sys.argv = [f"covidxray {stage}", *overrides]
+
+    @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
+    def app(cfg) -> None:
+        _run_stage(stage, cfg)
+
+    app()
+
+
+def compose(overrides: list[str] | None = None):
+    """The composed, resolved configuration (no Hydra run): what params.yaml holds."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        cfg = hydra_compose(config_name="config", overrides=overrides or [])
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def params_cli(argv: list[str]) -> int:
+    """`covidxray params [OVERRIDES...] [--out FILE]`: write the composed conf/ (as DVC does)."""
+    import argparse
+
+    from dvc.utils.hydra import compose_and_dump
+
+    parser = argparse.ArgumentParser(prog="covidxray params", description=params_cli.__doc__)
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--out", default="params.yaml")
+    args = parser.parse_args(argv)
+    compose_and_dump(args.out, str(conf_dir()), None, "config", "", args.overrides)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command in STAGES:
+        if rest[:1] == ["--params"]:
+            if len(rest) != 2:
+                print(f"covidxray {command}: error: --params takes exactly one file", file=sys.stderr)
+                sys.exit(2)
+            run_stage_from_params(command, rest[1])
+        else:
+            run_stage_with_hydra(command, rest)
+        return
+    if command in TOOLS:
+        try:
+            sys.exit(_load(TOOLS[command])(rest))
+        except CovidXrayError as err:
+            print(f"covidxray {command}: error: {err}", file=sys.stderr)
+            sys.exit(1)
+    print(f"covidxray: error: unknown command '{command}'\n{USAGE}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
