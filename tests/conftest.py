@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,3 +37,56 @@ def external_dir() -> Path:
     if not (target / "chest_xray" / "NORMAL").is_dir():
         subprocess.run([str(BIN / "dvc"), "pull", "-q", "data.dvc"], cwd=REPO, check=True)
     return target
+
+
+def synthetic_xrays(n: int, size: int, positive: bool, rng: np.random.Generator) -> np.ndarray:
+    """Noisy uint8 images; positives carry a bright blob (a learnable signal for smoke training)."""
+    images = rng.normal(90, 25, size=(n, size, size))
+    if positive:
+        yy, xx = np.mgrid[:size, :size]
+        for img in images:
+            cy, cx = rng.integers(size // 4, 3 * size // 4, size=2)
+            img += 120 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (size / 8) ** 2))
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict:
+    """A small curated store and splits (synthetic, 32 px, 2 folds): input for train/evaluate tests."""
+    from covidxray.images import save_curated
+    from covidxray.split import make_splits
+
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    classes = ["normal", "covid"]
+    rows, arrays = [], []
+    for y, label in enumerate(classes):
+        imgs = synthetic_xrays(30, 32, positive=bool(y), rng=rng)
+        arrays.append(imgs)
+        for i in range(len(imgs)):
+            rows.append({"image_id": f"{label}-{i:03d}", "label": label, "y": y,
+                         "patient_id": f"{label}-p{i // 2:03d}", "source": "synthetic"})
+    index = pd.DataFrame(rows)
+    save_curated(root / "curated", np.concatenate(arrays), index, classes)
+    make_splits(index, test_fraction=0.25, folds=2, seed=0).to_csv(root / "splits.csv", index=False)
+    return {"root": root, "curated": root / "curated", "splits": root / "splits.csv"}
+
+
+def make_cfg(overrides: list[str] | None = None):
+    """The composed conf/ with overrides, as a stage receives it."""
+    from covidxray.cli import compose
+
+    return compose(overrides)
+
+
+@pytest.fixture
+def smoke_cfg(tiny_data, tmp_path):
+    """The smoke experiment wired to tiny_data, writing models/reports/MLflow under tmp_path."""
+    return make_cfg([
+        "experiment=smoke",
+        f"paths.curated={tiny_data['curated']}",
+        f"paths.splits={tiny_data['splits']}",
+        f"paths.models={tmp_path / 'models'}",
+        f"paths.reports={tmp_path / 'reports'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
+    ])

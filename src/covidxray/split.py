@@ -1,0 +1,84 @@
+"""split stage: a held-out test partition and K cross-validation folds, grouped by patient.
+
+Every image of a patient lands in the same partition and fold, so no patient is ever seen in
+training and evaluation at once; class proportions are kept close to the whole set's
+(sklearn's StratifiedGroupKFold). Output: data/splits.csv with image_id, patient_id, label,
+partition (cv | test) and fold (0..K-1 for cv, -1 for test).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from covidxray import CovidXrayError
+from covidxray.images import INDEX_FILE
+
+COLUMNS = ["image_id", "patient_id", "label", "partition", "fold"]
+
+
+def check_split_params(test_fraction: float, folds: int) -> None:
+    """Reject values no split can honour, naming the key."""
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise CovidXrayError(f"split.test_fraction must be in (0, 1), got {test_fraction}")
+    if int(folds) < 2:
+        raise CovidXrayError(f"split.folds must be >= 2, got {folds}")
+
+
+def _grouped_folds(labels: pd.Series, groups: pd.Series, n_splits: int, seed: int) -> np.ndarray:
+    """Fold number per row: stratified by label, never splitting a group."""
+    per_class = groups.groupby(labels).nunique()
+    if (per_class < n_splits).any():
+        short = ", ".join(f"{c}: {n}" for c, n in per_class.items() if n < n_splits)
+        raise CovidXrayError(f"too few patients for {n_splits} groups ({short} patients)")
+    fold = np.full(len(labels), -1, dtype=int)
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    for k, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+        fold[held] = k
+    return fold
+
+
+def make_splits(index: pd.DataFrame, test_fraction: float, folds: int, seed: int) -> pd.DataFrame:
+    """Assign each image to the test partition or one of `folds` CV folds, grouped by patient.
+
+    The test partition is one of round(1 / test_fraction) stratified patient groups, so its
+    share is close to, not exactly, test_fraction.
+    """
+    check_split_params(test_fraction, folds)
+    index = index.reset_index(drop=True)
+    n_groups = max(2, round(1.0 / float(test_fraction)))
+    in_test = _grouped_folds(index["label"], index["patient_id"], n_groups, seed) == 0
+    out = index.loc[:, ["image_id", "patient_id", "label"]].copy()
+    out["partition"] = np.where(in_test, "test", "cv")
+    out["fold"] = -1
+    rest = out.index[~in_test]
+    out.loc[rest, "fold"] = _grouped_folds(
+        out.loc[rest, "label"], out.loc[rest, "patient_id"], int(folds), seed
+    )
+    return out[COLUMNS]
+
+
+def load_splits(path: Path) -> pd.DataFrame:
+    """Read data/splits.csv (ids as strings)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CovidXrayError(f"splits missing: {path} (run `dvc repro split`)")
+    return pd.read_csv(path, dtype={"image_id": str, "patient_id": str})
+
+
+def main(cfg) -> None:
+    """Stage entry: read the curated index, write data/splits.csv."""
+    index_path = Path(cfg.paths.curated) / INDEX_FILE
+    if not index_path.is_file():
+        raise CovidXrayError(f"curated index missing: {index_path} (run `dvc repro curate`)")
+    index = pd.read_csv(index_path, dtype={"patient_id": str, "image_id": str})
+    splits = make_splits(index, cfg.split.test_fraction, cfg.split.folds, cfg.seed)
+    out = Path(cfg.paths.splits)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".csv.tmp")
+    splits.to_csv(tmp, index=False)
+    tmp.replace(out)
+    counts = splits.groupby(["partition", "label"]).size().to_dict()
+    print(f"wrote {out}: {len(splits)} images, {splits['patient_id'].nunique()} patients, {counts}")

@@ -1,0 +1,55 @@
+"""split: no patient in two partitions, class proportions kept, deterministic."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from covidxray import CovidXrayError
+from covidxray.split import make_splits
+
+
+def _index(n_patients=60, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_patients):
+        label = "covid" if p % 3 == 0 else "normal"
+        for k in range(rng.integers(1, 4)):
+            rows.append({"image_id": f"{p}-{k}", "patient_id": f"p{p}", "label": label})
+    return pd.DataFrame(rows)
+
+
+def test_no_patient_in_two_partitions_or_folds():
+    splits = make_splits(_index(), test_fraction=0.2, folds=5, seed=1)
+    places = splits.groupby("patient_id")[["partition", "fold"]].nunique()
+    assert (places == 1).all().all()
+    assert set(splits.loc[splits.partition == "cv", "fold"]) == set(range(5))
+    assert (splits.loc[splits.partition == "test", "fold"] == -1).all()
+
+
+def test_class_proportions_per_fold():
+    index = _index(150)
+    splits = make_splits(index, test_fraction=0.2, folds=5, seed=1)
+    overall = (index.label == "covid").mean()
+    share = splits.groupby(["partition", "fold"])["label"].apply(lambda s: (s == "covid").mean())
+    assert np.allclose(share, overall, atol=0.12)
+    test_share = (splits.partition == "test").mean()
+    assert 0.12 < test_share < 0.28
+
+
+def test_deterministic_by_seed():
+    index = _index()
+    a = make_splits(index, 0.2, 5, seed=3)
+    b = make_splits(index, 0.2, 5, seed=3)
+    c = make_splits(index, 0.2, 5, seed=4)
+    pd.testing.assert_frame_equal(a, b)
+    assert not a.equals(c)
+
+
+@pytest.mark.parametrize("fraction,folds", [(0.0, 5), (1.0, 5), (0.2, 1)])
+def test_bad_parameters(fraction, folds):
+    with pytest.raises(CovidXrayError, match="split"):
+        make_splits(_index(), fraction, folds, seed=0)
+
+
+def test_too_few_patients():
+    with pytest.raises(CovidXrayError, match="too few patients"):
+        make_splits(_index(6), 0.2, 5, seed=0)
