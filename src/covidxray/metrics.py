@@ -1,0 +1,253 @@
+"""Metrics: decision threshold, classification figures and patient-level bootstrap intervals.
+
+Every figure is computed as a weighted statistic over images, so one code path gives the point
+estimate (all weights 1) and the bootstrap (weights = how often each image's patient was drawn,
+B resamples at once, vectorized). Resampling patients, not images, keeps a patient's correlated
+images together, as the split does. The positive class (covid) is the last class; an image is
+called positive iff its score >= threshold.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from covidxray import CovidXrayError
+
+THRESHOLD_METHODS = ("youden", "sensitivity")
+# Figures of a binary (or one-vs-rest) decision; "accuracy" is added by classification_metrics.
+BINARY_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "auc", "pr_auc", "brier", "ece")
+METRICS = ("accuracy",) + BINARY_METRICS
+
+
+# -- threshold ---------------------------------------------------------------------------------
+
+def choose_threshold(y_true, scores, method: str = "youden", target_sensitivity: float = 0.95) -> float:
+    """The decision threshold on scores (call positive iff score >= threshold), chosen on
+    out-of-fold predictions: max Youden's J (TPR - FPR), or the highest threshold reaching
+    target_sensitivity (screening). Never call it on test rows."""
+    from sklearn.metrics import roc_curve
+
+    y = np.asarray(y_true).astype(int).ravel()
+    s = np.asarray(scores, dtype=float).ravel()
+    if len(y) != len(s):
+        raise CovidXrayError(f"threshold: {len(y)} labels but {len(s)} scores")
+    if not np.isfinite(s).all():
+        raise CovidXrayError("threshold: scores contain NaN or infinity")
+    if set(np.unique(y)) != {0, 1}:
+        raise CovidXrayError("threshold: the predictions need both positive and negative cases")
+    if method not in THRESHOLD_METHODS:
+        raise CovidXrayError(f"train.threshold must be one of {', '.join(THRESHOLD_METHODS)}, got {method!r}")
+    fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
+    fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]  # drop sklearn's +inf start
+    if method == "youden":
+        k = int(np.argmax(tpr - fpr))  # first maximum: the highest threshold (fewest false alarms)
+    else:
+        target = float(target_sensitivity)
+        if not 0.0 < target <= 1.0:
+            raise CovidXrayError(f"train.target_sensitivity must be in (0, 1], got {target_sensitivity}")
+        k = int(np.argmax(tpr >= target - 1e-12))  # tpr is non-decreasing as the threshold falls
+    return float(thresholds[k])
+
+
+def decide(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Predicted class per row of softmax outputs (N, K): covid (last) iff p_covid >= threshold,
+    else the most probable of the other classes."""
+    probs = np.asarray(probs, dtype=float)
+    if probs.ndim != 2 or probs.shape[1] < 2:
+        raise ValueError("probs must be (N, K) with K >= 2")
+    other = np.argmax(probs[:, :-1], axis=1)
+    return np.where(probs[:, -1] >= threshold, probs.shape[1] - 1, other)
+
+
+# -- weighted statistics, vectorized over resamples ----------------------------------------------
+
+def _div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den, NaN where den == 0 (a figure undefined on that resample)."""
+    num, den = np.broadcast_arrays(np.asarray(num, dtype=float), np.asarray(den, dtype=float))
+    out = np.full(num.shape, np.nan)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def _ranking_metrics(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted ROC AUC (ties count half) and average precision (sklearn's step-wise PR AUC),
+    one per row of w (B, N); NaN on a row lacking either class."""
+    order = np.argsort(-s, kind="mergesort")  # descending score
+    s_sorted, y_sorted, w_sorted = s[order], y[order].astype(float), w[:, order]
+    # the last position of each run of equal scores: thresholds sit between distinct values
+    ends = np.r_[np.flatnonzero(np.diff(s_sorted) != 0), len(s_sorted) - 1]
+    tp = np.cumsum(w_sorted * y_sorted, axis=1)[:, ends]
+    fp = np.cumsum(w_sorted * (1.0 - y_sorted), axis=1)[:, ends]
+    pos, neg = tp[:, -1:], fp[:, -1:]
+    d_tp = np.diff(tp, axis=1, prepend=0.0)
+    d_fp = np.diff(fp, axis=1, prepend=0.0)
+    # AUC: each positive beats the negatives ranked below it, and half of those tied with it
+    neg_below = neg - fp
+    auc = _div(np.sum(d_tp * (neg_below + 0.5 * d_fp), axis=1), (pos * neg)[:, 0])
+    precision = np.nan_to_num(_div(tp, tp + fp))
+    ap = _div(np.sum(d_tp * precision, axis=1), pos[:, 0])
+    return auc, ap
+
+
+def calibration_bins(scores: np.ndarray, n_bins: int = 10) -> np.ndarray:
+    """The equal-width probability bin (0..n_bins-1) of each score; 1.0 falls in the last bin."""
+    return np.clip((np.asarray(scores, dtype=float) * n_bins).astype(int), 0, n_bins - 1)
+
+
+def weighted_binary_metrics(y, scores, pred, weights, n_bins: int = 10) -> dict[str, np.ndarray]:
+    """The BINARY_METRICS of one positive class for each row of weights (B, N): y and pred are
+    0/1 per image, scores the positive-class probability. ECE uses n_bins equal-width bins."""
+    y = np.asarray(y).astype(float).ravel()
+    pred = np.asarray(pred).astype(float).ravel()
+    s = np.asarray(scores, dtype=float).ravel()
+    w = np.atleast_2d(np.asarray(weights, dtype=float))
+    total = w.sum(axis=1)
+    tp = w @ (y * pred)
+    fn = w @ (y * (1 - pred))
+    fp = w @ ((1 - y) * pred)
+    tn = w @ ((1 - y) * (1 - pred))
+    auc, ap = _ranking_metrics(y, s, w)
+    onehot = np.eye(n_bins)[calibration_bins(s, n_bins)]  # (N, n_bins)
+    gap = (w * (y - s)) @ onehot  # per bin: sum of w * (outcome - predicted)
+    return {
+        "sensitivity": _div(tp, tp + fn),
+        "specificity": _div(tn, tn + fp),
+        "ppv": _div(tp, tp + fp),
+        "npv": _div(tn, tn + fn),
+        "f1": _div(2 * tp, 2 * tp + fp + fn),
+        "auc": auc,
+        "pr_auc": ap,
+        "brier": _div(w @ (s - y) ** 2, total),
+        "ece": _div(np.abs(gap).sum(axis=1), total),
+    }
+
+
+def classification_metrics(y_true, probs, threshold: float, weights=None, n_bins: int = 10) -> dict:
+    """All figures for class indices y_true (N,) and softmax outputs probs (N, K), covid last.
+
+    Returns {"accuracy", covid's BINARY_METRICS..., and for K > 2 "per_class": {k: {...}},
+    "macro": {...}}, each value an array over the rows of weights (default: one row of ones).
+    """
+    y_true = np.asarray(y_true).astype(int).ravel()
+    probs = np.asarray(probs, dtype=float)
+    n, k = probs.shape
+    w = np.ones((1, n)) if weights is None else np.atleast_2d(np.asarray(weights, dtype=float))
+    pred = decide(probs, threshold)
+    out = {"accuracy": _div(w @ (pred == y_true).astype(float), w.sum(axis=1))}
+    out.update(weighted_binary_metrics(y_true == k - 1, probs[:, -1], pred == k - 1, w, n_bins))
+    if k > 2:
+        per_class = {c: weighted_binary_metrics(y_true == c, probs[:, c], pred == c, w, n_bins)
+                     for c in range(k)}
+        out["per_class"] = per_class
+        out["macro"] = {m: np.mean([per_class[c][m] for c in range(k)], axis=0) for m in BINARY_METRICS}
+    return out
+
+
+# -- patient-level bootstrap ----------------------------------------------------------------------
+
+def patient_bootstrap_weights(patient_ids, n_resamples: int, seed: int = 0) -> np.ndarray:
+    """(B, N) weights: in each resample, patients are drawn with replacement and every image of
+    a drawn patient counts once per draw, so a patient's images move as one unit."""
+    codes, uniques = pd.factorize(pd.Series(patient_ids).astype(str))
+    n_patients = len(uniques)
+    if n_patients == 0:
+        raise CovidXrayError("bootstrap: no patients")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_patients, size=(int(n_resamples), n_patients))
+    flat = (np.arange(int(n_resamples))[:, None] * n_patients + draws).ravel()
+    counts = np.bincount(flat, minlength=int(n_resamples) * n_patients).reshape(-1, n_patients)
+    return counts[:, codes].astype(float)
+
+
+def _interval(values: np.ndarray, ci: float) -> tuple[float, float, int]:
+    """Percentile interval of the defined (non-NaN) resample values, and how many there were."""
+    values = np.asarray(values, dtype=float)
+    ok = values[np.isfinite(values)]
+    if len(ok) == 0:
+        return float("nan"), float("nan"), 0
+    alpha = (1.0 - ci) / 2.0
+    lo, hi = np.quantile(ok, [alpha, 1.0 - alpha])
+    return float(lo), float(hi), int(len(ok))
+
+
+def _flatten(point: dict, boot: dict, ci: float) -> dict:
+    """{m: value, m_ci_low, m_ci_high} from matching point and bootstrap dicts (nested kept)."""
+    out: dict = {}
+    for name, value in point.items():
+        if isinstance(value, dict):
+            out[name] = _flatten(value, boot[name], ci)
+            continue
+        lo, hi, n_ok = _interval(boot[name], ci)
+        out[name] = _num(value[0])
+        out[f"{name}_ci_low"] = _num(lo)
+        out[f"{name}_ci_high"] = _num(hi)
+        if n_ok < len(boot[name]):
+            out[f"{name}_n_resamples"] = n_ok
+    return out
+
+
+def _num(x) -> float | None:
+    """A JSON-friendly float: None for NaN (undefined)."""
+    x = float(x)
+    return None if not np.isfinite(x) else x
+
+
+def bootstrap_metrics(y_true, probs, threshold: float, patient_ids, n_resamples: int = 1000,
+                      ci: float = 0.95, seed: int = 0, n_bins: int = 10) -> dict:
+    """Point estimates with percentile CIs from a patient-level bootstrap: {metric: value,
+    metric_ci_low, metric_ci_high} (plus metric_n_resamples where some resamples lacked a class
+    and were skipped). Per-class and macro figures nest under "per_class" and "macro"."""
+    if not 0.0 < float(ci) < 1.0:
+        raise CovidXrayError(f"evaluate.ci must be in (0, 1), got {ci}")
+    if int(n_resamples) < 1:
+        raise CovidXrayError(f"evaluate.bootstrap must be >= 1, got {n_resamples}")
+    point = classification_metrics(y_true, probs, threshold, n_bins=n_bins)
+    boot = _merge([
+        classification_metrics(y_true, probs, threshold, weights=w, n_bins=n_bins)
+        for w in _chunks(patient_bootstrap_weights(patient_ids, n_resamples, seed))
+    ])
+    return _flatten(point, boot, float(ci))
+
+
+def _chunks(weights: np.ndarray, max_cells: int = 20_000_000):
+    """Row blocks of a (B, N) matrix, bounding the memory of the per-block temporaries."""
+    step = max(1, max_cells // max(1, weights.shape[1]))
+    for i in range(0, len(weights), step):
+        yield weights[i:i + step]
+
+
+def _merge(parts: list[dict]) -> dict:
+    """Concatenate the per-block arrays of equally shaped (nested) metric dicts."""
+    first = parts[0]
+    return {k: _merge([p[k] for p in parts]) if isinstance(v, dict) else np.concatenate([p[k] for p in parts])
+            for k, v in first.items()}
+
+
+# -- curves (for plots) ---------------------------------------------------------------------------
+
+def curves(y_binary, scores, n_bins: int = 10) -> dict[str, pd.DataFrame]:
+    """ROC (fpr, tpr, threshold), precision-recall (recall, precision, threshold) and
+    calibration (bin, mean_predicted, fraction_positive, count) tables of one positive class."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    y = np.asarray(y_binary).astype(int).ravel()
+    s = np.asarray(scores, dtype=float).ravel()
+    out = {}
+    if len(np.unique(y)) == 2:
+        fpr, tpr, thr = roc_curve(y, s)
+        out["roc"] = pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.minimum(thr, 1.0)})
+        precision, recall, thr = precision_recall_curve(y, s)
+        out["precision_recall"] = pd.DataFrame(
+            {"recall": recall, "precision": precision, "threshold": np.r_[thr, 1.0]})
+    else:
+        out["roc"] = pd.DataFrame(columns=["fpr", "tpr", "threshold"])
+        out["precision_recall"] = pd.DataFrame(columns=["recall", "precision", "threshold"])
+    bins = calibration_bins(s, n_bins)
+    table = pd.DataFrame({"bin": bins, "p": s, "y": y}).groupby("bin")
+    out["calibration"] = pd.DataFrame({
+        "bin": table.size().index,
+        "mean_predicted": table["p"].mean().values,
+        "fraction_positive": table["y"].mean().values,
+        "count": table.size().values,
+    })
+    return out
