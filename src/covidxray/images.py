@@ -1,5 +1,8 @@
 """Images: decode any X-ray file to grayscale at a fixed size, and the curated image store.
 
+Decoding (`read_grayscale`, `resize`, `load_image`) is shared by the curate stage and by
+`covidxray predict` on images in the wild, so every failure is a one-line CovidXrayError.
+
 The curated store (data/curated/) is what every later stage reads:
 - images.npy   uint8 array (N, S, S): grayscale images, row i belongs to row i of index.csv
 - index.csv    one row per image: image_id, label, y, patient_id, source, ... (see curate.py)
@@ -7,17 +10,138 @@ The curated store (data/curated/) is what every later stage reads:
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from covidxray import CovidXrayError
 
 IMAGES_FILE = "images.npy"
 INDEX_FILE = "index.csv"
 CLASSES_FILE = "classes.json"
+RESIZE_POLICIES = ("stretch", "pad", "crop")
+
+
+def check_resize_policy(policy: str) -> None:
+    """Reject an unknown resize policy, naming the key and the allowed values."""
+    if policy not in RESIZE_POLICIES:
+        raise CovidXrayError(f"data.resize must be one of {', '.join(RESIZE_POLICIES)}, got {policy!r}")
+
+
+def to_grayscale(img: Image.Image) -> np.ndarray:
+    """A decoded PIL image as a 2-D uint8 array, whatever its mode.
+
+    Colour is reduced to luma (ITU-R 601, PIL's "L"); alpha is composited onto black (transparent
+    means no signal). Data deeper than 8 bits (I;16*, I, F) is scaled linearly from its actual
+    min..max to 0..255, because X-ray PNGs often fill only 10-12 of their 16 bits: a fixed
+    65535 -> 255 scale would turn them nearly black. A constant image becomes all zeros.
+    """
+    mode = img.mode
+    if mode == "L":
+        return np.asarray(img, dtype=np.uint8)
+    if mode == "1":
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+    if mode.startswith("I") or mode == "F":
+        data = np.asarray(img).astype(np.float64)
+        lo, hi = float(data.min()), float(data.max())
+        if hi <= lo:
+            return np.zeros(data.shape, dtype=np.uint8)
+        return np.rint((data - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode == "PA":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(black, rgba)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+def read_grayscale(path: Path) -> tuple[np.ndarray, dict]:
+    """Read and decode an image file once: its 8-bit grayscale pixels and what it was.
+
+    The EXIF orientation is applied (as viewers do). info: width, height (as displayed),
+    format (JPEG, PNG, ...), mode (PIL mode of the file) and sha256 (of the file's bytes).
+    A missing, non-image or corrupt file raises CovidXrayError naming it.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CovidXrayError(f"image not found: {path}") from None
+    except OSError as err:
+        raise CovidXrayError(f"cannot read image {path}: {err.strerror or err}") from None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt, mode = img.format, img.mode
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            gray = to_grayscale(img)
+    except UnidentifiedImageError:
+        raise CovidXrayError(f"not an image file (or a format Pillow cannot decode): {path}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise CovidXrayError(f"corrupt or unreadable image {path}: {reason}") from None
+    if gray.ndim != 2 or gray.size == 0:
+        raise CovidXrayError(f"not a 2-D image: {path} (shape {gray.shape})")
+    info = {
+        "width": int(gray.shape[1]),
+        "height": int(gray.shape[0]),
+        "format": fmt or "unknown",
+        "mode": mode,
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    return gray, info
+
+
+def _scale(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Resample to width x height: area averaging when shrinking (cv2 INTER_AREA), bilinear when enlarging."""
+    if (width, height) == img.size:
+        return img
+    shrinking = width * height < img.width * img.height
+    return img.resize((width, height), Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR)
+
+
+def resize(gray: np.ndarray, size: int, policy: str = "stretch") -> np.ndarray:
+    """A 2-D uint8 image as a (size, size) uint8 square.
+
+    stretch: plain resize, aspect ratio not kept (the tutorial's cv2.resize);
+    pad: keep the aspect ratio, fit the longer side, centre on black (letterbox);
+    crop: keep the aspect ratio, take the centred square of the shorter side.
+    """
+    check_resize_policy(policy)
+    size = int(size)
+    if size < 1:
+        raise CovidXrayError(f"data.image_size must be a positive integer, got {size}")
+    img = Image.fromarray(np.ascontiguousarray(gray, dtype=np.uint8))
+    w, h = img.size
+    if policy == "stretch":
+        out = _scale(img, size, size)
+    elif policy == "crop":
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        out = _scale(img.crop((left, top, left + side, top + side)), size, size)
+    else:
+        scale = size / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        out = Image.new("L", (size, size), 0)
+        out.paste(_scale(img, nw, nh), ((size - nw) // 2, (size - nh) // 2))
+    return np.asarray(out, dtype=np.uint8)
+
+
+def load_image(path: Path, size: int, policy: str = "stretch") -> np.ndarray:
+    """Decode an image file to a (size, size) uint8 grayscale square (what models see)."""
+    check_resize_policy(policy)
+    gray, _ = read_grayscale(path)
+    return resize(gray, size, policy)
 
 
 def save_curated(out_dir: Path, images: np.ndarray, index: pd.DataFrame, classes: list[str]) -> None:

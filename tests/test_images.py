@@ -1,0 +1,138 @@
+"""images.py: decoding every mode to 8-bit grayscale, the resize policies, errors, the store."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from covidxray import CovidXrayError
+from covidxray import images
+
+W, H = 40, 30
+
+
+def gradient() -> np.ndarray:
+    """A (H, W) uint8 ramp 0..255 left to right."""
+    return np.tile(np.linspace(0, 255, W).round().astype(np.uint8), (H, 1))
+
+
+def _write(path, img, **kw):
+    img.save(path, **kw)
+    return path
+
+
+@pytest.fixture()
+def samples(tmp_path):
+    """Synthetic files of every mode and bit depth: name -> (path, expected format, expected mode).
+
+    Pillow cannot write 32-bit integer or float PNGs, so modes I and F are written as TIFF.
+    """
+    g = gradient()
+    rgb = np.stack([g, g, g], axis=-1)
+    rgba = np.dstack([rgb, np.full((H, W), 255, np.uint8)])
+    rgba[:, : W // 2, 3] = 0                              # left half transparent -> black
+    la = np.dstack([g, np.full((H, W), 255, np.uint8)])
+    deep = (g.astype(np.uint16) * 16)                    # 12-bit data in a 16-bit container
+    out = {
+        "L": (_write(tmp_path / "l.png", Image.fromarray(g)), "PNG", "L"),
+        "RGB": (_write(tmp_path / "rgb.png", Image.fromarray(rgb)), "PNG", "RGB"),
+        "RGBA": (_write(tmp_path / "rgba.png", Image.fromarray(rgba)), "PNG", "RGBA"),
+        "P": (_write(tmp_path / "p.png", Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE)), "PNG", "P"),
+        "LA": (_write(tmp_path / "la.png", Image.fromarray(la, mode="LA")), "PNG", "LA"),
+        "I;16": (_write(tmp_path / "i16.png", Image.fromarray(deep)), "PNG", None),
+        "I;16B": (_write(tmp_path / "i16b.png", Image.frombytes("I;16B", (W, H), deep.astype(">u2").tobytes())),
+                  "PNG", None),
+        "I": (_write(tmp_path / "i32.tif", Image.fromarray(deep.astype(np.int32) * 1000)), "TIFF", "I"),
+        "F": (_write(tmp_path / "f.tif", Image.fromarray(deep.astype(np.float32) / 7)), "TIFF", "F"),
+        "JPEG L": (_write(tmp_path / "l.jpg", Image.fromarray(g), quality=95), "JPEG", "L"),
+        "JPEG RGB": (_write(tmp_path / "rgb.jpg", Image.fromarray(rgb), quality=95), "JPEG", "RGB"),
+    }
+    return out
+
+
+@pytest.mark.parametrize("name", ["L", "RGB", "RGBA", "P", "LA", "I;16", "I;16B", "I", "F", "JPEG L", "JPEG RGB"])
+def test_read_grayscale_every_mode(samples, name):
+    path, fmt, mode = samples[name]
+    gray, info = images.read_grayscale(path)
+    assert gray.dtype == np.uint8 and gray.shape == (H, W)
+    assert (info["width"], info["height"], info["format"]) == (W, H, fmt)
+    assert mode is None or info["mode"] == mode
+    assert len(info["sha256"]) == 64
+    if name == "RGBA":
+        assert gray[:, : W // 2].max() == 0                  # transparent composited onto black
+        assert gray[:, -1].min() >= 250
+    else:
+        # the ramp survives: dark at the left, bright at the right, full 8-bit range
+        assert gray[:, 0].max() <= 10 and gray[:, -1].min() >= 245
+        assert np.all(np.diff(gray[H // 2].astype(int)) >= -8)
+
+
+def test_sixteen_bit_scaled_by_actual_range(tmp_path):
+    deep = np.full((8, 8), 1000, np.uint16)
+    deep[0, 0], deep[-1, -1] = 200, 4000
+    path = _write(tmp_path / "d.png", Image.fromarray(deep))
+    gray, info = images.read_grayscale(path)
+    assert info["mode"].startswith("I")
+    assert gray.min() == 0 and gray.max() == 255
+    flat = _write(tmp_path / "flat.png", Image.fromarray(np.full((4, 4), 999, np.uint16)))
+    assert images.read_grayscale(flat)[0].max() == 0
+
+
+def test_resize_policies():
+    wide = np.full((50, 100), 255, np.uint8)                   # a white 2:1 image
+    stretch = images.resize(wide, 32, "stretch")
+    pad = images.resize(wide, 32, "pad")
+    crop = images.resize(wide, 32, "crop")
+    for out in (stretch, pad, crop):
+        assert out.shape == (32, 32) and out.dtype == np.uint8
+    assert stretch.min() == 255 and crop.min() == 255
+    # pad keeps the aspect ratio: a 32x16 white band between black bands above and below
+    assert pad[:8].max() == 0 and pad[-8:].max() == 0 and pad[8:24].min() == 255
+    tall = np.full((100, 50), 255, np.uint8)
+    pad_tall = images.resize(tall, 32, "pad")
+    assert pad_tall[:, :8].max() == 0 and pad_tall[:, 8:24].min() == 255
+    # crop takes the centre: black side thirds disappear, stretch keeps them
+    banded = np.zeros((100, 300), np.uint8)
+    banded[:, 100:200] = 255
+    assert images.resize(banded, 32, "crop").min() == 255
+    assert images.resize(banded, 32, "stretch")[:, :8].max() == 0
+    # enlarging works too
+    assert images.resize(np.zeros((5, 7), np.uint8), 32, "pad").shape == (32, 32)
+
+
+def test_unknown_policy_names_the_key():
+    with pytest.raises(CovidXrayError, match=r"data\.resize.*stretch, pad, crop"):
+        images.resize(np.zeros((4, 4), np.uint8), 8, "squash")
+
+
+def test_load_image(samples):
+    out = images.load_image(samples["JPEG RGB"][0], 16, "pad")
+    assert out.shape == (16, 16) and out.dtype == np.uint8
+
+
+def test_bad_files_raise_naming_the_file(tmp_path, samples):
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image\n")
+    data = samples["JPEG L"][0].read_bytes()
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(data[: len(data) // 3])
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    for path in (text, corrupt, garbage, tmp_path / "absent.png", tmp_path):
+        with pytest.raises(CovidXrayError) as err:
+            images.load_image(path, 16)
+        message = str(err.value)
+        assert str(path) in message and "\n" not in message
+
+
+def test_store_round_trip(tmp_path):
+    arr = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4)
+    index = pd.DataFrame({"image_id": ["a", "b"], "label": ["normal", "covid"], "y": [0, 1],
+                          "patient_id": ["001", "002"]})
+    images.save_curated(tmp_path / "c", arr, index, ["normal", "covid"])
+    back, idx, classes = images.load_curated(tmp_path / "c", mmap=True)
+    assert np.array_equal(back, arr) and classes == ["normal", "covid"]
+    assert list(idx["patient_id"]) == ["001", "002"]
+    with pytest.raises(CovidXrayError, match="curated data missing"):
+        images.load_curated(tmp_path / "nothing")
