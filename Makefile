@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Stage commands (`covidxray ...`) and dvc come from the venv, also for dvc's own subshells.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: run test setup data params ui clean
 

@@ -42,7 +42,8 @@ def repo_copy(tmp_path_factory) -> Path:
 
 
 def test_dvc_repro_split_end_to_end(repo_copy):
-    env = {**os.environ, "COVIDXRAY_DATA_MIRROR": str(MIRROR)}
+    env = {**os.environ, "COVIDXRAY_DATA_MIRROR": str(MIRROR),
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     dvc = str(BIN / "dvc")
     _sh([dvc, "pull", "-q", "data.dvc"], repo_copy, env)
     assert len(list((repo_copy / "data/external/chest_xray/NORMAL").iterdir())) == 450
