@@ -262,3 +262,15 @@ def test_shortcut_aucs_per_class_exposes_one_separable_class():
     feats = pd.DataFrame({"w": np.where(y == 2, 1000.0, 512.0)})     # only class 2 is separable
     result = curate.shortcut_aucs(feats, y, np.arange(90), seed=0)
     assert result["per_class"][2] > 0.95 and result["auc"] < result["per_class"][2]
+
+
+def test_curate_fails_on_a_corrupt_image_and_leaves_nothing(repo_root, small_inputs, tmp_path):
+    root, _, _ = small_inputs
+    broken = tmp_path / "inputs"
+    shutil.copytree(root, broken)
+    victim = sorted((broken / "external" / "chest_xray" / "NORMAL").iterdir())[3]
+    victim.write_bytes(victim.read_bytes()[:200])  # a truncated JPEG
+    out = tmp_path / "curated"
+    with pytest.raises(CovidXrayError, match=victim.name):
+        curate.main(_cfg(repo_root, broken, out))
+    assert not out.exists() and not list(tmp_path.glob(".curated*"))

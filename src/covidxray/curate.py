@@ -479,7 +479,7 @@ def audit_markdown(report: dict) -> str:
     d, sel = report["dedupe"], report["selection"]
     lines += ["", "## Cleaning", "",
               f"- records selected: {sel['records']}; missing files: {len(sel['missing_files'])}; "
-              f"unreadable files: {len(sel['unreadable_files'])}",
+              f"records sharing a file: {sel['records_sharing_a_file']}",
               f"- exact duplicates removed: {d['exact_duplicates_removed']} "
               f"({len(d['exact_duplicate_groups'])} groups)",
               f"- near-duplicate groups (phash distance <= {report['config']['phash_distance']}): "
@@ -557,9 +557,11 @@ def main(cfg) -> None:
     records["image_id"] = assign_image_ids(records)
     files = sorted(set(records["file"]))
     decoded = decode_files(files, size, policy, workers=min(os.cpu_count() or 1, 8))
-    unreadable = [{"file": r["file"], "error": r["error"]} for r in decoded if "error" in r]
-    decoded = {r["file"]: r for r in decoded if "error" not in r}
-    records = records[records["file"].isin(decoded)].reset_index(drop=True)
+    errors = [r["error"] for r in decoded if "error" in r]
+    if errors:  # inputs are pinned and verified: an unreadable one is a broken input, not noise
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise CovidXrayError(f"{errors[0]}{more}")
+    decoded = {r["file"]: r for r in decoded}
     for col in ("orig_width", "orig_height", "orig_format", "orig_mode", "sha256", "phash"):
         records[col] = [decoded[f][col] for f in records["file"]]
     kept, dedupe_report = dedupe(records, distance)
@@ -573,7 +575,7 @@ def main(cfg) -> None:
     report = audit(index, pixels, classes, seed)
     report["config"] = {"task": task, "views": views, "image_size": size, "resize": policy,
                         "balance": method, "phash_distance": distance, "seed": seed}
-    report["selection"] = {"records": int(len(present)), "missing_files": missing, "unreadable_files": unreadable,
+    report["selection"] = {"records": int(len(present)), "missing_files": missing,
                            "records_sharing_a_file": int(records["file"].duplicated().sum())}
     report["dedupe"] = dedupe_report
     report["balance_removed"] = {c: int((kept["label"] == c).sum() - (index["label"] == c).sum()) for c in classes}
@@ -585,8 +587,6 @@ def main(cfg) -> None:
         (tmp / "audit.md").write_text(audit_markdown(report))
 
     write_atomically(out, write)
-    for item in unreadable:
-        print(f"curate: warning: skipped {item['error']}", file=sys.stderr)
     if missing:
         print(f"curate: warning: {len(missing)} selected file(s) missing, e.g. {missing[0]}", file=sys.stderr)
     for item in report["shortcuts"]:
