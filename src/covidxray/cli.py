@@ -42,10 +42,11 @@ def _load(target: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def _run_stage(stage: str, cfg) -> None:
-    """Run one stage's `main(cfg)`, turning a CovidXrayError into a one-line error and exit 1."""
+def _run_stage(stage: str, cfg):
+    """Run one stage's `main(cfg)`, turning a CovidXrayError into a one-line error and exit 1.
+    Returns what the stage returns (train: the metric Hydra sweepers such as Optuna optimize)."""
     try:
-        _load(f"covidxray.{stage}:main")(cfg)
+        return _load(f"covidxray.{stage}:main")(cfg)
     except CovidXrayError as err:
         print(f"covidxray {stage}: error: {err}", file=sys.stderr)
         sys.exit(1)
@@ -69,8 +70,8 @@ def run_stage_with_hydra(stage: str, overrides: list[str]) -> None:
     sys.argv = [f"covidxray {stage}", *overrides]
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
-    def app(cfg) -> None:
-        _run_stage(stage, cfg)
+    def app(cfg):
+        return _run_stage(stage, cfg)
 
     app()
 
