@@ -1,0 +1,133 @@
+"""Grad-CAM: where in the X-ray the model looked, for any backbone the project builds.
+
+The model's layout (models.py): Input -> "preprocess" -> nested "backbone" Model (last conv
+feature map, 4-D) -> head layers. We replay that chain under a GradientTape watching the
+backbone's output, so no backbone-specific layer names are needed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+PREPROCESS, BACKBONE = "preprocess", "backbone"
+
+
+def _split_layers(model):
+    """(layers up to and including the backbone, head layers after it), skipping the Input."""
+    names = [layer.name for layer in model.layers]
+    if BACKBONE not in names:
+        raise ValueError(f"Grad-CAM needs a nested '{BACKBONE}' model; layers: {', '.join(names)}")
+    k = names.index(BACKBONE)
+    body = [layer for layer in model.layers[:k + 1] if type(layer).__name__ != "InputLayer"]
+    return body, list(model.layers[k + 1:])
+
+
+def _class_scores(head, features, class_index: int):
+    """The class score after the head: the pre-softmax logit where the head ends in softmax
+    (gradients of a saturated probability vanish), else the output itself."""
+    import keras
+    import tensorflow as tf
+
+    h = features
+    last = len(head) - 1
+    for i, layer in enumerate(head):
+        activation = getattr(layer, "activation", None)
+        if i == last and isinstance(layer, keras.layers.Softmax):
+            break
+        if i == last and isinstance(layer, keras.layers.Dense) and activation is keras.activations.softmax:
+            h = tf.matmul(h, layer.kernel)
+            if layer.use_bias:
+                h = h + layer.bias
+            break
+        if i == last and isinstance(layer, keras.layers.Activation) and activation is keras.activations.softmax:
+            break
+        h = layer(h, training=False)
+    return h[:, class_index]
+
+
+def gradcam(model, images: np.ndarray, class_index: int = -1, batch_size: int = 16) -> np.ndarray:
+    """Grad-CAM heat maps (N, S, S) in [0, 1] for class `class_index` of uint8/float images
+    (N, S, S) or (N, S, S, 1) holding raw 0..255 pixels (what the model takes)."""
+    import tensorflow as tf
+
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim == 3:
+        x = x[..., None]
+    n, height, width = x.shape[:3]
+    body, head = _split_layers(model)
+    n_classes = int(model.output_shape[-1])
+    class_index = class_index % n_classes
+    maps = []
+    for start in range(0, n, batch_size):
+        batch = tf.convert_to_tensor(x[start:start + batch_size])
+        with tf.GradientTape() as tape:
+            h = batch
+            for layer in body:
+                h = layer(h, training=False)
+            if len(h.shape) != 4:
+                raise ValueError(f"the backbone's output must be a 4-D feature map, got shape {h.shape}")
+            tape.watch(h)
+            score = _class_scores(head, h, class_index)
+        grads = tape.gradient(score, h)
+        weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+        cam = tf.nn.relu(tf.reduce_sum(weights * h, axis=-1, keepdims=True))
+        cam = tf.image.resize(cam, (height, width), method="bilinear")[..., 0].numpy()
+        maps.append(cam)
+    cams = np.concatenate(maps).astype(np.float32) if maps else np.zeros((0, height, width), np.float32)
+    peak = cams.reshape(len(cams), -1).max(axis=1) if len(cams) else np.zeros(0)
+    scale = np.where(peak > 0, peak, 1.0)[:, None, None]
+    return np.clip(cams / scale, 0.0, 1.0)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """An RGB uint8 picture: the grayscale image with the heat map (jet colours) blended over it."""
+    from matplotlib import colormaps
+
+    gray = np.asarray(image, dtype=np.float32)
+    if gray.ndim == 3:
+        gray = gray[..., 0]
+    base = np.repeat(gray[..., None] / 255.0, 3, axis=-1)
+    heat = colormaps["jet"](np.clip(cam, 0, 1))[..., :3]
+    return np.clip(255.0 * ((1 - alpha) * base + alpha * heat), 0, 255).astype(np.uint8)
+
+
+def save_overlay(image: np.ndarray, cam: np.ndarray, path: Path) -> Path:
+    """Write one overlay PNG (image size), creating its folder."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(overlay(image, cam)).save(path)
+    return path
+
+
+def figure(groups: dict[str, list[tuple[np.ndarray, np.ndarray, str]]], path: Path, per_row: int) -> Path:
+    """One PNG with a row per group (e.g. true positives, false positives, false negatives) of
+    (image, cam, caption) overlays; an empty group says so."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = max(1, len(groups)), max(1, int(per_row))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    for r, (name, items) in enumerate(groups.items()):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(items):
+                image, cam, caption = items[c]
+                ax.imshow(overlay(image, cam))
+                ax.set_title(caption, fontsize=7)
+            elif c == 0:
+                ax.text(0.5, 0.5, "none in this set", ha="center", va="center", fontsize=8)
+        axes[r][0].text(-0.08, 0.5, name, transform=axes[r][0].transAxes, rotation=90,
+                        ha="right", va="center", fontsize=9)
+    fig.suptitle("Grad-CAM for the covid score (red: regions that raise it)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
