@@ -18,79 +18,46 @@ OOF_THRESHOLD = 0.3  # what the synthetic oof.csv below gives (Youden): not what
 _BUILT: dict = {}
 
 
-def tiny_model(root: Path, tiny_data: dict) -> dict:
-    """A small_cnn (smoke sizes) fitted briefly on the CV partition of tiny_data, saved as train
-    does: models/model.keras, models/model.json, reports/cv/oof.csv, reports/cv/metrics.json,
-    plus an MLflow "training" run whose id model.json names. Built once per test session."""
+def overrides(dirs: dict, reports: Path | None = None, extra=()) -> list[str]:
+    """Config overrides wiring a stage to the trained smoke model's folders."""
+    return [
+        "experiment=smoke",
+        f"paths.curated={dirs['curated']}", f"paths.splits={dirs['splits']}",
+        f"paths.models={dirs['models']}", f"paths.reports={reports or dirs['reports']}",
+        f"mlflow.tracking_uri={dirs['tracking_uri']}", "evaluate.bootstrap=200", *extra,
+    ]
+
+
+def trained_model(root: Path, tiny_data: dict) -> dict:
+    """The smoke experiment trained by the real train stage on tiny_data (with an audit.json
+    carrying a shortcut warning): models/, reports/cv/, an MLflow store with the parent run and
+    the registered model. Built once per test session (~20 s)."""
     if "dirs" in _BUILT:
         return _BUILT["dirs"]
-    import keras
-    import mlflow
+    from covidxray import train
 
-    from covidxray import images as imgs
-    from covidxray import metrics as M
-    from covidxray import tracking
-    from covidxray.models import build_model
-    from covidxray.split import load_splits
-
-    keras.utils.set_random_seed(0)
     curated = root / "curated"
     shutil.copytree(tiny_data["curated"], curated)
     audit = {"shortcuts": [{"features": "geometry_format", "auc": 0.97,
                             "warning": "original width alone predict the label (TEST-SHORTCUT)"}],
              "notes": ["each class comes from a single source"]}
     (curated / "audit.json").write_text(json.dumps(audit))
-    pixels, index, classes = imgs.load_curated(curated)
-    splits = load_splits(tiny_data["splits"])
-    part = index["image_id"].map(splits.set_index("image_id")["partition"])
-    cv = (part == "cv").to_numpy()
-
-    cfg = make_cfg(["experiment=smoke"])
-    model = build_model(cfg.model, 32, len(classes))
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
-    model.fit(pixels[cv][..., None].astype("float32"), index["y"].to_numpy()[cv], epochs=4,
-              batch_size=8, verbose=0)
-    models_dir, reports = root / "models", root / "reports"
-    models_dir.mkdir()
-    model.save(models_dir / "model.keras")
-
-    # Synthetic out-of-fold predictions, perfectly separable: Youden gives the lowest covid score.
-    oof = index.loc[cv, ["image_id", "patient_id", "label", "y"]].reset_index(drop=True)
-    oof["fold"] = oof["image_id"].map(splits.set_index("image_id")["fold"]).to_numpy()
-    pos = oof["y"] == 1
-    p = np.empty(len(oof))
-    p[pos.to_numpy()] = np.linspace(OOF_THRESHOLD, 1.0, pos.sum())
-    p[~pos.to_numpy()] = np.linspace(0.0, 0.25, (~pos).sum())
-    oof["p_normal"], oof["p_covid"] = 1 - p, p
-    (reports / "cv").mkdir(parents=True)
-    oof.to_csv(reports / "cv" / "oof.csv", index=False)
-    (reports / "cv" / "metrics.json").write_text(json.dumps({"auc_mean": 0.91, "auc_std": 0.04}))
-    threshold = M.choose_threshold(pos, p, "youden")
-
-    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
-    tracking.configure(uri, "covid-xray")
-    with mlflow.start_run(run_name="train") as run:
-        mlflow.log_param("model.name", "small_cnn")
-    meta = {"classes": classes, "image_size": 32, "resize": "stretch", "threshold": threshold,
-            "threshold_method": "youden", "model": "small_cnn", "mlflow_run_id": run.info.run_id}
-    (models_dir / "model.json").write_text(json.dumps(meta))
-    _BUILT["dirs"] = {"root": root, "curated": curated, "splits": tiny_data["splits"], "models": models_dir,
-                      "reports": reports, "tracking_uri": uri, "run_id": run.info.run_id, "classes": classes}
-    return _BUILT["dirs"]
+    dirs = {"root": root, "curated": curated, "splits": tiny_data["splits"], "models": root / "models",
+            "reports": root / "reports", "tracking_uri": f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"}
+    train.main(make_cfg(overrides(dirs)))
+    meta = json.loads((dirs["models"] / "model.json").read_text())
+    dirs.update(run_id=meta["mlflow_run_id"], classes=meta["classes"], meta=meta)
+    _BUILT["dirs"] = dirs
+    return dirs
 
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory, tiny_data) -> dict:
-    return tiny_model(tmp_path_factory.mktemp("tiny_model"), tiny_data)
+    return trained_model(tmp_path_factory.mktemp("trained"), tiny_data)
 
 
 def _cfg(tiny: dict, reports: Path, extra=()):
-    return make_cfg([
-        "experiment=smoke",
-        f"paths.curated={tiny['curated']}", f"paths.splits={tiny['splits']}",
-        f"paths.models={tiny['models']}", f"paths.reports={reports}",
-        f"mlflow.tracking_uri={tiny['tracking_uri']}", "evaluate.bootstrap=200", *extra,
-    ])
+    return make_cfg(overrides(tiny, reports, extra))
 
 
 @pytest.fixture(scope="module")
@@ -121,27 +88,56 @@ def test_metrics_json(evaluated, tiny):
     assert sum(sum(row.values()) for row in m["confusion"].values()) == len(test)
 
 
-def test_threshold_comes_from_oof_not_test(evaluated, tiny):
-    """The reported threshold is oof.csv's, although the test rows would choose another."""
-    from covidxray import evaluate
+def test_threshold_is_the_oof_one(evaluated, tiny):
     from covidxray import metrics as M
 
-    m = evaluated["metrics"]
-    assert m["threshold"] == pytest.approx(OOF_THRESHOLD)
-    assert m["threshold_oof"] == pytest.approx(OOF_THRESHOLD)
-    model, meta = evaluate.load_model(tiny["models"])
+    oof = pd.read_csv(tiny["reports"] / "cv" / "oof.csv")
+    chosen = M.choose_threshold(oof["label"] == "covid", oof["p_covid"], tiny["meta"]["threshold_method"])
+    assert evaluated["metrics"]["threshold"] == pytest.approx(tiny["meta"]["threshold"])
+    assert evaluated["metrics"]["threshold_oof"] == pytest.approx(chosen)
+
+
+def test_threshold_comes_from_oof_not_test(tiny, tmp_path):
+    """With out-of-fold predictions that give 0.3, the report uses 0.3, although the test rows
+    would choose another threshold."""
+    from covidxray import evaluate
     from covidxray import images as imgs
+    from covidxray import metrics as M
     from covidxray.split import load_splits
 
+    models, reports = tmp_path / "models", tmp_path / "reports"
+    shutil.copytree(tiny["models"], models)
+    shutil.copytree(tiny["reports"] / "cv", reports / "cv")
+    oof = pd.read_csv(reports / "cv" / "oof.csv")
+    pos = (oof["label"] == "covid").to_numpy()
+    p = np.empty(len(oof))
+    p[pos] = np.linspace(OOF_THRESHOLD, 1.0, pos.sum())    # separable: Youden picks the lowest covid score
+    p[~pos] = np.linspace(0.0, 0.25, (~pos).sum())
+    oof["p_normal"], oof["p_covid"] = 1 - p, p
+    oof.to_csv(reports / "cv" / "oof.csv", index=False)
+    meta = json.loads((models / "model.json").read_text())
+    (models / "model.json").write_text(json.dumps({**meta, "threshold": OOF_THRESHOLD}))
+    # a separate MLflow store: the model's run is not in it, so evaluate logs to a new run
+    store = f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
+    evaluate.main(_cfg(tiny, reports, [f"paths.models={models}", f"mlflow.tracking_uri={store}"]))
+    metrics = json.loads((reports / "metrics.json").read_text())
+    assert metrics["threshold"] == pytest.approx(OOF_THRESHOLD)
+
+    model, meta = evaluate.load_model(models)
     pixels, index, _ = imgs.load_curated(tiny["curated"])
     test_images, frame = evaluate.test_partition(pixels, index, load_splits(tiny["splits"]))
     probs = evaluate.predict_probs(model, test_images, 2)
-    on_test = M.choose_threshold(frame["y"] == 1, probs[:, 1])
-    assert on_test != pytest.approx(OOF_THRESHOLD, abs=1e-4)
-    # calls in plots/confusion.csv follow the OOF threshold
-    confusion = pd.read_csv(evaluated["reports"] / "plots" / "confusion.csv")
-    expected = np.where(probs[:, 1] >= OOF_THRESHOLD, "covid", "normal")
-    assert confusion["predicted"].tolist() == expected.tolist()
+    assert M.choose_threshold(frame["y"] == 1, probs[:, 1]) != pytest.approx(OOF_THRESHOLD, abs=1e-4)
+    confusion = pd.read_csv(reports / "plots" / "confusion.csv")
+    assert confusion["predicted"].tolist() == np.where(probs[:, 1] >= OOF_THRESHOLD, "covid", "normal").tolist()
+
+    import mlflow
+
+    from covidxray import tracking
+
+    tracking.configure(store, "covid-xray")
+    runs = mlflow.search_runs(experiment_names=["covid-xray"])
+    assert len(runs) == 1 and runs["tags.model_run_id"].iloc[0] == meta["mlflow_run_id"]
 
 
 def test_oof_with_test_rows_is_refused(tiny):
@@ -187,7 +183,8 @@ def test_model_card(evaluated):
     text = (evaluated["reports"] / "report.md").read_text()
     warning_at = text.index("TEST-SHORTCUT")
     assert warning_at < text.index("## Model")  # warnings come first
-    for needle in ("not a diagnostic device", "0.3000", "0.910 ± 0.040", "Classification report",
+    threshold = f"{evaluated['metrics']['threshold']:.4f}"
+    for needle in ("not a diagnostic device", threshold, "| cv_auc |", "oof_auc", "Classification report",
                    "figures/gradcam.png", "figures/roc.png", "synthetic", "Shortcut risk", "95% CI"):
         assert needle in text, needle
 
@@ -203,7 +200,8 @@ def test_logged_to_the_training_run(evaluated, tiny):
     assert "test_sensitivity_ci_low" in run.data.metrics
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(tiny["run_id"], "evaluation")}
     assert {"evaluation/report.md", "evaluation/metrics.json", "evaluation/figures"} <= names
-    assert len(mlflow.search_runs(experiment_names=["covid-xray"])) == 1  # no extra run
+    runs = mlflow.search_runs(experiment_names=["covid-xray"])
+    assert not (runs["tags.mlflow.runName"] == "evaluate").any()  # no extra run
 
 
 def test_failure_leaves_previous_reports(evaluated, tiny, monkeypatch):

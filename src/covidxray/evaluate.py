@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import sys
 import tempfile
@@ -308,6 +309,8 @@ def cv_summary(cv_metrics: dict | None) -> list[str]:
     flat = pd.json_normalize(cv_metrics, sep=".").iloc[0].to_dict()
     rows, seen = [], set()
     for key, value in flat.items():
+        if re.search(r"seconds|wall_s|images_per_s|epoch", key):
+            continue
         for suffix, sep in (("mean", "_"), ("mean", ".")):
             if key.endswith(sep + suffix):
                 base = key[: -len(sep + suffix)]
@@ -315,11 +318,13 @@ def cv_summary(cv_metrics: dict | None) -> list[str]:
                 rows.append(f"| {base} | {_fmt(value)} ± {_fmt(std)} |")
                 seen.update({key, f"{base}{sep}std"})
     for key, value in flat.items():
-        if key not in seen and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if key in seen or re.search(r"seconds|wall_s|images_per_s|epoch", key):
+            continue  # timings and epochs: in MLflow, not the model card
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             rows.append(f"| {key} | {_fmt(float(value)) if isinstance(value, float) else value} |")
     if not rows:
         return ["```", json.dumps(cv_metrics, indent=2)[:3000], "```"]
-    return ["| metric | mean ± std over folds |", "|---|---|", *rows]
+    return ["| metric | mean ± std over folds (or value) |", "|---|---|", *rows]
 
 
 def composition(index: pd.DataFrame, splits: pd.DataFrame | None) -> list[str]:
