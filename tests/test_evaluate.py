@@ -242,3 +242,30 @@ def test_missing_model_is_a_clear_error(tiny, tmp_path):
     cfg = _cfg(tiny, tmp_path / "reports", [f"paths.models={tmp_path / 'nothing'}"])
     with pytest.raises(CovidXrayError, match="model not found"):
         evaluate.main(cfg)
+
+
+def test_three_class_assess(tmp_path):
+    """Three classes: covid-vs-rest headline figures plus per-class one-vs-rest and macro."""
+    from covidxray import evaluate
+    from covidxray.models import build_model
+
+    classes = ["normal", "pneumonia", "covid"]
+    model = build_model(make_cfg(["experiment=smoke"]).model, 32, 3)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (18, 32, 32)).astype(np.uint8)
+    frame = pd.DataFrame({"image_id": [f"i{i}" for i in range(18)], "label": np.repeat(classes, 6),
+                          "patient_id": [f"p{i // 2}" for i in range(18)]})
+    meta = {"classes": classes, "image_size": 32, "resize": "stretch", "threshold": 0.34,
+            "threshold_method": "youden"}
+    result = evaluate.assess(model, meta, pixels, frame, tmp_path, n_resamples=100, ci=0.9, seed=0, per_group=2)
+    assert set(result["test_per_class"]) == set(classes)
+    for figures in (*result["test_per_class"].values(), result["test_macro"]):
+        assert {"auc", "auc_ci_low", "sensitivity", "f1", "ece"} <= set(figures)
+    assert set(result["confusion"]) == set(classes)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["test_macro"]["auc"] == pytest.approx(
+        np.mean([saved["test_per_class"][c]["auc"] for c in classes]))
+    report = (tmp_path / "report.md").read_text()
+    assert "Per class (one-vs-rest) and macro average" in report and "**pneumonia**" in report
+    assert "90% CI" in report
+    assert (tmp_path / "figures" / "roc.png").is_file() and (tmp_path / "figures" / "gradcam.png").is_file()

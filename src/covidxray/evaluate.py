@@ -25,7 +25,6 @@ from covidxray import metrics as M
 MODEL_FILE = "model.keras"
 META_FILE = "model.json"
 OUTPUTS = ("metrics.json", "plots", "figures", "report.md")
-GROUPS = {"true positives": "tp", "false positives": "fp", "false negatives": "fn"}
 METRIC_NAMES = {
     "accuracy": "accuracy", "sensitivity": "sensitivity (recall)", "specificity": "specificity",
     "ppv": "PPV (precision)", "npv": "NPV", "f1": "F1", "auc": "ROC AUC", "pr_auc": "PR AUC",
@@ -369,8 +368,9 @@ def model_card(result: dict, meta: dict, report_text: str, partition: str, conte
     warnings = [s.get("warning", str(s)) if isinstance(s, dict) else str(s) for s in audit.get("shortcuts", [])]
     if warnings:
         lines += ["## ⚠ Shortcut warnings (from the curation audit)", ""]
-        lines += [f"> **WARNING**: {w}" for w in warnings]
-        lines += ["", "High test figures may measure these shortcuts rather than disease.", ""]
+        for w in warnings:
+            lines += [f"> **WARNING**: {w}", ""]
+        lines += ["High test figures may measure these shortcuts rather than disease.", ""]
     lines += ["**A research tool, not a diagnostic device.** Do not use it for clinical decisions.", ""]
     lines += [
         "## Model", "",
@@ -389,7 +389,7 @@ def model_card(result: dict, meta: dict, report_text: str, partition: str, conte
             lines.append(f"- {name}: `{meta[key]}`")
     lines.append("")
     if context.get("data_lines"):
-        lines += [f"## Data", "", *context["data_lines"], ""]
+        lines += ["## Data", "", *context["data_lines"], ""]
     if audit.get("notes"):
         lines += ["Audit notes:", "", *[f"- {n}" for n in audit["notes"]], ""]
     if context.get("config_yaml"):
