@@ -43,3 +43,107 @@ def configure(configured_uri: str | None, experiment: str) -> str:
         experiment_id = mlflow.create_experiment(experiment, artifact_location=_artifact_root(uri))
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+# -- what every training run records --------------------------------------------------------------
+
+def flatten_params(cfg, prefix: str = "") -> dict[str, str]:
+    """A (resolved) config as MLflow params: dotted keys, scalar values as text, lists as JSON."""
+    import json
+
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    out: dict[str, str] = {}
+    for key, value in (cfg or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten_params(value, f"{name}."))
+        elif isinstance(value, (list, tuple, dict)):
+            out[name] = json.dumps(value)
+        else:
+            out[name] = "null" if value is None else str(value)
+    return out
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def git_tags(cwd: Path | None = None) -> dict[str, str]:
+    """The code version: commit and whether the work tree differs from it (tracked files)."""
+    cwd = Path(cwd or Path.cwd())
+    commit = _git(["rev-parse", "HEAD"], cwd)
+    if commit is None:
+        return {"git_commit": "unknown"}
+    status = _git(["status", "--porcelain", "--untracked-files=no"], cwd)
+    return {
+        "git_commit": commit,
+        "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
+        "mlflow.source.git.commit": commit,
+    }
+
+
+def data_version_tags(root: Path | None = None) -> dict[str, str]:
+    """The data version: the md5s that data.dvc and dvc.lock record (where those files exist)."""
+    import yaml
+
+    root = Path(root or Path.cwd())
+    tags: dict[str, str] = {}
+    for dvc_file in sorted(root.glob("*.dvc")):
+        try:
+            doc = yaml.safe_load(dvc_file.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        for out in doc.get("outs") or []:
+            if out.get("md5"):
+                tags[f"data_version.{dvc_file.name}:{out.get('path')}"] = str(out["md5"])
+    lock = root / "dvc.lock"
+    if lock.is_file():
+        try:
+            doc = yaml.safe_load(lock.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            doc = {}
+        for stage, body in (doc.get("stages") or {}).items():
+            for out in (body or {}).get("outs") or []:
+                if out.get("md5"):
+                    tags[f"data_version.dvc.lock:{stage}:{out.get('path')}"] = str(out["md5"])
+    return tags
+
+
+def context_tags() -> dict[str, str]:
+    """How this run was started: by DVC (stage, experiment name), a Hydra run or sweep, or plain
+    Python, with the Hydra overrides it was given."""
+    tags: dict[str, str] = {}
+    if os.environ.get("DVC_STAGE"):
+        tags["dvc_stage"] = os.environ["DVC_STAGE"]
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["dvc_exp_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+    runner = "dvc" if "dvc_stage" in tags or "dvc_exp_name" in tags else "python"
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            hc = HydraConfig.get()
+            mode = str(hc.mode).rsplit(".", 1)[-1].lower()  # run | multirun
+            runner = f"hydra-{mode}"
+            tags["hydra_overrides"] = " ".join(hc.overrides.task) or "(none)"
+            tags["hydra_output_dir"] = str(hc.runtime.output_dir)
+            if mode == "multirun":
+                tags["hydra_sweep_dir"] = str(hc.sweep.dir)
+                tags["hydra_job_num"] = str(hc.job.num)
+                tags["hydra_sweeper"] = str(hc.sweeper.get("_target_", "basic")).rsplit(".", 1)[-1]
+                tags["hydra_launcher"] = str(hc.launcher.get("_target_", "basic")).rsplit(".", 1)[-1]
+    except (ImportError, ValueError):
+        pass
+    tags["runner"] = runner
+    return tags

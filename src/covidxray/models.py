@@ -1,0 +1,330 @@
+"""Models: the tutorial's head on a choice of convolutional backbones, for grayscale X-rays.
+
+Every model the project builds has the same layout, which Grad-CAM and predict rely on:
+
+    Input "image" (S, S, 1) float32, raw 0..255 pixels
+      -> "preprocess"  GrayscalePreprocess: repeat to 3 channels (ImageNet backbones) and apply
+                       the backbone family's `keras.applications.<family>.preprocess_input`
+      -> "backbone"    nested keras Model, the convolutional base; output: last conv feature map (4-D)
+      -> head_pool     AveragePooling2D(pool x pool), pool clamped to the feature map size
+      -> head_flatten, head_dense (ReLU), head_dropout
+      -> "predictions" Dense(n_classes, softmax)
+
+`split_at_backbone(model)` returns the three parts as callables (preprocess layer, backbone model,
+head model sharing the head's layers), e.g. for Grad-CAM or to train the head on cached features.
+Saved .keras files load in any process that has imported `covidxray.models` (the one custom
+layer is registered as "covidxray>GrayscalePreprocess"; no Lambda layers).
+
+Backbones: vgg16 (the tutorial's), vgg19, resnet50, densenet121, mobilenetv2, efficientnetb0 from
+keras.applications, and small_cnn (trained from scratch). `weights`: imagenet (Keras's own
+download and cache, ~/.keras/models), none (random init), or a path to a weights file of the
+same Keras application without its top (e.g. a cached *_notop.h5, or `backbone.save_weights`).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import keras
+from keras import layers, ops
+
+from covidxray import CovidXrayError
+
+MIN_IMAGENET_SIZE = 32     # the smallest input keras.applications accepts without the top
+DOWNLOAD_TIMEOUT_S = 20    # per socket operation: an offline machine fails fast, not after minutes
+
+# keras.applications.<family>.preprocess_input modes (imagenet_utils), plus two of our own:
+#   caffe: RGB->BGR, minus the ImageNet BGR mean (vgg16, vgg19, resnet50)
+#   torch: /255, minus the ImageNet mean, / std (densenet121)
+#   tf:    /127.5 - 1 (mobilenetv2)
+#   none:  pass-through (efficientnet: its rescaling/normalization is inside the network)
+#   unit:  /255 (small_cnn)
+PREPROCESS_MODES = ("caffe", "torch", "tf", "none", "unit")
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+_TORCH_MEAN = (0.485, 0.456, 0.406)
+_TORCH_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone and feed it."""
+    preprocess: str                        # a PREPROCESS_MODES value
+    application: str | None = None         # keras.applications constructor name
+    module: str | None = None              # keras.applications submodule (its preprocess_input)
+    weights_file: Callable[[int], str] | None = None  # Keras's cache file name for the notop weights
+
+
+def _mobilenet_v2_file(size: int) -> str:
+    rows = size if size in (96, 128, 160, 192, 224) else 224  # what MobileNetV2 picks
+    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{rows}_no_top.h5"
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "vgg16": BackboneSpec("caffe", "VGG16", "vgg16",
+                          lambda s: "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "vgg19": BackboneSpec("caffe", "VGG19", "vgg19",
+                          lambda s: "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "resnet50": BackboneSpec("caffe", "ResNet50", "resnet50",
+                             lambda s: "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "densenet121": BackboneSpec("torch", "DenseNet121", "densenet",
+                                lambda s: "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "mobilenetv2": BackboneSpec("tf", "MobileNetV2", "mobilenet_v2", _mobilenet_v2_file),
+    "efficientnetb0": BackboneSpec("none", "EfficientNetB0", "efficientnet",
+                                   lambda s: "efficientnetb0_notop.h5"),
+    "small_cnn": BackboneSpec("unit"),
+}
+MODEL_NAMES = tuple(BACKBONES)
+
+
+def is_pretrainable(name: str) -> bool:
+    """True for the keras.applications backbones (ImageNet weights exist)."""
+    return BACKBONES[name].application is not None
+
+
+# -- the preprocessing layer ---------------------------------------------------------------------
+
+@keras.saving.register_keras_serializable(package="covidxray")
+class GrayscalePreprocess(layers.Layer):
+    """Raw 0..255 grayscale (..., 1) -> what the backbone expects.
+
+    channels=3 repeats the gray channel to RGB; mode applies the backbone family's
+    `preprocess_input` (see PREPROCESS_MODES). Serializable: a saved model needs no custom code
+    beyond importing covidxray.models.
+    """
+
+    def __init__(self, mode: str = "unit", channels: int = 3, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in PREPROCESS_MODES:
+            raise ValueError(f"mode must be one of {PREPROCESS_MODES}, got {mode!r}")
+        self.mode = mode
+        self.channels = int(channels)
+
+    def call(self, inputs):
+        x = ops.cast(inputs, self.compute_dtype)
+        if self.channels != 1:
+            x = ops.repeat(x, self.channels, axis=-1)
+        if self.mode == "caffe":
+            x = ops.flip(x, axis=-1)  # RGB -> BGR (a no-op on gray, kept for fidelity)
+            x = x - ops.convert_to_tensor(_CAFFE_MEAN_BGR[: self.channels], dtype=x.dtype)
+        elif self.mode == "torch":
+            mean = ops.convert_to_tensor(_TORCH_MEAN[: self.channels], dtype=x.dtype)
+            std = ops.convert_to_tensor(_TORCH_STD[: self.channels], dtype=x.dtype)
+            x = (x / 255.0 - mean) / std
+        elif self.mode == "tf":
+            x = x / 127.5 - 1.0
+        elif self.mode == "unit":
+            x = x / 255.0
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.channels)
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode, "channels": self.channels}
+
+
+# -- ImageNet weights: Keras's own cache, a clear error offline -----------------------------------
+
+def keras_cache_dir() -> Path:
+    """Where keras.utils.get_file keeps downloads: $KERAS_HOME or ~/.keras (/tmp/.keras if that
+    is not writable), as Keras decides at import."""
+    try:
+        from keras.src.backend.config import keras_home
+        base = keras_home()
+    except ImportError:  # pragma: no cover - older layout
+        base = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    base = os.path.expanduser(base)
+    if not os.access(base, os.W_OK) and not os.access(os.path.dirname(base) or ".", os.W_OK):
+        base = os.path.join("/tmp", ".keras")
+    return Path(base)
+
+
+def imagenet_weights_path(name: str, image_size: int) -> Path:
+    """The file Keras loads for `weights="imagenet"` without the top (whether or not present)."""
+    spec = BACKBONES[name]
+    if spec.weights_file is None:
+        raise CovidXrayError(f"model.weights=imagenet: {name} has no ImageNet weights "
+                             "(allowed for it: none or a path to a weights file)")
+    return keras_cache_dir() / "models" / spec.weights_file(int(image_size))
+
+
+@contextmanager
+def _socket_timeout(seconds: float):
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def _construct(name: str, image_size: int, weights):
+    """Call the keras.applications constructor (no top, 3-channel input)."""
+    spec = BACKBONES[name]
+    constructor = getattr(keras.applications, spec.application)
+    return constructor(include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
+
+
+def _imagenet_backbone(name: str, image_size: int):
+    """The backbone with ImageNet weights through Keras's own download and cache; offline with
+    no cached file, a CovidXrayError naming the exact file Keras expects."""
+    path = imagenet_weights_path(name, image_size)
+    try:
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            return _construct(name, image_size, "imagenet")
+    except Exception as err:  # noqa: BLE001 - any download/IO failure: the same advice
+        if path.is_file() and not isinstance(err, OSError):
+            raise
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise CovidXrayError(
+            f"model.weights=imagenet: the ImageNet weights of {name} are not in the Keras cache and "
+            f"could not be downloaded ({reason}). Put the file Keras expects at {path} "
+            f"(Keras's name: {path.name}), or choose model.weights=none "
+            "(or model.weights=/path/to/weights.h5)"
+        ) from None
+
+
+def build_backbone(name: str, image_size: int, weights: str | None = "none",
+                   filters=(16, 32, 64, 64)) -> keras.Model:
+    """The convolutional base as a keras Model named "backbone"; output: last feature map (4-D)."""
+    if name not in BACKBONES:
+        raise CovidXrayError(f"model.name must be one of {', '.join(MODEL_NAMES)}, got {name!r}")
+    weights = "none" if weights is None else str(weights)
+    image_size = int(image_size)
+    if name == "small_cnn":
+        base = _small_cnn(image_size, filters)
+        if weights != "none":
+            if weights == "imagenet":
+                raise CovidXrayError("model.weights=imagenet: small_cnn has no ImageNet weights "
+                                     "(allowed for it: none or a path to a weights file)")
+            _load_weights_file(base, weights)
+        return base
+    if weights == "imagenet":
+        base = _imagenet_backbone(name, image_size)
+    elif weights == "none":
+        base = _construct(name, image_size, None)
+    else:
+        base = _construct(name, image_size, None)
+        _load_weights_file(base, weights)
+    # A new Functional over the same layers, named as the structure contract says (renaming the
+    # application's own model would change, e.g., EfficientNet's weight file name).
+    return keras.Model(base.input, base.output, name="backbone")
+
+
+def _load_weights_file(model: keras.Model, path: str) -> None:
+    if not Path(path).is_file():
+        raise CovidXrayError(f"model.weights: no such weights file: {path} "
+                             "(allowed: imagenet, none, or a path to a weights file)")
+    try:
+        model.load_weights(path)
+    except Exception as err:  # noqa: BLE001
+        reason = " ".join(str(err).split())[:200]
+        raise CovidXrayError(f"model.weights: cannot load {path} into the backbone: {reason}") from None
+
+
+def _small_cnn(image_size: int, filters) -> keras.Model:
+    """A small VGG-like stack trained from scratch: per block Conv3x3-ReLU then MaxPool 2x2."""
+    inputs = keras.Input((image_size, image_size, 1), name="backbone_input")
+    x = inputs
+    for i, f in enumerate(filters):
+        x = layers.Conv2D(int(f), 3, padding="same", activation="relu", name=f"block{i + 1}_conv")(x)
+        x = layers.MaxPooling2D(2, name=f"block{i + 1}_pool")(x)
+    return keras.Model(inputs, x, name="backbone")
+
+
+def feature_map_size(name: str, image_size: int, filters=(16, 32, 64, 64)) -> int:
+    """Side of the backbone's output feature map for an input of image_size (no model built)."""
+    s = int(image_size)
+    if name == "small_cnn":
+        for _ in filters:
+            s //= 2
+        return s
+    if name in ("vgg16", "vgg19"):
+        for _ in range(5):
+            s //= 2  # 'valid' max pooling
+        return s
+    for _ in range(5):
+        s = -(-s // 2)  # strided convolutions with 'same' (or corrected) padding
+    return s
+
+
+# -- the whole model ----------------------------------------------------------------------------
+
+def build_model(model_cfg, image_size: int, n_classes: int) -> keras.Model:
+    """The full model of the structure contract from the `model` config group.
+
+    model_cfg keys: name, weights, freeze_base, head.{pool_size, dense_units, dropout}, and for
+    small_cnn filters. A frozen base always runs in inference mode (`training=False`, as Keras's
+    transfer-learning guide does), also when its top is unfrozen later for fine-tuning, so its
+    BatchNormalization statistics stay those it was trained with.
+    """
+    name = str(model_cfg["name"])
+    image_size = int(image_size)
+    spec = BACKBONES.get(name)
+    if spec is None:
+        raise CovidXrayError(f"model.name must be one of {', '.join(MODEL_NAMES)}, got {name!r}")
+    filters = tuple(int(f) for f in (model_cfg.get("filters") or (16, 32, 64, 64)))
+    head = model_cfg.get("head") or {}
+    freeze = bool(model_cfg.get("freeze_base", False))
+
+    inputs = keras.Input((image_size, image_size, 1), dtype="float32", name="image")
+    channels = 1 if name == "small_cnn" else 3
+    x = GrayscalePreprocess(spec.preprocess, channels, name="preprocess")(inputs)
+    backbone = build_backbone(name, image_size, model_cfg.get("weights", "none"), filters)
+    if freeze:
+        backbone.trainable = False
+        x = backbone(x, training=False)
+    else:
+        x = backbone(x)
+    fh, fw = int(x.shape[1]), int(x.shape[2])
+    pool = max(1, min(int(head.get("pool_size", 4)), fh, fw))
+    x = layers.AveragePooling2D(pool_size=(pool, pool), name="head_pool")(x)
+    x = layers.Flatten(name="head_flatten")(x)
+    x = layers.Dense(int(head.get("dense_units", 64)), activation="relu", name="head_dense")(x)
+    x = layers.Dropout(float(head.get("dropout", 0.5)), name="head_dropout")(x)
+    outputs = layers.Dense(int(n_classes), activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name=f"covidxray_{name}")
+
+
+def split_at_backbone(model: keras.Model):
+    """(preprocess layer, backbone model, head model) of a model of the structure contract.
+
+    `head(backbone(preprocess(x)))` equals `model(x)` (in inference). The head is a new keras
+    Model over the same layer objects, so training it trains the full model's head.
+    """
+    names = [layer.name for layer in model.layers]
+    for required in ("preprocess", "backbone"):
+        if required not in names:
+            raise ValueError(f"not a covidxray model: no '{required}' layer in {names}")
+    preprocess = model.get_layer("preprocess")
+    backbone = model.get_layer("backbone")
+    head_layers = model.layers[names.index("backbone") + 1:]
+    features = keras.Input(tuple(backbone.output.shape[1:]), name="features")
+    x = features
+    for layer in head_layers:
+        x = layer(x)
+    return preprocess, backbone, keras.Model(features, x, name="head")
+
+
+def set_fine_tune(model: keras.Model, unfreeze_top: int) -> int:
+    """Make the top `unfreeze_top` layers of the backbone trainable (BatchNormalization layers
+    stay frozen), the rest frozen. Returns how many layers with weights became trainable."""
+    backbone = model.get_layer("backbone")
+    backbone.trainable = True
+    n = int(unfreeze_top)
+    cut = max(0, len(backbone.layers) - n)
+    unfrozen = 0
+    for i, layer in enumerate(backbone.layers):
+        trainable = i >= cut and not isinstance(layer, layers.BatchNormalization)
+        layer.trainable = trainable
+        unfrozen += int(trainable and bool(layer.weights))
+    return unfrozen
+
+
+def load(path) -> keras.Model:
+    """Load a saved .keras model of this project (compile state not needed)."""
+    return keras.models.load_model(path, compile=False)
