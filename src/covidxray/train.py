@@ -313,20 +313,25 @@ def class_weights(y: np.ndarray, n_classes: int, mode: str) -> np.ndarray:
     return per_class[y].astype(np.float32)
 
 
-def make_optimizer(opt_cfg, lr: float, epochs: int, steps_per_epoch: int):
-    """Adam with the configured schedule, per optimizer step:
-    constant; inverse_time = the tutorial's Adam(decay=lr/epochs), lr / (1 + lr/epochs * step);
-    cosine = cosine decay to 0 over all steps of the phase."""
+def make_schedule(opt_cfg, lr: float, epochs: int, steps_per_epoch: int):
+    """The learning rate, per optimizer step: constant; inverse_time = the tutorial's
+    Adam(decay=lr/epochs), i.e. lr / (1 + lr/epochs * step); cosine = cosine decay to 0 over all
+    steps of the phase."""
     import keras
 
     schedule = opt_cfg.get("schedule", "constant")
     if schedule == "inverse_time":
-        rate = keras.optimizers.schedules.InverseTimeDecay(lr, decay_steps=1, decay_rate=lr / max(1, epochs))
-    elif schedule == "cosine":
-        rate = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, epochs * steps_per_epoch))
-    else:
-        rate = lr
-    return keras.optimizers.Adam(learning_rate=rate)
+        return keras.optimizers.schedules.InverseTimeDecay(lr, decay_steps=1, decay_rate=lr / max(1, epochs))
+    if schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, epochs * steps_per_epoch))
+    return lr
+
+
+def make_optimizer(opt_cfg, lr: float, epochs: int, steps_per_epoch: int):
+    """Adam (optimizer.name) with the configured learning-rate schedule."""
+    import keras
+
+    return keras.optimizers.Adam(learning_rate=make_schedule(opt_cfg, lr, epochs, steps_per_epoch))
 
 
 def _compile(model, optimizer, n_classes: int) -> None:
@@ -376,6 +381,8 @@ class Trainer:
     strategy: object = None
     cache: dict = field(default_factory=dict)
     verbose: int = 2
+    feature_cache: bool = True    # False: always train the full model on images (for comparison)
+    cache_seconds: float = 0.0    # time spent computing cached features
 
     def __post_init__(self):
         import tensorflow as tf
@@ -397,7 +404,7 @@ class Trainer:
     @property
     def uses_cache(self) -> bool:
         """Frozen base + no augmentation: the base's output is fixed, train the head on it."""
-        return bool(self.cfg.model.freeze_base) and self.cfg.augment.name == "none"
+        return self.feature_cache and bool(self.cfg.model.freeze_base) and self.cfg.augment.name == "none"
 
     @property
     def fine_tunes(self) -> bool:
@@ -431,8 +438,10 @@ class Trainer:
             start = time.perf_counter()
             ds = make_dataset(self.data.images, None, None, EVAL_BATCH)
             self.cache[key] = np.asarray(extractor.predict(ds, verbose=0), dtype=np.float32)
+            took = time.perf_counter() - start
+            self.cache_seconds += took
             print(f"train: frozen-feature cache: backbone run once over {len(self.data.images)} images "
-                  f"-> {self.cache[key].shape[1:]} in {time.perf_counter() - start:.1f}s")
+                  f"-> {self.cache[key].shape[1:]} in {took:.1f}s")
         return self.cache[key]
 
     def fit(self, model, train_idx: np.ndarray, val_idx: np.ndarray | None, epochs: list[int],
@@ -451,6 +460,7 @@ class Trainer:
         es_on = bool(cfg.train.early_stopping.enabled) and val_idx is not None
         steps = math.ceil(len(train_idx) / self.global_batch)
         histories, best, seen, run, start = [], [], 0, 0, time.perf_counter()
+        cache_before = self.cache_seconds
 
         phases = [("head" if self.uses_cache else "train", epochs[0], float(cfg.optimizer.lr))]
         if self.fine_tunes and len(epochs) > 1 and epochs[1] > 0:
@@ -497,7 +507,8 @@ class Trainer:
         for column in HISTORY_COLUMNS:
             if column not in history.columns:
                 history[column] = np.nan
-        return FitResult(history[HISTORY_COLUMNS], best, run, time.perf_counter() - start, seen)
+        seconds = time.perf_counter() - start - (self.cache_seconds - cache_before)  # training only
+        return FitResult(history[HISTORY_COLUMNS], best, run, seconds, seen)
 
     def predict(self, model, idx: np.ndarray) -> np.ndarray:
         """Softmax outputs for rows idx (through the cache when the model was trained on it)."""
@@ -694,9 +705,8 @@ def run(cfg) -> dict:
                              epochs_run=float(result.epochs_run))
                 if len(result.best_epochs) > 1:
                     found["best_epoch_fine_tune"] = float(result.best_epochs[1])
-                mlflow.log_metrics(_finite({f"val_{m}" if m in ("auc", "accuracy", "sensitivity",
-                                                                 "specificity", "loss") else m: v
-                                            for m, v in found.items()}))
+                # the fold's figures at its restored best weights (per-epoch curves are loss, val_auc...)
+                mlflow.log_metrics(_finite({f"fold_{m}": v for m, v in found.items()}))
                 fig_cm, fig_tc = _figures(result.history, y[val_idx], probs, classes, f"fold {k}")
                 mlflow.log_figure(fig_cm, "confusion_matrix.png")
                 mlflow.log_figure(fig_tc, "training_curves.png")
@@ -730,6 +740,7 @@ def run(cfg) -> dict:
             metrics[f"oof_{m}"] = float(found[m][0])
         metrics["threshold"] = float(threshold)
         metrics["cv_seconds"] = time.perf_counter() - wall
+        metrics["feature_cache_s"] = trainer.cache_seconds
         mlflow.log_metrics(_finite(metrics))
         print(f"train: CV AUC {metrics['cv_auc_mean']:.4f} ± {metrics['cv_auc_std']:.4f}; OOF AUC "
               f"{metrics['oof_auc']:.4f}, threshold ({cfg.train.threshold}) {threshold:.4f}: sensitivity "
