@@ -1,0 +1,161 @@
+"""Configuration: every option of every group and every experiment preset composes into a config
+train accepts; params.yaml is the composed defaults; bad values fail before any training with a
+CovidXrayError naming the key."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import BIN, REPO, make_cfg
+
+CONF = REPO / "conf"
+GROUPS = ("data", "model", "optimizer", "augment", "train", "cv", "experiment")
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_passes_the_checks(group, option):
+    from covidxray.train import check_config
+
+    cfg = make_cfg([f"{group}={option}"])
+    check_config(cfg)
+    if group == "model":
+        assert cfg.model.name == option
+    if group == "augment":
+        assert cfg.augment.name == option
+
+
+def test_experiment_presets_set_what_they_promise():
+    tutorial = make_cfg(["experiment=tutorial"])
+    assert tutorial.model.name == "vgg16" and tutorial.model.weights == "imagenet" and tutorial.model.freeze_base
+    assert tutorial.data.image_size == 224 and tutorial.optimizer.lr == 1e-3
+    assert tutorial.train.epochs == 25 and tutorial.train.batch_size == 8
+    assert tutorial.augment.name == "tutorial" and tutorial.augment.rotation_deg == 15
+    assert tutorial.optimizer.schedule == "inverse_time"
+
+    default = make_cfg([])
+    assert default.model.weights in ("none", None), "the default must run offline (no ImageNet download)"
+    smoke = make_cfg(["experiment=smoke"])
+    assert smoke.data.image_size <= 64 and smoke.train.epochs <= 2
+
+
+def test_command_line_overrides_beat_experiment_presets():
+    cfg = make_cfg(["experiment=tutorial", "model=mobilenetv2", "model.weights=none"])
+    assert cfg.model.name == "mobilenetv2" and cfg.model.weights == "none"
+
+
+def _hydra_cfg(overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose("config", overrides=overrides, return_hydra_config=True)
+
+
+def test_optuna_search_composes_with_its_sweeper():
+    from covidxray.train import check_config, metric_names
+
+    cfg = _hydra_cfg(["+hparams_search=optuna"])
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper")
+    assert sweeper.direction == "maximize"
+    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
+    assert {"optimizer.lr", "model", "augment"} <= set(sweeper.params)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert cfg.optimized_metric in metric_names()
+    for key, spec in sweeper.params.items():  # every value the search can pick is a valid config
+        if key in ("model", "augment"):
+            for option in spec.removeprefix("choice(").removesuffix(")").split(","):
+                assert (CONF / key / f"{option.strip()}.yaml").is_file(), f"{key}={option} does not exist"
+    plain = {k: v for k, v in cfg.items() if k != "hydra"}
+    from omegaconf import OmegaConf
+
+    check_config(OmegaConf.create(plain))
+
+
+@pytest.mark.parametrize("launcher, target", [
+    ("local_parallel", "JoblibLauncher"),
+    ("slurm", "SlurmLauncher"),
+])
+def test_launchers_compose(launcher, target):
+    cfg = _hydra_cfg([f"hydra/launcher={launcher}"])
+    assert cfg.hydra.launcher._target_.endswith(target)
+
+
+def test_params_yaml_is_the_composed_defaults(tmp_path):
+    from dvc.utils.hydra import compose_and_dump
+
+    out = tmp_path / "params.yaml"
+    compose_and_dump(str(out), str(CONF), None, "config", "", [])
+    assert out.read_text() == (REPO / "params.yaml").read_text(), \
+        "params.yaml is stale: run `make params` (covidxray params) and commit it"
+
+
+def test_dvc_train_stage_matches_what_train_reads_and_writes():
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key in stage["params"]:
+        node = params
+        for part in key.split("."):
+            assert part in node, f"dvc.yaml train param {key} is not in params.yaml"
+            node = node[part]
+    outs = {next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"]}
+    assert {"models/model.keras", "models/model.json", "reports/cv/oof.csv"} <= outs
+    assert "reports/cv/metrics.json" in {next(iter(m)) for m in stage["metrics"]}
+    assert "reports/cv/history.csv" in {next(iter(p)) for p in stage["plots"]}
+    for module in ("train", "models", "metrics", "tracking"):
+        assert f"src/covidxray/{module}.py" in stage["deps"]
+
+
+BAD = [
+    (["model.name=alexnet"], "model.name"),
+    (["optimizer.lr=0"], "optimizer.lr"),
+    (["optimizer.lr=-0.001"], "optimizer.lr"),
+    (["optimizer.schedule=step"], "optimizer.schedule"),
+    (["optimizer.name=sgd"], "optimizer.name"),
+    (["train.batch_size=0"], "train.batch_size"),
+    (["train.epochs=0"], "train.epochs"),
+    (["cv.folds=1"], "cv.folds"),
+    (["cv.folds=some"], "cv.folds"),
+    (["split.folds=1"], "split.folds"),
+    (["cv.folds=9", "split.folds=5"], "cv.folds"),
+    (["model=vgg16", "model.weights=none", "data.image_size=16"], "data.image_size"),
+    (["model=small_cnn", "data.image_size=8"], "data.image_size"),
+    (["augment=standard", "augment.name=mixup"], "augment.name"),
+    (["augment=standard", "augment.zoom=1.5"], "augment.zoom"),
+    (["train.threshold=f1"], "train.threshold"),
+    (["train.target_sensitivity=0"], "train.target_sensitivity"),
+    (["train.class_weights=inverse"], "train.class_weights"),
+    (["train.distribute=tpu"], "train.distribute"),
+    (["model.weights=/no/such/file.h5"], "model.weights"),
+    (["model=small_cnn", "model.weights=imagenet"], "model.weights"),
+    (["model.head.dropout=1.0"], "model.head.dropout"),
+    (["model=vgg16", "model.weights=none", "model.freeze_base=false", "model.fine_tune.unfreeze_top=3"],
+     "model.fine_tune.unfreeze_top"),
+    (["+optimized_metric=val_f2"], "optimized_metric"),
+]
+
+
+@pytest.mark.parametrize("overrides, key", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_config_errors_fail_before_training(overrides, key, tmp_path):
+    """train.main stops at the check: no data is read (the paths do not exist), no run is made."""
+    from covidxray import CovidXrayError
+    from covidxray.train import main
+
+    cfg = make_cfg([*overrides, f"paths.curated={tmp_path / 'none'}", f"paths.splits={tmp_path / 'none.csv'}",
+                    f"paths.models={tmp_path / 'models'}", f"paths.reports={tmp_path / 'reports'}",
+                    f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"])
+    with pytest.raises(CovidXrayError) as err:
+        main(cfg)
+    assert key in str(err.value)
+    assert "curated" not in str(err.value)
+    assert not any(tmp_path.iterdir()), "nothing may be written before the config is checked"
+
+
+def test_cli_reports_a_config_error_in_one_line(tmp_path):
+    done = subprocess.run([str(BIN / "covidxray"), "train", "optimizer.lr=0", f"hydra.run.dir={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "covidxray train: error: optimizer.lr must be a number > 0, got 0" in done.stderr
+    assert "Traceback" not in done.stderr

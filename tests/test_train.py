@@ -1,0 +1,193 @@
+"""train stage: the smoke experiment through the real TensorFlow stack into a real MLflow store;
+a Hydra multirun; the frozen-feature cache gives the same model as training on images."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import BIN, REPO, make_cfg
+
+
+@pytest.fixture
+def trained(smoke_cfg, tmp_path):
+    """The smoke experiment trained once, with 2 epochs so per-epoch curves have 2 steps."""
+    from covidxray.train import main
+
+    smoke_cfg.train.epochs = 2
+    value = main(smoke_cfg)
+    return {"cfg": smoke_cfg, "value": value, "root": tmp_path}
+
+
+def _client(cfg):
+    import mlflow
+
+    from covidxray import tracking
+
+    tracking.configure(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    return mlflow.tracking.MlflowClient()
+
+
+def test_smoke_training_end_to_end(trained):
+    import keras
+    import mlflow
+
+    from covidxray.metrics import choose_threshold
+
+    cfg, root = trained["cfg"], trained["root"]
+    models_dir, cv_dir = root / "models", root / "reports" / "cv"
+    for path in (models_dir / "model.keras", models_dir / "model.json", cv_dir / "oof.csv",
+                 cv_dir / "metrics.json", cv_dir / "history.csv"):
+        assert path.is_file(), path
+
+    metrics = json.loads((cv_dir / "metrics.json").read_text())
+    assert math.isclose(trained["value"], metrics["cv_auc_mean"])
+    for key in ("cv_auc_mean", "cv_auc_std", "cv_accuracy_mean", "cv_loss_mean", "oof_auc", "oof_accuracy",
+                "oof_sensitivity", "oof_specificity", "threshold"):
+        assert math.isfinite(metrics[key]), key
+
+    # OOF predictions: every CV image once, none of the test partition; the threshold is theirs.
+    splits = pd.read_csv(cfg.paths.splits, dtype={"image_id": str})
+    oof = pd.read_csv(cv_dir / "oof.csv", dtype={"image_id": str, "patient_id": str})
+    assert list(oof.columns) == ["image_id", "patient_id", "label", "y", "fold", "p_normal", "p_covid"]
+    assert sorted(oof["image_id"]) == sorted(splits.loc[splits["partition"] == "cv", "image_id"])
+    assert np.allclose(oof[["p_normal", "p_covid"]].sum(axis=1), 1.0, atol=1e-5)
+    meta = json.loads((models_dir / "model.json").read_text())
+    assert meta["threshold"] == choose_threshold(oof["label"] == "covid", oof["p_covid"], "youden")
+    assert meta["classes"] == ["normal", "covid"] and meta["image_size"] == 32
+    assert meta["resize"] == cfg.data.resize and meta["threshold_method"] == "youden"
+    assert meta["model"] == "small_cnn"
+
+    history = pd.read_csv(cv_dir / "history.csv")
+    assert list(history.columns[:8]) == ["fold", "epoch", "loss", "val_loss", "accuracy", "val_accuracy",
+                                         "auc", "val_auc"]
+    assert sorted(history["fold"].unique()) == [0, 1] and list(history["epoch"][:2]) == [1, 2]
+
+    # MLflow: one parent run with params, aggregates, tags and config; K nested fold runs.
+    client = _client(cfg)
+    parent = client.get_run(meta["mlflow_run_id"])
+    assert parent.data.params["model.name"] == "small_cnn"
+    assert parent.data.params["train.epochs"] == "2"
+    assert parent.data.params["data.image_size"] == "32"
+    for key in ("cv_auc_mean", "cv_auc_std", "oof_auc", "oof_sensitivity", "oof_specificity", "threshold"):
+        assert math.isfinite(parent.data.metrics[key]), key
+    tags = parent.data.tags
+    assert tags["git_commit"] and tags["git_dirty"] in ("true", "false", "unknown")
+    assert any(k.startswith("data_version.") for k in tags)
+    assert tags["runner"] in ("python", "dvc")
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "model.json", "cv"} <= artifacts
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 2
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_auc")]
+        assert steps == [1, 2]
+        for key in ("loss", "val_loss", "accuracy", "val_accuracy", "auc"):
+            assert len(client.get_metric_history(child.info.run_id, key)) == 2, key
+        files = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"confusion_matrix.png", "training_curves.png"} <= files
+
+    # The registered model loads (models:/ URI and the .keras file) and predicts the same.
+    assert meta["registered_model"] == cfg.mlflow.registered_model and meta["registered_version"] == 1
+    x = np.random.default_rng(1).uniform(0, 255, size=(4, 32, 32, 1)).astype(np.float32)
+    from_registry = mlflow.keras.load_model(f"models:/{cfg.mlflow.registered_model}/1")
+    from_file = keras.models.load_model(models_dir / "model.keras")
+    p = from_file.predict(x, verbose=0)
+    assert p.shape == (4, 2) and np.allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    assert np.allclose(from_registry.predict(x, verbose=0), p, atol=1e-6)
+    info = mlflow.models.get_model_info(f"models:/{cfg.mlflow.registered_model}/1")
+    assert info.metadata["threshold"] == meta["threshold"] and info.metadata["classes"] == ["normal", "covid"]
+    assert info.signature is not None and info.saved_input_example_info is not None
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.registered_model}/1")
+    assert np.allclose(np.asarray(pyfunc.predict(x)), p, atol=1e-6)
+
+
+def test_hydra_multirun_makes_one_parent_run_per_job(tiny_data, tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    done = subprocess.run(
+        [str(BIN / "covidxray"), "train", "-m", "experiment=smoke", "model.head.dense_units=4,8",
+         f"paths.curated={tiny_data['curated']}", f"paths.splits={tiny_data['splits']}",
+         f"mlflow.tracking_uri={store}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cfg = make_cfg([f"mlflow.tracking_uri={store}"])
+    client = _client(cfg)
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 2
+    assert sorted(r.data.params["model.head.dense_units"] for r in parents) == ["4", "8"]
+    assert {r.data.tags["runner"] for r in parents} == {"hydra-multirun"}
+    assert all("model.head.dense_units" in r.data.tags["hydra_overrides"] for r in parents)
+    for job in ("0", "1"):  # each job writes into its own output directory
+        assert (tmp_path / "sweep" / job / "models" / "model.keras").is_file()
+        assert (tmp_path / "sweep" / job / "reports" / "cv" / "metrics.json").is_file()
+
+
+def test_frozen_feature_cache_gives_the_same_model(tiny_data):
+    """Training the head on cached backbone features == training the full model on images."""
+    from covidxray.train import Trainer, load_cv_data
+
+    cfg = make_cfg(["experiment=smoke", "model=vgg16", "model.weights=none", "train.epochs=2",
+                    f"paths.curated={tiny_data['curated']}", f"paths.splits={tiny_data['splits']}"])
+    data = load_cv_data(cfg)
+    train_idx = np.flatnonzero(data.rows["fold"].to_numpy() != 0)
+    val_idx = np.flatnonzero(data.rows["fold"].to_numpy() == 0)
+    probs = {}
+    for cached in (True, False):
+        trainer = Trainer(cfg, data, verbose=0, feature_cache=cached)
+        assert trainer.uses_cache is cached
+        model = trainer.new_model()
+        trainer.fit(model, train_idx, val_idx, [2, 0])
+        assert (len(trainer.cache) == 1) is cached
+        probs[cached] = model.predict(data.images[val_idx].astype(np.float32)[..., None], verbose=0)
+    assert np.allclose(probs[True], probs[False], atol=1e-5)
+
+
+def test_augmentation_runs_in_the_input_pipeline_for_training_only(tiny_data):
+    from covidxray.train import build_augmenter, make_dataset
+
+    cfg = make_cfg(["augment=standard"])
+    augmenter = build_augmenter(cfg.augment, seed=0)
+    assert [layer.name for layer in augmenter.layers] == ["rotation", "translation", "zoom", "brightness",
+                                                          "contrast"]
+    images = np.load(tiny_data["curated"] / "images.npy")[:8]
+    x, _ = next(iter(make_dataset(images, np.eye(2)[np.zeros(8, int)], None, 8, augmenter=augmenter)))
+    plain = next(iter(make_dataset(images, None, None, 8)))
+    assert x.shape == plain.shape == (8, 32, 32, 1)
+    assert not np.allclose(x.numpy(), plain.numpy())
+    assert np.allclose(plain.numpy()[..., 0], images)
+    assert build_augmenter(make_cfg(["augment=none"]).augment, 0) is None
+
+
+def test_learning_rate_schedules():
+    from covidxray.train import make_optimizer, make_schedule
+
+    tutorial = make_schedule(make_cfg(["optimizer.schedule=inverse_time"]).optimizer, 1e-3, epochs=25,
+                             steps_per_epoch=10)
+    for step in (0, 1, 100):  # the tutorial's Adam(lr=1e-3, decay=1e-3 / 25), per step
+        assert math.isclose(float(tutorial(step)), 1e-3 / (1 + 1e-3 / 25 * step), rel_tol=1e-5)
+    cosine = make_schedule(make_cfg(["optimizer.schedule=cosine"]).optimizer, 1e-3, epochs=2, steps_per_epoch=5)
+    assert math.isclose(float(cosine(0)), 1e-3, rel_tol=1e-5) and float(cosine(10)) < 1e-9
+    assert make_schedule(make_cfg([]).optimizer, 1e-3, 25, 10) == 1e-3
+    assert type(make_optimizer(make_cfg([]).optimizer, 1e-3, 25, 10)).__name__ == "Adam"
+
+
+def test_mirrored_strategy_runs_as_one_replica_on_cpu(tiny_data, tmp_path):
+    from covidxray.train import Trainer, load_cv_data
+
+    cfg = make_cfg(["experiment=smoke", "train.distribute=mirrored",
+                    f"paths.curated={tiny_data['curated']}", f"paths.splits={tiny_data['splits']}"])
+    data = load_cv_data(cfg)
+    trainer = Trainer(cfg, data, verbose=0)
+    assert trainer.strategy.num_replicas_in_sync >= 1
+    model = trainer.new_model()
+    idx = np.arange(len(data.images))
+    result = trainer.fit(model, idx, None, [1, 0])
+    assert result.epochs_run == 1 and np.isfinite(result.history["loss"]).all()
