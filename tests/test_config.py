@@ -116,6 +116,7 @@ BAD = [
     (["optimizer.name=sgd"], "optimizer.name"),
     (["train.batch_size=0"], "train.batch_size"),
     (["train.epochs=0"], "train.epochs"),
+    (["train.steps_per_execution=0"], "train.steps_per_execution"),
     (["cv.folds=1"], "cv.folds"),
     (["cv.folds=some"], "cv.folds"),
     (["split.folds=1"], "split.folds"),
