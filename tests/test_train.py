@@ -191,3 +191,34 @@ def test_mirrored_strategy_runs_as_one_replica_on_cpu(tiny_data, tmp_path):
     idx = np.arange(len(data.images))
     result = trainer.fit(model, idx, None, [1, 0])
     assert result.epochs_run == 1 and np.isfinite(result.history["loss"]).all()
+
+
+def test_three_classes_covid_last(tmp_path):
+    """Three classes (data.task=three_class): softmax over 3, OOF columns per class, covid-vs-rest
+    threshold; no final model when cv.final_model is off."""
+    from conftest import synthetic_xrays
+    from covidxray.images import save_curated
+    from covidxray.split import make_splits
+    from covidxray.train import main
+
+    rng = np.random.default_rng(3)
+    classes = ["normal", "pneumonia", "covid"]
+    rows, arrays = [], []
+    for y, label in enumerate(classes):
+        arrays.append(synthetic_xrays(16, 32, positive=label == "covid", rng=rng))
+        rows += [{"image_id": f"{label}-{i}", "label": label, "y": y, "patient_id": f"{label}-p{i}",
+                  "source": "synthetic"} for i in range(16)]
+    index = pd.DataFrame(rows)
+    save_curated(tmp_path / "curated", np.concatenate(arrays), index, classes)
+    make_splits(index, test_fraction=0.25, folds=2, seed=0).to_csv(tmp_path / "splits.csv", index=False)
+    cfg = make_cfg(["experiment=smoke", "data=three_class", "cv.final_model=false",
+                    f"paths.curated={tmp_path / 'curated'}", f"paths.splits={tmp_path / 'splits.csv'}",
+                    f"paths.models={tmp_path / 'models'}", f"paths.reports={tmp_path / 'reports'}",
+                    f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"])
+    assert math.isfinite(main(cfg))
+    oof = pd.read_csv(tmp_path / "reports" / "cv" / "oof.csv")
+    assert [c for c in oof.columns if c.startswith("p_")] == ["p_normal", "p_pneumonia", "p_covid"]
+    assert np.allclose(oof.filter(like="p_").sum(axis=1), 1.0, atol=1e-5)
+    metrics = json.loads((tmp_path / "reports" / "cv" / "metrics.json").read_text())
+    assert math.isfinite(metrics["oof_auc"]) and 0.0 <= metrics["threshold"] <= 1.0
+    assert not (tmp_path / "models" / "model.keras").exists()

@@ -1,0 +1,104 @@
+"""Input pipeline throughput: a training epoch through train.py's real tf.data pipeline (shuffled
+indices -> batch -> gather from the in-memory uint8 store -> float -> [augment] -> prefetch)
+against the same model's train step fed batches that already sit in memory as float tensors.
+
+Headline (target: ratio >= 0.90): model.fit epochs with train.py's compiled train step
+(train.steps_per_execution included) on
+  pipeline   make_dataset(...) exactly as train.py builds it
+  in_memory  the same batches, materialized once as float32 tensors (a (steps, B, S, S, 1) tensor
+             sliced per step: no gather, cast, shuffle or augmentation work left)
+Also reported: a Python loop calling one tf.function train step per batch, fed by iterating the
+pipeline vs a list of in-memory batch tensors (this adds the eager per-step iterator cost, which
+model.fit avoids by iterating inside the compiled graph).
+
+The sides take turns epoch by epoch (median of --repeats), so machine load affects both alike.
+augment none is equal work; with --augment the pipeline side also transforms every image, which
+on a 2-core CPU competes with the training step for the same cores.
+
+    .venv/bin/python benchmarks/bench_input_pipeline.py                    # the default model
+    .venv/bin/python benchmarks/bench_input_pipeline.py --augment tutorial
+    .venv/bin/python benchmarks/bench_input_pipeline.py model=vgg16 model.weights=none --images 96
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from common import alternating, images
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="config overrides (default: the project default)")
+    parser.add_argument("--images", type=int, default=424, help="images per epoch (a CV fold's training set)")
+    parser.add_argument("--size", type=int, default=None, help="image size (default: data.image_size)")
+    parser.add_argument("--augment", default="none", help="augment group option for the pipeline side")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--curated", default=None, help="a curated store to take images from")
+    args = parser.parse_args()
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from covidxray import models
+    from covidxray.cli import compose
+    from covidxray.train import _compile, build_augmenter, class_weights, make_dataset, make_optimizer
+
+    cfg = compose([*args.overrides, f"augment={args.augment}"]
+                  + ([f"data.image_size={args.size}"] if args.size else []))
+    size, batch = int(cfg.data.image_size), int(cfg.train.batch_size)
+    x, y, source = images(size, args.images, args.curated)
+    x, y = x[: len(x) // batch * batch], y[: len(x) // batch * batch]  # whole batches on both sides
+    steps = len(x) // batch
+    onehot = np.eye(2, dtype=np.float32)[y]
+    w = class_weights(y, 2, cfg.train.class_weights)
+    keras.utils.set_random_seed(0)
+    model = models.build_model(cfg.model, size, 2)
+    spe = int(cfg.train.get("steps_per_execution", 1))
+    _compile(model, make_optimizer(cfg.optimizer, float(cfg.optimizer.lr), 10, steps), 2, spe)
+
+    pipeline = make_dataset(x, onehot, w, batch, shuffle=True, seed=0, augmenter=build_augmenter(cfg.augment, 0))
+    batches = [tuple(tf.identity(t) for t in b) for b in make_dataset(x, onehot, w, batch, shuffle=True, seed=0)]
+    stacked = tuple(tf.stack([b[i] for b in batches]) for i in range(3))
+    in_memory = tf.data.Dataset.from_tensor_slices(stacked)
+
+    loss_fn = keras.losses.CategoricalCrossentropy()
+    optimizer = model.optimizer
+
+    @tf.function(reduce_retracing=True)
+    def step(xb, yb, wb):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True), sample_weight=wb)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    def loop(source_batches):
+        def epoch():
+            for xb, yb, wb in source_batches:
+                loss = step(xb, yb, wb)
+            float(loss)
+        return epoch
+
+    timing = alternating({
+        "fit_in_memory": lambda: model.fit(in_memory, epochs=1, verbose=0, shuffle=False),
+        "fit_pipeline": lambda: model.fit(pipeline, epochs=1, verbose=0, shuffle=False),
+        "loop_in_memory": loop(batches),
+        "loop_pipeline": loop(pipeline),
+    }, args.repeats)
+    results = {"model": str(cfg.model.name), "image_size": size, "batch_size": batch, "images": len(x),
+               "steps_per_execution": spe, "augment": args.augment, "source": source, "repeats": args.repeats}
+    for name, (median, all_times) in timing.items():
+        results[f"{name}_images_per_s"] = len(x) / median
+    results["ratio"] = timing["fit_in_memory"][0] / timing["fit_pipeline"][0]
+    results["loop_ratio"] = timing["loop_in_memory"][0] / timing["loop_pipeline"][0]
+    results["epoch_s"] = {name: [round(t, 3) for t in all_times] for name, (_, all_times) in timing.items()}
+    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in results.items()}, indent=2))
+    print(f"training epoch (model.fit): pipeline {results['fit_pipeline_images_per_s']:.0f} images/s vs "
+          f"in-memory tensors {results['fit_in_memory_images_per_s']:.0f} images/s: ratio {results['ratio']:.3f} "
+          f"(target >= 0.90); Python step loop: ratio {results['loop_ratio']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
