@@ -100,10 +100,12 @@ def test_dvc_train_stage_matches_what_train_reads_and_writes():
         for part in key.split("."):
             assert part in node, f"dvc.yaml train param {key} is not in params.yaml"
             node = node[part]
-    outs = {next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"]}
-    assert {"models/model.keras", "models/model.json", "reports/cv/oof.csv"} <= outs
-    assert "reports/cv/metrics.json" in {next(iter(m)) for m in stage["metrics"]}
-    assert "reports/cv/history.csv" in {next(iter(p)) for p in stage["plots"]}
+    def paths(entries):
+        return {next(iter(e)) if isinstance(e, dict) else e for e in entries}
+
+    assert {"models/model.keras", "models/model.json", "reports/cv/oof.csv"} <= paths(stage["outs"])
+    assert "reports/cv/metrics.json" in paths(stage["metrics"])
+    assert "reports/cv/history.csv" in paths(stage["plots"])
     for module in ("train", "models", "metrics", "tracking"):
         assert f"src/covidxray/{module}.py" in stage["deps"]
 
