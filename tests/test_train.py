@@ -155,14 +155,24 @@ def test_augmentation_runs_in_the_input_pipeline_for_training_only(tiny_data):
 
     cfg = make_cfg(["augment=standard"])
     augmenter = build_augmenter(cfg.augment, seed=0)
-    assert [layer.name for layer in augmenter.layers] == ["rotation", "translation", "zoom", "brightness",
-                                                          "contrast"]
+    assert [layer.name for layer in augmenter.layers] == ["affine", "brightness", "contrast"]
+    assert [layer.name for layer in build_augmenter(make_cfg(["augment=tutorial"]).augment, 0).layers] == ["rotation"]
     images = np.load(tiny_data["curated"] / "images.npy")[:8]
     x, _ = next(iter(make_dataset(images, np.eye(2)[np.zeros(8, int)], None, 8, augmenter=augmenter)))
     plain = next(iter(make_dataset(images, None, None, 8)))
     assert x.shape == plain.shape == (8, 32, 32, 1)
     assert not np.allclose(x.numpy(), plain.numpy())
+    assert float(x.numpy().min()) >= 0.0 and float(x.numpy().max()) <= 255.0
     assert np.allclose(plain.numpy()[..., 0], images)
+    # The fused warp with nothing to do is the identity; a 90 degree turn moves pixels as expected.
+    from covidxray.train import _random_affine_layer
+
+    batch = plain.numpy()
+    assert np.allclose(_random_affine_layer()(0.0, 0.0, 0.0)(batch).numpy(), batch, atol=1e-3)
+    square = np.zeros((1, 8, 8, 1), np.float32)
+    square[0, 0, 0, 0] = 255.0  # top-left corner: a turn by about +-90 degrees moves it to another corner
+    turned = _random_affine_layer()(90.0, 0.0, 0.0, seed=1)(np.repeat(square, 16, axis=0)).numpy()
+    assert (turned[:, 0, 0, 0] < 255.0).any()
     assert build_augmenter(make_cfg(["augment=none"]).augment, 0) is None
 
 
