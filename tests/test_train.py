@@ -109,9 +109,11 @@ def test_smoke_training_end_to_end(trained):
 
 
 def test_hydra_multirun_makes_one_parent_run_per_job(tiny_data, tmp_path):
+    """Two jobs in parallel (joblib launcher) into a store neither has created yet."""
     store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     done = subprocess.run(
-        [str(BIN / "covidxray"), "train", "-m", "experiment=smoke", "model.head.dense_units=4,8",
+        [str(BIN / "covidxray"), "train", "-m", "hydra/launcher=local_parallel", "experiment=smoke",
+         "model.head.dense_units=4,8",
          f"paths.curated={tiny_data['curated']}", f"paths.splits={tiny_data['splits']}",
          f"mlflow.tracking_uri={store}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         cwd=REPO, capture_output=True, text=True)
@@ -124,6 +126,7 @@ def test_hydra_multirun_makes_one_parent_run_per_job(tiny_data, tmp_path):
     assert len(parents) == 2
     assert sorted(r.data.params["model.head.dense_units"] for r in parents) == ["4", "8"]
     assert {r.data.tags["runner"] for r in parents} == {"hydra-multirun"}
+    assert {r.data.tags["hydra_launcher"] for r in parents} == {"JoblibLauncher"}  # 2 jobs at once, one new store
     assert all("model.head.dense_units" in r.data.tags["hydra_overrides"] for r in parents)
     for job in ("0", "1"):  # each job writes into its own output directory
         assert (tmp_path / "sweep" / job / "models" / "model.keras").is_file()

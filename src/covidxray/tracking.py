@@ -147,3 +147,21 @@ def context_tags() -> dict[str, str]:
         pass
     tags["runner"] = runner
     return tags
+
+
+def configure_exclusive(configured_uri: str | None, experiment: str) -> str:
+    """`configure`, holding a lock file beside a local SQLite store while it runs: parallel sweep
+    jobs (joblib launcher) would otherwise race to create the store's tables or the experiment."""
+    uri = tracking_uri(configured_uri)
+    if not uri.startswith("sqlite:///"):
+        return configure(configured_uri, experiment)
+    import fcntl
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return configure(configured_uri, experiment)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

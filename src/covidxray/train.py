@@ -728,7 +728,7 @@ def run(cfg) -> dict:
           f"augment {cfg.augment.name}, feature cache {'on' if trainer.uses_cache else 'off'}, "
           f"{trainer.strategy.num_replicas_in_sync} replica(s)")
 
-    experiment_id = tracking.configure(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    experiment_id = tracking.configure_exclusive(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     tags = {**tracking.git_tags(), **tracking.data_version_tags(), **tracking.context_tags(),
             "stage": "train", "model": str(cfg.model.name)}
     run_name = f"{cfg.model.name}-cv{len(data.folds)}"
