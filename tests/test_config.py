@@ -56,7 +56,7 @@ def _hydra_cfg(overrides):
 def test_optuna_search_composes_with_its_sweeper():
     from covidxray.train import check_config, metric_names
 
-    cfg = _hydra_cfg(["+hparams_search=optuna"])
+    cfg = _hydra_cfg(["hparams_search=optuna"])
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper")
     assert sweeper.direction == "maximize"
