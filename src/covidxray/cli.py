@@ -8,11 +8,14 @@ Tools (predict, validate, manifest, params) take ordinary options; see `covidxra
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's retracing notices fill stage logs without telling a user anything actionable.
+logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 from covidxray import CovidXrayError  # noqa: E402
 
