@@ -234,15 +234,7 @@ def write_figures(fig_dir: Path, y, probs, pred, classes, threshold: float, tabl
     plt.close(fig)
 
     matrix = np.array([[np.sum((y == i) & (pred == j)) for j in range(k)] for i in range(k)])
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * k, 1.4 + 1.1 * k))
-    ax.imshow(matrix, cmap="Blues")
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
-                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
-    ax.set(xticks=range(k), yticks=range(k), xticklabels=classes, yticklabels=classes,
-           xlabel="predicted", ylabel="actual", title=f"threshold {threshold:.3f}")
-    fig.tight_layout()
+    fig = M.confusion_figure(matrix, classes, f"threshold {threshold:.3f}")
     fig.savefig(fig_dir / "confusion.png", dpi=110)
     plt.close(fig)
 

@@ -251,3 +251,23 @@ def curves(y_binary, scores, n_bins: int = 10) -> dict[str, pd.DataFrame]:
         "count": table.size().values,
     })
     return out
+
+
+def confusion_figure(matrix: np.ndarray, classes: list[str], title: str, xlabel: str = "predicted"):
+    """A labelled confusion-matrix heat map (rows actual, columns predicted) as a matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * k, 1.4 + 1.1 * k))
+    ax.imshow(matrix, cmap="Blues")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
+                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    ax.set(xticks=range(k), yticks=range(k), xticklabels=classes, yticklabels=classes,
+           xlabel=xlabel, ylabel="actual", title=title)
+    fig.tight_layout()
+    return fig

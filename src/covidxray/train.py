@@ -611,23 +611,13 @@ def _figures(history: pd.DataFrame, y: np.ndarray, probs: np.ndarray, classes: l
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from covidxray.metrics import decide
+    from covidxray.metrics import confusion_figure, decide
 
     k = len(classes)
     cm = np.zeros((k, k), dtype=int)
     np.add.at(cm, (y, decide(probs, 0.5)), 1)
-    fig_cm, ax = plt.subplots(figsize=(3.2 + 0.6 * k, 3 + 0.6 * k))
-    ax.imshow(cm, cmap="Blues")
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
-    ax.set_xticks(range(k), classes)
-    ax.set_yticks(range(k), classes)
-    ax.set_xlabel("predicted (covid iff p >= 0.5)")
-    ax.set_ylabel("actual")
-    ax.set_title(f"{title}: confusion matrix")
-    fig_cm.tight_layout()
+    fig_cm = confusion_figure(cm, classes, f"{title}: confusion matrix",
+                              xlabel="predicted (covid iff p >= 0.5)")
 
     fig_tc, axes = plt.subplots(1, 3, figsize=(12, 3.5))
     for ax, metric in zip(axes, ("loss", "accuracy", "auc")):
