@@ -62,21 +62,9 @@ def load_model(path: Path):
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
         raise CovidXrayError(f"{meta_path}: not valid JSON ({err})") from None
-    return load_keras(path), check_meta(meta, str(meta_path))
+    from covidxray.models import load
 
-
-def load_keras(path: Path):
-    """A saved Keras model; covidxray.models registers the custom layers it may use."""
-    import keras
-
-    try:
-        import covidxray.models  # noqa: F401  (registers the "preprocess" layer)
-    except ImportError:
-        pass
-    try:
-        return keras.models.load_model(path, compile=False)
-    except (ValueError, OSError, TypeError) as err:
-        raise CovidXrayError(f"cannot load model {path}: {' '.join(str(err).split())[:300]}") from None
+    return load(path), check_meta(meta, str(meta_path))
 
 
 def predict_probs(model, images: np.ndarray, n_classes: int, batch_size: int = 32) -> np.ndarray:

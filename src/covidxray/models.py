@@ -326,5 +326,9 @@ def set_fine_tune(model: keras.Model, unfreeze_top: int) -> int:
 
 
 def load(path) -> keras.Model:
-    """Load a saved .keras model of this project (compile state not needed)."""
-    return keras.models.load_model(path, compile=False)
+    """Load a saved .keras model of this project (compile state not needed); this module
+    registers the custom preprocess layer it uses."""
+    try:
+        return keras.models.load_model(path, compile=False)
+    except (ValueError, OSError, TypeError) as err:
+        raise CovidXrayError(f"cannot load model {path}: {' '.join(str(err).split())[:300]}") from None

@@ -72,7 +72,9 @@ def load_mlflow_model(uri: str, tracking_uri: str | None = None):
     files = sorted(path.rglob("*.keras"))
     if not files:
         raise CovidXrayError(f"MLflow model {uri} holds no .keras file (logged with mlflow.keras?)")
-    return ev.load_keras(files[0]), meta
+    from covidxray.models import load
+
+    return load(files[0]), meta
 
 
 # -- predict ----------------------------------------------------------------------------------------
