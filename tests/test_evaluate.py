@@ -103,7 +103,8 @@ def test_threshold_comes_from_oof_not_test(tiny, tmp_path):
     from covidxray import evaluate
     from covidxray import images as imgs
     from covidxray import metrics as M
-    from covidxray.split import load_splits
+    from covidxray.images import load_splits
+    from covidxray.models import load_model, predict_probs
 
     models, reports = tmp_path / "models", tmp_path / "reports"
     shutil.copytree(tiny["models"], models)
@@ -123,10 +124,10 @@ def test_threshold_comes_from_oof_not_test(tiny, tmp_path):
     metrics = json.loads((reports / "metrics.json").read_text())
     assert metrics["threshold"] == pytest.approx(OOF_THRESHOLD)
 
-    model, meta = evaluate.load_model(models)
+    model, meta = load_model(models)
     pixels, index, _ = imgs.load_curated(tiny["curated"])
     test_images, frame = evaluate.test_partition(pixels, index, load_splits(tiny["splits"]))
-    probs = evaluate.predict_probs(model, test_images, 2)
+    probs = predict_probs(model, test_images, 2)
     assert M.choose_threshold(frame["y"] == 1, probs[:, 1]) != pytest.approx(OOF_THRESHOLD, abs=1e-4)
     confusion = pd.read_csv(reports / "plots" / "confusion.csv")
     assert confusion["predicted"].tolist() == np.where(probs[:, 1] >= OOF_THRESHOLD, "covid", "normal").tolist()
@@ -205,7 +206,7 @@ def test_logged_to_the_training_run(evaluated, tiny):
 
 
 def test_failure_leaves_previous_reports(evaluated, tiny, monkeypatch):
-    from covidxray import evaluate
+    from covidxray import evaluate, report
 
     reports = evaluated["reports"]
     before = (reports / "metrics.json").read_text()
@@ -214,7 +215,7 @@ def test_failure_leaves_previous_reports(evaluated, tiny, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(evaluate, "gradcam_figure", broken)
+    monkeypatch.setattr(report, "gradcam_figure", broken)
     with pytest.raises(RuntimeError, match="boom"):
         evaluate.main(cfg)
     assert (reports / "metrics.json").read_text() == before
@@ -246,8 +247,8 @@ def test_missing_model_is_a_clear_error(tiny, tmp_path):
 
 def test_three_class_assess(tmp_path):
     """Three classes: covid-vs-rest headline figures plus per-class one-vs-rest and macro."""
-    from covidxray import evaluate
     from covidxray.models import build_model
+    from covidxray.report import assess
 
     classes = ["normal", "pneumonia", "covid"]
     model = build_model(make_cfg(["experiment=smoke"]).model, 32, 3)
@@ -257,7 +258,7 @@ def test_three_class_assess(tmp_path):
                           "patient_id": [f"p{i // 2}" for i in range(18)]})
     meta = {"classes": classes, "image_size": 32, "resize": "stretch", "threshold": 0.34,
             "threshold_method": "youden"}
-    result = evaluate.assess(model, meta, pixels, frame, tmp_path, n_resamples=100, ci=0.9, seed=0, per_group=2)
+    result = assess(model, meta, pixels, frame, tmp_path, n_resamples=100, ci=0.9, seed=0, per_group=2)
     assert set(result["test_per_class"]) == set(classes)
     for figures in (*result["test_per_class"].values(), result["test_macro"]):
         assert {"auc", "auc_ci_low", "sensitivity", "f1", "ece"} <= set(figures)

@@ -25,7 +25,7 @@ def tiny(tmp_path_factory, tiny_data) -> dict:
 def test_images(tiny) -> tuple[np.ndarray, pd.DataFrame]:
     from covidxray import evaluate
     from covidxray import images as imgs
-    from covidxray.split import load_splits
+    from covidxray.images import load_splits
 
     pixels, index, _ = imgs.load_curated(tiny["curated"])
     return evaluate.test_partition(pixels, index, load_splits(tiny["splits"]))
@@ -55,7 +55,7 @@ def wild_files(gray: np.ndarray, folder: Path) -> dict[str, Path]:
 
 
 def test_predict_wild_files_and_errors(tiny, test_images, tmp_path):
-    from covidxray import evaluate
+    from covidxray.models import load_model, predict_probs
     from covidxray.predict import predict_cli
 
     pixels, frame = test_images
@@ -76,8 +76,8 @@ def test_predict_wild_files_and_errors(tiny, test_images, tmp_path):
     threshold = tiny["meta"]["threshold"]
     assert (table["label"] == np.where(table["p_covid"] >= threshold, "covid", "normal")).all()
     # the same preprocessing as training: a model-sized grayscale PNG gives the curated prediction
-    model, meta = evaluate.load_model(tiny["models"])
-    expected = evaluate.predict_probs(model, pixels[:1], 2)[0, 1]
+    model, meta = load_model(tiny["models"])
+    expected = predict_probs(model, pixels[:1], 2)[0, 1]
     assert table.loc[0, "p_covid"] == pytest.approx(expected, abs=1e-4)
     for name in ("gray", "rgb", "rgba", "sixteen"):
         with Image.open(tmp_path / "cams" / f"{name}_gradcam.png") as cam:

@@ -7,6 +7,8 @@ The curated store (data/curated/) is what every later stage reads:
 - images.npy   uint8 array (N, S, S): grayscale images, row i belongs to row i of index.csv
 - index.csv    one row per image: image_id, label, y, patient_id, source, ... (see curate.py)
 - classes.json the class names in the order of `y` (the positive class, covid, is last)
+and the split stage's data/splits.csv (image_id, patient_id, label, partition, fold), which
+`with_splits` joins onto the index for the stages that read one partition.
 """
 from __future__ import annotations
 
@@ -167,3 +169,19 @@ def load_curated(curated_dir: Path, mmap: bool = False) -> tuple[np.ndarray, pd.
     if len(images) != len(index):
         raise CovidXrayError(f"{curated_dir}: {len(images)} images but {len(index)} index rows")
     return images, index, classes
+
+
+def load_splits(path: Path) -> pd.DataFrame:
+    """Read data/splits.csv (ids as strings)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CovidXrayError(f"splits missing: {path} (run `dvc repro split`)")
+    return pd.read_csv(path, dtype={"image_id": str, "patient_id": str})
+
+
+def with_splits(index: pd.DataFrame, splits: pd.DataFrame, splits_path="the splits") -> pd.DataFrame:
+    """The index with each image's partition and fold; every curated image must be in the splits."""
+    missing = set(index["image_id"]) - set(splits["image_id"])
+    if missing:
+        raise CovidXrayError(f"{len(missing)} curated images are not in {splits_path} (rerun `dvc repro split`)")
+    return index.merge(splits[["image_id", "partition", "fold"]], on="image_id", how="left", validate="one_to_one")

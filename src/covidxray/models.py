@@ -22,6 +22,7 @@ same Keras application without its top (e.g. a cached *_notop.h5, or `backbone.s
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 from contextlib import contextmanager
@@ -30,10 +31,13 @@ from pathlib import Path
 from typing import Callable
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 from covidxray import CovidXrayError
 
+MODEL_FILE = "model.keras"   # what train writes and every consumer loads
+META_FILE = "model.json"     # beside it: classes, image_size, resize, threshold, provenance
 MIN_IMAGENET_SIZE = 32     # the smallest input keras.applications accepts without the top
 DOWNLOAD_TIMEOUT_S = 20    # per socket operation: an offline machine fails fast, not after minutes
 
@@ -332,3 +336,47 @@ def load(path) -> keras.Model:
         return keras.models.load_model(path, compile=False)
     except (ValueError, OSError, TypeError) as err:
         raise CovidXrayError(f"cannot load model {path}: {' '.join(str(err).split())[:300]}") from None
+
+
+# -- saved models and their metadata ----------------------------------------------------------------
+
+def check_meta(meta: dict, source: str) -> dict:
+    """The model metadata predictions need (classes, image_size, resize, threshold), checked."""
+    missing = [k for k in ("classes", "image_size", "threshold") if meta.get(k) is None]
+    if missing:
+        raise CovidXrayError(f"{source}: model metadata lacks {', '.join(missing)}")
+    classes = [str(c) for c in meta["classes"]]
+    if len(classes) < 2:
+        raise CovidXrayError(f"{source}: model metadata needs at least two classes, got {classes}")
+    out = dict(meta)
+    out.update(classes=classes, image_size=int(meta["image_size"]),
+               resize=str(meta.get("resize") or "stretch"), threshold=float(meta["threshold"]))
+    return out
+
+
+def load_model(path: Path):
+    """(model, checked metadata) from models/model.keras (or the folder holding it) and model.json beside it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise CovidXrayError(f"model not found: {path} (run `dvc repro train`)")
+    meta_path = path.with_name(META_FILE)
+    if not meta_path.is_file():
+        raise CovidXrayError(f"model metadata not found: {meta_path} (written by the train stage)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CovidXrayError(f"{meta_path}: not valid JSON ({err})") from None
+    return load(path), check_meta(meta, str(meta_path))
+
+
+def predict_probs(model, images: np.ndarray, n_classes: int, batch_size: int = 32) -> np.ndarray:
+    """Softmax outputs (N, K) for uint8 images (N, S, S) fed as raw 0..255 pixels."""
+    x = np.asarray(images, dtype=np.float32)[..., None]
+    if len(x) == 0:
+        return np.zeros((0, n_classes))
+    probs = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=float)
+    if probs.ndim != 2 or probs.shape[1] != n_classes:
+        raise CovidXrayError(f"the model outputs shape {probs.shape[1:]}, but its metadata names {n_classes} classes")
+    return probs

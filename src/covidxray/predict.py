@@ -4,7 +4,7 @@ Both load a model from a path (models/model.keras or its folder, model.json besi
 MLflow model URI (models:/covid-xray-detector/<version>, runs:/<run>/<path>), decode every image
 with the training pipeline's own preprocessing (images.load_image at the model's image size and
 resize policy), and call covid at the threshold saved with the model. validate measures with
-evaluate.assess, so an external set gets exactly the test partition's figures and model card.
+report.assess, so an external set gets exactly the test partition's figures and model card.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from covidxray import CovidXrayError
-from covidxray import evaluate as ev
+from covidxray import models
+from covidxray import report as R
 from covidxray.metrics import decide
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
@@ -33,7 +34,7 @@ def resolve_model(spec: str, tracking_uri: str | None = None):
     """(keras model, metadata) from a path or an MLflow model URI."""
     if URI.match(str(spec)):
         return load_mlflow_model(str(spec), tracking_uri)
-    return ev.load_model(Path(spec))
+    return models.load_model(Path(spec))
 
 
 def load_mlflow_model(uri: str, tracking_uri: str | None = None):
@@ -56,25 +57,23 @@ def load_mlflow_model(uri: str, tracking_uri: str | None = None):
         message = " ".join(str(getattr(err, "message", err)).split())[:300]
         raise CovidXrayError(f"cannot load MLflow model {uri} from {store}: {message}") from None
     meta = dict(info.metadata or {})
-    found = sorted(path.rglob(ev.META_FILE))
+    found = sorted(path.rglob(models.META_FILE))
     if found:
         meta = {**json.loads(found[0].read_text()), **meta}
     elif info.run_id and any(meta.get(k) is None for k in ("classes", "image_size", "threshold")):
         try:
-            run_meta = mlflow.artifacts.download_artifacts(run_id=info.run_id, artifact_path=ev.META_FILE,
+            run_meta = mlflow.artifacts.download_artifacts(run_id=info.run_id, artifact_path=models.META_FILE,
                                                            dst_path=str(local / "run"))
             meta = {**json.loads(Path(run_meta).read_text()), **meta}
         except (MlflowException, OSError):
             pass
     meta.setdefault("mlflow_run_id", info.run_id)
     meta["model_uri"] = uri
-    meta = ev.check_meta(meta, uri)
+    meta = models.check_meta(meta, uri)
     files = sorted(path.rglob("*.keras"))
     if not files:
         raise CovidXrayError(f"MLflow model {uri} holds no .keras file (logged with mlflow.keras?)")
-    from covidxray.models import load
-
-    return load(files[0]), meta
+    return models.load(files[0]), meta
 
 
 # -- predict ----------------------------------------------------------------------------------------
@@ -108,7 +107,7 @@ def overlay_names(paths) -> list[str]:
 def predict_table(model, meta: dict, pixels: np.ndarray, paths) -> pd.DataFrame:
     """Per image: path, p_<class> for every class, the predicted label at the saved threshold."""
     classes = meta["classes"]
-    probs = ev.predict_probs(model, pixels, len(classes))
+    probs = models.predict_probs(model, pixels, len(classes))
     table = pd.DataFrame({"path": [str(p) for p in paths]})
     table[f"p_{classes[-1]}"] = probs[:, -1] if len(probs) else []
     for c, name in enumerate(classes[:-1]):
@@ -248,14 +247,14 @@ def validate(set_path: Path, model_spec: str, out_dir: Path, *, tracking_uri=Non
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_dir.parent))
     try:
-        result = ev.assess(model, meta, pixels, frame.assign(path=frame["path"].astype(str)), tmp,
+        result = R.assess(model, meta, pixels, frame.assign(path=frame["path"].astype(str)), tmp,
                            n_resamples=n_resamples, ci=ci, seed=seed, per_group=per_group, n_bins=n_bins,
                            partition="external", context=context)
         if log:
             tags = {"covidxray.stage": "validate", "external_set": str(set_path), "model_uri": str(model_spec)}
             if meta.get("mlflow_run_id"):
                 tags["model_run_id"] = str(meta["mlflow_run_id"])
-            result["mlflow_run_id"] = ev.log_to_mlflow(tmp, result, tracking_uri, experiment, run_id=None,
+            result["mlflow_run_id"] = R.log_to_mlflow(tmp, result, tracking_uri, experiment, run_id=None,
                                                        tags=tags, run_name=f"validate-{name}",
                                                        artifact_path="validation")
         if out_dir.exists():
@@ -297,7 +296,7 @@ def validate_cli(argv: list[str]) -> int:
                       n_bins=cfg.evaluate.get("calibration_bins", 10))
     m = result["external"]
     print(f"validate: {result['n_external_images']} images ({result['n_external_patients']} patients): "
-          f"AUC {ev._fmt(m['auc'])} [{ev._fmt(m['auc_ci_low'])}, {ev._fmt(m['auc_ci_high'])}], "
-          f"sensitivity {ev._fmt(m['sensitivity'])}, specificity {ev._fmt(m['specificity'])}; wrote {out}"
+          f"AUC {R.fmt(m['auc'])} [{R.fmt(m['auc_ci_low'])}, {R.fmt(m['auc_ci_high'])}], "
+          f"sensitivity {R.fmt(m['sensitivity'])}, specificity {R.fmt(m['specificity'])}; wrote {out}"
           + (f"; MLflow run {result['mlflow_run_id']}" if result.get("mlflow_run_id") else ""))
     return 1 if result.get("n_skipped_files") else 0

@@ -60,14 +60,6 @@ def make_splits(index: pd.DataFrame, test_fraction: float, folds: int, seed: int
     return out[COLUMNS]
 
 
-def load_splits(path: Path) -> pd.DataFrame:
-    """Read data/splits.csv (ids as strings)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CovidXrayError(f"splits missing: {path} (run `dvc repro split`)")
-    return pd.read_csv(path, dtype={"image_id": str, "patient_id": str})
-
-
 def main(cfg) -> None:
     """Stage entry: read the curated index, write data/splits.csv."""
     index_path = Path(cfg.paths.curated) / INDEX_FILE

@@ -200,8 +200,7 @@ class CVData:
 def load_cv_data(cfg) -> CVData:
     """The curated images of the CV partition joined with their folds; the test partition is
     dropped here and never seen by training."""
-    from covidxray.images import load_curated
-    from covidxray.split import load_splits
+    from covidxray.images import load_curated, load_splits, with_splits
 
     images, index, classes = load_curated(cfg.paths.curated)
     splits = load_splits(cfg.paths.splits)
@@ -211,11 +210,7 @@ def load_cv_data(cfg) -> CVData:
             f"data.image_size={size} but the curated images in {cfg.paths.curated} are "
             f"{'x'.join(map(str, images.shape[1:]))} px: re-run curate (`dvc repro curate`) or set "
             f"data.image_size={images.shape[1]}")
-    missing = set(index["image_id"]) - set(splits["image_id"])
-    if missing:
-        raise CovidXrayError(f"{len(missing)} curated images are not in {cfg.paths.splits} (re-run split)")
-    joined = index[["image_id", "patient_id", "label", "y"]].merge(
-        splits[["image_id", "partition", "fold"]], on="image_id", how="left", validate="one_to_one")
+    joined = with_splits(index[["image_id", "patient_id", "label", "y"]], splits, cfg.paths.splits)
     keep = np.flatnonzero((joined["partition"] == "cv").to_numpy())
     rows = joined.iloc[keep].drop(columns="partition").reset_index(drop=True)
     rows["fold"] = rows["fold"].astype(int)
