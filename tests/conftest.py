@@ -52,7 +52,9 @@ def synthetic_xrays(n: int, size: int, positive: bool, rng: np.random.Generator)
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict:
-    """A small curated store and splits (synthetic, 32 px, 2 folds): input for train/evaluate tests."""
+    """A small curated store and splits (synthetic, 32 px, 2 folds): input for train/evaluate tests.
+    Training collections as in the default roles (covid: ieee8023, normal: kermany: 30 images
+    each) and 10 + 10 `radiography` images, the default external set."""
     from covidxray.images import save_curated
     from covidxray.split import make_splits
 
@@ -60,12 +62,16 @@ def tiny_data(tmp_path_factory) -> dict:
     rng = np.random.default_rng(0)
     classes = ["normal", "covid"]
     rows, arrays = [], []
-    for y, label in enumerate(classes):
-        imgs = synthetic_xrays(30, 32, positive=bool(y), rng=rng)
-        arrays.append(imgs)
-        for i in range(len(imgs)):
-            rows.append({"image_id": f"{label}-{i:03d}", "label": label, "y": y,
-                         "patient_id": f"{label}-p{i // 2:03d}", "source": "synthetic"})
+    for source, n, names in (("kermany", 30, ("kermany", "ieee8023")), ("radiography", 10, ("radiography",) * 2)):
+        for y, label in enumerate(classes):
+            imgs = synthetic_xrays(n, 32, positive=bool(y), rng=rng)
+            arrays.append(imgs)
+            prefix = f"{label}" if source == "kermany" else f"radiography-{label}"
+            for i in range(len(imgs)):
+                rows.append({"image_id": f"{prefix}-{i:03d}", "label": label, "y": y,
+                             "patient_id": f"{prefix}-p{i // 2:03d}", "source": names[y],
+                             "dup_group": f"{prefix}-{i:03d}", "orig_width": 32, "orig_height": 32,
+                             "orig_format": "PNG", "orig_mode": "L"})
     index = pd.DataFrame(rows)
     save_curated(root / "curated", np.concatenate(arrays), index, classes)
     make_splits(index, test_fraction=0.25, folds=2, seed=0).to_csv(root / "splits.csv", index=False)

@@ -1,8 +1,9 @@
-"""curate.py: selection rules, patient ids, deduplication, balancing, shortcut AUC, and the stage end to end."""
+"""curate.py: selection rules, patient ids, deduplication, the probe set, shortcut AUC, and the stage end to end."""
 from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from covidxray import CovidXrayError, curate
+from covidxray import audit as A
 from covidxray.images import load_curated
 
 SIZE = 32
@@ -68,13 +70,30 @@ def test_select_collection():
 
 
 def test_check_params_names_key_and_values():
-    ok = dict(task="binary", resize="stretch", balance="none", image_size=32, phash_distance=4, views=["PA"])
+    ok = dict(task="binary", resize="stretch", store_size=32, phash_distance=4, views=["PA"],
+              collections=["ieee8023", "kermany", "radiography"])
     curate.check_params(**ok)
     for key, bad, allowed in [("task", "four_class", "binary, three_class"),
-                              ("resize", "squash", "stretch, pad, crop"),
-                              ("balance", "oversample", "none, undersample")]:
+                              ("resize", "squash", "stretch, pad, crop")]:
         with pytest.raises(CovidXrayError, match=f"data.{key} must be one of {allowed}"):
             curate.check_params(**{**ok, key: bad})
+    with pytest.raises(CovidXrayError, match="data.collections must list collections of ieee8023, kermany, radiography"):
+        curate.check_params(**{**ok, "collections": ["ieee8023", "chexpert"]})
+
+
+def test_select_probe_keeps_adult_other_findings():
+    meta = pd.DataFrame({
+        "patientid": ["1", "2", "3", "4", "5", "6"],
+        "finding": ["COVID-19", "ARDS", "Streptococcus", "No Finding", "Pneumocystis", "ARDS"],
+        "modality": ["X-ray"] * 6, "view": ["PA", "PA", "PA", "PA", "AP", "PA"],
+        "folder": ["images"] * 6, "filename": [f"{k}.jpg" for k in "abcdef"],
+        "sex": ["M"] * 6, "age": [50, 60, 40, None, 30, 12],
+    })
+    binary = curate.select_probe(meta, ["PA"], "binary", Path("raw"))
+    assert list(binary["finding"]) == ["ARDS", "Streptococcus", "No Finding"]   # not COVID, not AP, not a child
+    assert set(binary["label"]) == {"other"} and set(binary["source"]) == {"ieee8023"}
+    three = curate.select_probe(meta, ["PA"], "three_class", Path("raw"))
+    assert list(three["finding"]) == ["ARDS", "No Finding"]                     # pneumonia is a class there
 
 
 # ---------- dedupe with synthetic images ----------
@@ -121,6 +140,18 @@ def test_dedupe_exact_near_and_conflicts(tmp_path):
     # a, a_copy and a_near are tied to one patient group (the smallest id)
     assert set(kept.loc[kept["image_id"].isin(["a", "a_near"]), "patient_id"]) == {"p1"}
     assert kept.loc[kept["image_id"] == "b", "patient_id"].item() == "p4"
+    # near-duplicates share one dup_group (the smallest id): the external set drops copies by it
+    assert set(kept.loc[kept["image_id"].isin(["a", "a_near"]), "dup_group"]) == {"a"}
+    assert kept.loc[kept["image_id"] == "b", "dup_group"].item() == "b"
+
+
+def test_clean_probe_drops_copies_of_curated_images(tmp_path):
+    a, b, c = (_texture(s) for s in (1, 2, 3))
+    kept = _records(tmp_path, [("a", a, "covid", "p1")])
+    probe = _records(tmp_path, [("a_probe", np.clip(a.astype(int) + 6, 0, 255).astype(np.uint8), "other", "p2"),
+                                ("b", b, "other", "p3"), ("b_copy", b, "other", "p4"), ("c", c, "other", "p5")])
+    cleaned, dropped = curate.clean_probe(probe, kept, phash_distance=4)
+    assert sorted(cleaned["image_id"]) == ["b", "c"] and dropped == 1
 
 
 def test_phash_pairs():
@@ -128,34 +159,20 @@ def test_phash_pairs():
     assert curate.phash_pairs(["00"], 4) == []
 
 
-# ---------- balance and shortcut AUC ----------
-
-def test_balance_whole_patients_and_deterministic():
-    index = pd.DataFrame({
-        "image_id": [f"i{k}" for k in range(30)],
-        "label": ["normal"] * 20 + ["covid"] * 10,
-        "patient_id": [f"n{k // 2}" for k in range(20)] + [f"c{k}" for k in range(10)],
-    })
-    assert curate.balance(index, "none", 0).equals(index)
-    out = curate.balance(index, "undersample", 7)
-    assert (out["label"] == "covid").sum() == 10 and (out["label"] == "normal").sum() == 10
-    assert out.groupby("patient_id").size().eq(index.groupby("patient_id").size()[out["patient_id"].unique()]).all()
-    assert curate.balance(index, "undersample", 7).equals(out)
-    assert not curate.balance(index, "undersample", 8).equals(out)
-
+# ---------- shortcut AUC ----------
 
 def test_shortcut_auc():
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1], 40)
     groups = np.arange(80) // 2
     leaky = pd.DataFrame({"width": np.where(y == 1, 1000.0, 512.0) + rng.normal(0, 5, 80)})
-    assert curate.shortcut_auc(leaky, y, groups, seed=0) > 0.95
+    assert A.shortcut_auc(leaky, y, groups, seed=0) > 0.95
     noise = pd.DataFrame({"width": rng.normal(0, 1, 80)})
-    assert 0.2 < curate.shortcut_auc(noise, y, groups, seed=0) < 0.8
+    assert 0.2 < A.shortcut_auc(noise, y, groups, seed=0) < 0.8
     y3 = np.repeat([0, 1, 2], 20)
     three = pd.DataFrame({"w": y3 * 100.0})
-    assert curate.shortcut_auc(three, y3, np.arange(60), seed=0) > 0.95
-    assert curate.shortcut_auc(leaky, np.zeros(80), groups, seed=0) is None
+    assert A.shortcut_auc(three, y3, np.arange(60), seed=0) > 0.95
+    assert A.shortcut_auc(leaky, np.zeros(80), groups, seed=0) is None
 
 
 # ---------- the stage end to end on a small real subset ----------
@@ -171,11 +188,12 @@ def small_inputs(tmp_path_factory, collection_dir, external_dir):
     small = present[present["size"] < 400_000]
     covid = small[small["finding"] == "COVID-19"].head(10)
     pneumonia = small[small["finding"].isin(["Streptococcus", "Klebsiella", "Pneumocystis"])].head(3)
+    other = small[small["finding"].isin(["ARDS", "No Finding"]) & ~(pd.to_numeric(small["age"]) < 18)].head(2)
     missing = pa[~pa["filename"].isin(present["filename"]) & (pa["finding"] == "COVID-19")].head(1)
-    rows = pd.concat([covid, pneumonia, missing])
+    rows = pd.concat([covid, pneumonia, other, missing])
     (root / "raw" / "images").mkdir(parents=True)
     rows.to_csv(root / "raw" / "metadata.csv", index=False)
-    for f in pd.concat([covid, pneumonia])["filename"]:
+    for f in pd.concat([covid, pneumonia, other])["filename"]:
         shutil.copy(collection_dir / "images" / f, root / "raw" / "images" / f)
     src = external_dir / "chest_xray"
     normal = ["NORMAL2-IM-0587-0001-0001.jpeg", "NORMAL2-IM-0587-0001-0002.jpeg"]  # byte-identical pair
@@ -185,13 +203,18 @@ def small_inputs(tmp_path_factory, collection_dir, external_dir):
         (root / "external" / "chest_xray" / folder).mkdir(parents=True)
         for name in names:
             shutil.copy(src / folder / name, root / "external" / "chest_xray" / folder / name)
+    for folder in ("COVID", "Normal"):
+        (root / "external" / "covid19-radiography" / folder).mkdir(parents=True)
+        for path in sorted((external_dir / "covid19-radiography" / folder).iterdir())[:4]:
+            shutil.copy(path, root / "external" / "covid19-radiography" / folder / path.name)
+    assert len(other) == 2
     return root, len(covid), len(pneumonia)
 
 
 def _cfg(repo_root, root, out, **data):
     cfg = OmegaConf.load(repo_root / "params.yaml")
     cfg.paths.raw, cfg.paths.external, cfg.paths.curated = str(root / "raw"), str(root / "external"), str(out)
-    cfg.data.image_size = SIZE
+    cfg.data.image_size = cfg.data.store_size = SIZE
     for key, value in data.items():
         cfg.data[key] = value
     return cfg
@@ -215,10 +238,15 @@ def test_curate_end_to_end(repo_root, small_inputs, tmp_path, task):
     assert (index["y"] == index["label"].map(expected.index)).all()
     assert index.equals(index.sort_values(["y", "image_id"]).reset_index(drop=True))
     counts = index["label"].value_counts()
-    assert counts["covid"] == n_covid and counts["normal"] == 9          # one of the identical pair removed
+    assert counts["covid"] == n_covid + 4 and counts["normal"] == 9 + 4  # one of the identical pair removed
     if task == "three_class":
         assert counts["pneumonia"] == n_pneu + 4
-    assert set(index["source"]) == {"ieee8023", "kermany"}
+    assert set(index["source"]) == {"ieee8023", "kermany", "radiography"}
+    assert (index.loc[index["source"] == "radiography", "patient_id"].str.startswith("radiography-")).all()
+    assert index["dup_group"].notna().all()
+    probe = pd.read_csv(out / "probe.csv")
+    assert len(probe) == (2 + n_pneu if task == "binary" else 2) and set(probe["label"]) == {"other"}
+    assert np.load(out / "probe.npy").shape == (len(probe), SIZE, SIZE)
     assert set(index.loc[index["source"] == "kermany", "patient_id"].str[:8]) == {"kermany-"}
     assert (index.loc[index["source"] == "ieee8023", "patient_id"].str.startswith("ieee8023-")).all()
     assert set(index["orig_format"]) <= {"JPEG", "PNG"}
@@ -237,13 +265,13 @@ def test_curate_end_to_end(repo_root, small_inputs, tmp_path, task):
     assert _files(out) == _files(again)
 
 
-def test_curate_balance_and_pad(repo_root, small_inputs, tmp_path):
-    root, n_covid, _ = small_inputs
+def test_curate_one_collection(repo_root, small_inputs, tmp_path):
+    root, _, _ = small_inputs
     out = tmp_path / "curated"
-    curate.main(_cfg(repo_root, root, out, balance="undersample", resize="pad"))
-    _, index, _ = load_curated(out)
-    counts = index["label"].value_counts()
-    assert counts["normal"] <= n_covid and counts["covid"] <= 9
+    curate.main(_cfg(repo_root, root, out, collections=["radiography"]))
+    images, index, _ = load_curated(out)
+    assert set(index["source"]) == {"radiography"} and len(index) == 8 and images.shape[1:] == (SIZE, SIZE)
+    assert len(pd.read_csv(out / "probe.csv")) == 0
 
 
 def test_curate_rejects_bad_config_and_leaves_nothing(repo_root, small_inputs, tmp_path):
@@ -260,7 +288,7 @@ def test_curate_rejects_bad_config_and_leaves_nothing(repo_root, small_inputs, t
 def test_shortcut_aucs_per_class_exposes_one_separable_class():
     y = np.repeat([0, 1, 2], 30)
     feats = pd.DataFrame({"w": np.where(y == 2, 1000.0, 512.0)})     # only class 2 is separable
-    result = curate.shortcut_aucs(feats, y, np.arange(90), seed=0)
+    result = A.shortcut_aucs(feats, y, np.arange(90), seed=0)
     assert result["per_class"][2] > 0.95 and result["auc"] < result["per_class"][2]
 
 

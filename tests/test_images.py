@@ -136,3 +136,30 @@ def test_store_round_trip(tmp_path):
     assert list(idx["patient_id"]) == ["001", "002"]
     with pytest.raises(CovidXrayError, match="curated data missing"):
         images.load_curated(tmp_path / "nothing")
+
+
+def test_prepare_resizes_crops_and_equalises():
+    from covidxray.images import prepare
+
+    rng = np.random.default_rng(0)
+    stored = np.zeros((2, 40, 40), np.uint8)
+    stored[:, 4:36, 4:36] = rng.integers(100, 140, (2, 32, 32))      # low-contrast centre, black border
+    plain = prepare(stored, 20)
+    assert plain.shape == (2, 20, 20) and plain.dtype == np.uint8 and plain[:, 0, :].max() == 0
+    cropped = prepare(stored, 32, crop_border=0.1)                     # 4 px cut from each side of 40
+    assert np.array_equal(cropped, stored[:, 4:36, 4:36])
+    for method in ("equalize", "clahe"):
+        spread = prepare(stored, 32, normalize=method, crop_border=0.1)
+        assert np.ptp(spread[0]) > 3 * np.ptp(cropped[0]), method       # contrast stretched
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(size=64), r"data.image_size=64 exceeds the stored images' 40 px"),
+    (dict(size=20, normalize="gamma"), "data.normalize must be one of none, equalize, clahe"),
+    (dict(size=20, crop_border=0.4), r"data.crop_border must be a fraction in \[0, 0.3\]"),
+])
+def test_prepare_rejects_bad_values(kwargs, message):
+    from covidxray.images import prepare
+
+    with pytest.raises(CovidXrayError, match=message):
+        prepare(np.zeros((1, 40, 40), np.uint8), **kwargs)

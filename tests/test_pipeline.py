@@ -36,7 +36,7 @@ def repo_copy(tmp_path_factory) -> Path:
     _sh([str(BIN / "dvc"), "remote", "modify", "--local", "shared", "url",
          str(SHARED / "dvc-remote")], root)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["data"]["image_size"] = 32  # small images: same stages, less time
+    params["data"]["image_size"] = params["data"]["store_size"] = 32  # small images: same stages, less time
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
 

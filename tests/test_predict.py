@@ -28,7 +28,7 @@ def test_images(tiny) -> tuple[np.ndarray, pd.DataFrame]:
     from covidxray.images import load_splits
 
     pixels, index, _ = imgs.load_curated(tiny["curated"])
-    return evaluate.test_partition(pixels, index, load_splits(tiny["splits"]))
+    return evaluate.test_partition(pixels, index, load_splits(tiny["splits"]), tiny["meta"]["sources"])
 
 
 def run_cli(func, argv) -> tuple[int, str, str]:

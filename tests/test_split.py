@@ -53,3 +53,14 @@ def test_bad_parameters(fraction, folds):
 def test_too_few_patients():
     with pytest.raises(CovidXrayError, match="too few patients"):
         make_splits(_index(6), 0.2, 5, seed=0)
+
+
+def test_each_collection_of_a_class_is_in_test_and_every_fold():
+    """Stratified by (class, collection): whichever collections train a model, each has test images
+    and images in every fold."""
+    index = _index(90)
+    index["source"] = np.where(index["patient_id"].str[1:].astype(int) % 2 == 0, "a", "b")
+    splits = make_splits(index, test_fraction=0.2, folds=3, seed=0).merge(index[["image_id", "source"]])
+    for (label, source), rows in splits.groupby(["label", "source"]):
+        assert (rows["partition"] == "test").any(), (label, source)
+        assert set(rows.loc[rows["partition"] == "cv", "fold"]) == {0, 1, 2}, (label, source)

@@ -19,7 +19,7 @@ logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 from covidxray import CovidXrayError  # noqa: E402
 
-STAGES = ("fetch", "curate", "split", "train", "evaluate")
+STAGES = ("fetch", "curate", "split", "train", "evaluate", "external")
 TOOLS = {
     "predict": "covidxray.predict:predict_cli",
     "validate": "covidxray.predict:validate_cli",

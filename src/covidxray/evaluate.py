@@ -21,16 +21,17 @@ from covidxray import CovidXrayError
 from covidxray import images as imgs
 from covidxray import metrics as M
 from covidxray import report as R
+from covidxray import sources
 from covidxray.models import MODEL_FILE, load_model
 
 # -- data -------------------------------------------------------------------------------------------
 
-def test_partition(images: np.ndarray, index: pd.DataFrame, splits: pd.DataFrame):
-    """The test partition's images and their index rows (image_id, label, y, patient_id, ...)."""
-    part = imgs.with_splits(index, splits)["partition"]
-    rows = np.flatnonzero((part == "test").to_numpy())
+def test_partition(images: np.ndarray, index: pd.DataFrame, splits: pd.DataFrame, roles: dict):
+    """The test partition of the training collections: the stored images and their index rows."""
+    joined = imgs.with_splits(index, splits)
+    rows = np.flatnonzero(((joined["partition"] == "test").to_numpy() & sources.in_role(joined, roles["train"])))
     if len(rows) == 0:
-        raise CovidXrayError("the splits hold no test partition")
+        raise CovidXrayError("the splits hold no test images of the training collections")
     return np.asarray(images[rows]), index.iloc[rows].reset_index(drop=True)
 
 
@@ -74,10 +75,10 @@ def main(cfg) -> None:
     pixels, index, classes = imgs.load_curated(cfg.paths.curated)
     if list(classes) != meta["classes"]:
         raise CovidXrayError(f"the model's classes {meta['classes']} differ from the curated data's {classes}")
-    if pixels.shape[1] != meta["image_size"]:
-        raise CovidXrayError(f"the model takes {meta['image_size']} px, the curated images are {pixels.shape[1]} px")
+    roles = sources.model_roles(meta.get("sources"), cfg.data.get("sources"))
     splits = imgs.load_splits(cfg.paths.splits)
-    test_images, frame = test_partition(pixels, index, splits)
+    stored, frame = test_partition(pixels, index, splits, roles)
+    test_images = imgs.prepare_for(meta, stored)
 
     oof_path = reports / "cv" / "oof.csv"
     if not oof_path.is_file():
@@ -93,9 +94,9 @@ def main(cfg) -> None:
     meta = {**meta, "threshold_method": method}
 
     context = {
-        "title": "COVID-19 chest X-ray classifier: model card",
+        "title": "Internal test report (held-out patients of the training collections)",
         "audit": _read_json(Path(cfg.paths.curated) / "audit.json"),
-        "data_lines": R.composition(index, splits),
+        "data_lines": R.composition(index, sources.role_table(index, splits, roles)),
         "config_yaml": config_yaml(cfg),
         "cv_metrics": _read_json(reports / "cv" / "metrics.json"),
         "extra_metrics": {"threshold_oof": derived},

@@ -27,6 +27,8 @@ IMAGES_FILE = "images.npy"
 INDEX_FILE = "index.csv"
 CLASSES_FILE = "classes.json"
 RESIZE_POLICIES = ("stretch", "pad", "crop")
+NORMALIZE = ("none", "equalize", "clahe")
+MAX_CROP_BORDER = 0.3
 
 
 def check_resize_policy(policy: str) -> None:
@@ -139,11 +141,74 @@ def resize(gray: np.ndarray, size: int, policy: str = "stretch") -> np.ndarray:
     return np.asarray(out, dtype=np.uint8)
 
 
-def load_image(path: Path, size: int, policy: str = "stretch") -> np.ndarray:
-    """Decode an image file to a (size, size) uint8 grayscale square (what models see)."""
+def check_prepare(normalize: str, crop_border) -> None:
+    """Reject unknown data.normalize or an out-of-range data.crop_border, naming the key."""
+    if normalize not in NORMALIZE:
+        raise CovidXrayError(f"data.normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
+    if isinstance(crop_border, bool) or not isinstance(crop_border, (int, float)) \
+            or not 0 <= crop_border <= MAX_CROP_BORDER:
+        raise CovidXrayError(f"data.crop_border must be a fraction in [0, {MAX_CROP_BORDER}], got {crop_border!r}")
+
+
+def prepare(images: np.ndarray, size: int, normalize: str = "none", crop_border: float = 0.0) -> np.ndarray:
+    """Stored squares (N, S, S) uint8 -> model inputs (N, size, size) uint8: cut `crop_border` of
+    the side from each border (where text markers sit), resize to `size`, then equalise the
+    intensities (skimage: global histogram equalisation, or CLAHE). The same steps for training,
+    evaluation and prediction, so a model always sees what it was trained on."""
+    check_prepare(normalize, crop_border)
+    images = np.asarray(images)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError("images must be a uint8 (N, S, S) stack")
+    side = images.shape[1]
+    cut = int(round(side * float(crop_border)))
+    if side < 8 or side - 2 * cut < 8:
+        raise CovidXrayError(f"data.crop_border={crop_border} leaves less than 8 px of {side} px images")
+    if int(size) > side:
+        raise CovidXrayError(f"data.image_size={size} exceeds the stored images' {side} px "
+                             "(raise data.store_size and re-run curate)")
+    out = np.empty((len(images), int(size), int(size)), dtype=np.uint8)
+    for i, img in enumerate(images):
+        square = img[cut:side - cut, cut:side - cut] if cut else img
+        out[i] = square if square.shape[0] == size else _scale(Image.fromarray(square), size, size)
+    if normalize == "none":
+        return out
+    from skimage import exposure
+
+    equalise = exposure.equalize_hist if normalize == "equalize" else exposure.equalize_adapthist
+    for i, img in enumerate(out):
+        out[i] = np.clip(np.round(equalise(img) * 255.0), 0, 255).astype(np.uint8)
+    return out
+
+
+INPUT_KEYS = ("image_size", "resize", "store_size", "normalize", "crop_border")
+
+
+def input_spec(image_size, resize="stretch", store_size=None, normalize="none", crop_border=0.0) -> dict:
+    """How a model's inputs are made from an image file (saved with the model, so prediction
+    repeats training's steps exactly), checked."""
+    check_resize_policy(str(resize))
+    check_prepare(str(normalize), crop_border)
+    size = int(image_size)
+    store = int(store_size or size)
+    if size > store:
+        raise CovidXrayError(f"data.image_size={size} exceeds data.store_size={store}")
+    return {"image_size": size, "resize": str(resize), "store_size": store, "normalize": str(normalize),
+            "crop_border": float(crop_border)}
+
+
+def prepare_for(meta: dict, images: np.ndarray) -> np.ndarray:
+    """Stored squares as a saved model's inputs (its metadata's image_size, normalize, crop_border)."""
+    return prepare(images, meta["image_size"], meta.get("normalize", "none"), meta.get("crop_border", 0.0))
+
+
+def load_image(path: Path, size: int, policy: str = "stretch", store_size: int | None = None,
+               normalize: str = "none", crop_border: float = 0.0) -> np.ndarray:
+    """Decode an image file to what models see: a (size, size) uint8 grayscale square, by the
+    curated store's steps (resize to store_size by `policy`) and then `prepare`'s."""
     check_resize_policy(policy)
     gray, _ = read_grayscale(path)
-    return resize(gray, size, policy)
+    stored = resize(gray, int(store_size or size), policy)
+    return prepare(stored[None], size, normalize, crop_border)[0]
 
 
 def save_curated(out_dir: Path, images: np.ndarray, index: pd.DataFrame, classes: list[str]) -> None:

@@ -348,10 +348,14 @@ def check_meta(meta: dict, source: str) -> dict:
     classes = [str(c) for c in meta["classes"]]
     if len(classes) < 2:
         raise CovidXrayError(f"{source}: model metadata needs at least two classes, got {classes}")
-    out = dict(meta)
-    out.update(classes=classes, image_size=int(meta["image_size"]),
-               resize=str(meta.get("resize") or "stretch"), threshold=float(meta["threshold"]))
-    return out
+    from covidxray.images import input_spec
+
+    try:  # models saved before store_size/normalize/crop_border existed: plain resize to image_size
+        spec = input_spec(meta["image_size"], meta.get("resize") or "stretch", meta.get("store_size"),
+                          meta.get("normalize") or "none", meta.get("crop_border") or 0.0)
+    except CovidXrayError as err:
+        raise CovidXrayError(f"{source}: {err}") from None
+    return {**meta, **spec, "classes": classes, "threshold": float(meta["threshold"])}
 
 
 def load_model(path: Path):

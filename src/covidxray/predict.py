@@ -78,15 +78,18 @@ def load_mlflow_model(uri: str, tracking_uri: str | None = None):
 
 # -- predict ----------------------------------------------------------------------------------------
 
-def load_images(paths, size: int, policy: str, on_error) -> tuple[np.ndarray, list[int]]:
-    """Decode each file like training does; on_error(path, message) for those that fail.
-    Returns the (n_ok, size, size) uint8 stack and the positions of the files that worked."""
+def load_images(paths, meta: dict, on_error) -> tuple[np.ndarray, list[int]]:
+    """Decode each file like training does (the input steps saved in the model's metadata);
+    on_error(path, message) for those that fail. Returns the (n_ok, size, size) uint8 stack and
+    the positions of the files that worked."""
     from covidxray.images import load_image
 
+    size = meta["image_size"]
+    steps = (meta["resize"], meta["store_size"], meta["normalize"], meta["crop_border"])
     pixels, ok = [], []
     for i, path in enumerate(paths):
         try:
-            pixels.append(load_image(Path(path), size, policy))
+            pixels.append(load_image(Path(path), size, *steps))
             ok.append(i)
         except CovidXrayError as err:
             on_error(path, str(err))
@@ -139,7 +142,7 @@ def predict_cli(argv: list[str]) -> int:
         failed.append(path)
         print(f"covidxray predict: error: {message}", file=sys.stderr)
 
-    pixels, ok = load_images(args.images, meta["image_size"], meta["resize"], report)
+    pixels, ok = load_images(args.images, meta, report)
     paths = [args.images[i] for i in ok]
     table = predict_table(model, meta, pixels, paths)
     if args.gradcam and len(paths):
@@ -228,7 +231,7 @@ def validate(set_path: Path, model_spec: str, out_dir: Path, *, tracking_uri=Non
         skipped.append(str(path))
         print(f"covidxray validate: warning: skipped: {message}", file=sys.stderr)
 
-    pixels, ok = load_images(frame["path"], meta["image_size"], meta["resize"], skip)
+    pixels, ok = load_images(frame["path"], meta, skip)
     frame = frame.iloc[ok].reset_index(drop=True)
     if frame.empty:
         raise CovidXrayError(f"{set_path}: none of the images could be read")
@@ -278,7 +281,7 @@ def validate_cli(argv: list[str]) -> int:
                                      "[, patient_id] (paths relative to the CSV)")
     parser.add_argument("--model", default="models/model.keras",
                         help="models/model.keras, its folder, or models:/NAME/VERSION | runs:/RUN/PATH")
-    parser.add_argument("--out", help="report folder (default: <paths.reports>/external/<name of PATH>)")
+    parser.add_argument("--out", help="report folder (default: <paths.reports>/validation/<name of PATH>)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or mlruns/)")
     parser.add_argument("--bootstrap", type=int, help="patient resamples (default: evaluate.bootstrap)")
     parser.add_argument("--seed", type=int, help="default: seed of the config")
@@ -287,7 +290,7 @@ def validate_cli(argv: list[str]) -> int:
     cfg = compose()
     set_path = Path(args.path)
     name = set_path.stem if set_path.is_file() else set_path.resolve().name
-    out = Path(args.out) if args.out else Path(cfg.paths.reports) / "external" / name
+    out = Path(args.out) if args.out else Path(cfg.paths.reports) / "validation" / name
     result = validate(set_path, args.model, out, tracking_uri=args.tracking_uri or cfg.mlflow.tracking_uri,
                       experiment=cfg.mlflow.experiment,
                       n_resamples=args.bootstrap or cfg.evaluate.bootstrap, ci=cfg.evaluate.ci,

@@ -349,9 +349,10 @@ def flat_metrics(result: dict, prefix: str = "") -> dict[str, float]:
 
 def log_to_mlflow(out_dir: Path, result: dict, tracking_uri: str | None, experiment: str,
                   run_id: str | None = None, tags: dict | None = None, run_name: str | None = None,
-                  artifact_path: str = "evaluation") -> str:
-    """Log the metrics and every file of out_dir to run_id (resumed), or to a new run when
-    run_id is None or not in this store. Returns the run id used."""
+                  artifact_path: str = "evaluation", metric_prefix: str = "") -> str:
+    """Log the metrics (names prefixed with `metric_prefix` where they do not start with it) and
+    every file of out_dir to run_id (resumed), or to a new run when run_id is None or not in this
+    store. Returns the run id used."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -369,7 +370,8 @@ def log_to_mlflow(out_dir: Path, result: dict, tracking_uri: str | None, experim
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
         if tags:
             mlflow.set_tags(tags)
-        mlflow.log_metrics({k: v for k, v in flat_metrics(result).items() if not k.startswith("bootstrap_")})
+        mlflow.log_metrics({(k if k.startswith(metric_prefix) else metric_prefix + k): v
+                            for k, v in flat_metrics(result).items() if not k.startswith("bootstrap_")})
         mlflow.log_artifacts(str(out_dir), artifact_path=artifact_path)
         return run.info.run_id
 

@@ -1,8 +1,9 @@
 """split stage: a held-out test partition and K cross-validation folds, grouped by patient.
 
 Every image of a patient lands in the same partition and fold, so no patient is ever seen in
-training and evaluation at once; class proportions are kept close to the whole set's
-(sklearn's StratifiedGroupKFold). Output: data/splits.csv with image_id, patient_id, label,
+training and evaluation at once; the proportions of each (class, collection) pair are kept close
+to the whole set's (sklearn's StratifiedGroupKFold), so whichever collections `data.sources`
+trains on, their test partition and folds are representative. Output: data/splits.csv with image_id, patient_id, label,
 partition (cv | test) and fold (0..K-1 for cv, -1 for test).
 """
 from __future__ import annotations
@@ -48,15 +49,16 @@ def make_splits(index: pd.DataFrame, test_fraction: float, folds: int, seed: int
     """
     check_split_params(test_fraction, folds)
     index = index.reset_index(drop=True)
+    strata = index["label"].astype(str)
+    if "source" in index.columns:
+        strata = strata + "@" + index["source"].astype(str)
     n_groups = max(2, round(1.0 / float(test_fraction)))
-    in_test = _grouped_folds(index["label"], index["patient_id"], n_groups, seed) == 0
+    in_test = _grouped_folds(strata, index["patient_id"], n_groups, seed) == 0
     out = index.loc[:, ["image_id", "patient_id", "label"]].copy()
     out["partition"] = np.where(in_test, "test", "cv")
     out["fold"] = -1
     rest = out.index[~in_test]
-    out.loc[rest, "fold"] = _grouped_folds(
-        out.loc[rest, "label"], out.loc[rest, "patient_id"], int(folds), seed
-    )
+    out.loc[rest, "fold"] = _grouped_folds(strata[rest], out.loc[rest, "patient_id"], int(folds), seed)
     return out[COLUMNS]
 
 

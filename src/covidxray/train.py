@@ -171,9 +171,35 @@ def check_config(cfg) -> None:
     if _get(cfg, "split.folds") is not None:
         _int(cfg, "split.folds", 2)
     _int(cfg, "seed", 0, "an integer >= 0")
+    check_data_config(cfg)
     wanted = cfg.get("optimized_metric") if hasattr(cfg, "get") else None
     if wanted is not None and wanted not in metric_names():
         _fail("optimized_metric", f"one of {', '.join(metric_names())}", wanted)
+
+
+def check_data_config(cfg) -> None:
+    """The data.* keys training reads: task, sources (roles), balance and the input steps."""
+    from covidxray import images as imgs
+    from covidxray import sources
+
+    task = _choice(cfg, "data.task", tuple(sources.TASKS))
+    sources.check_roles(sources.as_roles(_get(cfg, "data.sources")), sources.TASKS[task])
+    _choice(cfg, "data.balance", sources.BALANCE)
+    imgs.input_spec(*(_get(cfg, f"data.{k}") for k in imgs.INPUT_KEYS))
+
+
+def images_spec(data) -> dict:
+    """The input steps saved with the model (image_size, resize, store_size, normalize, crop_border)."""
+    from covidxray import images as imgs
+
+    return imgs.input_spec(*(data.get(k) for k in imgs.INPUT_KEYS))
+
+
+def sources_of(data) -> dict:
+    """The model's training and external collections per class, saved with it."""
+    from covidxray import sources
+
+    return sources.as_roles(data.get("sources"))
 
 
 def metric_names() -> tuple[str, ...]:
@@ -202,17 +228,18 @@ def load_cv_data(cfg) -> CVData:
     dropped here and never seen by training."""
     from covidxray.images import load_curated, load_splits, with_splits
 
+    from covidxray import sources
+    from covidxray.images import prepare
+
     images, index, classes = load_curated(cfg.paths.curated)
     splits = load_splits(cfg.paths.splits)
-    size = int(cfg.data.image_size)
-    if images.ndim != 3 or images.shape[1:] != (size, size):
-        raise CovidXrayError(
-            f"data.image_size={size} but the curated images in {cfg.paths.curated} are "
-            f"{'x'.join(map(str, images.shape[1:]))} px: re-run curate (`dvc repro curate`) or set "
-            f"data.image_size={images.shape[1]}")
-    joined = with_splits(index[["image_id", "patient_id", "label", "y"]], splits, cfg.paths.splits)
-    keep = np.flatnonzero((joined["partition"] == "cv").to_numpy())
-    rows = joined.iloc[keep].drop(columns="partition").reset_index(drop=True)
+    roles = sources.as_roles(cfg.data.sources)
+    sources.check_present({"train": roles["train"]}, index, cfg.paths.curated)
+    joined = with_splits(index[["image_id", "patient_id", "label", "y", "source"]], splits, cfg.paths.splits)
+    chosen = joined[(joined["partition"] == "cv").to_numpy() & sources.in_role(joined, roles["train"])]
+    chosen = sources.balance(chosen, str(cfg.data.balance), int(cfg.seed))
+    keep = chosen.index.to_numpy()
+    rows = joined.iloc[keep].drop(columns=["partition", "source"]).reset_index(drop=True)
     rows["fold"] = rows["fold"].astype(int)
     folds = sorted(rows["fold"].unique().tolist())
     if len(folds) < 2 or folds != list(range(len(folds))):
@@ -229,7 +256,9 @@ def load_cv_data(cfg) -> CVData:
         present = set(rows.loc[rows["fold"] == k, "y"])
         if len(present) < 2:
             raise CovidXrayError(f"CV fold {k} holds only class {sorted(present)}: cannot validate on it")
-    return CVData(np.ascontiguousarray(images[keep]), rows, list(classes), folds)
+    d = cfg.data
+    pixels = prepare(images[keep], int(d.image_size), str(d.normalize), float(d.crop_border))
+    return CVData(pixels, rows, list(classes), folds)
 
 
 # -- input pipeline, augmentation, optimizer ----------------------------------------------------------
@@ -797,7 +826,7 @@ def run(cfg) -> dict:
         meta = {
             "model": str(cfg.model.name), "weights": str(cfg.model.weights),
             "classes": classes, "positive_class": classes[-1], "task": str(cfg.data.get("task", "")),
-            "image_size": int(cfg.data.image_size), "resize": str(cfg.data.get("resize", "stretch")),
+            **images_spec(cfg.data), "sources": sources_of(cfg.data),
             "input": "float32 (N, S, S, 1) grayscale, raw 0..255 pixels",
             "threshold": float(threshold), "threshold_method": str(cfg.train.threshold),
             "target_sensitivity": float(cfg.train.target_sensitivity),

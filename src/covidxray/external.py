@@ -1,0 +1,118 @@
+"""external stage: the final model on collections it never saw, the shortcut probes, the model card.
+
+The external set is every image of the (class, collection) pairs in `data.sources.external`, less
+those that near-duplicate a training image. It gets exactly what the internal test gets
+(report.assess: metrics with patient-bootstrap intervals, ROC, PR, calibration, confusion,
+Grad-CAM), plus figures per source and the shortcut probes (probes.py). Writes reports/external/
+(metrics.json, plots/, figures/, report.md) and reports/model_card.md, which leads with internal
+CV, internal test and external side by side; logs them on the training run with an `external_`
+prefix. Everything is built in a temporary folder and moved into place at the end.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidxray import CovidXrayError, card, probes, sources
+from covidxray import images as imgs
+from covidxray import report as R
+from covidxray.models import MODEL_FILE, load_model
+
+OUT_DIR = "external"
+CARD = "model_card.md"
+PROBE_IMAGES, PROBE_INDEX = "probe.npy", "probe.csv"
+
+
+def load_probe(curated: Path) -> tuple[np.ndarray, pd.DataFrame]:
+    """The curated probe set (the collection's other findings); empty if curate wrote none."""
+    curated = Path(curated)
+    if not (curated / PROBE_INDEX).is_file():
+        return np.zeros((0, 8, 8), np.uint8), pd.DataFrame(columns=["image_id", "finding", "patient_id"])
+    frame = pd.read_csv(curated / PROBE_INDEX, dtype={"patient_id": str, "image_id": str})
+    return np.load(curated / PROBE_IMAGES), frame
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file of an earlier stage, or None when it is absent."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_probes(model, meta, stored, index, roles, test_ids, probe, seed: int) -> dict:
+    """The three shortcut probes for this model (see probes.py)."""
+    external, _ = sources.external_set(index, roles)
+    train = sources.in_role(index, roles["train"])
+    probe_pixels, probe_frame = probe
+    inputs = imgs.prepare_for(meta, probe_pixels) if len(probe_frame) else probe_pixels
+    same = probes.same_source_probe(model, meta, inputs, probe_frame)
+    aucs = {"training set": probes.shortcut_aucs(index[train], stored[train], seed),
+            "external set": probes.shortcut_aucs(index[external], stored[external], seed)}
+    unseen = external | index["image_id"].isin(set(test_ids)).to_numpy()
+    features = probes.feature_collection_aucs(model, imgs.prepare_for(meta, stored[unseen]), index[unseen], seed)
+    return {"same_source_other_finding": same, "shortcut_auc": aucs, "feature_collection_auc": features}
+
+
+def per_source_figures(index: pd.DataFrame, reports: Path, ext_dir: Path, classes: list[str]) -> dict:
+    """Sensitivity per covid collection and specificity per other collection, for the internal
+    test (evaluate's plots/confusion.csv) and the external set."""
+    out = {}
+    for part, table in (("internal test", reports / "plots" / "confusion.csv"),
+                        ("external", ext_dir / "plots" / "confusion.csv")):
+        if not table.is_file():
+            continue
+        rows = pd.read_csv(table, dtype={"image_id": str}).merge(index[["image_id", "label", "source"]], on="image_id")
+        out[part] = probes.per_source(rows, rows["predicted"], classes)
+    return out
+
+
+def main(cfg) -> None:
+    """Stage entry: measure models/model.keras on its external set; write reports/external and the card."""
+    models_dir, reports, curated = Path(cfg.paths.models), Path(cfg.paths.reports), Path(cfg.paths.curated)
+    model, meta = load_model(models_dir / MODEL_FILE)
+    stored, index, classes = imgs.load_curated(curated)
+    if list(classes) != meta["classes"]:
+        raise CovidXrayError(f"the model's classes {meta['classes']} differ from the curated data's {classes}")
+    roles = sources.model_roles(meta.get("sources"), cfg.data.get("sources"))
+    if not any(roles.get("external", {}).values()):
+        raise CovidXrayError("data.sources.external names no collection: there is no external set to evaluate")
+    sources.check_present({"external": roles["external"]}, index, curated)
+    mask, dropped = sources.external_set(index, roles)
+    frame = index[mask].reset_index(drop=True)
+    test = read_json(reports / "metrics.json")
+    test_ids = pd.read_csv(reports / "plots" / "confusion.csv", dtype={"image_id": str})["image_id"] \
+        if (reports / "plots" / "confusion.csv").is_file() else []
+    cv = read_json(reports / "cv" / "metrics.json")
+    if cv is not None and (reports / "cv" / "oof.csv").is_file():
+        cv["n_cv_images"] = int(len(pd.read_csv(reports / "cv" / "oof.csv")))
+
+    ev, seed = cfg.evaluate, int(cfg.seed)
+    reports.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".external-", dir=reports))
+    try:
+        context = {"title": f"External set: {sources.describe({'external': roles['external']})}",
+                   "data_lines": R.composition(frame, None), "extra_metrics": {"external_near_duplicates_dropped": dropped}}
+        result = R.assess(model, meta, imgs.prepare_for(meta, stored[mask]), frame, tmp / OUT_DIR,
+                          n_resamples=ev.bootstrap, ci=ev.ci, seed=seed, per_group=ev.gradcam_per_group,
+                          n_bins=ev.get("calibration_bins", 10), partition="external", context=context)
+        result["per_source"] = per_source_figures(index, reports, tmp / OUT_DIR, classes)
+        result["probes"] = run_probes(model, meta, stored, index, roles, test_ids, load_probe(curated), seed)
+        (tmp / OUT_DIR / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        (tmp / CARD).write_text(card.model_card(meta, sources.describe(roles), cv, test, result,
+                                                result["per_source"], result["probes"], dropped, float(ev.ci)))
+        shutil.copy(tmp / CARD, tmp / OUT_DIR / CARD)
+        run_id = R.log_to_mlflow(tmp / OUT_DIR, result, cfg.mlflow.tracking_uri, cfg.mlflow.experiment,
+                                 run_id=meta.get("mlflow_run_id"), run_name="external", artifact_path="external",
+                                 metric_prefix="external_")
+        R.install(tmp, reports, names=(OUT_DIR, CARD))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    e = result["external"]
+    print(f"external: {len(frame)} images ({sources.describe({'external': roles['external']})}): "
+          f"AUC {R.fmt(e['auc'])} [{R.fmt(e['auc_ci_low'])}, {R.fmt(e['auc_ci_high'])}], sensitivity "
+          f"{R.fmt(e['sensitivity'])}, specificity {R.fmt(e['specificity'])} at threshold {result['threshold']:.3f}; "
+          f"wrote {reports}/{OUT_DIR} and {reports}/{CARD}; MLflow run {run_id}")
