@@ -518,7 +518,8 @@ class Trainer:
             cached = phase == "head"
             if cached:
                 source = self.features(model)
-                target = models.split_at_backbone(model)[2]
+                with self.strategy.scope():  # Keras fits a model under the strategy it was made in
+                    target = models.split_at_backbone(model)[2]
                 augmenter = None
             else:
                 source = self.data.images
