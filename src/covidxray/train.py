@@ -704,7 +704,8 @@ def run(cfg) -> dict:
     check_config(cfg)
     data = load_cv_data(cfg)
     if str(cfg.model.weights) == "imagenet":  # fail now, not after the first fold, when offline
-        models.build_backbone(cfg.model.name, int(cfg.data.image_size), "imagenet")
+        models.build_backbone(cfg.model.name, int(cfg.data.image_size), "imagenet",
+                              imagenet_file=cfg.model.get("imagenet_file"))
     if cfg.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     models_dir, cv_dir = output_dirs(cfg)
