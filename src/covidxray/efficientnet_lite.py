@@ -178,7 +178,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and isinstance(pid[4], int)):
+                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and isinstance(pid[4], int) and pid[4] >= 0):
             raise ValueError(f"unsupported persistent id {str(pid)[:80]}")
         if pid[5] is not None:
             raise ValueError("storage views are not supported")
