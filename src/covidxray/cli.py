@@ -1,6 +1,6 @@
 """The `covidxray` command: one subcommand per pipeline stage, plus tools.
 
-Stages (fetch, curate, split, train, evaluate) are Hydra apps composed from conf/, so they take
+Stages (pretrained, fetch, curate, split, train, evaluate) are Hydra apps composed from conf/, so they take
 overrides and `-m` sweeps: `covidxray train -m model=vgg16,mobilenetv2 optimizer.lr=1e-3,1e-4`.
 DVC runs them as `covidxray STAGE --params params.yaml`, reading the composed parameters instead.
 Tools (predict, validate, manifest, params) take ordinary options; see `covidxray TOOL --help`.
@@ -19,7 +19,7 @@ logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 from covidxray import CovidXrayError  # noqa: E402
 
-STAGES = ("fetch", "curate", "split", "train", "evaluate", "external")
+STAGES = ("pretrained", "fetch", "curate", "split", "train", "evaluate", "external")
 TOOLS = {
     "predict": "covidxray.predict:predict_cli",
     "validate": "covidxray.predict:validate_cli",

