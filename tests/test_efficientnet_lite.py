@@ -151,7 +151,6 @@ def test_missing_and_truncated_files_are_refused(tmp_path):
 
 def test_pickled_code_is_never_run(tmp_path):
     """A legacy-looking file whose state dict is a pickled os.system call: refused by name, not run."""
-    from covidxray import efficientnet_lite
 
     marker = tmp_path / "ran"
 

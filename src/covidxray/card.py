@@ -28,7 +28,7 @@ def comparison_table(cv: dict | None, test: dict | None, external: dict, ci: flo
     test and external figures with intervals, and external minus internal test."""
     cv, test = cv or {}, test or {}
     t, e = test.get("test", {}), external.get("external", {})
-    lines = [f"| set | images | ROC AUC | sensitivity | specificity |", "|---|---:|---|---|---|"]
+    lines = ["| set | images | ROC AUC | sensitivity | specificity |", "|---|---:|---|---|---|"]
     if cv:
         auc = f"{fmt(cv.get('cv_auc_mean'))} ± {fmt(cv.get('cv_auc_std'))}"
         lines.append(f"| internal CV (out-of-fold) | {cv.get('n_cv_images', 'n/a')} | {auc} | "
