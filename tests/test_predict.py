@@ -98,6 +98,22 @@ def test_predict_json_and_success_code(tiny, test_images, tmp_path):
     assert code == 0 and "p_covid" in out and "threshold" in out  # aligned table
 
 
+def test_predict_refuses_images_too_small_or_flat_for_an_xray(tiny, test_images, tmp_path):
+    from covidxray.predict import predict_cli
+
+    files = wild_files(test_images[0][0], tmp_path)
+    Image.fromarray(np.full((1, 1), 128, np.uint8)).save(tmp_path / "dot.png")
+    Image.fromarray(np.full((300, 300), 255, np.uint8)).save(tmp_path / "white.png")
+    code, out, err = run_cli(predict_cli, [files["gray"], tmp_path / "dot.png", tmp_path / "white.png",
+                                           "--model", tiny["models"], "--csv"])
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 2
+    assert "dot.png" in lines[0] and "too small" in lines[0] and "at least 32 px" in lines[0]
+    assert "white.png" in lines[1] and "too flat" in lines[1]
+    assert pd.read_csv(io.StringIO(out))["path"].tolist() == [str(files["gray"])]
+
+
 def test_predict_from_registered_model(tiny, test_images, tmp_path, monkeypatch):
     """models:/NAME/VERSION: the model train registered, with its metadata (threshold, size)."""
     from covidxray.predict import predict_cli
