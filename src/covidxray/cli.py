@@ -57,13 +57,33 @@ def _run_stage(stage: str, cfg):
 
 def run_stage_from_params(stage: str, params_file: str) -> None:
     """Run a stage on an already composed parameter file (what `dvc repro` does)."""
-    from omegaconf import OmegaConf
-
     path = Path(params_file)
-    if not path.is_file():
-        print(f"covidxray {stage}: error: parameter file not found: {path}", file=sys.stderr)
+    try:
+        cfg = load_params(path)
+    except CovidXrayError as err:
+        print(f"covidxray {stage}: error: {err}", file=sys.stderr)
         sys.exit(1)
-    _run_stage(stage, OmegaConf.load(path))
+    _run_stage(stage, cfg)
+
+
+def load_params(path: Path):
+    """A composed parameter file as a DictConfig; a missing file, a YAML syntax error (with its
+    line and column) or a file that is not a mapping is a one-line CovidXrayError."""
+    import yaml
+    from omegaconf import DictConfig, OmegaConf
+
+    if not path.is_file():
+        raise CovidXrayError(f"parameter file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        raise CovidXrayError(f"{where}: not valid YAML: {problem}") from None
+    if not isinstance(cfg, DictConfig):
+        raise CovidXrayError(f"{path}: expected a mapping of parameters (key: value), got a {type(cfg).__name__}")
+    return cfg
 
 
 def run_stage_with_hydra(stage: str, overrides: list[str]) -> None:
