@@ -17,6 +17,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow's retracing notices fill stage logs without telling a user anything actionable.
 logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
+from omegaconf import OmegaConf  # noqa: E402
+
 from covidxray import CovidXrayError  # noqa: E402
 
 STAGES = ("fetch", "curate", "split", "train", "evaluate")
@@ -30,6 +32,15 @@ USAGE = f"""usage: covidxray STAGE [--params FILE | HYDRA_OVERRIDES... [-m]]
        covidxray TOOL [OPTIONS]
 stages: {', '.join(STAGES)}
 tools:  {', '.join(TOOLS)}"""
+
+
+# `${covidxray.run_id:}` in conf/config.yaml's hydra.run.dir and sweep.dir: this process's id and a
+# random part, so runs started in the same second get folders of their own. Registered on import,
+# so launcher workers (joblib, submitit), which import this module to run a job, resolve it too;
+# Hydra copies the launching process's resolved values into every job of a sweep.
+RUN_ID = f"{os.getpid()}-{os.urandom(2).hex()}"
+if not OmegaConf.has_resolver("covidxray.run_id"):
+    OmegaConf.register_new_resolver("covidxray.run_id", lambda: RUN_ID, use_cache=True)
 
 
 def conf_dir() -> Path:
