@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Stage commands (`covidxray ...`) and dvc come from the venv, also for dvc's own subshells.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test setup data params ui clean
+.PHONY: run test lint setup data params ui clean
 
 setup: $(STAMP)
 
@@ -25,8 +25,13 @@ data: setup
 run: data
 	$(BIN)/dvc repro
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest
+
+# ruff: lint and format check (settings in pyproject.toml)
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Rewrite params.yaml from conf/ (what `dvc exp run` does before each experiment).
 params: setup

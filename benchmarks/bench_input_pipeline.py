@@ -89,7 +89,7 @@ def main() -> None:
     }, args.repeats)
     results = {"model": str(cfg.model.name), "image_size": size, "batch_size": batch, "images": len(x),
                "steps_per_execution": spe, "augment": args.augment, "source": source, "repeats": args.repeats}
-    for name, (median, all_times) in timing.items():
+    for name, (median, _) in timing.items():
         results[f"{name}_images_per_s"] = len(x) / median
     results["ratio"] = timing["fit_in_memory"][0] / timing["fit_pipeline"][0]
     results["loop_ratio"] = timing["loop_in_memory"][0] / timing["loop_pipeline"][0]

@@ -1,8 +1,11 @@
 """Shared test fixtures: where the repository, the shared data folder and the mirror are."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +99,13 @@ def smoke_cfg(tiny_data, tmp_path):
         f"paths.reports={tmp_path / 'reports'}",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
     ])
+
+
+def run_until_killed(code: str, cwd: Path) -> None:
+    """Run `code` in a fresh Python (this tree's src first) that SIGKILLs itself where the code
+    calls `die()`: no finally blocks, no atexit, as when the machine or the OOM killer stops a run."""
+    prelude = "import os, signal\ndef die():\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]

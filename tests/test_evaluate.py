@@ -222,6 +222,28 @@ def test_failure_leaves_previous_reports(evaluated, tiny, monkeypatch):
     assert not list(reports.glob(".evaluate-*"))
 
 
+def test_a_killed_evaluates_scratch_is_removed_by_the_next_run(evaluated, tiny, monkeypatch):
+    from conftest import run_until_killed
+    from covidxray import evaluate, report
+
+    reports = evaluated["reports"]
+    run_until_killed(f"""
+        from covidxray.outputs import scratch_dir
+        with scratch_dir({str(reports)!r}, "evaluate") as tmp:
+            (tmp / "metrics.json").write_text("{{}}")
+            die()
+    """, reports)
+    assert len(list(reports.glob(".evaluate-*"))) == 1
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(report, "gradcam_figure", stop)
+    with pytest.raises(RuntimeError, match="stop"):  # a short rerun: it gets as far as the figures
+        evaluate.main(_cfg(tiny, reports, ["evaluate.bootstrap=20"]))
+    assert not list(reports.glob(".evaluate-*"))
+
+
 def test_threshold_out_of_step_is_an_error(tiny, tmp_path):
     from covidxray import evaluate
 

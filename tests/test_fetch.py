@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import BIN, COMMIT
+from conftest import BIN, COMMIT, run_until_killed
 from covidxray import CovidXrayError
 from covidxray import fetch as F
 
@@ -154,6 +154,35 @@ def test_failed_rerun_keeps_previous_copy(tmp_path, mirror, manifest, picked):
     with pytest.raises(KeyboardInterrupt):
         _fetch(manifest, _Interrupting(_source(mirror), 1), raw)
     assert {p: p.read_bytes() for p in raw.rglob("*") if p.is_file()} == before
+    assert [p.name for p in raw.parent.iterdir()] == ["raw"]
+
+
+def test_a_killed_fetch_leaves_a_scratch_folder_the_next_run_removes(tmp_path, mirror, manifest):
+    """SIGKILL mid-fetch (no cleanup code runs): the rerun removes the `.raw.fetch-*` it left."""
+    raw = tmp_path / "data" / "raw"
+    run_until_killed(f"""
+        from covidxray import fetch as F
+
+        class Dying:
+            def __init__(self, inner):
+                self.inner, self.seen = inner, 0
+
+            def where(self, relpath):
+                return self.inner.where(relpath)
+
+            def chunks(self, relpath, timeout):
+                self.seen += 1
+                if self.seen == 3:
+                    die()
+                yield from self.inner.chunks(relpath, timeout)
+
+        _, entries = F.read_manifest({str(manifest)!r})
+        source = F.resolve_source({BASE_URL!r}, {REPO_NAME!r}, {COMMIT!r}, {str(mirror)!r})
+        F.fetch_dataset(entries, Dying(source), {str(raw)!r}, retries=0, timeout=5, backoff_s=0)
+    """, tmp_path)
+    left = [p for p in raw.parent.iterdir()]
+    assert len(left) == 1 and left[0].name.startswith(".raw.fetch-") and any(p.is_file() for p in left[0].rglob("*"))
+    _fetch(manifest, _source(mirror), raw)
     assert [p.name for p in raw.parent.iterdir()] == ["raw"]
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 from covidxray import CovidXrayError
 from covidxray import images
 
-W, H = 40, 30
+W, H = 48, 36   # above images.MIN_SIDE
 
 
 def gradient() -> np.ndarray:
@@ -38,7 +38,8 @@ def samples(tmp_path):
         "L": (_write(tmp_path / "l.png", Image.fromarray(g)), "PNG", "L"),
         "RGB": (_write(tmp_path / "rgb.png", Image.fromarray(rgb)), "PNG", "RGB"),
         "RGBA": (_write(tmp_path / "rgba.png", Image.fromarray(rgba)), "PNG", "RGBA"),
-        "P": (_write(tmp_path / "p.png", Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE)), "PNG", "P"),
+        "P": (_write(tmp_path / "p.png", Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE)),
+              "PNG", "P"),
         "LA": (_write(tmp_path / "la.png", Image.fromarray(la, mode="LA")), "PNG", "LA"),
         "I;16": (_write(tmp_path / "i16.png", Image.fromarray(deep)), "PNG", None),
         "I;16B": (_write(tmp_path / "i16b.png", Image.frombytes("I;16B", (W, H), deep.astype(">u2").tobytes())),
@@ -69,14 +70,40 @@ def test_read_grayscale_every_mode(samples, name):
 
 
 def test_sixteen_bit_scaled_by_actual_range(tmp_path):
-    deep = np.full((8, 8), 1000, np.uint16)
+    deep = np.tile(np.linspace(1000, 1400, 40).astype(np.uint16), (40, 1))
     deep[0, 0], deep[-1, -1] = 200, 4000
     path = _write(tmp_path / "d.png", Image.fromarray(deep))
     gray, info = images.read_grayscale(path)
     assert info["mode"].startswith("I")
     assert gray.min() == 0 and gray.max() == 255
-    flat = _write(tmp_path / "flat.png", Image.fromarray(np.full((4, 4), 999, np.uint16)))
-    assert images.read_grayscale(flat)[0].max() == 0
+    with Image.open(_write(tmp_path / "flat.png", Image.fromarray(np.full((4, 4), 999, np.uint16)))) as flat:
+        assert images.to_grayscale(flat).max() == 0
+
+
+def test_too_small_or_flat_for_an_xray_is_refused_naming_the_limit(tmp_path):
+    rng = np.random.default_rng(0)
+    cases = {
+        "one_pixel.png": (np.full((1, 1), 128, np.uint8), r"too small .* 1x1 px .* at least 32 px"),
+        "thumbnail.png": (rng.integers(0, 256, (20, 300), dtype=np.uint8), r"300x20 px"),
+        "blank.png": (np.full((256, 256), 250, np.uint8), r"too flat .* within 0 grey levels.*at least 16"),
+        # a blank page with a little text: 98% of the pixels are the same white
+        "labelled.png": (np.where(rng.random((256, 256)) < 0.005, 0, 255).astype(np.uint8), r"too flat"),
+    }
+    for name, (pixels, message) in cases.items():
+        path = _write(tmp_path / name, Image.fromarray(pixels))
+        with pytest.raises(CovidXrayError, match=message) as err:
+            images.load_image(path, 32)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+    # just above both limits: accepted
+    ok = _write(tmp_path / "ok.png", Image.fromarray(np.tile(np.arange(0, 32, dtype=np.uint8) * 2, (32, 1))))
+    assert images.load_image(ok, 16).shape == (16, 16)
+
+
+def test_the_real_xrays_pass_the_limits(collection_dir):
+    """The smallest X-rays of the collection (156-157 px, figures of a paper) decode."""
+    for name in ("ryct.2020003.fig2-a.png", "ryct.2020003.fig2-b.png"):
+        gray, info = images.read_grayscale(collection_dir / "images" / name)
+        assert min(gray.shape) >= 156
 
 
 def test_resize_policies():

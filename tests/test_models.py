@@ -184,3 +184,40 @@ def test_small_cnn_has_no_imagenet_weights():
 
     with pytest.raises(CovidXrayError, match="model.weights"):
         models.build_backbone("small_cnn", SIZE, "imagenet")
+
+
+def test_corrupt_model_file_is_one_line_naming_the_file(tmp_path, capsys):
+    """Truncated, bit-flipped, empty or foreign files: one line naming the file, never Keras's
+    "File not found" for a file that exists, nor a zipfile traceback."""
+    import zipfile
+
+    from covidxray import CovidXrayError, cli, models
+
+    good = tmp_path / "good.keras"
+    models.build_model(_cfg("small_cnn"), SIZE, 2).save(good)
+    data = good.read_bytes()
+    with zipfile.ZipFile(good) as archive:
+        weights = archive.getinfo("model.weights.h5")
+    middle = weights.header_offset + 200  # inside the stored weights: the CRC check fails
+    corrupt = {
+        "truncated.keras": data[: len(data) // 2],
+        "flipped.keras": data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 64]) + data[middle + 64:],
+        "empty.keras": b"",
+        "text.keras": b"not a model\n",
+    }
+    for name, content in corrupt.items():
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        (folder / "model.keras").write_bytes(content)
+        (folder / "model.json").write_text('{"classes": ["normal", "covid"], "image_size": 32, "threshold": 0.5}')
+        with pytest.raises(CovidXrayError) as err:
+            models.load(folder / "model.keras")
+        message = str(err.value)
+        assert str(folder / "model.keras") in message and "\n" not in message
+        assert "File not found" not in message
+        image = tmp_path / "x.png"
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["predict", str(image), "--model", str(folder)])
+        assert exit_info.value.code == 1
+        err_text = capsys.readouterr().err
+        assert err_text.count("\n") == 1 and err_text.startswith("covidxray predict: error: cannot load model")

@@ -98,6 +98,22 @@ def test_predict_json_and_success_code(tiny, test_images, tmp_path):
     assert code == 0 and "p_covid" in out and "threshold" in out  # aligned table
 
 
+def test_predict_refuses_images_too_small_or_flat_for_an_xray(tiny, test_images, tmp_path):
+    from covidxray.predict import predict_cli
+
+    files = wild_files(test_images[0][0], tmp_path)
+    Image.fromarray(np.full((1, 1), 128, np.uint8)).save(tmp_path / "dot.png")
+    Image.fromarray(np.full((300, 300), 255, np.uint8)).save(tmp_path / "white.png")
+    code, out, err = run_cli(predict_cli, [files["gray"], tmp_path / "dot.png", tmp_path / "white.png",
+                                           "--model", tiny["models"], "--csv"])
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 2
+    assert "dot.png" in lines[0] and "too small" in lines[0] and "at least 32 px" in lines[0]
+    assert "white.png" in lines[1] and "too flat" in lines[1]
+    assert pd.read_csv(io.StringIO(out))["path"].tolist() == [str(files["gray"])]
+
+
 def test_predict_from_registered_model(tiny, test_images, tmp_path, monkeypatch):
     """models:/NAME/VERSION: the model train registered, with its metadata (threshold, size)."""
     from covidxray.predict import predict_cli
@@ -160,7 +176,7 @@ def test_validate_folder(tiny, test_images, tmp_path):
         p.name for p in (out / "plots").iterdir()}
     report = (out / "report.md").read_text()
     assert "External validation: report" in report and "not a diagnostic device" in report
-    assert not list(tmp_path.glob(".report-*"))
+    assert not list(tmp_path.glob(".report*"))
 
     tracking.configure(tiny["tracking_uri"], "covid-xray")
     runs = mlflow.search_runs(experiment_names=["covid-xray"], filter_string="tags.model_run_id != ''")
@@ -169,6 +185,34 @@ def test_validate_folder(tiny, test_images, tmp_path):
     assert run["run_id"] != tiny["run_id"]
     assert "tags.mlflow.parentRunId" not in runs.columns or pd.isna(run.get("tags.mlflow.parentRunId"))
     assert run["metrics.external_auc"] == pytest.approx(metrics["external"]["auc"])
+
+
+def test_validate_never_replaces_a_folder_it_did_not_write(tiny, test_images, tmp_path, capsys):
+    """`--out reports` must not delete the pipeline's reports (cv/, evaluate's outputs)."""
+    from covidxray import cli
+
+    pixels, frame = test_images
+    folder = _write_folder(pixels, frame, tmp_path / "hospital_c")
+    reports = tmp_path / "reports"
+    (reports / "cv").mkdir(parents=True)
+    for name, text in {"cv/metrics.json": '{"cv_auc_mean": 0.9}', "metrics.json": "{}", "report.md": "# card"}.items():
+        (reports / name).write_text(text)
+    before = sorted(p.relative_to(reports).as_posix() for p in reports.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["validate", str(folder), "--model", str(tiny["models"]), "--out", str(reports),
+                  "--tracking-uri", tiny["tracking_uri"], "--bootstrap", "20"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"refusing to replace {reports}" in err
+    assert sorted(p.relative_to(reports).as_posix() for p in reports.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hospital_c", "reports"]
+    # a folder of its own below it is fine, and so is replacing that one later
+    for _ in range(2):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["validate", str(folder), "--model", str(tiny["models"]), "--out", str(reports / "external" / "c"),
+                      "--tracking-uri", tiny["tracking_uri"], "--bootstrap", "20"])
+        assert exit_info.value.code == 0
+    assert (reports / "external" / "c" / "report.md").is_file() and (reports / "cv" / "metrics.json").is_file()
 
 
 def test_validate_csv_with_patients(tiny, test_images, tmp_path):

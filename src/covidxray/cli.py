@@ -17,6 +17,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow's retracing notices fill stage logs without telling a user anything actionable.
 logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
+from omegaconf import OmegaConf  # noqa: E402
+
 from covidxray import CovidXrayError  # noqa: E402
 
 STAGES = ("pretrained", "fetch", "curate", "split", "train", "evaluate", "external")
@@ -30,6 +32,15 @@ USAGE = f"""usage: covidxray STAGE [--params FILE | HYDRA_OVERRIDES... [-m]]
        covidxray TOOL [OPTIONS]
 stages: {', '.join(STAGES)}
 tools:  {', '.join(TOOLS)}"""
+
+
+# `${covidxray.run_id:}` in conf/config.yaml's hydra.run.dir and sweep.dir: this process's id and a
+# random part, so runs started in the same second get folders of their own. Registered on import,
+# so launcher workers (joblib, submitit), which import this module to run a job, resolve it too;
+# Hydra copies the launching process's resolved values into every job of a sweep.
+RUN_ID = f"{os.getpid()}-{os.urandom(2).hex()}"
+if not OmegaConf.has_resolver("covidxray.run_id"):
+    OmegaConf.register_new_resolver("covidxray.run_id", lambda: RUN_ID, use_cache=True)
 
 
 def conf_dir() -> Path:
@@ -57,13 +68,33 @@ def _run_stage(stage: str, cfg):
 
 def run_stage_from_params(stage: str, params_file: str) -> None:
     """Run a stage on an already composed parameter file (what `dvc repro` does)."""
-    from omegaconf import OmegaConf
-
     path = Path(params_file)
-    if not path.is_file():
-        print(f"covidxray {stage}: error: parameter file not found: {path}", file=sys.stderr)
+    try:
+        cfg = load_params(path)
+    except CovidXrayError as err:
+        print(f"covidxray {stage}: error: {err}", file=sys.stderr)
         sys.exit(1)
-    _run_stage(stage, OmegaConf.load(path))
+    _run_stage(stage, cfg)
+
+
+def load_params(path: Path):
+    """A composed parameter file as a DictConfig; a missing file, a YAML syntax error (with its
+    line and column) or a file that is not a mapping is a one-line CovidXrayError."""
+    import yaml
+    from omegaconf import DictConfig, OmegaConf
+
+    if not path.is_file():
+        raise CovidXrayError(f"parameter file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        raise CovidXrayError(f"{where}: not valid YAML: {problem}") from None
+    if not isinstance(cfg, DictConfig):
+        raise CovidXrayError(f"{path}: expected a mapping of parameters (key: value), got a {type(cfg).__name__}")
+    return cfg
 
 
 def run_stage_with_hydra(stage: str, overrides: list[str]) -> None:

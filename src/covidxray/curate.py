@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from itertools import repeat
@@ -31,6 +30,7 @@ from covidxray import CovidXrayError
 from covidxray import images as imgs
 from covidxray.audit import UNKNOWN, audit, audit_markdown
 from covidxray.sources import COLLECTIONS, IEEE8023, KERMANY, RADIOGRAPHY, TASKS
+from covidxray.outputs import json_safe, replace_dir
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 COLUMNS = [
@@ -331,17 +331,6 @@ def build_index(records: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     return df[COLUMNS]
 
 
-def _jsonable(value):
-    """JSON-safe copies of numpy scalars and NaN (as null)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return None if not np.isfinite(value) else round(float(value), 4)
-    return value
 
 
 def read_metadata(path: Path) -> pd.DataFrame:
@@ -349,27 +338,6 @@ def read_metadata(path: Path) -> pd.DataFrame:
     if not Path(path).is_file():
         raise CovidXrayError(f"metadata missing: {path} (run `dvc repro fetch`)")
     return pd.read_csv(path, dtype={"patientid": str, "filename": str, "folder": str})
-
-
-def write_atomically(out_dir: Path, write) -> None:
-    """Call `write(tmp_dir)` on a fresh folder beside `out_dir`, then swap it in; on error leave nothing."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    for stale in (tmp, old):
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        write(tmp)
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out_dir.exists():
-            old.rename(out_dir)                     # the swap failed half-way: put the previous output back
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def gather(raw: Path, external: Path, views, task: str, collections) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -448,7 +416,7 @@ def main(cfg) -> None:
     report["dedupe"] = dedupe_report
     report["probe"] = {"images": int(len(probe)), "near_duplicates_of_curated_dropped": probe_dropped,
                        "findings": probe["finding"].value_counts().sort_index().to_dict()}
-    report = _jsonable(report)
+    report = json_safe(report, digits=4)
 
     def write(tmp: Path) -> None:
         imgs.save_curated(tmp, pixels, index, classes)
@@ -457,7 +425,7 @@ def main(cfg) -> None:
         (tmp / "audit.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         (tmp / "audit.md").write_text(audit_markdown(report))
 
-    write_atomically(out, write)
+    replace_dir(out, write, by="curate")
     if missing:
         print(f"curate: warning: {len(missing)} selected file(s) missing, e.g. {missing[0]}", file=sys.stderr)
     for item in report["shortcuts"]:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from covidxray import metrics as M
 from covidxray import report as R
 from covidxray import sources
 from covidxray.models import MODEL_FILE, load_model
+from covidxray.outputs import scratch_dir
 
 # -- data -------------------------------------------------------------------------------------------
 
@@ -102,16 +101,12 @@ def main(cfg) -> None:
         "extra_metrics": {"threshold_oof": derived},
     }
     ev = cfg.evaluate
-    reports.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".evaluate-", dir=reports))
-    try:
+    with scratch_dir(reports, "evaluate") as tmp:
         result = R.assess(model, meta, test_images, frame, tmp, n_resamples=ev.bootstrap, ci=ev.ci, seed=cfg.seed,
                         per_group=ev.gradcam_per_group, n_bins=ev.get("calibration_bins", 10), context=context)
         run_id = R.log_to_mlflow(tmp, result, cfg.mlflow.tracking_uri, cfg.mlflow.experiment,
                                run_id=meta.get("mlflow_run_id"), run_name="evaluate")
         R.install(tmp, reports)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     t = result["test"]
     print(f"evaluate: {len(frame)} test images: AUC {R.fmt(t['auc'])} [{R.fmt(t['auc_ci_low'])}, "
           f"{R.fmt(t['auc_ci_high'])}], sensitivity {R.fmt(t['sensitivity'])}, specificity {R.fmt(t['specificity'])} "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from covidxray import CovidXrayError, card, probes, sources
 from covidxray import images as imgs
 from covidxray import report as R
 from covidxray.models import MODEL_FILE, load_model
+from covidxray.outputs import scratch_dir
 
 OUT_DIR = "external"
 CARD = "model_card.md"
@@ -91,9 +91,7 @@ def main(cfg) -> None:
         cv["n_cv_images"] = int(len(pd.read_csv(reports / "cv" / "oof.csv")))
 
     ev, seed = cfg.evaluate, int(cfg.seed)
-    reports.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".external-", dir=reports))
-    try:
+    with scratch_dir(reports, "external") as tmp:
         context = {"title": f"External set: {sources.describe({'external': roles['external']})}",
                    "data_lines": R.composition(frame, None), "extra_metrics": {"external_near_duplicates_dropped": dropped}}
         result = R.assess(model, meta, imgs.prepare_for(meta, stored[mask]), frame, tmp / OUT_DIR,
@@ -109,8 +107,6 @@ def main(cfg) -> None:
                                  run_id=meta.get("mlflow_run_id"), run_name="external", artifact_path="external",
                                  metric_prefix="external_")
         R.install(tmp, reports, names=(OUT_DIR, CARD))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     e = result["external"]
     print(f"external: {len(frame)} images ({sources.describe({'external': roles['external']})}): "
           f"AUC {R.fmt(e['auc'])} [{R.fmt(e['auc_ci_low'])}, {R.fmt(e['auc_ci_high'])}], sensitivity "

@@ -18,16 +18,17 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, NamedTuple
+from typing import BinaryIO, NamedTuple
 from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
 from covidxray import CovidXrayError
+from covidxray.outputs import replace_dir
 
 MIRROR_ENV = "COVIDXRAY_DATA_MIRROR"
 DEFAULT_MIRROR = Path("..") / "shared" / "datasets"
@@ -372,24 +373,6 @@ def fetch_files(
     return FetchStats(reused=reused, fetched=fetched, bytes_fetched=nbytes)
 
 
-def _swap_in(new: Path, target: Path) -> None:
-    """Move the finished folder `new` to `target`, replacing what was there only once it is in place."""
-    if not target.exists() and not target.is_symlink():
-        os.rename(new, target)
-        return
-    old = new.with_name(new.name + ".old")
-    os.rename(target, old)
-    try:
-        os.rename(new, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()
-
-
 def fetch_dataset(
     entries: list[Entry],
     source,
@@ -398,23 +381,13 @@ def fetch_dataset(
     timeout: float,
     backoff_s: float = 1.0,
 ) -> FetchStats:
-    """Build a verified copy in a temporary folder beside `raw_dir` (reusing verified files from the
-    current `raw_dir`), then rename it into place: a failed run leaves `raw_dir` as it was."""
+    """Build a verified copy in a scratch folder beside `raw_dir` (reusing verified files from the
+    current `raw_dir`), then swap it into place: a failed run leaves `raw_dir` as it was, and a
+    killed run's scratch folder is removed by the next run."""
     raw_dir = Path(raw_dir)
-    raw_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{raw_dir.name}.fetch-", dir=raw_dir.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        previous = raw_dir if raw_dir.is_dir() and not raw_dir.is_symlink() else None
-        stats = fetch_files(entries, source, tmp, retries, timeout, reuse_from=previous, backoff_s=backoff_s)
-        _swap_in(tmp, raw_dir)
-        return stats
-    finally:
-        for leftover in (tmp, tmp.with_name(tmp.name + ".old")):
-            if leftover.exists():
-                shutil.rmtree(leftover, ignore_errors=True)
+    previous = raw_dir if raw_dir.is_dir() and not raw_dir.is_symlink() else None
+    return replace_dir(raw_dir, lambda new: fetch_files(entries, source, new, retries, timeout, reuse_from=previous,
+                                                        backoff_s=backoff_s), by="fetch")
 
 
 def main(cfg) -> None:

@@ -27,10 +27,11 @@ from __future__ import annotations
 import json
 import os
 import socket
+import zipfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import keras
 import numpy as np
@@ -357,11 +358,21 @@ def set_fine_tune(model: keras.Model, unfreeze_top: int) -> int:
 
 def load(path) -> keras.Model:
     """Load a saved .keras model of this project (compile state not needed); this module
-    registers the custom preprocess layer it uses."""
+    registers the custom preprocess layer it uses. A missing, truncated or corrupt file is a
+    one-line CovidXrayError naming it (Keras would say "File not found" for a file that exists,
+    or raise a zipfile traceback)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CovidXrayError(f"model not found: {path}" + (" (a folder, not a model file)" if path.is_dir() else ""))
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        raise CovidXrayError(f"cannot load model {path}: not a .keras archive (a .keras model is a zip file; this "
+                             f"one, {path.stat().st_size} bytes, is truncated, corrupt or another kind of file)")
     try:
         return keras.models.load_model(path, compile=False)
-    except (ValueError, OSError, TypeError) as err:
-        raise CovidXrayError(f"cannot load model {path}: {' '.join(str(err).split())[:300]}") from None
+    except (ValueError, OSError, TypeError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        raise CovidXrayError(f"cannot load model {path}: corrupt or not a model of this project "
+                             f"({type(err).__name__}: {reason})") from None
 
 
 # -- saved models and their metadata ----------------------------------------------------------------

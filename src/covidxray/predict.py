@@ -23,6 +23,7 @@ from covidxray import CovidXrayError
 from covidxray import models
 from covidxray import report as R
 from covidxray.metrics import decide
+from covidxray.outputs import check_replaceable, replace_dir
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 URI = re.compile(r"^(models|runs):/")
@@ -193,7 +194,8 @@ def read_external(path: Path) -> pd.DataFrame:
             raise CovidXrayError(f"{path}: the CSV lists no images")
         blank = table["label"].str.strip() == ""
         if blank.any():
-            raise CovidXrayError(f"{path}: {int(blank.sum())} rows without a label (first: {table.loc[blank, 'path'].iloc[0]})")
+            raise CovidXrayError(f"{path}: {int(blank.sum())} rows without a label "
+                                 f"(first: {table.loc[blank, 'path'].iloc[0]})")
         frame = pd.DataFrame({
             "path": [(path.parent / p) for p in table["path"]],
             "label": table["label"].str.strip(),
@@ -219,9 +221,11 @@ def check_labels(labels, classes: list[str]) -> None:
 
 def validate(set_path: Path, model_spec: str, out_dir: Path, *, tracking_uri=None, experiment="covid-xray",
              n_resamples=1000, ci=0.95, seed=42, per_group=3, n_bins=10, log=True) -> dict:
-    """Assess the model on a labelled external set; write the report folder (replaced whole,
-    only once complete) and log an MLflow run tagged with the model's run. Returns the metrics."""
+    """Assess the model on a labelled external set; write the report folder (replaced whole, only
+    once complete, and only if absent, empty or an earlier validate report) and log an MLflow run
+    tagged with the model's run. Returns the metrics."""
     set_path, out_dir = Path(set_path), Path(out_dir)
+    check_replaceable(out_dir, "validate")  # before any work: never replace a folder validate did not write
     model, meta = resolve_model(model_spec, tracking_uri)
     frame = read_external(set_path)
     check_labels(frame["label"], meta["classes"])
@@ -247,28 +251,21 @@ def validate(set_path: Path, model_spec: str, out_dir: Path, *, tracking_uri=Non
     context = {"title": f"External validation: {name}", "data_lines": data_lines,
                "config_yaml": model_yaml + f"\nvalidate: {{bootstrap: {n_resamples}, ci: {ci}, seed: {seed}}}",
                "extra_metrics": {"n_skipped_files": len(skipped)}}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_dir.parent))
-    try:
-        result = R.assess(model, meta, pixels, frame.assign(path=frame["path"].astype(str)), tmp,
-                           n_resamples=n_resamples, ci=ci, seed=seed, per_group=per_group, n_bins=n_bins,
-                           partition="external", context=context)
+
+    def write(folder: Path) -> dict:
+        result = R.assess(model, meta, pixels, frame.assign(path=frame["path"].astype(str)), folder,
+                          n_resamples=n_resamples, ci=ci, seed=seed, per_group=per_group, n_bins=n_bins,
+                          partition="external", context=context)
         if log:
             tags = {"covidxray.stage": "validate", "external_set": str(set_path), "model_uri": str(model_spec)}
             if meta.get("mlflow_run_id"):
                 tags["model_run_id"] = str(meta["mlflow_run_id"])
-            result["mlflow_run_id"] = R.log_to_mlflow(tmp, result, tracking_uri, experiment, run_id=None,
+            result["mlflow_run_id"] = R.log_to_mlflow(folder, result, tracking_uri, experiment, run_id=None,
                                                        tags=tags, run_name=f"validate-{name}",
                                                        artifact_path="validation")
-        if out_dir.exists():
-            old = tmp.with_name(tmp.name + ".old")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return result
+
+    result = replace_dir(out_dir, write, by="validate", owned=True)
     return result
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from covidxray import CovidXrayError
+from covidxray.outputs import json_safe
 
 OPTIMIZERS = ("adam",)
 SCHEDULES = ("constant", "inverse_time", "cosine")
@@ -615,18 +616,6 @@ def _finite(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
 
 
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(float(value)) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 # -- figures ------------------------------------------------------------------------------------------------
 
 def _figures(history: pd.DataFrame, y: np.ndarray, probs: np.ndarray, classes: list[str], title: str):
@@ -867,13 +856,13 @@ def run(cfg) -> dict:
                     client.set_model_version_tag(cfg.mlflow.registered_model, str(version), key, str(meta[key]))
                 client.set_model_version_tag(cfg.mlflow.registered_model, str(version), "classes",
                                              json.dumps(classes))
-            (models_dir / "model.json").write_text(json.dumps(_json_safe(meta), indent=2) + "\n")
+            (models_dir / "model.json").write_text(json.dumps(json_safe(meta), indent=2) + "\n")
             mlflow.log_artifact(str(models_dir / "model.json"))
             mlflow.log_metrics(_finite({k: metrics[k] for k in ("final_epochs", "final_wall_s",
                                                                  "final_images_per_s")}))
         metrics["train_seconds"] = time.perf_counter() - wall
         mlflow.log_metric("train_seconds", metrics["train_seconds"])
-        (cv_dir / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2, sort_keys=True) + "\n")
+        (cv_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2, sort_keys=True) + "\n")
         mlflow.log_artifact(str(cv_dir / "metrics.json"), "cv")
         mlflow.log_artifact(str(cv_dir / "history.csv"), "cv")
     print(f"train: wrote {cv_dir}/{{oof.csv,metrics.json,history.csv}}"

@@ -1,0 +1,86 @@
+"""What DVC users see of the outputs, with real `dvc` on a temporary git copy of the repository:
+metrics committed to git (diffs work on a fresh clone), ROC/PR/calibration plots drawn without
+smoothing, and the training history one line per fold."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from conftest import BIN
+from test_pipeline import _sh, repo_copy  # noqa: F401 - the fixture, used by name
+
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+
+
+def _write_outputs(root: Path, cv_auc: float) -> None:
+    """The files train and evaluate write (small, with the real plot writer)."""
+    from covidxray import report
+    from covidxray.train import HISTORY_COLUMNS
+
+    cv, plots = root / "reports" / "cv", root / "reports" / "plots"
+    for folder in (cv, plots, root / "models"):
+        folder.mkdir(parents=True, exist_ok=True)
+    (cv / "metrics.json").write_text(json.dumps({"cv_auc_mean": cv_auc, "threshold": 0.5}))
+    (root / "reports" / "metrics.json").write_text(json.dumps({"test": {"auc": 0.75}}))
+    (root / "reports" / "report.md").write_text("# card\n")
+    (root / "models" / "model.keras").write_bytes(b"model")
+    rows = [{"fold": fold, "epoch": epoch, "phase": "train", **{c: 0.5 + 0.01 * epoch for c in HISTORY_COLUMNS[2:-1]}}
+            for fold in ("0", "1", "final") for epoch in (1, 2, 3)]
+    history = pd.DataFrame(rows)[HISTORY_COLUMNS]
+    history.loc[history["fold"] == "final", ["val_loss", "val_accuracy", "val_auc"]] = np.nan
+    history.to_csv(cv / "history.csv", index=False)
+    (cv / "oof.csv").write_text("image_id,p_covid\na,0.5\n")
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 20)
+    probs = np.clip(np.c_[1 - y * 0.6, y * 0.6] + rng.uniform(0, 0.4, (40, 1)), 0, 1)
+    probs /= probs.sum(axis=1, keepdims=True)
+    frame = pd.DataFrame({"image_id": [f"i{i}" for i in range(40)]})
+    report.write_plots(plots, frame, y, probs, (probs[:, 1] >= 0.5).astype(int), ["normal", "covid"], 5)
+
+
+def _dvc_json(args: list[str], cwd: Path):
+    done = subprocess.run([str(BIN / "dvc"), *args, "--json"], cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_metrics_are_committed_so_a_fresh_clone_diffs_them(repo_copy, tmp_path):  # noqa: F811
+    _write_outputs(repo_copy, cv_auc=0.81)
+    status = _sh(["git", "status", "--porcelain", "--untracked-files=all"], repo_copy).split("\n")
+    new = sorted(line for line in status if line.startswith("??"))  # what git would take of the outputs
+    assert new == ["?? reports/cv/metrics.json", "?? reports/metrics.json"]
+    _sh([*GIT, "add", "-A"], repo_copy)
+    _sh([*GIT, "commit", "-qm", "metrics"], repo_copy)
+
+    clone = tmp_path / "clone"
+    _sh(["git", "clone", "-q", str(repo_copy), str(clone)], tmp_path)
+    shown = _dvc_json(["metrics", "show"], clone)[""]["data"]  # "": the workspace
+    assert shown["reports/cv/metrics.json"]["data"]["cv_auc_mean"] == 0.81
+    assert shown["reports/metrics.json"]["data"]["test"]["auc"] == 0.75
+    (clone / "reports" / "cv" / "metrics.json").write_text(json.dumps({"cv_auc_mean": 0.85, "threshold": 0.5}))
+    diff = _dvc_json(["metrics", "diff"], clone)
+    change = diff["reports/cv/metrics.json"]["cv_auc_mean"]
+    assert (change["old"], change["new"]) == (0.81, 0.85)
+
+
+def test_plots_are_drawn_unsmoothed_and_history_by_fold(repo_copy):  # noqa: F811
+    _write_outputs(repo_copy, cv_auc=0.8)
+    shown = _dvc_json(["plots", "show"], repo_copy)
+    assert not shown.get("errors"), shown.get("errors")
+    specs = {name: plot[0]["content"] for name, plot in shown["data"].items()}
+    for name in ("roc", "precision_recall", "calibration"):
+        spec = json.dumps(specs[f"reports/plots/{name}.csv"])
+        assert '"loess"' not in spec and '"mark": {"type": "line"' in spec  # the points as they are
+    roc = specs["reports/plots/roc.csv"]
+    written = pd.read_csv(repo_copy / "reports" / "plots" / "roc.csv")
+    assert [float(p["tpr"]) for p in roc["data"]["values"]] == written["tpr"].tolist()
+
+    history = specs["reports/cv/history.csv"]
+    assert history["encoding"]["color"]["field"] == "fold"
+    assert (history["encoding"]["x"]["field"], history["encoding"]["y"]["field"]) == ("epoch", "val_auc")
+    assert {p["fold"] for p in history["data"]["values"]} == {"0", "1", "final"}
+    assert "isValid(datum['val_auc'])" in history["transform"][0]["filter"]  # the final model: no val curve
