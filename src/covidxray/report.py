@@ -369,7 +369,7 @@ def log_to_mlflow(out_dir: Path, result: dict, tracking_uri: str | None, experim
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
         if tags:
             mlflow.set_tags(tags)
-        mlflow.log_metrics({k: v for k, v in flat_metrics(result).items() if not k.startswith("bootstrap_")})
+        mlflow.log_metrics({k: v for k, v in M.finite_metrics(result).items() if not k.startswith("bootstrap_")})
         mlflow.log_artifacts(str(out_dir), artifact_path=artifact_path)
         return run.info.run_id
 
