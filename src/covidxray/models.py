@@ -34,7 +34,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from covidxray import CovidXrayError
+from covidxray import CovidXrayError, fileset
 from covidxray.backbones import (  # noqa: F401 - the catalogue, re-exported for models' users
     BACKBONES, DEFAULT_FILTERS, MIN_IMAGENET_SIZE, MODEL_NAMES, PREPROCESS_MODES, BackboneSpec,
     feature_map_size, is_pretrainable)
@@ -302,10 +302,36 @@ def check_meta(meta: dict, source: str) -> dict:
 
 
 def load_model(path: Path):
-    """(model, checked metadata) from models/model.keras (or the folder holding it) and model.json beside it."""
+    """(model, checked metadata) from models/model.keras (or the folder holding it) and model.json
+    beside it, read as one set: an install that train committed but did not finish is finished
+    first (fileset), and a pair replaced while it was being read is read again."""
     path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILE
+    fileset.finish_pending(path.parent)
+    for _ in range(3):
+        before = _stamp(path)
+        model, meta = _load_pair(path)
+        if _stamp(path) == before:
+            return model, meta
+    raise CovidXrayError(f"{path.parent}: the model files changed while being read three times "
+                         "(a training is installing new ones): try again")
+
+
+def _stamp(path: Path) -> tuple:
+    """What changes when model.keras or model.json is replaced: inode, mtime, size."""
+    stats = []
+    for item in (path, path.with_name(META_FILE)):
+        try:
+            found = item.stat()
+            stats.append((found.st_ino, found.st_mtime_ns, found.st_size))
+        except OSError:
+            stats.append(None)
+    return tuple(stats)
+
+
+def _load_pair(path: Path):
+    """model.keras and its model.json, each checked."""
     if not path.is_file():
         raise CovidXrayError(f"model not found: {path} (run `dvc repro train`)")
     meta_path = path.with_name(META_FILE)
