@@ -1,7 +1,10 @@
 """Outputs that belong together change together or not at all, also under SIGKILL: the fileset
-install on its own, with a writer process killed at each step of its install."""
+install on its own, then a real `covidxray train` killed at each step of installing its outputs
+(models/model.keras, models/model.json, reports/cv/*) while an older set is in place."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -9,12 +12,19 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
-from conftest import REPO
+from conftest import BIN, REPO, make_cfg
 from covidxray import fileset
 
+CV_FILES = ("oof.csv", "folds.csv", "metrics.json", "history.csv")
 POINTS = [("staged", "old"), ("committed", "new"), ("installing", "new")]
+
+
+def _digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def _kill_at(point: str, args: list[str], pause: Path, cwd: Path = REPO, timeout: float = 600) -> None:
@@ -87,3 +97,64 @@ def test_killed_writer_leaves_old_or_new_set(point, outcome, tmp_path):
     fileset.recover([a, b])  # what the next writer does first: no staging folder survives
     assert sorted(p.name for p in [*a.iterdir(), *b.iterdir()]) == \
         (["gone.txt", "x.txt", "y.txt", "z.txt"] if outcome == "old" else ["x.txt", "y.txt", "z.txt"])
+
+
+# -- the train stage, killed while installing its outputs -------------------------------------------------
+
+def _overrides(root: Path, tiny_data: dict) -> list[str]:
+    return ["experiment=smoke", f"paths.curated={tiny_data['curated']}", f"paths.splits={tiny_data['splits']}",
+            f"paths.models={root / 'models'}", f"paths.reports={root / 'reports'}",
+            f"mlflow.tracking_uri=sqlite:///{root / 'mlruns' / 'mlflow.db'}"]
+
+
+def _outputs(root: Path) -> dict[str, Path]:
+    files = {name: root / "models" / name for name in ("model.keras", "model.json")}
+    return {**files, **{name: root / "reports" / "cv" / name for name in CV_FILES}}
+
+
+@pytest.fixture(scope="module")
+def old_root(tiny_data, tmp_path_factory) -> Path:
+    """A complete set of train outputs (and its MLflow store) from an earlier run (8 head units)."""
+    from covidxray.train import main
+
+    root = tmp_path_factory.mktemp("old")
+    main(make_cfg([*_overrides(root, tiny_data), "model.head.dense_units=8"]))
+    return root
+
+
+@pytest.mark.parametrize("point, outcome", [POINTS[0], POINTS[2]])  # before the journal; mid-switch
+def test_train_killed_while_installing_leaves_a_whole_set(point, outcome, old_root, tiny_data, tmp_path, capsys):
+    """SIGKILL before the journal: the old set, untouched. After it (also with model.json already
+    replaced and model.keras not yet): the first reader finishes the install. predict then uses
+    the threshold of the model it loads, the one that set's oof.csv gives."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from covidxray.metrics import choose_threshold
+    from covidxray.predict import predict_cli
+
+    root = tmp_path / "run"
+    shutil.copytree(old_root, root)
+    old = {name: _digest(path) for name, path in _outputs(root).items()}
+    params = tmp_path / "params.yaml"
+    OmegaConf.save(make_cfg([*_overrides(root, tiny_data), "model.head.dense_units=4"]), params)
+    _kill_at(point, [str(BIN / "covidxray"), "train", "--params", str(params)], tmp_path / "paused")
+    staged = {name: next(path.parent.glob(f"{fileset.PREFIX}*/{name}"), path) for name, path in _outputs(root).items()}
+    new = {name: _digest(path) for name, path in staged.items()}
+    assert all(new[name] != old[name] for name in new), "the second run must differ in every file"
+    if outcome == "old":
+        assert {name: _digest(path) for name, path in _outputs(root).items()} == old
+
+    image = tmp_path / "xray.png"
+    from PIL import Image
+
+    Image.fromarray(np.load(tiny_data["curated"] / "images.npy")[0]).save(image)
+    assert predict_cli([str(image), "--model", str(root / "models"), "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {name: _digest(path) for name, path in _outputs(root).items()} == (old if outcome == "old" else new)
+    meta = json.loads((root / "models" / "model.json").read_text())
+    oof = pd.read_csv(root / "reports" / "cv" / "oof.csv")
+    assert answer["threshold"] == meta["threshold"] == choose_threshold(oof["label"] == "covid", oof["p_covid"])
+    fileset.recover([root / "models", root / "reports" / "cv"])
+    assert not list(root.rglob(f"*{fileset.PREFIX}*"))
