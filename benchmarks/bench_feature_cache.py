@@ -1,4 +1,4 @@
-"""Frozen-feature cache: with a frozen base and no augmentation, train.py runs the backbone once
+"""Frozen-feature cache: with a frozen base and no augmentation, fitting.Trainer runs the backbone once
 per image and trains only the head on the cached features. Measured side by side against a
 faithful re-creation of the tutorial's own loop, which runs the full base forward pass for every
 image in every epoch:
@@ -6,7 +6,7 @@ image in every epoch:
   tutorial      ImageDataGenerator(rotation_range=15).flow(float array, batch_size=8) + model.fit,
                 the full model (frozen VGG16 base + head), every image every epoch
   tutorial-noaug the same loop without rotation (equal work to the cached run: no augmentation)
-  cached        covidxray.train.Trainer on the tutorial config with augment=none (cache on)
+  cached        covidxray.fitting.Trainer on the tutorial config with augment=none (cache on)
 
 Default: the tutorial config (VGG16 frozen, 224 px, batch 8, lr 1e-3 inverse-time decay) with
 weights=none (no ImageNet file offline; weights do not change the timing), 100 images x 3 epochs.
@@ -35,7 +35,6 @@ def main() -> None:
 
     import keras
     import numpy as np
-    import pandas as pd
 
     try:
         from keras.src.legacy.preprocessing.image import ImageDataGenerator
@@ -43,23 +42,24 @@ def main() -> None:
         from tensorflow.keras.preprocessing.image import ImageDataGenerator
 
     from covidxray import models
-    from covidxray.cli import compose
-    from covidxray.train import CVData, Trainer, _compile, make_optimizer
+    from covidxray.config import compose, fit_settings
+    from covidxray.fitting import Trainer, compile_model, make_optimizer
 
-    cfg = compose(["experiment=tutorial", "model.weights=none", "augment=none", "train.early_stopping.enabled=false",
-                   f"train.epochs={args.epochs}", *args.overrides])
-    size, batch, epochs = int(cfg.data.image_size), int(cfg.train.batch_size), int(cfg.train.epochs)
+    fit = fit_settings(compose(["experiment=tutorial", "model.weights=none", "augment=none",
+                                "train.early_stopping.enabled=false", f"train.epochs={args.epochs}",
+                                *args.overrides]))
+    size, batch, epochs = fit.image_size, fit.batch_size, fit.epochs
     x, y, source = images(size, args.images, args.curated)
     n = len(x)
     onehot = np.eye(2, dtype=np.float32)[y]
-    results = {"model": str(cfg.model.name), "image_size": size, "batch_size": batch, "images": n,
+    results = {"model": fit.model.name, "image_size": size, "batch_size": batch, "images": n,
                "epochs": epochs, "source": source}
 
     def tutorial(rotation: float) -> float:
         """The tutorial: float array in memory, ImageDataGenerator.flow, model.fit with steps_per_epoch."""
         keras.utils.set_random_seed(0)
-        model = models.build_model(cfg.model, size, 2)
-        _compile(model, make_optimizer(cfg.optimizer, float(cfg.optimizer.lr), epochs, n // batch), 2)
+        model = models.build_model(fit.model.as_config(), size, 2)
+        compile_model(model, make_optimizer(fit.optimizer, fit.optimizer.lr, epochs, n // batch), 2)
         train_x = x.astype(np.float32)[..., None]
         aug = ImageDataGenerator(rotation_range=rotation, fill_mode="nearest")
         start = time.perf_counter()
@@ -71,9 +71,7 @@ def main() -> None:
         return time.perf_counter() - start
 
     def cached() -> float:
-        rows = pd.DataFrame({"image_id": [str(i) for i in range(n)], "patient_id": [str(i) for i in range(n)],
-                             "label": np.where(y == 1, "covid", "normal"), "y": y, "fold": np.arange(n) % 2})
-        trainer = Trainer(cfg, CVData(x, rows, ["normal", "covid"], [0, 1]), verbose=0)
+        trainer = Trainer(fit, x, y, 2, verbose=0)
         assert trainer.uses_cache
         start = time.perf_counter()
         model = trainer.new_model()

@@ -1,10 +1,10 @@
-"""Input pipeline throughput: a training epoch through train.py's real tf.data pipeline (shuffled
+"""Input pipeline throughput: a training epoch through the real tf.data pipeline (inputs.py: shuffled
 indices -> batch -> gather from the in-memory uint8 store -> float -> [augment] -> prefetch)
 against the same model's train step fed batches that already sit in memory as float tensors.
 
-Headline (target: ratio >= 0.90): model.fit epochs with train.py's compiled train step
+Headline (target: ratio >= 0.90): model.fit epochs with the training's compiled train step
 (train.steps_per_execution included) on
-  pipeline   make_dataset(...) exactly as train.py builds it
+  pipeline   make_dataset(...) exactly as fitting.Trainer builds it
   in_memory  the same batches, materialized once as float32 tensors (a (steps, B, S, S, 1) tensor
              sliced per step: no gather, cast, shuffle or augmentation work left)
 Also reported: a Python loop calling one tf.function train step per batch, fed by iterating the
@@ -42,23 +42,24 @@ def main() -> None:
     import tensorflow as tf
 
     from covidxray import models
-    from covidxray.cli import compose
-    from covidxray.train import _compile, build_augmenter, class_weights, make_dataset, make_optimizer
+    from covidxray.config import compose, fit_settings
+    from covidxray.fitting import compile_model, make_optimizer
+    from covidxray.inputs import build_augmenter, class_weights, make_dataset
 
-    cfg = compose([*args.overrides, f"augment={args.augment}"]
-                  + ([f"data.image_size={args.size}"] if args.size else []))
-    size, batch = int(cfg.data.image_size), int(cfg.train.batch_size)
+    fit = fit_settings(compose([*args.overrides, f"augment={args.augment}"]
+                               + ([f"data.image_size={args.size}"] if args.size else [])))
+    size, batch = fit.image_size, fit.batch_size
     x, y, source = images(size, args.images, args.curated)
     x, y = x[: len(x) // batch * batch], y[: len(x) // batch * batch]  # whole batches on both sides
     steps = len(x) // batch
     onehot = np.eye(2, dtype=np.float32)[y]
-    w = class_weights(y, 2, cfg.train.class_weights)
+    w = class_weights(y, 2, fit.class_weights)
     keras.utils.set_random_seed(0)
-    model = models.build_model(cfg.model, size, 2)
-    spe = int(cfg.train.get("steps_per_execution", 1))
-    _compile(model, make_optimizer(cfg.optimizer, float(cfg.optimizer.lr), 10, steps), 2, spe)
+    model = models.build_model(fit.model.as_config(), size, 2)
+    spe = fit.steps_per_execution
+    compile_model(model, make_optimizer(fit.optimizer, fit.optimizer.lr, 10, steps), 2, spe)
 
-    pipeline = make_dataset(x, onehot, w, batch, shuffle=True, seed=0, augmenter=build_augmenter(cfg.augment, 0))
+    pipeline = make_dataset(x, onehot, w, batch, shuffle=True, seed=0, augmenter=build_augmenter(fit.augment, 0))
     batches = [tuple(tf.identity(t) for t in b) for b in make_dataset(x, onehot, w, batch, shuffle=True, seed=0)]
     stacked = tuple(tf.stack([b[i] for b in batches]) for i in range(3))
     in_memory = tf.data.Dataset.from_tensor_slices(stacked)
@@ -87,7 +88,7 @@ def main() -> None:
         "loop_in_memory": loop(batches),
         "loop_pipeline": loop(pipeline),
     }, args.repeats)
-    results = {"model": str(cfg.model.name), "image_size": size, "batch_size": batch, "images": len(x),
+    results = {"model": fit.model.name, "image_size": size, "batch_size": batch, "images": len(x),
                "steps_per_execution": spe, "augment": args.augment, "source": source, "repeats": args.repeats}
     for name, (median, _) in timing.items():
         results[f"{name}_images_per_s"] = len(x) / median

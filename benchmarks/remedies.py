@@ -48,7 +48,7 @@ CURATE_KEYS = ("data.resize=", "data.store_size=", "data.task=", "data.views=", 
 
 
 def compose(overrides: list[str]):
-    from covidxray.cli import compose as compose_conf
+    from covidxray.config import compose as compose_conf
 
     return compose_conf(overrides)
 

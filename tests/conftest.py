@@ -83,7 +83,7 @@ def tiny_data(tmp_path_factory) -> dict:
 
 def make_cfg(overrides: list[str] | None = None):
     """The composed conf/ with overrides, as a stage receives it."""
-    from covidxray.cli import compose
+    from covidxray.config import compose
 
     return compose(overrides)
 

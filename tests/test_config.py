@@ -4,6 +4,7 @@ CovidXrayError naming the key."""
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -17,10 +18,10 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml")
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_passes_the_checks(group, option):
-    from covidxray.train import check_config
+    from covidxray.config import train_settings
 
     cfg = make_cfg([f"{group}={option}"])
-    check_config(cfg)
+    train_settings(cfg)
     if group == "model":
         assert cfg.model.name == option
     if group == "augment":
@@ -54,7 +55,8 @@ def _hydra_cfg(overrides):
 
 
 def test_optuna_search_composes_with_its_sweeper():
-    from covidxray.train import check_config, metric_names
+    from covidxray.config import train_settings
+    from covidxray.metrics import training_metric_names as metric_names
 
     cfg = _hydra_cfg(["hparams_search=optuna"])
     sweeper = cfg.hydra.sweeper
@@ -71,7 +73,7 @@ def test_optuna_search_composes_with_its_sweeper():
     plain = {k: v for k, v in cfg.items() if k != "hydra"}
     from omegaconf import OmegaConf
 
-    check_config(OmegaConf.create(plain))
+    train_settings(OmegaConf.create(plain))
 
 
 @pytest.mark.parametrize("launcher, target", [
@@ -137,6 +139,23 @@ BAD = [
     (["model=vgg16", "model.weights=none", "model.freeze_base=false", "model.fine_tune.unfreeze_top=3"],
      "model.fine_tune.unfreeze_top"),
     (["+optimized_metric=val_f2"], "optimized_metric"),
+    # every other key train reads is checked too (issue 9, item 8)
+    (["data.task=unknown"], "data.task"),
+    (["data.resize=zoom"], "data.resize"),
+    (["data.image_size=big"], "data.image_size"),
+    (["model=small_cnn", "model.filters=[0,8]"], "model.filters"),
+    (["model.freeze_base=maybe"], "model.freeze_base"),
+    (["model.head.pool_size=0"], "model.head.pool_size"),
+    (["model.fine_tune.lr_factor=0"], "model.fine_tune.lr_factor"),
+    (["augment=tutorial", "augment.rotation_deg=270"], "augment.rotation_deg"),
+    (["augment=standard", "augment.horizontal_flip=sometimes"], "augment.horizontal_flip"),
+    (["train.early_stopping.enabled=maybe"], "train.early_stopping.enabled"),
+    (["train.early_stopping.patience=-1"], "train.early_stopping.patience"),
+    (["train.deterministic=1"], "train.deterministic"),
+    (["cv.final_model=yes"], "cv.final_model"),
+    (["seed=-1"], "seed"),
+    (["mlflow.register=maybe"], "mlflow.register"),
+    (["mlflow.experiment=null"], "mlflow.experiment"),
 ]
 
 
@@ -154,6 +173,21 @@ def test_config_errors_fail_before_training(overrides, key, tmp_path):
     assert key in str(err.value)
     assert "curated" not in str(err.value)
     assert not any(tmp_path.iterdir()), "nothing may be written before the config is checked"
+
+
+def test_config_errors_are_reported_before_tensorflow_loads(tmp_path):
+    """`covidxray train data.task=unknown`: one line naming the key and what is allowed, exit 1,
+    and neither TensorFlow nor MLflow imported (TensorFlow alone takes 5-15 s to import)."""
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('imported:', [m for m in ('tensorflow', 'keras', 'mlflow') "
+            "if m in sys.modules], file=sys.stderr))\n"
+            "from covidxray.cli import main\n"
+            f"main(['train', 'data.task=unknown', 'hydra.run.dir={tmp_path}'])\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "covidxray train: error: data.task must be one of binary, three_class, got 'unknown'" in done.stderr
+    assert "imported: []" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_cli_reports_a_config_error_in_one_line(tmp_path):

@@ -233,15 +233,19 @@ def test_fine_tunes_the_top_layers_only(tiny_data, converted):
     """After the head phase (on cached features), fine_tune.unfreeze_top layers of the base train
     on images; the rest, and every BatchNormalization layer, keep their ImageNet weights."""
     from covidxray import models
-    from covidxray.train import Trainer, load_cv_data
+    from covidxray.config import train_settings
+    from covidxray.fitting import Trainer
+    from covidxray.train import load_cv_data
 
-    cfg = make_cfg(["experiment=smoke", "model=efficientnet_lite0", f"model.imagenet_file={converted}",
-                    "model.head.dense_units=8", "model.fine_tune.unfreeze_top=4", "model.fine_tune.epochs=1",
-                    f"paths.curated={tiny_data['curated']}", f"paths.splits={tiny_data['splits']}"])
-    trainer = Trainer(cfg, load_cv_data(cfg), verbose=0)
+    s = train_settings(make_cfg([
+        "experiment=smoke", "model=efficientnet_lite0", f"model.imagenet_file={converted}",
+        "model.head.dense_units=8", "model.fine_tune.unfreeze_top=4", "model.fine_tune.epochs=1",
+        f"paths.curated={tiny_data['curated']}", f"paths.splits={tiny_data['splits']}"]))
+    data = load_cv_data(s.curated, s.splits, s.inputs, s.roles)
+    trainer = Trainer(s.fit, data.images, data.y, len(data.classes), verbose=0)
     assert trainer.uses_cache and trainer.fine_tunes
     model = trainer.new_model()
-    result = trainer.fit(model, np.arange(len(trainer.data.images)), None, [1, 1])
+    result = trainer.fit(model, np.arange(len(data.images)), None, [1, 1])
     assert list(result.history["phase"]) == ["head", "fine_tune"]
     fresh = models.build_backbone("efficientnet_lite0", 32, "imagenet", imagenet_file=str(converted))
     backbone = model.get_layer("backbone")

@@ -193,9 +193,9 @@ def test_reverse_direction_trains_and_evaluates_at_smoke_size(tiny_data, tmp_pat
 
 
 def test_training_with_a_collection_in_both_roles_fails_fast():
-    from covidxray.train import check_config
+    from covidxray.config import train_settings
 
     with pytest.raises(CovidXrayError, match=r"\['kermany'\] are in both roles for class 'normal'"):
-        check_config(make_cfg(["data.sources.external.normal=[kermany]"]))
+        train_settings(make_cfg(["data.sources.external.normal=[kermany]"]))
     with pytest.raises(CovidXrayError, match="data.sources.train.covid: unknown collection 'chexpert'"):
-        check_config(make_cfg(["data.sources.train.covid=[chexpert]"]))
+        train_settings(make_cfg(["data.sources.train.covid=[chexpert]"]))

@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, make_cfg
 
 MODEL_NAMES = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
 SIZE = 32
 
 
 def _cfg(name: str, **extra) -> dict:
-    import yaml
+    from omegaconf import OmegaConf
 
-    cfg = yaml.safe_load((REPO / "conf" / "model" / f"{name}.yaml").read_text())
+    cfg = OmegaConf.to_container(make_cfg([f"model={name}"]).model)  # as composed (base configs included)
     cfg["weights"] = "none"
     cfg["head"]["dense_units"] = 8
     if name == "small_cnn":

@@ -107,6 +107,10 @@ def test_smoke_training_end_to_end(trained):
     pyfunc = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.registered_model}/1")
     assert np.allclose(np.asarray(pyfunc.predict(x)), p, atol=1e-6)
 
+    # Run as the pipeline runs it (not a Hydra app): registered, and the alias champion points at it.
+    assert parent.info.run_name == "pipeline (small_cnn-cv2)"
+    assert str(client.get_model_version_by_alias(cfg.mlflow.registered_model, "champion").version) == "1"
+
 
 def test_hydra_multirun_makes_one_parent_run_per_job(tiny_data, tmp_path):
     """Two jobs in parallel (joblib launcher) into a store neither has created yet."""
@@ -131,20 +135,43 @@ def test_hydra_multirun_makes_one_parent_run_per_job(tiny_data, tmp_path):
     for job in ("0", "1"):  # each job writes into its own output directory
         assert (tmp_path / "sweep" / job / "models" / "model.keras").is_file()
         assert (tmp_path / "sweep" / job / "reports" / "cv" / "metrics.json").is_file()
+    # Sweep jobs register nothing (mlflow.register=auto), and their run names say what differs.
+    assert client.search_model_versions(f"name='{cfg.mlflow.registered_model}'") == []
+    assert sorted(r.info.run_name for r in parents) == ["smoke model.head.dense_units=4 (small_cnn-cv2)",
+                                                        "smoke model.head.dense_units=8 (small_cnn-cv2)"]
+    for job in ("0", "1"):
+        meta = json.loads((tmp_path / "sweep" / job / "models" / "model.json").read_text())
+        assert meta["registered_version"] is None and meta["model_uri"].startswith(("runs:/", "models:/m-"))
+
+
+def test_final_model_trains_the_cv_median_best_epoch():
+    """With early stopping, the final model (no validation fold to stop on) trains the median of
+    the folds' best epochs, rounded up and at least 1, per phase; without, the configured epochs."""
+    from covidxray.train import final_epochs
+
+    folds = pd.DataFrame({"best_epoch": [3.0, 7.0, 4.0]})
+    assert final_epochs([25, 0], folds, early_stopping=True) == [4, 0]
+    assert final_epochs([25, 0], pd.DataFrame({"best_epoch": [3.0, 4.0]}), True) == [4, 0]  # 3.5 rounds up
+    assert final_epochs([25, 0], pd.DataFrame({"best_epoch": [0.0, 1.0]}), True) == [1, 0]  # at least 1
+    fine_tuned = pd.DataFrame({"best_epoch": [2.0, 6.0, 9.0], "best_epoch_fine_tune": [1.0, 2.0, 5.0]})
+    assert final_epochs([25, 5], fine_tuned, True) == [6, 2]
+    assert final_epochs([25, 5], fine_tuned, early_stopping=False) == [25, 5]
 
 
 def test_frozen_feature_cache_gives_the_same_model(tiny_data):
     """Training the head on cached backbone features == training the full model on images."""
-    from covidxray.train import Trainer, load_cv_data
+    from covidxray.config import train_settings
+    from covidxray.fitting import Trainer
+    from covidxray.train import load_cv_data
 
-    cfg = make_cfg(["experiment=smoke", "model=vgg16", "model.weights=none", "train.epochs=2",
-                    f"paths.curated={tiny_data['curated']}", f"paths.splits={tiny_data['splits']}"])
-    data = load_cv_data(cfg)
+    s = train_settings(make_cfg(["experiment=smoke", "model=vgg16", "model.weights=none", "train.epochs=2",
+                                 f"paths.curated={tiny_data['curated']}", f"paths.splits={tiny_data['splits']}"]))
+    data = load_cv_data(s.curated, s.splits, s.inputs, s.roles)
     train_idx = np.flatnonzero(data.rows["fold"].to_numpy() != 0)
     val_idx = np.flatnonzero(data.rows["fold"].to_numpy() == 0)
     probs = {}
     for cached in (True, False):
-        trainer = Trainer(cfg, data, verbose=0, feature_cache=cached)
+        trainer = Trainer(s.fit, data.images, data.y, len(data.classes), verbose=0, feature_cache=cached)
         assert trainer.uses_cache is cached
         model = trainer.new_model()
         trainer.fit(model, train_idx, val_idx, [2, 0])
@@ -154,12 +181,14 @@ def test_frozen_feature_cache_gives_the_same_model(tiny_data):
 
 
 def test_augmentation_runs_in_the_input_pipeline_for_training_only(tiny_data):
-    from covidxray.train import build_augmenter, make_dataset
+    from covidxray.config import augment_settings
+    from covidxray.inputs import build_augmenter, make_dataset
 
     cfg = make_cfg(["augment=standard"])
-    augmenter = build_augmenter(cfg.augment, seed=0)
+    augmenter = build_augmenter(augment_settings(cfg), seed=0)
     assert [layer.name for layer in augmenter.layers] == ["affine", "brightness", "contrast"]
-    assert [layer.name for layer in build_augmenter(make_cfg(["augment=tutorial"]).augment, 0).layers] == ["rotation"]
+    assert [layer.name for layer in build_augmenter(augment_settings(make_cfg(["augment=tutorial"])), 0).layers] \
+        == ["rotation"]
     images = np.load(tiny_data["curated"] / "images.npy")[:8]
     x, _ = next(iter(make_dataset(images, np.eye(2)[np.zeros(8, int)], None, 8, augmenter=augmenter)))
     plain = next(iter(make_dataset(images, None, None, 8)))
@@ -168,7 +197,7 @@ def test_augmentation_runs_in_the_input_pipeline_for_training_only(tiny_data):
     assert float(x.numpy().min()) >= 0.0 and float(x.numpy().max()) <= 255.0
     assert np.allclose(plain.numpy()[..., 0], images)
     # The fused warp with nothing to do is the identity; a 90 degree turn moves pixels as expected.
-    from covidxray.train import _random_affine_layer
+    from covidxray.inputs import random_affine_layer as _random_affine_layer
 
     batch = plain.numpy()
     assert np.allclose(_random_affine_layer()(0.0, 0.0, 0.0)(batch).numpy(), batch, atol=1e-3)
@@ -176,29 +205,33 @@ def test_augmentation_runs_in_the_input_pipeline_for_training_only(tiny_data):
     square[0, 0, 0, 0] = 255.0  # top-left corner: a turn by about +-90 degrees moves it to another corner
     turned = _random_affine_layer()(90.0, 0.0, 0.0, seed=1)(np.repeat(square, 16, axis=0)).numpy()
     assert (turned[:, 0, 0, 0] < 255.0).any()
-    assert build_augmenter(make_cfg(["augment=none"]).augment, 0) is None
+    assert build_augmenter(augment_settings(make_cfg(["augment=none"])), 0) is None
 
 
 def test_learning_rate_schedules():
-    from covidxray.train import make_optimizer, make_schedule
+    from covidxray.config import fit_settings
+    from covidxray.fitting import make_optimizer, make_schedule
 
-    tutorial = make_schedule(make_cfg(["optimizer.schedule=inverse_time"]).optimizer, 1e-3, epochs=25,
+    tutorial = make_schedule(make_cfg(["optimizer.schedule=inverse_time"]).optimizer.schedule, 1e-3, epochs=25,
                              steps_per_epoch=10)
     for step in (0, 1, 100):  # the tutorial's Adam(lr=1e-3, decay=1e-3 / 25), per step
         assert math.isclose(float(tutorial(step)), 1e-3 / (1 + 1e-3 / 25 * step), rel_tol=1e-5)
-    cosine = make_schedule(make_cfg(["optimizer.schedule=cosine"]).optimizer, 1e-3, epochs=2, steps_per_epoch=5)
+    cosine = make_schedule(make_cfg(["optimizer.schedule=cosine"]).optimizer.schedule, 1e-3, epochs=2,
+                           steps_per_epoch=5)
     assert math.isclose(float(cosine(0)), 1e-3, rel_tol=1e-5) and float(cosine(10)) < 1e-9
-    assert make_schedule(make_cfg([]).optimizer, 1e-3, 25, 10) == 1e-3
-    assert type(make_optimizer(make_cfg([]).optimizer, 1e-3, 25, 10)).__name__ == "Adam"
+    assert make_schedule(make_cfg([]).optimizer.schedule, 1e-3, 25, 10) == 1e-3
+    assert type(make_optimizer(fit_settings(make_cfg([])).optimizer, 1e-3, 25, 10)).__name__ == "Adam"
 
 
 def test_mirrored_strategy_runs_as_one_replica_on_cpu(tiny_data, tmp_path):
-    from covidxray.train import Trainer, load_cv_data
+    from covidxray.config import train_settings
+    from covidxray.fitting import Trainer
+    from covidxray.train import load_cv_data
 
-    cfg = make_cfg(["experiment=smoke", "train.distribute=mirrored",
-                    f"paths.curated={tiny_data['curated']}", f"paths.splits={tiny_data['splits']}"])
-    data = load_cv_data(cfg)
-    trainer = Trainer(cfg, data, verbose=0)
+    s = train_settings(make_cfg(["experiment=smoke", "train.distribute=mirrored",
+                                 f"paths.curated={tiny_data['curated']}", f"paths.splits={tiny_data['splits']}"]))
+    data = load_cv_data(s.curated, s.splits, s.inputs, s.roles)
+    trainer = Trainer(s.fit, data.images, data.y, len(data.classes), verbose=0)
     assert trainer.strategy.num_replicas_in_sync >= 1
     model = trainer.new_model()
     idx = np.arange(len(data.images))

@@ -43,14 +43,6 @@ if not OmegaConf.has_resolver("covidxray.run_id"):
     OmegaConf.register_new_resolver("covidxray.run_id", lambda: RUN_ID, use_cache=True)
 
 
-def conf_dir() -> Path:
-    """The project's conf/: the one in the working directory, else the one beside the package."""
-    here = Path.cwd() / "conf"
-    if (here / "config.yaml").exists():
-        return here
-    return Path(__file__).resolve().parents[2] / "conf"
-
-
 def _load(target: str):
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
@@ -101,6 +93,8 @@ def run_stage_with_hydra(stage: str, overrides: list[str]) -> None:
     """Run a stage as a Hydra app over conf/, so overrides, -m sweeps and launchers all work."""
     import hydra
 
+    from covidxray.config import conf_dir
+
     sys.argv = [f"covidxray {stage}", *overrides]
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
@@ -110,23 +104,13 @@ def run_stage_with_hydra(stage: str, overrides: list[str]) -> None:
     app()
 
 
-def compose(overrides: list[str] | None = None):
-    """The composed, resolved configuration (no Hydra run): what params.yaml holds."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        cfg = hydra_compose(config_name="config", overrides=overrides or [])
-    OmegaConf.resolve(cfg)
-    return cfg
-
-
 def params_cli(argv: list[str]) -> int:
     """`covidxray params [OVERRIDES...] [--out FILE]`: write the composed conf/ (as DVC does)."""
     import argparse
 
     from dvc.utils.hydra import compose_and_dump
+
+    from covidxray.config import conf_dir
 
     parser = argparse.ArgumentParser(prog="covidxray params", description=params_cli.__doc__)
     parser.add_argument("overrides", nargs="*")

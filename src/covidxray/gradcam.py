@@ -1,8 +1,8 @@
 """Grad-CAM: where in the X-ray the model looked, for any backbone the project builds.
 
 The model's layout (models.py): Input -> "preprocess" -> nested "backbone" Model (last conv
-feature map, 4-D) -> head layers. We replay that chain under a GradientTape watching the
-backbone's output, so no backbone-specific layer names are needed.
+feature map, 4-D) -> head layers (models.model_parts). We replay that chain under a GradientTape
+watching the backbone's output, so no backbone-specific layer names are needed.
 """
 from __future__ import annotations
 
@@ -10,17 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-PREPROCESS, BACKBONE = "preprocess", "backbone"
-
-
-def _split_layers(model):
-    """(layers up to and including the backbone, head layers after it), skipping the Input."""
-    names = [layer.name for layer in model.layers]
-    if BACKBONE not in names:
-        raise ValueError(f"Grad-CAM needs a nested '{BACKBONE}' model; layers: {', '.join(names)}")
-    k = names.index(BACKBONE)
-    body = [layer for layer in model.layers[:k + 1] if type(layer).__name__ != "InputLayer"]
-    return body, list(model.layers[k + 1:])
+from covidxray.metrics import pyplot
+from covidxray.models import model_parts
 
 
 def _class_scores(head, features, class_index: int):
@@ -55,16 +46,14 @@ def gradcam(model, images: np.ndarray, class_index: int = -1, batch_size: int = 
     if x.ndim == 3:
         x = x[..., None]
     n, height, width = x.shape[:3]
-    body, head = _split_layers(model)
+    preprocess, backbone, head = model_parts(model)
     n_classes = int(model.output_shape[-1])
     class_index = class_index % n_classes
     maps = []
     for start in range(0, n, batch_size):
         batch = tf.convert_to_tensor(x[start:start + batch_size])
         with tf.GradientTape() as tape:
-            h = batch
-            for layer in body:
-                h = layer(h, training=False)
+            h = backbone(preprocess(batch), training=False)
             if len(h.shape) != 4:
                 raise ValueError(f"the backbone's output must be a 4-D feature map, got shape {h.shape}")
             tape.watch(h)
@@ -105,11 +94,7 @@ def save_overlay(image: np.ndarray, cam: np.ndarray, path: Path) -> Path:
 def figure(groups: dict[str, list[tuple[np.ndarray, np.ndarray, str]]], path: Path, per_row: int) -> Path:
     """One PNG with a row per group (e.g. true positives, false positives, false negatives) of
     (image, cam, caption) overlays; an empty group says so."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows, cols = max(1, len(groups)), max(1, int(per_row))
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
     for r, (name, items) in enumerate(groups.items()):

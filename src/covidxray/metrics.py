@@ -8,6 +8,9 @@ called positive iff its score >= threshold.
 """
 from __future__ import annotations
 
+import math
+from numbers import Real
+
 import numpy as np
 import pandas as pd
 
@@ -17,6 +20,15 @@ THRESHOLD_METHODS = ("youden", "sensitivity")
 # Figures of a binary (or one-vs-rest) decision; "accuracy" is added by classification_metrics.
 BINARY_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "auc", "pr_auc", "brier", "ece")
 METRICS = ("accuracy",) + BINARY_METRICS
+# What a training run reports per CV fold (as cv_<m>_mean/_std) and on its out-of-fold predictions.
+FOLD_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "loss", "best_epoch", "wall_s", "images_per_s")
+OOF_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "pr_auc", "brier", "ece")
+
+
+def training_metric_names() -> tuple[str, ...]:
+    """The metrics a training run reports (metrics.json, the parent MLflow run, sweep objectives)."""
+    names = [f"cv_{m}_{s}" for m in FOLD_METRICS for s in ("mean", "std")]
+    return tuple(names + [f"oof_{m}" for m in OOF_METRICS] + ["threshold"])
 
 
 # -- threshold ---------------------------------------------------------------------------------
@@ -223,6 +235,30 @@ def _merge(parts: list[dict]) -> dict:
             for k, v in first.items()}
 
 
+def fold_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """A CV fold's validation figures: covid-vs-rest AUC, and accuracy/sensitivity/specificity at
+    the default decision (covid iff p_covid >= 0.5), plus the log loss."""
+    from sklearn.metrics import log_loss
+
+    found = classification_metrics(y, probs, 0.5)
+    out = {m: float(found[m][0]) for m in ("auc", "accuracy", "sensitivity", "specificity")}
+    out["loss"] = float(log_loss(y, np.clip(probs, 1e-7, 1.0), labels=list(range(probs.shape[1]))))
+    return out
+
+
+def finite_metrics(result: dict, prefix: str = "") -> dict[str, float]:
+    """The finite numeric leaves of a (nested) metrics dict as MLflow metric names: nested keys
+    joined by '_', spaces as '_'; None, NaN, infinities, booleans and text are left out."""
+    out = {}
+    for key, value in result.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(finite_metrics(value, name + "_"))
+        elif isinstance(value, Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value):
+            out[name.replace(" ", "_")] = float(value)
+    return out
+
+
 # -- curves (for plots) ---------------------------------------------------------------------------
 
 def curves(y_binary, scores, n_bins: int = 10) -> dict[str, pd.DataFrame]:
@@ -253,13 +289,21 @@ def curves(y_binary, scores, n_bins: int = 10) -> dict[str, pd.DataFrame]:
     return out
 
 
-def confusion_figure(matrix: np.ndarray, classes: list[str], title: str, xlabel: str = "predicted"):
-    """A labelled confusion-matrix heat map (rows actual, columns predicted) as a matplotlib figure."""
+# -- figures -------------------------------------------------------------------------------------
+
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (no display on servers and CI)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def confusion_figure(matrix: np.ndarray, classes: list[str], title: str, xlabel: str = "predicted"):
+    """A labelled confusion-matrix heat map (rows actual, columns predicted) as a matplotlib figure."""
+    plt = pyplot()
     k = len(classes)
     fig, ax = plt.subplots(figsize=(1.6 + 1.1 * k, 1.4 + 1.1 * k))
     ax.imshow(matrix, cmap="Blues")
@@ -269,5 +313,20 @@ def confusion_figure(matrix: np.ndarray, classes: list[str], title: str, xlabel:
                     color="white" if matrix[i, j] > matrix.max() / 2 else "black")
     ax.set(xticks=range(k), yticks=range(k), xticklabels=classes, yticklabels=classes,
            xlabel=xlabel, ylabel="actual", title=title)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves_figure(history: pd.DataFrame, title: str):
+    """Loss, accuracy and AUC per epoch (train, and validation where there is one) side by side."""
+    fig, axes = pyplot().subplots(1, 3, figsize=(12, 3.5))
+    for ax, metric in zip(axes, ("loss", "accuracy", "auc")):
+        ax.plot(history["epoch"], history[metric], "o-", label="train")
+        if history[f"val_{metric}"].notna().any():
+            ax.plot(history["epoch"], history[f"val_{metric}"], "o-", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend()
+    fig.suptitle(f"{title}: training curves")
     fig.tight_layout()
     return fig

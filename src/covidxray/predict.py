@@ -271,7 +271,7 @@ def validate(set_path: Path, model_spec: str, out_dir: Path, *, tracking_uri=Non
 
 def validate_cli(argv: list[str]) -> int:
     """`covidxray validate PATH --model M [--out DIR]`: test-set figures on a labelled external set."""
-    from covidxray.cli import compose
+    from covidxray.config import compose
 
     parser = argparse.ArgumentParser(prog="covidxray validate", description=validate_cli.__doc__)
     parser.add_argument("path", help="a folder with one sub-folder per class, or a CSV with path, label"

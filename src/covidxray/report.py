@@ -93,19 +93,10 @@ def write_plots(plots_dir: Path, frame, y, probs, pred, classes, n_bins: int) ->
     return tables
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def write_figures(fig_dir: Path, y, probs, pred, classes, threshold: float, tables: dict, n_bins: int) -> None:
     """roc.png, precision_recall.png (one-vs-rest per class, covid's operating point marked),
     calibration.png (covid's reliability diagram) and confusion.png."""
-    plt = _pyplot()
+    plt = M.pyplot()
     k = len(classes)
     shown = [k - 1] if k == 2 else list(range(k))
     covid = y == k - 1
@@ -335,18 +326,6 @@ def model_card(result: dict, meta: dict, report_text: str, partition: str, conte
 
 # -- MLflow ----------------------------------------------------------------------------------------
 
-def flat_metrics(result: dict, prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of the metrics dict as MLflow metric names (nested keys joined by '_')."""
-    out = {}
-    for key, value in result.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flat_metrics(value, name + "_"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            out[name.replace(" ", "_")] = float(value)
-    return out
-
-
 def log_to_mlflow(out_dir: Path, result: dict, tracking_uri: str | None, experiment: str,
                   run_id: str | None = None, tags: dict | None = None, run_name: str | None = None,
                   artifact_path: str = "evaluation", metric_prefix: str = "") -> str:
@@ -371,7 +350,7 @@ def log_to_mlflow(out_dir: Path, result: dict, tracking_uri: str | None, experim
         if tags:
             mlflow.set_tags(tags)
         mlflow.log_metrics({(k if k.startswith(metric_prefix) else metric_prefix + k): v
-                            for k, v in flat_metrics(result).items() if not k.startswith("bootstrap_")})
+                            for k, v in M.finite_metrics(result).items() if not k.startswith("bootstrap_")})
         mlflow.log_artifacts(str(out_dir), artifact_path=artifact_path)
         return run.info.run_id
 

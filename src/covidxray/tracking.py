@@ -149,6 +149,27 @@ def context_tags() -> dict[str, str]:
     return tags
 
 
+def run_name(base: str) -> str:
+    """A run name that says what differs: the experiment preset and the command-line overrides
+    of a Hydra run or sweep job (where-to keys paths.* and mlflow.* left out), else the DVC
+    experiment's name or "pipeline"; then `base` (e.g. "smoke model.head.dense_units=4 (small_cnn-cv2)")."""
+    parts: list[str] = []
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            hc = HydraConfig.get()
+            parts.append(str(hc.runtime.choices.get("experiment") or "default"))
+            parts += [o for o in hc.overrides.task
+                      if not o.lstrip("+~").startswith(("experiment=", "paths.", "mlflow."))]
+    except (ImportError, ValueError):
+        pass
+    if not parts:
+        parts.append(f"exp {os.environ['DVC_EXP_NAME']}" if os.environ.get("DVC_EXP_NAME") else "pipeline")
+    label = " ".join(parts)
+    return f"{label if len(label) <= 200 else label[:197] + '...'} ({base})"
+
+
 def configure_exclusive(configured_uri: str | None, experiment: str) -> str:
     """`configure`, holding a lock file beside a local SQLite store while it runs: parallel sweep
     jobs (joblib launcher) would otherwise race to create the store's tables or the experiment."""

@@ -5,208 +5,93 @@ For each CV fold k (cv.folds: all | the first n): train on the other folds, vali
 predictions. The decision threshold is chosen on the OOF predictions (train.threshold: youden |
 sensitivity) and saved with the model. Then the final model is trained on all non-test images
 with the same config, for the CV's median best epoch when early stopping is on. The test
-partition is never read here.
+partition is never read here. `run` is the recipe; the fitting itself is fitting.Trainer's.
 
-Outputs (DVC: paths.models and paths.reports/cv; as a Hydra app: the job's output directory):
+Outputs (DVC: paths.models and paths.reports/cv; as a Hydra app: the job's output directory),
+installed together (fileset): a reader sees all old files or all new ones, also after a kill.
   models/model.keras       the final model (models.py layout; loads after `import covidxray.models`)
   models/model.json        classes, image_size, resize, threshold, threshold_method, model, MLflow ids
   reports/cv/oof.csv       image_id, patient_id, label, y, fold, p_<class>...
+  reports/cv/folds.csv     per fold: auc, accuracy, sensitivity, specificity, loss, best_epoch, ...
   reports/cv/metrics.json  cv_<metric>_mean/_std over folds, oof_<metric> at the threshold, threshold
   reports/cv/history.csv   fold, epoch, loss, val_loss, accuracy, val_accuracy, auc, val_auc, phase
 
 MLflow: one parent run (resolved config as params, aggregate metrics, code/data/run tags, the
-config as an artifact, the registered final model) with one nested run per fold (per-epoch
-curves, confusion matrix and training-curve figures).
-
-Frozen-feature cache: with a frozen base and no augmentation, the backbone's output does not
-change during training, so it is computed once per image (for all folds and the final model) and
-only the head is trained on it; the full model then carries the trained head (shared layers).
+config as an artifact, the final model) with one nested run per fold (per-epoch curves,
+confusion matrix and training-curve figures). The run name says what differs: the experiment
+preset and the overrides. The final model is registered (mlflow.registered_model) when the
+pipeline runs the stage (`--params`: dvc repro, dvc exp run), or from anywhere with
+mlflow.register=true, and the pipeline's latest version gets the alias `champion`.
 `main` returns the value of `optimized_metric` (default cv_auc_mean) for Hydra sweepers.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from covidxray import CovidXrayError
+from covidxray import CovidXrayError, config, fileset, tracking
+from covidxray.config import TrainSettings
 from covidxray.outputs import json_safe
+from covidxray.fitting import Trainer
+from covidxray.metrics import (FOLD_METRICS, OOF_METRICS, choose_threshold, classification_metrics,
+                               confusion_figure, decide, finite_metrics, fold_metrics, training_curves_figure)
 
-OPTIMIZERS = ("adam",)
-SCHEDULES = ("constant", "inverse_time", "cosine")
-AUGMENTS = ("none", "tutorial", "standard")
-CLASS_WEIGHTS = ("balanced", "none")
-THRESHOLDS = ("youden", "sensitivity")
-DISTRIBUTE = ("none", "mirrored")
-HISTORY_COLUMNS = ["fold", "epoch", "loss", "val_loss", "accuracy", "val_accuracy", "auc", "val_auc", "phase"]
-FOLD_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "loss", "best_epoch", "wall_s", "images_per_s")
-OOF_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "pr_auc", "brier", "ece")
-DEFAULT_OPTIMIZED_METRIC = "cv_auc_mean"
-EVAL_BATCH = 64
+CHAMPION = "champion"  # the registry alias of the pipeline's latest model
 
 
-# -- configuration checks (before any data is read or model trained) --------------------------------
+# -- the stage --------------------------------------------------------------------------------------
 
-def _fail(key: str, allowed: str, got) -> None:
-    raise CovidXrayError(f"{key} must be {allowed}, got {got!r}")
-
-
-def _int(cfg, key: str, minimum: int, allowed: str | None = None) -> int:
-    value = _get(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < minimum:
-        _fail(key, allowed or f"an integer >= {minimum}", value)
-    return int(value)
-
-
-def _num(cfg, key: str, lo: float, hi: float, lo_open: bool, hi_open: bool, allowed: str) -> float:
-    value = _get(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(key, allowed, value)
-    if (value <= lo if lo_open else value < lo) or (value >= hi if hi_open else value > hi):
-        _fail(key, allowed, value)
-    return float(value)
-
-
-def _choice(cfg, key: str, allowed: tuple) -> str:
-    value = _get(cfg, key)
-    if value not in allowed:
-        _fail(key, f"one of {', '.join(allowed)}", value)
-    return str(value)
-
-
-def _get(cfg, key: str):
-    node = cfg
-    for part in key.split("."):
-        if node is None or not hasattr(node, "get"):
-            return None
-        node = node.get(part)
-    return node
-
-
-def check_config(cfg) -> None:
-    """Reject any training config value no run can honour: a CovidXrayError naming the key and
-    what is allowed, raised before anything is read or trained."""
-    from covidxray import models
-
-    name = _choice(cfg, "model.name", models.MODEL_NAMES)
-    size = _int(cfg, "data.image_size", 1, "a positive integer (pixels)")
-    weights = _get(cfg, "model.weights")
-    weights = "none" if weights is None else str(weights)
-    pretrained = models.is_pretrainable(name)
-    if weights not in ("imagenet", "none") and not Path(weights).is_file():
-        _fail("model.weights", "imagenet, none, or the path of an existing weights file", weights)
-    if weights == "imagenet" and not pretrained:
-        _fail("model.weights", f"none or a weights file path for {name} (it has no ImageNet weights)", weights)
-    if not isinstance(_get(cfg, "model.freeze_base"), bool):
-        _fail("model.freeze_base", "true or false", _get(cfg, "model.freeze_base"))
-    filters = _get(cfg, "model.filters") or [16, 32, 64, 64]
-    if name == "small_cnn":
-        if not all(isinstance(f, int) and not isinstance(f, bool) and f >= 1 for f in filters) or not filters:
-            _fail("model.filters", "a non-empty list of positive integers", list(filters))
-        fmap = models.feature_map_size(name, size, filters)
-        if fmap < 1:
-            raise CovidXrayError(
-                f"data.image_size={size} is too small for model.filters={list(filters)}: {len(filters)} "
-                f"2x2 poolings need at least {2 ** len(filters)} px (allowed: data.image_size >= "
-                f"{2 ** len(filters)}, or fewer model.filters)")
-    elif size < models.MIN_IMAGENET_SIZE:
-        raise CovidXrayError(
-            f"data.image_size={size} is too small for model.name={name}: ImageNet backbones take "
-            f"inputs of at least {models.MIN_IMAGENET_SIZE} px (allowed: data.image_size >= "
-            f"{models.MIN_IMAGENET_SIZE})")
-    _int(cfg, "model.head.pool_size", 1)
-    _int(cfg, "model.head.dense_units", 1)
-    _num(cfg, "model.head.dropout", 0.0, 1.0, False, True, "a number in [0, 1)")
-    unfreeze = _int(cfg, "model.fine_tune.unfreeze_top", 0)
-    _int(cfg, "model.fine_tune.epochs", 0)
-    _num(cfg, "model.fine_tune.lr_factor", 0.0, math.inf, True, True, "a number > 0")
-    if unfreeze > 0 and not _get(cfg, "model.freeze_base"):
-        raise CovidXrayError("model.fine_tune.unfreeze_top > 0 needs model.freeze_base=true "
-                             "(a second phase after training the head on a frozen base)")
-    if unfreeze > 0 and not pretrained:
-        raise CovidXrayError(f"model.fine_tune.unfreeze_top must be 0 for {name} (nothing pretrained to unfreeze)")
-
-    _choice(cfg, "optimizer.name", OPTIMIZERS)
-    _num(cfg, "optimizer.lr", 0.0, math.inf, True, True, "a number > 0")
-    _choice(cfg, "optimizer.schedule", SCHEDULES)
-
-    aug = _choice(cfg, "augment.name", AUGMENTS)
-    if aug in ("tutorial", "standard"):
-        _num(cfg, "augment.rotation_deg", 0.0, 180.0, False, False, "a number of degrees in [0, 180]")
-    if aug == "standard":
-        for key in ("shift", "zoom", "brightness", "contrast"):
-            _num(cfg, f"augment.{key}", 0.0, 1.0, False, True, "a fraction in [0, 1)")
-    if _get(cfg, "augment.horizontal_flip") not in (None, False, True):
-        _fail("augment.horizontal_flip", "true or false", _get(cfg, "augment.horizontal_flip"))
-
-    _int(cfg, "train.epochs", 1)
-    _int(cfg, "train.batch_size", 1)
-    if _get(cfg, "train.steps_per_execution") is not None:
-        _int(cfg, "train.steps_per_execution", 1)
-    if not isinstance(_get(cfg, "train.early_stopping.enabled"), bool):
-        _fail("train.early_stopping.enabled", "true or false", _get(cfg, "train.early_stopping.enabled"))
-    _int(cfg, "train.early_stopping.patience", 0)
-    _choice(cfg, "train.class_weights", CLASS_WEIGHTS)
-    _choice(cfg, "train.threshold", THRESHOLDS)
-    _num(cfg, "train.target_sensitivity", 0.0, 1.0, True, False, "a number in (0, 1]")
-    if not isinstance(_get(cfg, "train.deterministic"), bool):
-        _fail("train.deterministic", "true or false", _get(cfg, "train.deterministic"))
-    _choice(cfg, "train.distribute", DISTRIBUTE)
-
-    folds = _get(cfg, "cv.folds")
-    if folds != "all":
-        if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
-            _fail("cv.folds", "all or an integer >= 2", folds)
-        split_folds = _get(cfg, "split.folds")
-        if isinstance(split_folds, int) and folds > split_folds:
-            _fail("cv.folds", f"all or an integer in [2, split.folds={split_folds}]", folds)
-    if not isinstance(_get(cfg, "cv.final_model"), bool):
-        _fail("cv.final_model", "true or false", _get(cfg, "cv.final_model"))
-    if _get(cfg, "split.folds") is not None:
-        _int(cfg, "split.folds", 2)
-    _int(cfg, "seed", 0, "an integer >= 0")
-    check_data_config(cfg)
-    wanted = cfg.get("optimized_metric") if hasattr(cfg, "get") else None
-    if wanted is not None and wanted not in metric_names():
-        _fail("optimized_metric", f"one of {', '.join(metric_names())}", wanted)
+def run(cfg) -> dict:
+    """Cross-validate, pick the threshold, train and register the final model, write the outputs.
+    Returns the metrics (as in metrics.json) plus run ids."""
+    s = config.train_settings(cfg)  # every key checked before anything is read (or TensorFlow loads)
+    data = load_cv_data(s.curated, s.splits, s.inputs, s.roles, s.balance, s.fit.seed, s.cv_folds, s.task)
+    trainer = make_trainer(s, data)
+    models_dir, cv_dir = output_dirs(s.models, s.reports)
+    pipeline = config.hydra_output_dir() is None  # run on params.yaml by DVC, not as a Hydra app
+    register_as = s.registered_model if (pipeline if s.register is None else s.register) else None
+    experiment_id = tracking.configure_exclusive(s.tracking_uri, s.experiment)
+    epochs = [s.fit.epochs, s.fit.model.fine_tune.epochs if trainer.fine_tunes else 0]
+    wall = time.perf_counter()
+    with parent_run(cfg, s.fit.model.name, len(data.folds)) as parent_id:
+        cv = cross_validate(trainer, data, epochs, parent_id)
+        metrics = summarise_folds(cv.folds)
+        oof = oof_table(data, cv.oof)
+        metrics.update(threshold_on_oof(oof, data.classes, s.threshold, s.target_sensitivity))
+        metrics.update(cv_seconds=time.perf_counter() - wall, feature_cache_s=trainer.cache_seconds)
+        log_cv(metrics, s.threshold)
+        model = None
+        if s.final_model:
+            epochs = final_epochs(epochs, cv.folds, s.fit.early_stopping)
+            model, found = fit_final(trainer, epochs, parent_id)
+            metrics.update(found)
+        meta = model_meta(s, data.classes, metrics["threshold"], parent_id, experiment_id)
+        if model is not None:
+            meta.update(register(model, meta, data.images[:1], register_as),
+                        epochs=epochs[0], **({"fine_tune_epochs": epochs[1]} if trainer.fine_tunes else {}))
+        metrics["train_seconds"] = time.perf_counter() - wall
+        write_outputs(models_dir, cv_dir, cv, oof, metrics, model, meta)
+        if pipeline and meta.get("registered_version"):
+            crown(meta["registered_model"], meta["registered_version"])
+    print(f"train: wrote {cv_dir}/{{oof.csv,folds.csv,metrics.json,history.csv}}"
+          + (f" and {models_dir}/model.{{keras,json}}" if model is not None else "")
+          + f"; MLflow run {parent_id} ({metrics['train_seconds']:.0f}s)")
+    return {**metrics, "mlflow_run_id": parent_id, "registered_version": meta.get("registered_version")}
 
 
-def check_data_config(cfg) -> None:
-    """The data.* keys training reads: task, sources (roles), balance and the input steps."""
-    from covidxray import images as imgs
-    from covidxray import sources
-
-    task = _choice(cfg, "data.task", tuple(sources.TASKS))
-    sources.check_roles(sources.as_roles(_get(cfg, "data.sources")), sources.TASKS[task])
-    _choice(cfg, "data.balance", sources.BALANCE)
-    imgs.input_spec(*(_get(cfg, f"data.{k}") for k in imgs.INPUT_KEYS))
-
-
-def images_spec(data) -> dict:
-    """The input steps saved with the model (image_size, resize, store_size, normalize, crop_border)."""
-    from covidxray import images as imgs
-
-    return imgs.input_spec(*(data.get(k) for k in imgs.INPUT_KEYS))
-
-
-def sources_of(data) -> dict:
-    """The model's training and external collections per class, saved with it."""
-    from covidxray import sources
-
-    return sources.as_roles(data.get("sources"))
-
-
-def metric_names() -> tuple[str, ...]:
-    """The metrics a training run reports (metrics.json, the parent MLflow run, sweep objectives)."""
-    names = [f"cv_{m}_{s}" for m in FOLD_METRICS for s in ("mean", "std")]
-    return tuple(names + [f"oof_{m}" for m in OOF_METRICS] + ["threshold"])
+def main(cfg) -> float:
+    """Stage entry (DVC, Hydra app or sweep): returns cfg.optimized_metric (default cv_auc_mean)
+    for Hydra sweepers such as Optuna."""
+    result = run(cfg)  # checks the config (optimized_metric included) first
+    return float(result[str(cfg.get("optimized_metric") or config.DEFAULT_OPTIMIZED_METRIC)])
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -224,442 +109,290 @@ class CVData:
         return self.rows["y"].to_numpy().astype(int)
 
 
-def load_cv_data(cfg) -> CVData:
-    """The curated images of the CV partition joined with their folds; the test partition is
-    dropped here and never seen by training."""
-    from covidxray.images import load_curated, load_splits, with_splits
-
+def load_cv_data(curated: Path, splits: Path, inputs: dict, roles: dict, balance: str = "none", seed: int = 0,
+                 folds: int | None = None, task: str | None = None) -> CVData:
+    """The curated images of the CV partition of the training collections (`roles["train"]`),
+    balanced as asked, joined with their folds (the first `folds`, or all), as model inputs
+    (`inputs`: images.input_spec); the test partition and the external collections are dropped
+    here and never seen by training. With `task`, the curated classes must be that task's."""
     from covidxray import sources
-    from covidxray.images import prepare
+    from covidxray.images import load_curated, load_splits, prepare, with_splits
 
-    images, index, classes = load_curated(cfg.paths.curated)
-    splits = load_splits(cfg.paths.splits)
-    roles = sources.as_roles(cfg.data.sources)
-    sources.check_present({"train": roles["train"]}, index, cfg.paths.curated)
-    joined = with_splits(index[["image_id", "patient_id", "label", "y", "source"]], splits, cfg.paths.splits)
+    images, index, classes = load_curated(curated)
+    if task is not None and list(classes) != list(config.TASKS[task]):
+        raise CovidXrayError(
+            f"data.task={task} but the curated data in {curated} holds the classes {', '.join(classes)}: "
+            f"re-run curate (`dvc repro curate`) or set data.task to the task it was curated for")
+    sources.check_present({"train": roles["train"]}, index, curated)
+    joined = with_splits(index[["image_id", "patient_id", "label", "y", "source"]], load_splits(splits), splits)
     chosen = joined[(joined["partition"] == "cv").to_numpy() & sources.in_role(joined, roles["train"])]
-    chosen = sources.balance(chosen, str(cfg.data.balance), int(cfg.seed))
-    keep = chosen.index.to_numpy()
+    keep = sources.balance(chosen, balance, seed).index.to_numpy()
     rows = joined.iloc[keep].drop(columns=["partition", "source"]).reset_index(drop=True)
     rows["fold"] = rows["fold"].astype(int)
-    folds = sorted(rows["fold"].unique().tolist())
-    if len(folds) < 2 or folds != list(range(len(folds))):
-        raise CovidXrayError(f"{cfg.paths.splits}: CV folds must be 0..K-1 with K >= 2, found {folds}")
-    wanted = cfg.cv.folds
-    if wanted != "all":
-        if int(wanted) > len(folds):
-            _fail("cv.folds", f"all or an integer in [2, {len(folds)}] (the folds in {cfg.paths.splits})", wanted)
-        folds = folds[: int(wanted)]
+    found = sorted(rows["fold"].unique().tolist())
+    if len(found) < 2 or found != list(range(len(found))):
+        raise CovidXrayError(f"{splits}: CV folds must be 0..K-1 with K >= 2, found {found}")
+    if folds is not None:
+        if folds > len(found):
+            config.fail("cv.folds", f"all or an integer in [2, {len(found)}] (the folds in {splits})", folds)
+        found = found[:folds]
     y = rows["y"].to_numpy()
     if len(classes) < 2 or y.min() < 0 or y.max() >= len(classes):
         raise CovidXrayError(f"curated labels y must index the classes {classes}")
-    for k in folds:
+    for k in found:
         present = set(rows.loc[rows["fold"] == k, "y"])
         if len(present) < 2:
             raise CovidXrayError(f"CV fold {k} holds only class {sorted(present)}: cannot validate on it")
-    d = cfg.data
-    pixels = prepare(images[keep], int(d.image_size), str(d.normalize), float(d.crop_border))
-    return CVData(pixels, rows, list(classes), folds)
+    pixels = prepare(images[keep], inputs["image_size"], inputs["normalize"], inputs["crop_border"])
+    return CVData(pixels, rows, list(classes), found)
 
 
-# -- input pipeline, augmentation, optimizer ----------------------------------------------------------
-
-def _random_affine_layer():
-    """RandomAffine: rotation, translation and zoom drawn per image and applied as ONE projective
-    warp (bilinear, nearest fill), instead of one warp per Keras layer: the same kinds of change
-    at a third of the resampling cost (each warp costs as much as a small CNN's training step on
-    a 2-core CPU)."""
-    import keras
+def make_trainer(s: TrainSettings, data: CVData) -> Trainer:
+    """The Trainer of these settings, after the checks that need TensorFlow: the ImageNet file
+    (fail now, not after the first fold, when offline), op determinism when asked for."""
     import tensorflow as tf
 
-    class RandomAffine(keras.layers.Layer):
-        def __init__(self, rotation_deg=0.0, shift=0.0, zoom=0.0, seed=None, **kwargs):
-            super().__init__(**kwargs)
-            self.rotation = float(rotation_deg) * math.pi / 180.0
-            self.shift, self.zoom, self.seed = float(shift), float(zoom), seed
+    from covidxray import models
 
-        def call(self, images, training=True):
-            if not training:
-                return images
-            shape = tf.shape(images)
-            n, h, w = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
-
-            def uniform(limit, offset):
-                seed = None if self.seed is None else self.seed + offset
-                return tf.random.uniform([n], -limit, limit, seed=seed)
-
-            theta = uniform(self.rotation, 0)
-            scale = 1.0 / (1.0 + uniform(self.zoom, 1))  # output -> input: > 1 shows more (zoom out)
-            tx, ty = uniform(self.shift, 2) * w, uniform(self.shift, 3) * h
-            cos, sin = tf.cos(theta) * scale, tf.sin(theta) * scale
-            cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
-            # input point = A (output point - centre) + centre + shift, A = scale * rotation(theta)
-            transforms = tf.stack([cos, -sin, cx - cos * cx + sin * cy + tx,
-                                   sin, cos, cy - sin * cx - cos * cy + ty,
-                                   tf.zeros([n]), tf.zeros([n])], axis=1)
-            return tf.raw_ops.ImageProjectiveTransformV3(
-                images=images, transforms=transforms, output_shape=shape[1:3], fill_value=0.0,
-                interpolation="BILINEAR", fill_mode="NEAREST")
-
-        def compute_output_shape(self, input_shape):
-            return input_shape
-
-    return RandomAffine
+    model = s.fit.model
+    if model.weights == "imagenet":
+        models.build_backbone(model.name, s.fit.image_size, "imagenet", imagenet_file=model.imagenet_file)
+    if s.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    trainer = Trainer(s.fit, data.images, data.y, len(data.classes))
+    print(f"train: {model.name} ({model.weights}, {'frozen' if model.freeze_base else 'trainable'} base), "
+          f"{len(data.images)} CV images at {s.fit.image_size} px, folds {data.folds}, augment "
+          f"{s.fit.augment.name}, feature cache {'on' if trainer.uses_cache else 'off'}, "
+          f"{trainer.strategy.num_replicas_in_sync} replica(s)")
+    return trainer
 
 
-def build_augmenter(aug_cfg, seed: int):
-    """Augmentation layers for augment.name (None for none); they run in the tf.data map, on the
-    fly, for training batches only. Fill mode "nearest", as ImageDataGenerator's.
-
-    tutorial: Keras RandomRotation (the tutorial's rotation_range). standard: one fused
-    RandomAffine warp (rotation + shift + zoom), then Keras RandomBrightness and RandomContrast."""
-    import keras
-    from keras import layers
-
-    name = aug_cfg.get("name", "none")
-    if name == "none":
-        return None
-    rotation = float(aug_cfg.get("rotation_deg", 0))
-    steps = []
-    if name == "tutorial" and rotation > 0:
-        steps.append(layers.RandomRotation(rotation / 360.0, fill_mode="nearest", seed=seed, name="rotation"))
-    if name == "standard":
-        shift, zoom = float(aug_cfg.get("shift", 0)), float(aug_cfg.get("zoom", 0))
-        if rotation > 0 or shift > 0 or zoom > 0:
-            steps.append(_random_affine_layer()(rotation, shift, zoom, seed=seed, name="affine"))
-        if float(aug_cfg.get("brightness", 0)) > 0:
-            steps.append(layers.RandomBrightness(float(aug_cfg.brightness), value_range=(0, 255),
-                                                 seed=seed + 3, name="brightness"))
-        if float(aug_cfg.get("contrast", 0)) > 0:
-            steps.append(layers.RandomContrast(float(aug_cfg.contrast), value_range=(0, 255),
-                                               seed=seed + 4, name="contrast"))
-    if aug_cfg.get("horizontal_flip", False):
-        steps.append(layers.RandomFlip("horizontal", seed=seed + 5, name="flip"))
-    return keras.Sequential(steps, name="augment") if steps else None
-
-
-def make_dataset(x: np.ndarray, y_onehot: np.ndarray | None, weights: np.ndarray | None, batch_size: int,
-                 shuffle: bool = False, seed: int = 0, augmenter=None):
-    """A tf.data pipeline over in-memory arrays: shuffled indices -> batches -> gather (uint8
-    images become float32 (B, S, S, 1) raw pixels) -> augmentation -> prefetch.
-
-    x is uint8 images (N, S, S) or cached float features (N, h, w, c). Yields (x, y, w) with
-    weights, (x, y) without, or x alone without labels."""
-    import tensorflow as tf
-
-    n = len(x)
-    data = tf.convert_to_tensor(x)
-    labels = None if y_onehot is None else tf.convert_to_tensor(y_onehot.astype(np.float32))
-    w = None if weights is None else tf.convert_to_tensor(weights.astype(np.float32))
-    is_image = x.dtype == np.uint8
-
-    def load(idx):
-        batch = tf.gather(data, idx)
-        if is_image:
-            batch = tf.cast(batch, tf.float32)[..., None]
-        if augmenter is not None:
-            batch = augmenter(batch, training=True)
-        if labels is None:
-            return batch
-        if w is None:
-            return batch, tf.gather(labels, idx)
-        return batch, tf.gather(labels, idx), tf.gather(w, idx)
-
-    ds = tf.data.Dataset.range(n)
-    if shuffle:
-        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE)
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
-
-
-def class_weights(y: np.ndarray, n_classes: int, mode: str) -> np.ndarray:
-    """Per-sample weights: balanced = n / (K * n_c) (sklearn's), none = ones."""
-    if mode == "none":
-        return np.ones(len(y), dtype=np.float32)
-    counts = np.bincount(y, minlength=n_classes).astype(float)
-    per_class = np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 0.0)
-    return per_class[y].astype(np.float32)
-
-
-def make_schedule(opt_cfg, lr: float, epochs: int, steps_per_epoch: int):
-    """The learning rate, per optimizer step: constant; inverse_time = the tutorial's
-    Adam(decay=lr/epochs), i.e. lr / (1 + lr/epochs * step); cosine = cosine decay to 0 over all
-    steps of the phase."""
-    import keras
-
-    schedule = opt_cfg.get("schedule", "constant")
-    if schedule == "inverse_time":
-        return keras.optimizers.schedules.InverseTimeDecay(lr, decay_steps=1, decay_rate=lr / max(1, epochs))
-    if schedule == "cosine":
-        return keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, epochs * steps_per_epoch))
-    return lr
-
-
-def make_optimizer(opt_cfg, lr: float, epochs: int, steps_per_epoch: int):
-    """Adam (optimizer.name) with the configured learning-rate schedule."""
-    import keras
-
-    return keras.optimizers.Adam(learning_rate=make_schedule(opt_cfg, lr, epochs, steps_per_epoch))
-
-
-def _compile(model, optimizer, n_classes: int, steps_per_execution: int = 1) -> None:
-    """Categorical cross-entropy; accuracy and AUC (macro over classes: for two classes, the
-    covid AUC) per epoch. steps_per_execution > 1 runs that many train steps per call into the
-    compiled graph (less per-step Python overhead; epoch-level results and callbacks unchanged)."""
-    import keras
-
-    model.compile(optimizer=optimizer, loss="categorical_crossentropy",
-                  metrics=["accuracy", keras.metrics.AUC(multi_label=True, num_labels=n_classes, name="auc")],
-                  steps_per_execution=int(steps_per_execution))
-
-
-# -- training -------------------------------------------------------------------------------------------
-
-def _epoch_logger(run_id: str | None, first_epoch: int = 1, prefix: str = ""):
-    """A Keras callback logging each epoch's metrics to one MLflow run (step = epoch number)."""
-    import keras
-
-    class EpochLogger(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if run_id is None:
-                return
-            from mlflow.entities import Metric
-            from mlflow.tracking import MlflowClient
-
-            stamp = int(time.time() * 1000)
-            metrics = [Metric(f"{prefix}{k}", float(v), stamp, first_epoch + epoch)
-                       for k, v in (logs or {}).items()
-                       if isinstance(v, (int, float, np.floating)) and math.isfinite(float(v))]
-            if metrics:
-                MlflowClient().log_batch(run_id, metrics=metrics)
-
-    return EpochLogger()
-
+# -- cross-validation -----------------------------------------------------------------------------
 
 @dataclass
-class FitResult:
-    history: pd.DataFrame
-    best_epochs: list[int]          # per phase, 1-based within the phase
-    epochs_run: int
-    seconds: float
-    images_seen: int
+class CVResult:
+    oof: np.ndarray          # (N, K) softmax outputs of each image's own validation fold (NaN: fold not run)
+    folds: pd.DataFrame      # one row per fold: its figures, best epoch, time
+    history: pd.DataFrame    # one row per fold and epoch (HISTORY_COLUMNS)
 
 
-@dataclass
-class Trainer:
-    """Builds and trains models of one config; holds the frozen-feature cache."""
-    cfg: object
-    data: CVData
-    strategy: object = None
-    cache: dict = field(default_factory=dict)
-    verbose: int = 2
-    feature_cache: bool = True    # False: always train the full model on images (for comparison)
-    cache_seconds: float = 0.0    # time spent computing cached features
-
-    def __post_init__(self):
-        import tensorflow as tf
-
-        if self.cfg.train.distribute == "mirrored":
-            self.strategy = tf.distribute.MirroredStrategy()
-        else:
-            self.strategy = tf.distribute.get_strategy()
-
-    # configuration shortcuts
-    @property
-    def n_classes(self) -> int:
-        return len(self.data.classes)
-
-    @property
-    def global_batch(self) -> int:
-        return int(self.cfg.train.batch_size) * int(self.strategy.num_replicas_in_sync)
-
-    @property
-    def uses_cache(self) -> bool:
-        """Frozen base + no augmentation: the base's output is fixed, train the head on it."""
-        return self.feature_cache and bool(self.cfg.model.freeze_base) and self.cfg.augment.name == "none"
-
-    @property
-    def fine_tunes(self) -> bool:
-        ft = self.cfg.model.fine_tune
-        return bool(self.cfg.model.freeze_base) and int(ft.unfreeze_top) > 0 and int(ft.epochs) > 0
-
-    def new_model(self):
-        """A freshly built model, seeded: every fold starts from the same initial weights."""
-        import keras
-
-        from covidxray import models
-
-        keras.utils.set_random_seed(int(self.cfg.seed))
-        with self.strategy.scope():
-            return models.build_model(self.cfg.model, int(self.cfg.data.image_size), self.n_classes)
-
-    def features(self, model) -> np.ndarray:
-        """The backbone's output for every CV image, computed once per distinct backbone."""
-        import keras
-
-        from covidxray import models
-
-        preprocess, backbone, _ = models.split_at_backbone(model)
-        digest = hashlib.sha1()
-        for w in backbone.get_weights():
-            digest.update(np.ascontiguousarray(w).tobytes())
-        key = digest.hexdigest()
-        if key not in self.cache:
-            inputs = keras.Input(model.input.shape[1:])
-            extractor = keras.Model(inputs, backbone(preprocess(inputs), training=False))
-            start = time.perf_counter()
-            ds = make_dataset(self.data.images, None, None, EVAL_BATCH)
-            self.cache[key] = np.asarray(extractor.predict(ds, verbose=0), dtype=np.float32)
-            took = time.perf_counter() - start
-            self.cache_seconds += took
-            print(f"train: frozen-feature cache: backbone run once over {len(self.data.images)} images "
-                  f"-> {self.cache[key].shape[1:]} in {took:.1f}s")
-        return self.cache[key]
-
-    def fit(self, model, train_idx: np.ndarray, val_idx: np.ndarray | None, epochs: list[int],
-            run_id: str | None = None, fold_label="final", log_prefix: str = "") -> FitResult:
-        """Train model on rows train_idx (validating on val_idx if given) for epochs[0] epochs,
-        then, when fine-tuning, epochs[1] more with the top of the base unfrozen."""
-        import keras
-
-        from covidxray import models
-
-        cfg, n_cls = self.cfg, self.n_classes
-        y = self.data.y
-        onehot = np.eye(n_cls, dtype=np.float32)
-        w = class_weights(y[train_idx], n_cls, cfg.train.class_weights)
-        seed = int(cfg.seed)
-        es_on = bool(cfg.train.early_stopping.enabled) and val_idx is not None
-        steps = math.ceil(len(train_idx) / self.global_batch)
-        histories, best, seen, run, start = [], [], 0, 0, time.perf_counter()
-        cache_before = self.cache_seconds
-
-        phases = [("head" if self.uses_cache else "train", epochs[0], float(cfg.optimizer.lr))]
-        if self.fine_tunes and len(epochs) > 1 and epochs[1] > 0:
-            phases.append(("fine_tune", epochs[1], float(cfg.optimizer.lr) * float(cfg.model.fine_tune.lr_factor)))
-        for phase, n_epochs, lr in phases:
-            cached = phase == "head"
-            if cached:
-                source = self.features(model)
-                with self.strategy.scope():  # Keras fits a model under the strategy it was made in
-                    target = models.split_at_backbone(model)[2]
-                augmenter = None
-            else:
-                source = self.data.images
-                target = model
-                augmenter = build_augmenter(cfg.augment, seed)
-                if phase == "fine_tune":
-                    models.set_fine_tune(model, int(cfg.model.fine_tune.unfreeze_top))
-            keras.utils.set_random_seed(seed + len(histories))
-            with self.strategy.scope():
-                _compile(target, make_optimizer(cfg.optimizer, lr, n_epochs, steps), n_cls,
-                         int(cfg.train.get("steps_per_execution", 1)))
-            train_ds = make_dataset(source[train_idx], onehot[y[train_idx]], w, self.global_batch,
-                                    shuffle=True, seed=seed, augmenter=augmenter)
-            val_ds = None
-            if val_idx is not None:
-                val_ds = make_dataset(source[val_idx], onehot[y[val_idx]], None, EVAL_BATCH)
-            callbacks = [_epoch_logger(run_id, first_epoch=run + 1, prefix=log_prefix)]
-            stopper = None
-            if es_on:
-                stopper = keras.callbacks.EarlyStopping(
-                    monitor="val_auc", mode="max", patience=int(cfg.train.early_stopping.patience),
-                    restore_best_weights=True, verbose=0)
-                callbacks.append(stopper)
-            hist = target.fit(train_ds, validation_data=val_ds, epochs=int(n_epochs), callbacks=callbacks,
-                              shuffle=False, verbose=self.verbose)  # the dataset shuffles (seeded)
-            frame = pd.DataFrame(hist.history)
-            done = len(frame)
-            frame.insert(0, "epoch", np.arange(run + 1, run + done + 1))
-            frame["phase"] = phase
-            histories.append(frame)
-            best.append(int(stopper.best_epoch) + 1 if stopper is not None else done)
-            seen += done * len(train_idx)
-            run += done
-        history = pd.concat(histories, ignore_index=True)
-        history.insert(0, "fold", fold_label)
-        for column in HISTORY_COLUMNS:
-            if column not in history.columns:
-                history[column] = np.nan
-        seconds = time.perf_counter() - start - (self.cache_seconds - cache_before)  # training only
-        return FitResult(history[HISTORY_COLUMNS], best, run, seconds, seen)
-
-    def predict(self, model, idx: np.ndarray) -> np.ndarray:
-        """Softmax outputs for rows idx (through the cache when the model was trained on it)."""
-        from covidxray import models
-
-        if self.uses_cache and not self.fine_tunes:
-            head = models.split_at_backbone(model)[2]
-            source = self.features(model)
-            return np.asarray(head.predict(make_dataset(source[idx], None, None, EVAL_BATCH), verbose=0))
-        return np.asarray(model.predict(make_dataset(self.data.images[idx], None, None, EVAL_BATCH), verbose=0))
+def cross_validate(trainer: Trainer, data: CVData, epochs: list[int], parent_id: str) -> CVResult:
+    """Train and validate one model per CV fold; collect the out-of-fold predictions."""
+    oof = np.full((len(data.y), len(data.classes)), np.nan)
+    rows, histories = [], []
+    for k in data.folds:
+        in_fold = data.rows["fold"].to_numpy() == k
+        val_idx, train_idx = np.flatnonzero(in_fold), np.flatnonzero(~in_fold)  # train: all other folds
+        oof[val_idx], found, history = train_fold(trainer, data, k, train_idx, val_idx, epochs, parent_id)
+        rows.append({"fold": k, **found})
+        histories.append(history)
+    return CVResult(oof, pd.DataFrame(rows), pd.concat(histories, ignore_index=True))
 
 
-# -- metrics ----------------------------------------------------------------------------------------------
+def train_fold(trainer: Trainer, data: CVData, k: int, train_idx, val_idx, epochs: list[int], parent_id: str):
+    """One fold in its nested MLflow run: (validation softmax outputs, the fold's figures, history)."""
+    import keras
+    import mlflow
 
-def fold_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """A fold's validation figures: covid-vs-rest AUC, and accuracy/sensitivity/specificity at
-    the default decision (covid iff p_covid >= 0.5), plus the log loss."""
-    from sklearn.metrics import log_loss
+    with mlflow.start_run(run_name=f"fold-{k}", nested=True,
+                          tags={"fold": str(k), "parent_run": parent_id, "stage": "train"}) as child:
+        mlflow.log_params({"fold": k, "n_train": len(train_idx), "n_val": len(val_idx)})
+        model = trainer.new_model()
+        result = trainer.fit(model, train_idx, val_idx, epochs, run_id=child.info.run_id, fold_label=k)
+        probs = trainer.predict(model, val_idx)
+        found = fold_metrics(data.y[val_idx], probs)
+        found.update(best_epoch=float(result.best_epochs[0]), wall_s=result.seconds,
+                     images_per_s=result.images_seen / max(result.seconds, 1e-9),
+                     epochs_run=float(result.epochs_run))
+        if len(result.best_epochs) > 1:
+            found["best_epoch_fine_tune"] = float(result.best_epochs[1])
+        # the fold's figures at its restored best weights (per-epoch curves are loss, val_auc...)
+        mlflow.log_metrics(finite_metrics({f"fold_{m}": v for m, v in found.items()}))
+        log_fold_figures(result.history, data.y[val_idx], probs, data.classes, f"fold {k}")
+    print(f"train: fold {k}: AUC {found['auc']:.4f}, accuracy {found['accuracy']:.4f}, best epoch "
+          f"{result.best_epochs}, {result.seconds:.1f}s, {found['images_per_s']:.0f} images/s")
+    del model
+    keras.backend.clear_session()  # free the fold's graphs; the next model is re-seeded
+    return probs, found, result.history
 
-    from covidxray.metrics import classification_metrics
 
-    found = classification_metrics(y, probs, 0.5)
-    out = {m: float(found[m][0]) for m in ("auc", "accuracy", "sensitivity", "specificity")}
-    out["loss"] = float(log_loss(y, np.clip(probs, 1e-7, 1.0), labels=list(range(probs.shape[1]))))
-    return out
+def summarise_folds(folds: pd.DataFrame) -> dict[str, float]:
+    """cv_<metric>_mean and _std (sample sd, 0 for one fold) of each FOLD_METRICS column."""
+    metrics: dict[str, float] = {}
+    for m in FOLD_METRICS:
+        values = folds[m].to_numpy(dtype=float)
+        metrics[f"cv_{m}_mean"] = float(np.nanmean(values))
+        metrics[f"cv_{m}_std"] = float(np.nanstd(values, ddof=1)) if len(values) > 1 else 0.0
+    return metrics
 
 
-def _finite(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+def oof_table(data: CVData, oof: np.ndarray) -> pd.DataFrame:
+    """The OOF predictions of the folds that ran: image_id, patient_id, label, y, fold, p_<class>..."""
+    done = np.flatnonzero(data.rows["fold"].isin(data.folds).to_numpy())
+    table = data.rows.iloc[done][["image_id", "patient_id", "label", "y", "fold"]].reset_index(drop=True)
+    probs = oof[done].astype(np.float64)
+    for c, name in enumerate(data.classes):
+        table[f"p_{name}"] = probs[:, c]
+    return table
 
 
-# -- figures ------------------------------------------------------------------------------------------------
+def threshold_on_oof(oof: pd.DataFrame, classes: list[str], method: str, target_sensitivity: float) -> dict:
+    """The decision threshold chosen on the OOF predictions (never on test), and the OOF figures
+    at it: {"threshold", "oof_<metric>"...}."""
+    positive = (oof["label"].astype(str) == classes[-1]).to_numpy()
+    threshold = choose_threshold(positive, oof[f"p_{classes[-1]}"].to_numpy(), method, target_sensitivity)
+    found = classification_metrics(oof["y"].to_numpy(), oof[[f"p_{c}" for c in classes]].to_numpy(), threshold)
+    return {**{f"oof_{m}": float(found[m][0]) for m in OOF_METRICS}, "threshold": float(threshold)}
 
-def _figures(history: pd.DataFrame, y: np.ndarray, probs: np.ndarray, classes: list[str], title: str):
-    """(confusion matrix, training curves) matplotlib figures for one fold."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def log_cv(metrics: dict, method: str) -> None:
+    """The CV and OOF figures to the parent run, and a line to the log."""
+    import mlflow
 
-    from covidxray.metrics import confusion_figure, decide
+    mlflow.log_metrics(finite_metrics(metrics))
+    print(f"train: CV AUC {metrics['cv_auc_mean']:.4f} ± {metrics['cv_auc_std']:.4f}; OOF AUC "
+          f"{metrics['oof_auc']:.4f}, threshold ({method}) {metrics['threshold']:.4f}: sensitivity "
+          f"{metrics['oof_sensitivity']:.3f}, specificity {metrics['oof_specificity']:.3f}")
 
-    k = len(classes)
-    cm = np.zeros((k, k), dtype=int)
-    np.add.at(cm, (y, decide(probs, 0.5)), 1)
-    fig_cm = confusion_figure(cm, classes, f"{title}: confusion matrix",
-                              xlabel="predicted (covid iff p >= 0.5)")
 
-    fig_tc, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    for ax, metric in zip(axes, ("loss", "accuracy", "auc")):
-        ax.plot(history["epoch"], history[metric], "o-", label="train")
-        if history[f"val_{metric}"].notna().any():
-            ax.plot(history["epoch"], history[f"val_{metric}"], "o-", label="validation")
-        ax.set_xlabel("epoch")
-        ax.set_title(metric)
-        ax.legend()
-    fig_tc.suptitle(f"{title}: training curves")
-    fig_tc.tight_layout()
-    return fig_cm, fig_tc
+# -- the final model ------------------------------------------------------------------------------
+
+def final_epochs(configured: list[int], folds: pd.DataFrame, early_stopping: bool) -> list[int]:
+    """The final model's epochs per phase: with early stopping, the CV's median best epoch
+    (rounded up, at least 1; likewise for fine-tuning), since it has no validation fold to stop
+    on; without, the configured ones."""
+    epochs = list(configured)
+    if early_stopping:
+        epochs[0] = max(1, int(math.ceil(np.median(folds["best_epoch"]))))
+        if "best_epoch_fine_tune" in folds:
+            epochs[1] = max(1, int(math.ceil(np.median(folds["best_epoch_fine_tune"]))))
+    return epochs
+
+
+def fit_final(trainer: Trainer, epochs: list[int], parent_id: str):
+    """(the final model trained on all CV images for `epochs`, its metrics: final_epochs,
+    final_wall_s, final_images_per_s)."""
+    import mlflow
+
+    model = trainer.new_model()
+    result = trainer.fit(model, np.arange(len(trainer.y)), None, epochs, run_id=parent_id,
+                         fold_label="final", log_prefix="final_")
+    found = {"final_epochs": float(epochs[0]), "final_wall_s": result.seconds,
+             "final_images_per_s": result.images_seen / max(result.seconds, 1e-9)}
+    mlflow.log_metrics(finite_metrics(found))
+    print(f"train: final model on all {len(trainer.y)} CV images, {epochs[:1 + trainer.fine_tunes]} epochs, "
+          f"{result.seconds:.1f}s")
+    return model, found
 
 
 # -- outputs ------------------------------------------------------------------------------------------------
 
-def output_dirs(cfg) -> tuple[Path, Path]:
+def output_dirs(models: Path, reports: Path) -> tuple[Path, Path]:
     """(models dir, CV reports dir): the Hydra job's output dir when run as a Hydra app (so sweep
-    jobs never clobber each other), else paths.models and paths.reports/cv (DVC)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
+    jobs never clobber each other), else `models` and `reports`/cv (DVC)."""
+    base = config.hydra_output_dir()
+    if base is not None:
+        return base / "models", base / "reports" / "cv"
+    return Path(models), Path(reports) / "cv"
 
-        if HydraConfig.initialized():
-            base = Path(HydraConfig.get().runtime.output_dir)
-            return base / "models", base / "reports" / "cv"
-    except (ImportError, ValueError):
-        pass
-    return Path(cfg.paths.models), Path(cfg.paths.reports) / "cv"
+
+def model_meta(s: TrainSettings, classes: list[str], threshold: float, run_id: str, experiment_id: str) -> dict:
+    """What model.json says of the model: classes, input, the threshold and where it was tracked."""
+    return {
+        "model": s.fit.model.name, "weights": s.fit.model.weights,
+        "classes": classes, "positive_class": classes[-1], "task": s.task,
+        **s.inputs, "sources": s.roles,
+        "input": "float32 (N, S, S, 1) grayscale, raw 0..255 pixels",
+        "threshold": float(threshold), "threshold_method": s.threshold,
+        "target_sensitivity": s.target_sensitivity,
+        "mlflow_run_id": run_id, "mlflow_experiment_id": experiment_id,
+    }
+
+
+def write_outputs(models_dir: Path, cv_dir: Path, cv: CVResult, oof: pd.DataFrame, metrics: dict,
+                  model, meta: dict) -> None:
+    """Write reports/cv/* and (with a final model) model.keras and model.json into staging
+    folders, log them to the MLflow run, then install them together (fileset). Without a final
+    model, an earlier model.keras/model.json goes in the same switch: it would not match these
+    CV results. train_seconds goes to the run too."""
+    import mlflow
+
+    from covidxray.models import META_FILE, MODEL_FILE
+
+    remove = [] if model is not None else [models_dir / MODEL_FILE, models_dir / META_FILE]
+    with fileset.install_together([models_dir, cv_dir], remove=remove) as (new_models, new_cv):
+        oof.to_csv(new_cv / "oof.csv", index=False)
+        cv.history.to_csv(new_cv / "history.csv", index=False)
+        cv.folds.to_csv(new_cv / "folds.csv", index=False)
+        (new_cv / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2, sort_keys=True) + "\n")
+        for name in ("oof.csv", "folds.csv", "metrics.json", "history.csv"):
+            mlflow.log_artifact(str(new_cv / name), "cv")
+        if model is not None:
+            model.save(new_models / MODEL_FILE)
+            (new_models / META_FILE).write_text(json.dumps(json_safe(meta), indent=2) + "\n")
+            mlflow.log_artifact(str(new_models / META_FILE))
+        mlflow.log_metrics(finite_metrics({"train_seconds": metrics["train_seconds"]}))
+
+
+# -- MLflow ---------------------------------------------------------------------------------------------
+
+@contextmanager
+def parent_run(cfg, model_name: str, n_folds: int):
+    """The training's MLflow parent run (yields its id), named for what differs, with the
+    resolved config as params and as config.yaml, and the code, data and context tags."""
+    import mlflow
+    from omegaconf import OmegaConf
+
+    tags = {**tracking.git_tags(), **tracking.data_version_tags(), **tracking.context_tags(),
+            "stage": "train", "model": model_name}
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    with mlflow.start_run(run_name=tracking.run_name(f"{model_name}-cv{n_folds}"), tags=tags) as parent:
+        mlflow.log_params(tracking.flatten_params(resolved))
+        mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(resolved)), "config.yaml")
+        yield parent.info.run_id
+
+
+def log_fold_figures(history: pd.DataFrame, y: np.ndarray, probs: np.ndarray, classes: list[str], title: str):
+    """A fold's confusion matrix (at p >= 0.5) and training curves, as figures of the active run."""
+    import mlflow
+
+    from covidxray.metrics import pyplot
+
+    k = len(classes)
+    cm = np.zeros((k, k), dtype=int)
+    np.add.at(cm, (y, decide(probs, 0.5)), 1)
+    for name, fig in (("confusion_matrix.png", confusion_figure(cm, classes, f"{title}: confusion matrix",
+                                                                xlabel="predicted (covid iff p >= 0.5)")),
+                      ("training_curves.png", training_curves_figure(history, title))):
+        mlflow.log_figure(fig, name)
+        pyplot().close(fig)
+
+
+def register(model, meta: dict, images: np.ndarray, registered_model: str | None) -> dict:
+    """Log the final model to the run, registered as `registered_model` (None: not registered),
+    its version tagged with what predictions need. Returns model.json's registry fields."""
+    from mlflow.tracking import MlflowClient
+
+    mlflow_meta = {k: v for k, v in meta.items() if k not in ("mlflow_run_id", "mlflow_experiment_id")}
+    info = _log_final_model(model, mlflow_meta, images.astype(np.float32)[..., None], registered_model)
+    version = getattr(info, "registered_model_version", None)
+    if version:
+        client = MlflowClient()
+        for key in ("threshold", "threshold_method", "image_size", "resize"):
+            client.set_model_version_tag(registered_model, str(version), key, str(meta[key]))
+        client.set_model_version_tag(registered_model, str(version), "classes", json.dumps(meta["classes"]))
+        print(f"train: registered {registered_model} version {version}")
+    return {"registered_model": registered_model if version else None, "registered_version": version,
+            "model_uri": f"models:/{registered_model}/{version}" if version else info.model_uri}
+
+
+def crown(registered_model: str, version) -> None:
+    """Point the registry alias `champion` at this version: the pipeline's latest model, now
+    installed in models/ (`models:/NAME@champion`)."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().set_registered_model_alias(registered_model, CHAMPION, str(version))
+    print(f"train: {registered_model} version {version} is now @{CHAMPION}")
 
 
 def _pip_requirements() -> list[str]:
@@ -700,180 +433,3 @@ def _log_final_model(model, meta: dict, example: np.ndarray, registered: str | N
     finally:
         keras_save._save_example = original
 
-
-# -- the stage ----------------------------------------------------------------------------------------------
-
-def run(cfg) -> dict:
-    """Cross-validate, pick the threshold, train and register the final model, write the outputs.
-    Returns the metrics (as in metrics.json) plus run ids."""
-    import keras
-    import mlflow
-    import tensorflow as tf
-    from omegaconf import OmegaConf
-
-    from covidxray import models, tracking
-    from covidxray.metrics import choose_threshold, classification_metrics
-
-    check_config(cfg)
-    data = load_cv_data(cfg)
-    if str(cfg.model.weights) == "imagenet":  # fail now, not after the first fold, when offline
-        models.build_backbone(cfg.model.name, int(cfg.data.image_size), "imagenet",
-                              imagenet_file=cfg.model.get("imagenet_file"))
-    if cfg.train.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    models_dir, cv_dir = output_dirs(cfg)
-    if not cfg.cv.final_model:  # no final model this time: leave no stale one beside these CV results
-        for name in ("model.keras", "model.json"):
-            (models_dir / name).unlink(missing_ok=True)
-    trainer = Trainer(cfg, data)
-    classes, n_cls, y = data.classes, len(data.classes), data.y
-    epochs = [int(cfg.train.epochs), int(cfg.model.fine_tune.epochs) if trainer.fine_tunes else 0]
-    print(f"train: {cfg.model.name} ({cfg.model.weights}, {'frozen' if cfg.model.freeze_base else 'trainable'} "
-          f"base), {len(data.images)} CV images at {cfg.data.image_size} px, folds {data.folds}, "
-          f"augment {cfg.augment.name}, feature cache {'on' if trainer.uses_cache else 'off'}, "
-          f"{trainer.strategy.num_replicas_in_sync} replica(s)")
-
-    experiment_id = tracking.configure_exclusive(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
-    tags = {**tracking.git_tags(), **tracking.data_version_tags(), **tracking.context_tags(),
-            "stage": "train", "model": str(cfg.model.name)}
-    run_name = f"{cfg.model.name}-cv{len(data.folds)}"
-    if "hydra_job_num" in tags:
-        run_name += f"-job{tags['hydra_job_num']}"
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    wall = time.perf_counter()
-    with mlflow.start_run(run_name=run_name, tags=tags) as parent:
-        parent_id = parent.info.run_id
-        mlflow.log_params(tracking.flatten_params(resolved))
-        mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(resolved)), "config.yaml")
-
-        oof = np.full((len(y), n_cls), np.nan)
-        per_fold, histories = [], []
-        for k in data.folds:
-            val_idx = np.flatnonzero(data.rows["fold"].to_numpy() == k)
-            train_idx = np.flatnonzero(data.rows["fold"].to_numpy() != k)  # all other folds
-            with mlflow.start_run(run_name=f"fold-{k}", nested=True,
-                                  tags={"fold": str(k), "parent_run": parent_id, "stage": "train"}) as child:
-                mlflow.log_params({"fold": k, "n_train": len(train_idx), "n_val": len(val_idx)})
-                model = trainer.new_model()
-                result = trainer.fit(model, train_idx, val_idx, epochs, run_id=child.info.run_id, fold_label=k)
-                probs = trainer.predict(model, val_idx)
-                oof[val_idx] = probs
-                found = fold_metrics(y[val_idx], probs)
-                found.update(best_epoch=float(result.best_epochs[0]), wall_s=result.seconds,
-                             images_per_s=result.images_seen / max(result.seconds, 1e-9),
-                             epochs_run=float(result.epochs_run))
-                if len(result.best_epochs) > 1:
-                    found["best_epoch_fine_tune"] = float(result.best_epochs[1])
-                # the fold's figures at its restored best weights (per-epoch curves are loss, val_auc...)
-                mlflow.log_metrics(_finite({f"fold_{m}": v for m, v in found.items()}))
-                fig_cm, fig_tc = _figures(result.history, y[val_idx], probs, classes, f"fold {k}")
-                mlflow.log_figure(fig_cm, "confusion_matrix.png")
-                mlflow.log_figure(fig_tc, "training_curves.png")
-                import matplotlib.pyplot as plt
-
-                plt.close(fig_cm)
-                plt.close(fig_tc)
-            per_fold.append({"fold": k, **found})
-            histories.append(result.history)
-            print(f"train: fold {k}: AUC {found['auc']:.4f}, accuracy {found['accuracy']:.4f}, best epoch "
-                  f"{result.best_epochs}, {result.seconds:.1f}s, {found['images_per_s']:.0f} images/s")
-            del model
-            keras.backend.clear_session()  # free the fold's graphs; the next model is re-seeded
-        summary = pd.DataFrame(per_fold)
-        metrics: dict[str, float] = {}
-        for m in FOLD_METRICS:
-            values = summary[m].to_numpy(dtype=float)
-            metrics[f"cv_{m}_mean"] = float(np.nanmean(values))
-            metrics[f"cv_{m}_std"] = float(np.nanstd(values, ddof=1)) if len(values) > 1 else 0.0
-
-        # OOF predictions of the folds that ran; the threshold is chosen on them (never on test).
-        done = np.flatnonzero(data.rows["fold"].isin(data.folds).to_numpy())
-        oof_frame = data.rows.iloc[done][["image_id", "patient_id", "label", "y", "fold"]].reset_index(drop=True)
-        oof_probs = oof[done].astype(np.float64)
-        for c, name in enumerate(classes):
-            oof_frame[f"p_{name}"] = oof_probs[:, c]
-        positive = (oof_frame["label"].astype(str) == classes[-1]).to_numpy()
-        threshold = choose_threshold(positive, oof_frame[f"p_{classes[-1]}"].to_numpy(),
-                                     cfg.train.threshold, float(cfg.train.target_sensitivity))
-        found = classification_metrics(oof_frame["y"].to_numpy(), oof_probs, threshold)
-        for m in OOF_METRICS:
-            metrics[f"oof_{m}"] = float(found[m][0])
-        metrics["threshold"] = float(threshold)
-        metrics["cv_seconds"] = time.perf_counter() - wall
-        metrics["feature_cache_s"] = trainer.cache_seconds
-        mlflow.log_metrics(_finite(metrics))
-        print(f"train: CV AUC {metrics['cv_auc_mean']:.4f} ± {metrics['cv_auc_std']:.4f}; OOF AUC "
-              f"{metrics['oof_auc']:.4f}, threshold ({cfg.train.threshold}) {threshold:.4f}: sensitivity "
-              f"{metrics['oof_sensitivity']:.3f}, specificity {metrics['oof_specificity']:.3f}")
-
-        history = pd.concat(histories, ignore_index=True)
-        cv_dir.mkdir(parents=True, exist_ok=True)
-        oof_frame.to_csv(cv_dir / "oof.csv", index=False)
-        history.to_csv(cv_dir / "history.csv", index=False)
-        summary.to_csv(cv_dir / "folds.csv", index=False)
-        mlflow.log_artifact(str(cv_dir / "oof.csv"), "cv")
-        mlflow.log_artifact(str(cv_dir / "folds.csv"), "cv")
-
-        meta = {
-            "model": str(cfg.model.name), "weights": str(cfg.model.weights),
-            "classes": classes, "positive_class": classes[-1], "task": str(cfg.data.get("task", "")),
-            **images_spec(cfg.data), "sources": sources_of(cfg.data),
-            "input": "float32 (N, S, S, 1) grayscale, raw 0..255 pixels",
-            "threshold": float(threshold), "threshold_method": str(cfg.train.threshold),
-            "target_sensitivity": float(cfg.train.target_sensitivity),
-            "mlflow_run_id": parent_id, "mlflow_experiment_id": experiment_id,
-        }
-        if cfg.cv.final_model:
-            final_epochs = list(epochs)
-            if cfg.train.early_stopping.enabled:
-                final_epochs[0] = max(1, int(math.ceil(np.median(summary["best_epoch"]))))
-                if "best_epoch_fine_tune" in summary:
-                    final_epochs[1] = max(1, int(math.ceil(np.median(summary["best_epoch_fine_tune"]))))
-            model = trainer.new_model()
-            result = trainer.fit(model, np.arange(len(y)), None, final_epochs, run_id=parent_id,
-                                 fold_label="final", log_prefix="final_")
-            metrics["final_epochs"] = float(final_epochs[0])
-            metrics["final_wall_s"] = result.seconds
-            metrics["final_images_per_s"] = result.images_seen / max(result.seconds, 1e-9)
-            print(f"train: final model on all {len(y)} CV images, {final_epochs[:1 + trainer.fine_tunes]} epochs, "
-                  f"{result.seconds:.1f}s")
-            models_dir.mkdir(parents=True, exist_ok=True)
-            model.save(models_dir / "model.keras")
-            mlflow_meta = {k: v for k, v in meta.items() if k not in ("mlflow_run_id", "mlflow_experiment_id")}
-            example = data.images[:1].astype(np.float32)[..., None]
-            info = _log_final_model(model, mlflow_meta, example, cfg.mlflow.registered_model)
-            version = getattr(info, "registered_model_version", None)
-            meta.update(registered_model=cfg.mlflow.registered_model, registered_version=version,
-                        model_uri=(f"models:/{cfg.mlflow.registered_model}/{version}" if version
-                                   else info.model_uri), epochs=final_epochs[0])
-            if trainer.fine_tunes:
-                meta["fine_tune_epochs"] = final_epochs[1]
-            if version:
-                from mlflow.tracking import MlflowClient
-
-                client = MlflowClient()
-                for key in ("threshold", "threshold_method", "image_size", "resize"):
-                    client.set_model_version_tag(cfg.mlflow.registered_model, str(version), key, str(meta[key]))
-                client.set_model_version_tag(cfg.mlflow.registered_model, str(version), "classes",
-                                             json.dumps(classes))
-            (models_dir / "model.json").write_text(json.dumps(json_safe(meta), indent=2) + "\n")
-            mlflow.log_artifact(str(models_dir / "model.json"))
-            mlflow.log_metrics(_finite({k: metrics[k] for k in ("final_epochs", "final_wall_s",
-                                                                 "final_images_per_s")}))
-        metrics["train_seconds"] = time.perf_counter() - wall
-        mlflow.log_metric("train_seconds", metrics["train_seconds"])
-        (cv_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2, sort_keys=True) + "\n")
-        mlflow.log_artifact(str(cv_dir / "metrics.json"), "cv")
-        mlflow.log_artifact(str(cv_dir / "history.csv"), "cv")
-    print(f"train: wrote {cv_dir}/{{oof.csv,metrics.json,history.csv}}"
-          + (f" and {models_dir}/model.{{keras,json}}" if cfg.cv.final_model else "")
-          + f"; MLflow run {parent_id} ({metrics['train_seconds']:.0f}s)")
-    return {**metrics, "mlflow_run_id": parent_id, "registered_version": meta.get("registered_version")}
-
-
-def main(cfg) -> float:
-    """Stage entry (DVC, Hydra app or sweep): returns cfg.optimized_metric (default cv_auc_mean)
-    for Hydra sweepers such as Optuna."""
-    wanted = str(cfg.get("optimized_metric") or DEFAULT_OPTIMIZED_METRIC)
-    result = run(cfg)  # checks the config (optimized_metric included) first
-    return float(result[wanted])

@@ -1,0 +1,74 @@
+"""The backbone catalogue: which networks `model.name` may pick, how each is fed, and the sizes
+they need, as plain data (no Keras import), so configuration checks run before TensorFlow loads.
+models.py builds the networks from it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+DEFAULT_FILTERS = (16, 32, 64, 64)  # small_cnn's conv widths when model.filters is not given
+MIN_IMAGENET_SIZE = 32     # the smallest input keras.applications accepts without the top
+
+# keras.applications.<family>.preprocess_input modes (imagenet_utils), plus two of our own:
+#   caffe: RGB->BGR, minus the ImageNet BGR mean (vgg16, vgg19, resnet50)
+#   torch: /255, minus the ImageNet mean, / std (densenet121)
+#   tf:    /127.5 - 1 (mobilenetv2)
+#   none:  pass-through (efficientnet: its rescaling/normalization is inside the network)
+#   unit:  /255 (small_cnn)
+#   lite:  (x - 127) / 128 (efficientnet_lite0: what its ImageNet weights were trained on)
+PREPROCESS_MODES = ("caffe", "torch", "tf", "none", "unit", "lite")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone and feed it."""
+    preprocess: str                        # a PREPROCESS_MODES value
+    application: str | None = None         # keras.applications constructor name
+    module: str | None = None              # keras.applications submodule (its preprocess_input)
+    weights_file: Callable[[int], str] | None = None  # Keras's cache file name for the notop weights
+    built_here: bool = False               # a pretrainable backbone built by this project (efficientnet_lite.py)
+
+
+def _mobilenet_v2_file(size: int) -> str:
+    rows = size if size in (96, 128, 160, 192, 224) else 224  # what MobileNetV2 picks
+    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{rows}_no_top.h5"
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "vgg16": BackboneSpec("caffe", "VGG16", "vgg16",
+                          lambda s: "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "vgg19": BackboneSpec("caffe", "VGG19", "vgg19",
+                          lambda s: "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "resnet50": BackboneSpec("caffe", "ResNet50", "resnet50",
+                             lambda s: "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "densenet121": BackboneSpec("torch", "DenseNet121", "densenet",
+                                lambda s: "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "mobilenetv2": BackboneSpec("tf", "MobileNetV2", "mobilenet_v2", _mobilenet_v2_file),
+    "efficientnetb0": BackboneSpec("none", "EfficientNetB0", "efficientnet",
+                                   lambda s: "efficientnetb0_notop.h5"),
+    "efficientnet_lite0": BackboneSpec("lite", built_here=True),
+    "small_cnn": BackboneSpec("unit"),
+}
+MODEL_NAMES = tuple(BACKBONES)
+
+
+def is_pretrainable(name: str) -> bool:
+    """True for the backbones with ImageNet weights (keras.applications and efficientnet_lite0)."""
+    return BACKBONES[name].application is not None or BACKBONES[name].built_here
+
+
+def feature_map_size(name: str, image_size: int, filters=DEFAULT_FILTERS) -> int:
+    """Side of the backbone's output feature map for an input of image_size (no model built)."""
+    s = int(image_size)
+    if name == "small_cnn":
+        for _ in filters:
+            s //= 2
+        return s
+    if name in ("vgg16", "vgg19"):
+        for _ in range(5):
+            s //= 2  # 'valid' max pooling
+        return s
+    for _ in range(5):
+        s = -(-s // 2)  # strided convolutions with 'same' (or corrected) padding
+    return s

@@ -1,0 +1,154 @@
+"""Files that belong together change together, also when the process is killed.
+
+`install_together(folders)` gives one staging folder inside each destination folder; what the
+block writes there replaces the files of the same names in the destinations when the block ends
+without error. The switch is journaled: once every staged file is complete, a journal listing
+the moves is written (the commit point), then the files are renamed into place one by one. A
+process killed before the journal leaves the old files untouched; one killed after it leaves a
+journal that `finish_pending` (run by every reader of the files, models.load_model) and
+`recover` (run by the next writer) complete. So a reader sees the old set or the new set, never
+a mixture: models/model.keras always beside its own model.json and reports/cv/.
+
+Each staging folder is named `.install-<token>` and holds an `owner` file its writer keeps
+locked (fcntl) while alive; a folder whose lock is free belongs to a dead writer.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+PREFIX = ".install-"
+JOURNAL = "journal.json"
+OWNER = "owner"
+PAUSE_AT = "COVIDXRAY_PAUSE_AT"      # tests: sleep at this point of an install (staged | committed | installing)
+PAUSE_FILE = "COVIDXRAY_PAUSE_FILE"  # ...after writing the process id here
+
+
+def _pause(point: str) -> None:
+    """A test hook: stop at an install point so that a test can kill the process there."""
+    if os.environ.get(PAUSE_AT) == point:
+        Path(os.environ[PAUSE_FILE]).write_text(str(os.getpid()))
+        time.sleep(3600)
+
+
+def _lock(path: Path, blocking: bool):
+    """An open file holding an exclusive lock on path, or None when another process holds it
+    (non-blocking) or the file is gone."""
+    try:
+        handle = open(path, "a")
+    except OSError:
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
+def _sync(path: Path) -> None:
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        with open(item, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _apply(journal: Path) -> None:
+    """Carry out a journal's moves (each at most once: a move already done is skipped), then
+    drop the journal and the staging folders it names."""
+    base = journal.parent
+    entry = json.loads(journal.read_text())
+    moved = 0
+    for src, dst in entry["moves"]:
+        if src is None:
+            (base / dst).unlink(missing_ok=True)
+        elif (base / src).exists():
+            os.replace(base / src, base / dst)
+            moved += 1
+            if moved == 1:
+                _pause("installing")
+    journal.unlink()
+    for folder in entry["staging"]:
+        shutil.rmtree(base / folder, ignore_errors=True)
+
+
+def finish_pending(folder: Path) -> None:
+    """Complete any install into `folder` whose writer committed (wrote its journal) and then
+    died or is finishing now; uncommitted staging folders are left to their writer."""
+    for staging in sorted(Path(folder).glob(PREFIX + "*")):
+        if not (staging / JOURNAL).is_file():
+            continue
+        owner = _lock(staging / OWNER, blocking=True)  # a live writer finishes in milliseconds
+        if owner is None:
+            continue
+        try:
+            if (staging / JOURNAL).is_file():
+                _apply(staging / JOURNAL)
+        finally:
+            owner.close()
+
+
+def recover(folders) -> None:
+    """What a writer runs first: finish committed installs, then remove the staging folders
+    of writers that died before committing."""
+    folders = [Path(f) for f in folders]
+    for folder in folders:
+        finish_pending(folder)
+    for folder in folders:
+        for staging in sorted([*folder.glob(f"{PREFIX}*"), *folder.glob(f".draft{PREFIX}*")]):
+            owner = _lock(staging / OWNER, blocking=False)
+            if owner is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+                owner.close()
+
+
+@contextmanager
+def install_together(folders, remove=()):
+    """Staging folders, one per destination folder (created if needed). When the block ends
+    without error, every file written into a staging folder replaces its namesake in the
+    destination, and each path in `remove` is deleted, all together; on an error nothing changes."""
+    folders = [Path(f) for f in folders]
+    recover(folders)
+    token = f"{os.getpid()}-{time.time_ns()}"
+    staging, owners = [], []
+    try:
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            draft = Path(tempfile.mkdtemp(prefix=f".draft{PREFIX}", dir=folder))
+            owners.append(_lock(draft / OWNER, blocking=False))  # locked before `recover` can see it
+            staging.append(draft.rename(folder / f"{PREFIX}{token}"))
+        yield staging
+        _commit(staging, folders, [Path(p) for p in remove])
+    finally:
+        for path in staging:
+            shutil.rmtree(path, ignore_errors=True)
+        for owner in owners:
+            if owner is not None:
+                owner.close()
+
+
+def _commit(staging: list[Path], folders: list[Path], remove: list[Path]) -> None:
+    """Write the journal of moves (the commit point), then carry it out."""
+    base = staging[0]
+    moves = []
+    for path, folder in zip(staging, folders):
+        for item in sorted(p for p in path.iterdir() if p.name != OWNER):
+            moves.append([os.path.relpath(item, base), os.path.relpath(folder / item.name, base)])
+    moves += [[None, os.path.relpath(p, base)] for p in remove]
+    for path in staging:
+        _sync(path)
+    _pause("staged")
+    entry = {"moves": moves, "staging": [os.path.relpath(p, base) for p in staging]}
+    draft = base / (JOURNAL + ".draft")
+    with open(draft, "w") as handle:
+        handle.write(json.dumps(entry, indent=1))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(draft, base / JOURNAL)
+    _pause("committed")
+    _apply(base / JOURNAL)

@@ -1,0 +1,232 @@
+"""Fitting one model: optimizer and schedule, compilation, per-epoch MLflow logging, and the
+Trainer that builds, fits and predicts models of one FitSettings on in-memory images.
+
+Frozen-feature cache: with a frozen base and no augmentation, the backbone's output does not
+change during training, so the Trainer computes it once per image (for all folds and the final
+model) and trains only the head on it; the full model then carries the trained head (shared
+layers). TensorFlow is imported inside the functions, so importing this module stays cheap.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from covidxray.config import FitSettings, OptimizerSettings
+from covidxray.inputs import build_augmenter, class_weights, make_dataset
+
+HISTORY_COLUMNS = ["fold", "epoch", "loss", "val_loss", "accuracy", "val_accuracy", "auc", "val_auc", "phase"]
+EVAL_BATCH = 64
+
+
+def make_schedule(schedule: str, lr: float, epochs: int, steps_per_epoch: int):
+    """The learning rate, per optimizer step: constant; inverse_time = the tutorial's
+    Adam(decay=lr/epochs), i.e. lr / (1 + lr/epochs * step); cosine = cosine decay to 0 over all
+    steps of the phase."""
+    import keras
+
+    if schedule == "inverse_time":
+        return keras.optimizers.schedules.InverseTimeDecay(lr, decay_steps=1, decay_rate=lr / max(1, epochs))
+    if schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, epochs * steps_per_epoch))
+    return lr
+
+
+def make_optimizer(optimizer: OptimizerSettings, lr: float, epochs: int, steps_per_epoch: int):
+    """Adam (optimizer.name) at lr with the configured learning-rate schedule."""
+    import keras
+
+    return keras.optimizers.Adam(learning_rate=make_schedule(optimizer.schedule, lr, epochs, steps_per_epoch))
+
+
+def compile_model(model, optimizer, n_classes: int, steps_per_execution: int = 1) -> None:
+    """Categorical cross-entropy; accuracy and AUC (macro over classes: for two classes, the
+    covid AUC) per epoch. steps_per_execution > 1 runs that many train steps per call into the
+    compiled graph (less per-step Python overhead; epoch-level results and callbacks unchanged)."""
+    import keras
+
+    model.compile(optimizer=optimizer, loss="categorical_crossentropy",
+                  metrics=["accuracy", keras.metrics.AUC(multi_label=True, num_labels=n_classes, name="auc")],
+                  steps_per_execution=int(steps_per_execution))
+
+
+def epoch_logger(run_id: str | None, first_epoch: int = 1, prefix: str = ""):
+    """A Keras callback logging each epoch's metrics to one MLflow run (step = epoch number)."""
+    import keras
+
+    class EpochLogger(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if run_id is None:
+                return
+            from mlflow.entities import Metric
+            from mlflow.tracking import MlflowClient
+
+            stamp = int(time.time() * 1000)
+            metrics = [Metric(f"{prefix}{k}", float(v), stamp, first_epoch + epoch)
+                       for k, v in (logs or {}).items()
+                       if isinstance(v, (int, float, np.floating)) and math.isfinite(float(v))]
+            if metrics:
+                MlflowClient().log_batch(run_id, metrics=metrics)
+
+    return EpochLogger()
+
+
+@dataclass
+class FitResult:
+    history: pd.DataFrame
+    best_epochs: list[int]          # per phase, 1-based within the phase
+    epochs_run: int
+    seconds: float
+    images_seen: int
+
+
+@dataclass
+class Trainer:
+    """Builds and trains models of one FitSettings on uint8 images (N, S, S) with class indices
+    y; holds the frozen-feature cache."""
+    settings: FitSettings
+    images: np.ndarray
+    y: np.ndarray
+    n_classes: int
+    strategy: object = None
+    cache: dict = field(default_factory=dict)
+    verbose: int = 2
+    feature_cache: bool = True    # False: always train the full model on images (for comparison)
+    cache_seconds: float = 0.0    # time spent computing cached features
+
+    def __post_init__(self):
+        import tensorflow as tf
+
+        self.y = np.asarray(self.y).astype(int)
+        if self.settings.distribute == "mirrored":
+            self.strategy = tf.distribute.MirroredStrategy()
+        else:
+            self.strategy = tf.distribute.get_strategy()
+
+    @property
+    def global_batch(self) -> int:
+        return self.settings.batch_size * int(self.strategy.num_replicas_in_sync)
+
+    @property
+    def uses_cache(self) -> bool:
+        """Frozen base + no augmentation: the base's output is fixed, train the head on it."""
+        return self.feature_cache and self.settings.model.freeze_base and self.settings.augment.name == "none"
+
+    @property
+    def fine_tunes(self) -> bool:
+        ft = self.settings.model.fine_tune
+        return self.settings.model.freeze_base and ft.unfreeze_top > 0 and ft.epochs > 0
+
+    def new_model(self):
+        """A freshly built model, seeded: every fold starts from the same initial weights."""
+        import keras
+
+        from covidxray import models
+
+        keras.utils.set_random_seed(self.settings.seed)
+        with self.strategy.scope():
+            return models.build_model(self.settings.model.as_config(), self.settings.image_size, self.n_classes)
+
+    def features(self, model) -> np.ndarray:
+        """The backbone's output for every image, computed once per distinct backbone."""
+        import keras
+
+        from covidxray import models
+
+        preprocess, backbone, _ = models.split_at_backbone(model)
+        digest = hashlib.sha1()
+        for w in backbone.get_weights():
+            digest.update(np.ascontiguousarray(w).tobytes())
+        key = digest.hexdigest()
+        if key not in self.cache:
+            inputs = keras.Input(model.input.shape[1:])
+            extractor = keras.Model(inputs, backbone(preprocess(inputs), training=False))
+            start = time.perf_counter()
+            ds = make_dataset(self.images, None, None, EVAL_BATCH)
+            self.cache[key] = np.asarray(extractor.predict(ds, verbose=0), dtype=np.float32)
+            took = time.perf_counter() - start
+            self.cache_seconds += took
+            print(f"train: frozen-feature cache: backbone run once over {len(self.images)} images "
+                  f"-> {self.cache[key].shape[1:]} in {took:.1f}s")
+        return self.cache[key]
+
+    def phases(self, epochs: list[int]) -> list[tuple[str, int, float]]:
+        """(phase, epochs, learning rate): the head on cached features or the whole model, then,
+        when fine-tuning, epochs[1] more with the top of the base unfrozen."""
+        lr = self.settings.optimizer.lr
+        phases = [("head" if self.uses_cache else "train", epochs[0], lr)]
+        if self.fine_tunes and len(epochs) > 1 and epochs[1] > 0:
+            phases.append(("fine_tune", epochs[1], lr * self.settings.model.fine_tune.lr_factor))
+        return phases
+
+    def fit(self, model, train_idx: np.ndarray, val_idx: np.ndarray | None, epochs: list[int],
+            run_id: str | None = None, fold_label="final", log_prefix: str = "") -> FitResult:
+        """Train model on rows train_idx (validating on val_idx if given, with early stopping when
+        it is on) phase by phase; the history has one row per epoch, numbered across phases."""
+        histories, best, start, cache_before = [], [], time.perf_counter(), self.cache_seconds
+        for phase, n_epochs, lr in self.phases(epochs):
+            done = sum(len(h) for h in histories)
+            frame, best_epoch = self._fit_phase(model, phase, n_epochs, lr, train_idx, val_idx,
+                                                epoch_logger(run_id, first_epoch=done + 1, prefix=log_prefix),
+                                                seed_offset=len(histories))
+            frame.insert(0, "epoch", np.arange(done + 1, done + len(frame) + 1))
+            histories.append(frame)
+            best.append(best_epoch)
+        history = pd.concat(histories, ignore_index=True)
+        history.insert(0, "fold", fold_label)
+        for column in HISTORY_COLUMNS:
+            if column not in history.columns:
+                history[column] = np.nan
+        seconds = time.perf_counter() - start - (self.cache_seconds - cache_before)  # training only
+        run = len(history)
+        return FitResult(history[HISTORY_COLUMNS], best, run, seconds, run * len(train_idx))
+
+    def _fit_phase(self, model, phase: str, n_epochs: int, lr: float, train_idx, val_idx, logger,
+                   seed_offset: int) -> tuple[pd.DataFrame, int]:
+        """One phase of fit: (per-epoch history with its phase, best epoch within the phase)."""
+        import keras
+
+        from covidxray import models
+
+        s, onehot = self.settings, np.eye(self.n_classes, dtype=np.float32)
+        if phase == "head":
+            source, augmenter = self.features(model), None
+            with self.strategy.scope():  # Keras fits a model under the strategy it was made in
+                target = models.split_at_backbone(model)[2]
+        else:
+            source, target, augmenter = self.images, model, build_augmenter(s.augment, s.seed)
+            if phase == "fine_tune":
+                models.set_fine_tune(model, s.model.fine_tune.unfreeze_top)
+        keras.utils.set_random_seed(s.seed + seed_offset)
+        steps = math.ceil(len(train_idx) / self.global_batch)
+        with self.strategy.scope():
+            compile_model(target, make_optimizer(s.optimizer, lr, n_epochs, steps), self.n_classes,
+                          s.steps_per_execution)
+        w = class_weights(self.y[train_idx], self.n_classes, s.class_weights)
+        train_ds = make_dataset(source[train_idx], onehot[self.y[train_idx]], w, self.global_batch,
+                                shuffle=True, seed=s.seed, augmenter=augmenter)
+        val_ds = None if val_idx is None else make_dataset(source[val_idx], onehot[self.y[val_idx]], None, EVAL_BATCH)
+        callbacks, stopper = [logger], None
+        if s.early_stopping and val_idx is not None:
+            stopper = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=s.patience,
+                                                    restore_best_weights=True, verbose=0)
+            callbacks.append(stopper)
+        hist = target.fit(train_ds, validation_data=val_ds, epochs=int(n_epochs), callbacks=callbacks,
+                          shuffle=False, verbose=self.verbose)  # the dataset shuffles (seeded)
+        frame = pd.DataFrame(hist.history)
+        frame["phase"] = phase
+        return frame, int(stopper.best_epoch) + 1 if stopper is not None else len(frame)
+
+    def predict(self, model, idx: np.ndarray) -> np.ndarray:
+        """Softmax outputs for rows idx (through the cache when the model was trained on it)."""
+        from covidxray import models
+
+        if self.uses_cache and not self.fine_tunes:
+            head = models.split_at_backbone(model)[2]
+            source = self.features(model)
+            return np.asarray(head.predict(make_dataset(source[idx], None, None, EVAL_BATCH), verbose=0))
+        return np.asarray(model.predict(make_dataset(self.images[idx], None, None, EVAL_BATCH), verbose=0))

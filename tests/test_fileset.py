@@ -1,0 +1,160 @@
+"""Outputs that belong together change together or not at all, also under SIGKILL: the fileset
+install on its own, then a real `covidxray train` killed at each step of installing its outputs
+(models/model.keras, models/model.json, reports/cv/*) while an older set is in place."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import BIN, REPO, make_cfg
+from covidxray import fileset
+
+CV_FILES = ("oof.csv", "folds.csv", "metrics.json", "history.csv")
+POINTS = [("staged", "old"), ("committed", "new"), ("installing", "new")]
+
+
+def _digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def _kill_at(point: str, args: list[str], pause: Path, cwd: Path = REPO, timeout: float = 600) -> None:
+    """Run args with the install paused at `point`, wait until it gets there, SIGKILL it."""
+    env = {**os.environ, fileset.PAUSE_AT: point, fileset.PAUSE_FILE: str(pause)}
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not pause.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"{args[:3]} ended (exit {proc.returncode}) before {point}:\n{proc.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"never reached {point}"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+
+
+# -- the install on its own ----------------------------------------------------------------------------
+
+def test_install_replaces_files_of_two_folders_together(tmp_path):
+    a, b = tmp_path / "models", tmp_path / "reports" / "cv"
+    a.mkdir(parents=True)
+    (a / "keep.txt").write_text("not ours")
+    (a / "old.txt").write_text("old")
+    with fileset.install_together([a, b], remove=[a / "old.txt"]) as (sa, sb):
+        (sa / "model.txt").write_text("1")
+        (sb / "oof.csv").write_text("2")
+        assert not (a / "model.txt").exists()  # nothing visible before the block ends
+    assert (a / "model.txt").read_text() == "1" and (b / "oof.csv").read_text() == "2"
+    assert not (a / "old.txt").exists() and (a / "keep.txt").read_text() == "not ours"
+    assert sorted(p.name for p in a.iterdir()) == ["keep.txt", "model.txt"]
+    assert [p.name for p in b.iterdir()] == ["oof.csv"]
+
+
+def test_an_error_in_the_block_changes_nothing(tmp_path):
+    a = tmp_path / "models"
+    a.mkdir()
+    (a / "model.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with fileset.install_together([a]) as (sa,):
+            (sa / "model.txt").write_text("new")
+            raise RuntimeError("training failed")
+    assert (a / "model.txt").read_text() == "old" and [p.name for p in a.iterdir()] == ["model.txt"]
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from covidxray import fileset
+a, b = Path(sys.argv[1]), Path(sys.argv[2])
+with fileset.install_together([a, b], remove=[a / "gone.txt"]) as (sa, sb):
+    for name in ("x.txt", "y.txt"):
+        (sa / name).write_text("new")
+    (sb / "z.txt").write_text("new")
+"""
+
+
+@pytest.mark.parametrize("point, outcome", POINTS)
+def test_killed_writer_leaves_old_or_new_set(point, outcome, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    for path in (a / "x.txt", a / "y.txt", b / "z.txt", a / "gone.txt"):
+        path.write_text("old")
+    _kill_at(point, [sys.executable, "-c", WRITER, str(a), str(b)], tmp_path / "paused", cwd=tmp_path)
+    fileset.finish_pending(a)  # what every reader does first
+    expected = "old" if outcome == "old" else "new"
+    assert {p.read_text() for p in (a / "x.txt", a / "y.txt", b / "z.txt")} == {expected}
+    assert (a / "gone.txt").exists() == (outcome == "old")
+    fileset.recover([a, b])  # what the next writer does first: no staging folder survives
+    assert sorted(p.name for p in [*a.iterdir(), *b.iterdir()]) == \
+        (["gone.txt", "x.txt", "y.txt", "z.txt"] if outcome == "old" else ["x.txt", "y.txt", "z.txt"])
+
+
+# -- the train stage, killed while installing its outputs -------------------------------------------------
+
+def _overrides(root: Path, tiny_data: dict) -> list[str]:
+    return ["experiment=smoke", f"paths.curated={tiny_data['curated']}", f"paths.splits={tiny_data['splits']}",
+            f"paths.models={root / 'models'}", f"paths.reports={root / 'reports'}",
+            f"mlflow.tracking_uri=sqlite:///{root / 'mlruns' / 'mlflow.db'}"]
+
+
+def _outputs(root: Path) -> dict[str, Path]:
+    files = {name: root / "models" / name for name in ("model.keras", "model.json")}
+    return {**files, **{name: root / "reports" / "cv" / name for name in CV_FILES}}
+
+
+@pytest.fixture(scope="module")
+def old_root(tiny_data, tmp_path_factory) -> Path:
+    """A complete set of train outputs (and its MLflow store) from an earlier run (8 head units)."""
+    from covidxray.train import main
+
+    root = tmp_path_factory.mktemp("old")
+    main(make_cfg([*_overrides(root, tiny_data), "model.head.dense_units=8"]))
+    return root
+
+
+@pytest.mark.parametrize("point, outcome", [POINTS[0], POINTS[2]])  # before the journal; mid-switch
+def test_train_killed_while_installing_leaves_a_whole_set(point, outcome, old_root, tiny_data, tmp_path, capsys):
+    """SIGKILL before the journal: the old set, untouched. After it (also with model.json already
+    replaced and model.keras not yet): the first reader finishes the install. predict then uses
+    the threshold of the model it loads, the one that set's oof.csv gives."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from covidxray.metrics import choose_threshold
+    from covidxray.predict import predict_cli
+
+    root = tmp_path / "run"
+    shutil.copytree(old_root, root)
+    old = {name: _digest(path) for name, path in _outputs(root).items()}
+    params = tmp_path / "params.yaml"
+    OmegaConf.save(make_cfg([*_overrides(root, tiny_data), "model.head.dense_units=4"]), params)
+    _kill_at(point, [str(BIN / "covidxray"), "train", "--params", str(params)], tmp_path / "paused")
+    staged = {name: next(path.parent.glob(f"{fileset.PREFIX}*/{name}"), path) for name, path in _outputs(root).items()}
+    new = {name: _digest(path) for name, path in staged.items()}
+    assert all(new[name] != old[name] for name in new), "the second run must differ in every file"
+    if outcome == "old":
+        assert {name: _digest(path) for name, path in _outputs(root).items()} == old
+
+    image = tmp_path / "xray.png"
+    from PIL import Image
+
+    Image.fromarray(np.load(tiny_data["curated"] / "images.npy")[0]).save(image)
+    assert predict_cli([str(image), "--model", str(root / "models"), "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {name: _digest(path) for name, path in _outputs(root).items()} == (old if outcome == "old" else new)
+    meta = json.loads((root / "models" / "model.json").read_text())
+    oof = pd.read_csv(root / "reports" / "cv" / "oof.csv")
+    assert answer["threshold"] == meta["threshold"] == choose_threshold(oof["label"] == "covid", oof["p_covid"])
+    fileset.recover([root / "models", root / "reports" / "cv"])
+    assert not list(root.rglob(f"*{fileset.PREFIX}*"))
