@@ -211,6 +211,10 @@ def input_spec(image_size, resize="stretch", store_size=None, normalize="none", 
     repeats training's steps exactly), checked."""
     check_resize_policy(str(resize))
     check_prepare(str(normalize), crop_border)
+    for key, value in (("image_size", image_size), ("store_size", store_size)):
+        if (value is not None or key == "image_size") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 8):
+            raise CovidXrayError(f"data.{key} must be an integer >= 8 (pixels), got {value!r}")
     size = int(image_size)
     store = int(store_size or size)
     if size > store:
