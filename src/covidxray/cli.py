@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -106,12 +108,7 @@ def params_cli(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        sys.exit(0 if argv else 2)
-    command, rest = argv[0], argv[1:]
+def _dispatch(command: str, rest: list[str]) -> None:
     if command in STAGES:
         if rest[:1] == ["--params"]:
             if len(rest) != 2:
@@ -129,6 +126,45 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
     print(f"covidxray: error: unknown command '{command}'\n{USAGE}", file=sys.stderr)
     sys.exit(2)
+
+
+_interrupted_at: list[float] = []
+
+
+def _on_sigint(signum, frame):
+    """Python's own Ctrl-C behaviour (KeyboardInterrupt), noting when it came."""
+    _interrupted_at.append(time.time())
+    raise KeyboardInterrupt
+
+
+def _interrupted(command: str) -> None:
+    """After Ctrl-C: end the MLflow runs this command opened as KILLED, say so in one line, exit 130."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
+    since = int(1000 * (_interrupted_at[0] if _interrupted_at else time.time()))
+    note = ""
+    tracking = sys.modules.get("covidxray.tracking")  # imported only if the command logged to MLflow
+    if tracking is not None:
+        try:
+            ended = tracking.end_interrupted_runs(since)
+            note = f"; MLflow runs ended as KILLED: {len(ended)}" if ended else ""
+        except Exception as err:  # noqa: BLE001 - the store may be what hangs; still exit 130
+            note = f"; could not end its MLflow runs: {' '.join(str(err).split())[:200]}"
+    print(f"covidxray {command}: interrupted{note}", file=sys.stderr)
+    sys.exit(130)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    command = argv[0]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        _dispatch(command, argv[1:])
+    except KeyboardInterrupt:
+        _interrupted(command)
 
 
 if __name__ == "__main__":
