@@ -45,7 +45,8 @@ BASH_COMPLETION = """_covidxray_completion()
         COMPREPLY=($(compgen -W "$stages %(tools)s" -- "$cur"))
     elif [[ " $stages " == *" ${COMP_WORDS[1]} "* ]]; then
         local choices
-        choices=$(COMP_LINE="$COMP_LINE" COMP_POINT="$COMP_POINT" "${COMP_WORDS[0]}" "${COMP_WORDS[1]}" -sc query=bash 2>/dev/null)
+        choices=$(COMP_LINE="$COMP_LINE" COMP_POINT="$COMP_POINT" \\
+                  "${COMP_WORDS[0]}" "${COMP_WORDS[1]}" -sc query=bash 2>/dev/null)
         COMPREPLY=($(compgen -o nospace -o default -W "$choices" -- "$cur"))
     fi
 }
@@ -139,7 +140,9 @@ def completion_script(action: str, shell: str) -> str:
     """The script that `eval` (bash, zsh) or `source` (fish) installs or removes."""
     names = {"stages": " ".join(STAGES), "tools": " ".join(TOOLS)}
     if shell == "fish":
-        return FISH_COMPLETION % names if action == "install" else "complete -c covidxray -e\nfunctions -e __covidxray_complete"
+        if action == "install":
+            return FISH_COMPLETION % names
+        return "complete -c covidxray -e\nfunctions -e __covidxray_complete"
     if action == "uninstall":
         return "complete -r covidxray 2>/dev/null\nunset -f _covidxray_completion"
     return ("autoload -Uz bashcompinit && bashcompinit\n" if shell == "zsh" else "") + BASH_COMPLETION % names

@@ -49,7 +49,7 @@ def decode_rows(model_input, size: int, policy: str) -> np.ndarray:
     if not isinstance(model_input, pd.DataFrame) or not {"image", "pixels"} & set(model_input.columns):
         raise CovidXrayError("input must be a table with a column image (encoded file) or pixels (2-D array)")
     images, pixels = (model_input[c] if c in model_input else [None] * len(model_input) for c in ("image", "pixels"))
-    out = [resize(_row_pixels(a, b, i), size, policy) for i, (a, b) in enumerate(zip(images, pixels))]
+    out = [resize(_row_pixels(a, b, i), size, policy) for i, (a, b) in enumerate(zip(images, pixels, strict=True))]
     return np.stack(out) if out else np.zeros((0, size, size), np.uint8)
 
 
