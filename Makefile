@@ -2,6 +2,7 @@
 #   make run   set up, pull the pinned data, run the pipeline (dvc repro)
 #   make test  set up, run the tests
 PYTHON ?= python3
+PORT   ?= 5000
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -37,8 +38,9 @@ lint: setup
 params: setup
 	$(BIN)/covidxray params
 
+# MLflow UI on the local store: make ui [PORT=5001]
 ui: setup
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port $(PORT)
 
 clean:
 	rm -rf $(VENV) outputs multirun

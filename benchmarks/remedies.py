@@ -26,6 +26,7 @@ ADULT = ["data.sources.train.covid=[ieee8023]", "data.sources.train.normal=[radi
          "data.sources.external.covid=[radiography]", "data.sources.external.normal=[kermany]"]
 ADULT_REVERSE = ["data.sources.train.covid=[radiography]", "data.sources.train.normal=[kermany]",
                  "data.sources.external.covid=[ieee8023]", "data.sources.external.normal=[radiography]"]
+LITE0 = ["model=efficientnet_lite0", "data.image_size=224"]
 
 
 def both(extra: list[str]) -> tuple[list[str], list[str]]:
@@ -42,7 +43,10 @@ REMEDIES = {  # name: (overrides trained on the tutorial's collections, override
     "augment_standard": both(["augment=standard"]),
     "image_size_64": both(["data.image_size=64"]),
     "adult_normals": (ADULT, ADULT_REVERSE),
-    "efficientnet_lite0": both(["model=efficientnet_lite0", "data.image_size=224"]),
+    "efficientnet_lite0": both(LITE0),
+    "efficientnet_lite0_crop_border_0.1": both(LITE0 + ["data.crop_border=0.1"]),
+    "efficientnet_lite0_clahe": both(LITE0 + ["data.normalize=clahe"]),
+    "efficientnet_lite0_adult_normals": (LITE0 + ADULT, LITE0 + ADULT_REVERSE),
 }
 CURATE_KEYS = ("data.resize=", "data.store_size=", "data.task=", "data.views=", "data.collections=")
 

@@ -109,3 +109,78 @@ def run_until_killed(code: str, cwd: Path) -> None:
     done = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+
+
+# -- real server processes (mlflow server, mlflow models serve) --------------------------------------
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """A server started as its own process group; `stop` ends the whole group."""
+
+    def __init__(self, argv: list[str], url: str, log: Path, env: dict | None = None, cwd: Path | None = None):
+        self.url, self.log = url, log
+        self._out = open(log, "wb")
+        self.proc = subprocess.Popen([str(a) for a in argv], stdout=self._out, stderr=subprocess.STDOUT,
+                                     cwd=cwd, env=env, start_new_session=True)
+
+    def wait_ready(self, path: str, timeout: float = 180.0) -> None:
+        """Poll url+path until it answers 200; fail with the server's log if it exits or times out."""
+        import time
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + path, timeout=5) as answer:
+                    if answer.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"server not ready after {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        import os
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._out.close()
+
+
+def clean_env(**extra: str) -> dict:
+    """This environment without PYTHONPATH (a fresh process sees only what is installed) plus extra."""
+    import os
+
+    return {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **extra}
+
+
+def post_json(url: str, payload: dict) -> tuple[int, dict]:
+    """POST JSON, return (status, decoded JSON answer), also for 4xx/5xx answers."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")

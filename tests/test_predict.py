@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -123,9 +124,13 @@ def test_predict_from_registered_model(tiny, test_images, tmp_path, monkeypatch)
     local = run_cli(predict_cli, [files["gray"], files["rgba"], "--model", tiny["models"], "--csv"])
     uri = tiny["meta"]["model_uri"]
     assert uri.startswith("models:/")
+    scratch = tmp_path / "tmpdir"  # where tempfile puts its folders during this call
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     remote = run_cli(predict_cli, [files["gray"], files["rgba"], "--model", uri, "--csv",
                                    "--tracking-uri", tiny["tracking_uri"]])
     assert remote[0] == 0
+    assert list(scratch.iterdir()) == []  # the downloaded copy of the model is gone
     a, b = pd.read_csv(io.StringIO(local[1])), pd.read_csv(io.StringIO(remote[1]))
     assert np.allclose(a["p_covid"], b["p_covid"], atol=1e-4)
     assert a["label"].tolist() == b["label"].tolist()

@@ -93,19 +93,22 @@ def test_smoke_training_end_to_end(trained):
         files = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"confusion_matrix.png", "training_curves.png"} <= files
 
-    # The registered model loads (models:/ URI and the .keras file) and predicts the same.
+    # The registered model is a pyfunc model: image bytes in, p(covid) and the label at the saved
+    # threshold out, the same as the .keras file in models/ (serving tests: test_serving.py).
     assert meta["registered_model"] == cfg.mlflow.registered_model and meta["registered_version"] == 1
-    x = np.random.default_rng(1).uniform(0, 255, size=(4, 32, 32, 1)).astype(np.float32)
-    from_registry = mlflow.keras.load_model(f"models:/{cfg.mlflow.registered_model}/1")
-    from_file = keras.models.load_model(models_dir / "model.keras")
-    p = from_file.predict(x, verbose=0)
+    from covidxray.inference import png_bytes
+
+    x = np.random.default_rng(1).uniform(0, 255, size=(4, 32, 32)).astype(np.uint8)
+    p = keras.models.load_model(models_dir / "model.keras").predict(x.astype(np.float32)[..., None], verbose=0)
     assert p.shape == (4, 2) and np.allclose(p.sum(axis=1), 1.0, atol=1e-5)
-    assert np.allclose(from_registry.predict(x, verbose=0), p, atol=1e-6)
     info = mlflow.models.get_model_info(f"models:/{cfg.mlflow.registered_model}/1")
     assert info.metadata["threshold"] == meta["threshold"] and info.metadata["classes"] == ["normal", "covid"]
     assert info.signature is not None and info.saved_input_example_info is not None
     pyfunc = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.registered_model}/1")
-    assert np.allclose(np.asarray(pyfunc.predict(x)), p, atol=1e-6)
+    out = pyfunc.predict(pd.DataFrame({"image": [png_bytes(img) for img in x]}))
+    assert list(out.columns) == ["p_covid", "p_normal", "label", "threshold"]
+    assert np.allclose(out["p_covid"], p[:, 1], atol=1e-6) and (out["threshold"] == meta["threshold"]).all()
+    assert out["label"].tolist() == np.where(p[:, 1] >= meta["threshold"], "covid", "normal").tolist()
 
     # Run as the pipeline runs it (not a Hydra app): registered, and the alias champion points at it.
     assert parent.info.run_name == "pipeline (small_cnn-cv2)"

@@ -10,7 +10,10 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
+import signal
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -31,7 +34,34 @@ TOOLS = {
 USAGE = f"""usage: covidxray STAGE [--params FILE | HYDRA_OVERRIDES... [-m]]
        covidxray TOOL [OPTIONS]
 stages: {', '.join(STAGES)}
-tools:  {', '.join(TOOLS)}"""
+tools:  {', '.join(TOOLS)}
+shell completion: eval "$(covidxray -sc install=bash)"  (zsh: install=zsh; fish: covidxray -sc install=fish | source)"""
+COMPLETION_FLAGS = ("-sc", "--shell-completion")
+# Completion scripts: command names at the first word; a stage's overrides from that stage's
+# Hydra app (`covidxray STAGE -sc query=...`, with the stage word taken out of COMP_LINE).
+BASH_COMPLETION = """_covidxray_completion()
+{
+    local stages="%(stages)s" cur="${COMP_WORDS[COMP_CWORD]}"
+    if (( COMP_CWORD == 1 )); then
+        compopt +o nospace 2>/dev/null
+        COMPREPLY=($(compgen -W "$stages %(tools)s" -- "$cur"))
+    elif [[ " $stages " == *" ${COMP_WORDS[1]} "* ]]; then
+        local choices
+        choices=$(COMP_LINE="$COMP_LINE" COMP_POINT="$COMP_POINT" \\
+                  "${COMP_WORDS[0]}" "${COMP_WORDS[1]}" -sc query=bash 2>/dev/null)
+        COMPREPLY=($(compgen -o nospace -o default -W "$choices" -- "$cur"))
+    fi
+}
+COMP_WORDBREAKS=${COMP_WORDBREAKS//=}
+complete -o nospace -o default -F _covidxray_completion covidxray"""
+FISH_COMPLETION = """function __covidxray_complete
+    set -lx COMP_LINE (commandline -cp)
+    set -l words (commandline -cpo)
+    covidxray $words[2] -sc query=fish 2>/dev/null
+end
+complete -c covidxray -e
+complete -c covidxray -f -n '__fish_use_subcommand' -a '%(stages)s %(tools)s'
+complete -c covidxray -f -n '__fish_seen_subcommand_from %(stages)s' -a '(__covidxray_complete)'"""
 
 
 # `${covidxray.run_id:}` in conf/config.yaml's hydra.run.dir and sweep.dir: this process's id and a
@@ -121,12 +151,39 @@ def params_cli(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        sys.exit(0 if argv else 2)
-    command, rest = argv[0], argv[1:]
+def completion_script(action: str, shell: str) -> str:
+    """The script that `eval` (bash, zsh) or `source` (fish) installs or removes."""
+    names = {"stages": " ".join(STAGES), "tools": " ".join(TOOLS)}
+    if shell == "fish":
+        if action == "install":
+            return FISH_COMPLETION % names
+        return "complete -c covidxray -e\nfunctions -e __covidxray_complete"
+    if action == "uninstall":
+        return "complete -r covidxray 2>/dev/null\nunset -f _covidxray_completion"
+    return ("autoload -Uz bashcompinit && bashcompinit\n" if shell == "zsh" else "") + BASH_COMPLETION % names
+
+
+def shell_completion(stage: str | None, rest: list[str]) -> None:
+    """`-sc install|uninstall|query=SHELL` through this dispatcher. Hydra's own script would
+    complete `covidxray` by calling `covidxray -sc query=bash`, which names no stage."""
+    action, _, shell = (rest[0] if len(rest) == 1 else "").partition("=")
+    if action not in ("install", "uninstall", "query") or shell not in ("bash", "zsh", "fish"):
+        print("covidxray: error: -sc takes install=SHELL, uninstall=SHELL or query=SHELL (SHELL: bash, zsh or "
+              "fish), e.g. eval \"$(covidxray -sc install=bash)\"", file=sys.stderr)
+        sys.exit(2)
+    if action != "query":
+        print(completion_script(action, shell))
+    elif stage is not None:  # Hydra completes the line after the program name: drop the stage word
+        line = os.environ.get("COMP_LINE", "")
+        os.environ["COMP_LINE"] = re.sub(rf"^(\s*\S+\s+){re.escape(stage)}(?=\s|$)", r"\1", line, count=1)
+        run_stage_with_hydra(stage, ["-sc", "query=fish" if shell == "fish" else "query=bash"])
+
+
+def _dispatch(command: str, rest: list[str]) -> None:
+    if command in COMPLETION_FLAGS:
+        return shell_completion(None, rest)
+    if command in STAGES and rest[:1] and rest[0] in COMPLETION_FLAGS:
+        return shell_completion(command, rest[1:])
     if command in STAGES:
         if rest[:1] == ["--params"]:
             if len(rest) != 2:
@@ -144,6 +201,45 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
     print(f"covidxray: error: unknown command '{command}'\n{USAGE}", file=sys.stderr)
     sys.exit(2)
+
+
+_interrupted_at: list[float] = []
+
+
+def _on_sigint(signum, frame):
+    """Python's own Ctrl-C behaviour (KeyboardInterrupt), noting when it came."""
+    _interrupted_at.append(time.time())
+    raise KeyboardInterrupt
+
+
+def _interrupted(command: str) -> None:
+    """After Ctrl-C: end the MLflow runs this command opened as KILLED, say so in one line, exit 130."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
+    since = int(1000 * (_interrupted_at[0] if _interrupted_at else time.time()))
+    note = ""
+    tracking = sys.modules.get("covidxray.tracking")  # imported only if the command logged to MLflow
+    if tracking is not None:
+        try:
+            ended = tracking.end_interrupted_runs(since)
+            note = f"; MLflow runs ended as KILLED: {len(ended)}" if ended else ""
+        except Exception as err:  # noqa: BLE001 - the store may be what hangs; still exit 130
+            note = f"; could not end its MLflow runs: {' '.join(str(err).split())[:200]}"
+    print(f"covidxray {command}: interrupted{note}", file=sys.stderr)
+    sys.exit(130)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    command = argv[0]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        _dispatch(command, argv[1:])
+    except KeyboardInterrupt:
+        _interrupted(command)
 
 
 if __name__ == "__main__":

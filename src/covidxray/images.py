@@ -89,6 +89,12 @@ def read_grayscale(path: Path) -> tuple[np.ndarray, dict]:
         raise CovidXrayError(f"image not found: {path}") from None
     except OSError as err:
         raise CovidXrayError(f"cannot read image {path}: {err.strerror or err}") from None
+    return decode_grayscale(data, str(path))
+
+
+def decode_grayscale(data: bytes, source: str = "image") -> tuple[np.ndarray, dict]:
+    """`read_grayscale` for an encoded image already in memory (e.g. posted to the scoring
+    server); `source` names it in errors."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt, mode = img.format, img.mode
@@ -96,13 +102,13 @@ def read_grayscale(path: Path) -> tuple[np.ndarray, dict]:
             img = ImageOps.exif_transpose(img)
             gray = to_grayscale(img)
     except UnidentifiedImageError:
-        raise CovidXrayError(f"not an image file (or a format Pillow cannot decode): {path}") from None
+        raise CovidXrayError(f"not an image file (or a format Pillow cannot decode): {source}") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
         reason = " ".join(str(err).split()) or type(err).__name__
-        raise CovidXrayError(f"corrupt or unreadable image {path}: {reason}") from None
+        raise CovidXrayError(f"corrupt or unreadable image {source}: {reason}") from None
     if gray.ndim != 2 or gray.size == 0:
-        raise CovidXrayError(f"not a 2-D image: {path} (shape {gray.shape})")
-    check_xray(gray, path)
+        raise CovidXrayError(f"not a 2-D image: {source} (shape {gray.shape})")
+    check_xray(gray, source)
     info = {
         "width": int(gray.shape[1]),
         "height": int(gray.shape[0]),

@@ -33,10 +33,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import keras
-import numpy as np
 from keras import layers, ops
 
 from covidxray import CovidXrayError, efficientnet_lite, fileset
+from covidxray.inference import probabilities as predict_probs  # noqa: F401 - models' users call it so
 from covidxray.backbones import (  # noqa: F401 - the catalogue, re-exported for models' users
     BACKBONES, DEFAULT_FILTERS, MIN_IMAGENET_SIZE, MODEL_NAMES, PREPROCESS_MODES, BackboneSpec,
     feature_map_size, is_pretrainable)
@@ -379,14 +379,3 @@ def _load_pair(path: Path):
     except json.JSONDecodeError as err:
         raise CovidXrayError(f"{meta_path}: not valid JSON ({err})") from None
     return load(path), check_meta(meta, str(meta_path))
-
-
-def predict_probs(model, images: np.ndarray, n_classes: int, batch_size: int = 32) -> np.ndarray:
-    """Softmax outputs (N, K) for uint8 images (N, S, S) fed as raw 0..255 pixels."""
-    x = np.asarray(images, dtype=np.float32)[..., None]
-    if len(x) == 0:
-        return np.zeros((0, n_classes))
-    probs = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=float)
-    if probs.ndim != 2 or probs.shape[1] != n_classes:
-        raise CovidXrayError(f"the model outputs shape {probs.shape[1:]}, but its metadata names {n_classes} classes")
-    return probs

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ import pandas as pd
 from covidxray import CovidXrayError
 from covidxray import models
 from covidxray import report as R
-from covidxray.metrics import decide
+from covidxray.inference import predictions
 from covidxray.outputs import check_replaceable, replace_dir
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
@@ -39,42 +38,59 @@ def resolve_model(spec: str, tracking_uri: str | None = None):
 
 
 def load_mlflow_model(uri: str, tracking_uri: str | None = None):
-    """Download an MLflow-logged model and read its metadata (threshold, classes, image_size,
-    resize) from the MLmodel metadata, else from a model.json logged with it or on its run."""
+    """Download an MLflow-logged model into a temporary folder (removed afterwards), load its
+    .keras file and read its metadata (threshold, classes, image_size, resize) from the MLmodel
+    metadata, else from a model.json logged with it or on its run."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     from covidxray import tracking
 
     store = tracking.tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(store)
     mlflow.set_registry_uri(store)
-    local = Path(tempfile.mkdtemp(prefix="covidxray-model-"))
+    with tempfile.TemporaryDirectory(prefix="covidxray-model-") as local:
+        info, path = _download_model(uri, store, Path(local))
+        meta = _mlflow_meta(info, path, Path(local) / "run")
+        meta.setdefault("mlflow_run_id", info.run_id)
+        meta["model_uri"] = uri
+        meta = models.check_meta(meta, uri)
+        files = sorted(path.rglob("*.keras"))
+        if not files:
+            raise CovidXrayError(f"MLflow model {uri} holds no .keras file")
+        return models.load(files[0]), meta
+
+
+def _download_model(uri: str, store: str, local: Path):
+    """(ModelInfo, local copy of the model folder), or a one-line error naming the URI and store."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     try:
         info = mlflow.models.get_model_info(uri)
-        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(local)))
+        return info, Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(local)))
     except (MlflowException, OSError) as err:
-        shutil.rmtree(local, ignore_errors=True)
         message = " ".join(str(getattr(err, "message", err)).split())[:300]
         raise CovidXrayError(f"cannot load MLflow model {uri} from {store}: {message}") from None
+
+
+def _mlflow_meta(info, path: Path, run_dir: Path) -> dict:
+    """The model's metadata: MLmodel metadata over a model.json in the model (pyfunc artifacts),
+    else over the model.json logged on its run."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     meta = dict(info.metadata or {})
     found = sorted(path.rglob(models.META_FILE))
     if found:
-        meta = {**json.loads(found[0].read_text()), **meta}
-    elif info.run_id and any(meta.get(k) is None for k in ("classes", "image_size", "threshold")):
+        return {**json.loads(found[0].read_text()), **meta}
+    if info.run_id and any(meta.get(k) is None for k in ("classes", "image_size", "threshold")):
         try:
             run_meta = mlflow.artifacts.download_artifacts(run_id=info.run_id, artifact_path=models.META_FILE,
-                                                           dst_path=str(local / "run"))
+                                                           dst_path=str(run_dir))
             meta = {**json.loads(Path(run_meta).read_text()), **meta}
         except (MlflowException, OSError):
             pass
-    meta.setdefault("mlflow_run_id", info.run_id)
-    meta["model_uri"] = uri
-    meta = models.check_meta(meta, uri)
-    files = sorted(path.rglob("*.keras"))
-    if not files:
-        raise CovidXrayError(f"MLflow model {uri} holds no .keras file (logged with mlflow.keras?)")
-    return models.load(files[0]), meta
+    return meta
 
 
 # -- predict ----------------------------------------------------------------------------------------
@@ -109,14 +125,10 @@ def overlay_names(paths) -> list[str]:
 
 
 def predict_table(model, meta: dict, pixels: np.ndarray, paths) -> pd.DataFrame:
-    """Per image: path, p_<class> for every class, the predicted label at the saved threshold."""
-    classes = meta["classes"]
-    probs = models.predict_probs(model, pixels, len(classes))
-    table = pd.DataFrame({"path": [str(p) for p in paths]})
-    table[f"p_{classes[-1]}"] = probs[:, -1] if len(probs) else []
-    for c, name in enumerate(classes[:-1]):
-        table[f"p_{name}"] = probs[:, c] if len(probs) else []
-    table["label"] = np.asarray(classes, dtype=object)[decide(probs, meta["threshold"])] if len(probs) else []
+    """Per image: path, p_<class> for every class, the predicted label at the saved threshold
+    (what the served MLflow model answers, without its threshold column)."""
+    table = predictions(model, meta, pixels).drop(columns="threshold")
+    table.insert(0, "path", [str(p) for p in paths])
     return table
 
 

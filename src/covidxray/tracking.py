@@ -2,13 +2,21 @@
 
 Default store: SQLite at mlruns/mlflow.db with artifacts under mlruns/artifacts (no server);
 MLFLOW_TRACKING_URI (or mlflow.tracking_uri in the config) selects a team server instead.
+
+Runs that end abnormally end as KILLED: an interrupted command (Ctrl-C) ends the runs it opened
+(`end_interrupted_runs`, called by the cli), and runs left RUNNING by a process that no longer
+exists (SIGKILL, power loss) are recognised by their host/pid tags and ended the next time a
+stage configures the store on the same host (`end_orphaned_runs`).
 """
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 DEFAULT_STORE = Path("mlruns")
+HOST_TAG, PID_TAG, PID_START_TAG = "covidxray.host", "covidxray.pid", "covidxray.pid_start"
+_CONFIGURED: set[tuple[str, str]] = set()  # (tracking URI, experiment id) this process logged to
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -42,6 +50,8 @@ def configure(configured_uri: str | None, experiment: str) -> str:
     else:
         experiment_id = mlflow.create_experiment(experiment, artifact_location=_artifact_root(uri))
     mlflow.set_experiment(experiment_id=experiment_id)
+    _CONFIGURED.add((uri, experiment_id))
+    end_orphaned_runs(experiment_id)
     return experiment_id
 
 
@@ -146,6 +156,7 @@ def context_tags() -> dict[str, str]:
     except (ImportError, ValueError):
         pass
     tags["runner"] = runner
+    tags.update(process_tags())
     return tags
 
 
@@ -186,3 +197,85 @@ def configure_exclusive(configured_uri: str | None, experiment: str) -> str:
             return configure(configured_uri, experiment)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# -- runs that ended abnormally -------------------------------------------------------------------
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux /proc), telling a reused pid apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_tags() -> dict[str, str]:
+    """Which process logs this run (host, pid, pid start time): lets a later run on the same host
+    tell whether the run's process still exists."""
+    pid = os.getpid()
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), PID_START_TAG: _process_start(pid) or ""}
+
+
+def process_alive(pid: int, start: str | None = None) -> bool:
+    """Whether process `pid` (started at `start`, if known) still exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        pass
+    now = _process_start(pid)
+    return not (start and now and now != start)
+
+
+def _open_since(run, since_ms: int | None) -> bool:
+    """Still RUNNING, or ended FAILED at or after since_ms (when given)."""
+    info = run.info
+    return info.status == "RUNNING" or (since_ms is not None and info.status == "FAILED"
+                                         and (info.end_time or 0) >= since_ms)
+
+
+def _end_as_killed(client, runs, reason: str, since_ms: int | None = None) -> list[str]:
+    """Set each run and its nested runs that are open (or ended since since_ms) to KILLED,
+    tagging why; returns their ids."""
+    ended = []
+    for run in runs:
+        children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+        for item in [run, *(c for c in children if _open_since(c, since_ms))]:
+            client.set_tag(item.info.run_id, "covidxray.killed", reason)
+            client.set_terminated(item.info.run_id, "KILLED")
+            ended.append(item.info.run_id)
+    return ended
+
+
+def end_orphaned_runs(experiment_id: str) -> list[str]:
+    """End as KILLED the RUNNING runs of this experiment whose process, on this host, is gone
+    (killed without a chance to end them). Runs of other hosts are left alone. Returns their ids."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    running = client.search_runs([experiment_id],
+                                 f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{socket.gethostname()}'")
+    orphans = [r for r in running if r.data.tags.get(PID_TAG, "").isdigit()
+               and not process_alive(int(r.data.tags[PID_TAG]), r.data.tags.get(PID_START_TAG))]
+    return _end_as_killed(client, orphans, "its process was gone (found by a later run)")
+
+
+def end_interrupted_runs(since_ms: int) -> list[str]:
+    """End as KILLED the runs this process opened that were open at since_ms (the interrupt):
+    still RUNNING, or ended FAILED since by the unwinding `with mlflow.start_run()` blocks, with
+    their nested runs. Returns their ids."""
+    if not _CONFIGURED:
+        return []
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    while mlflow.active_run() is not None:  # runs started without `with`
+        mlflow.end_run("KILLED")
+    mine = " and ".join(f"tags.`{k}` = '{v}'" for k, v in process_tags().items() if k != PID_START_TAG)
+    ended = []
+    for uri, experiment_id in sorted(_CONFIGURED):
+        client = MlflowClient(tracking_uri=uri)
+        runs = [r for r in client.search_runs([experiment_id], mine) if _open_since(r, since_ms)]
+        ended += _end_as_killed(client, runs, "interrupted (SIGINT)", since_ms)
+    return ended

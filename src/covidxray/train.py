@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -395,41 +394,11 @@ def crown(registered_model: str, version) -> None:
     print(f"train: {registered_model} version {version} is now @{CHAMPION}")
 
 
-def _pip_requirements() -> list[str]:
-    from importlib import metadata
-
-    reqs = []
-    for dist in ("tensorflow", "tensorflow-cpu", "keras"):
-        try:
-            reqs.append(f"{dist}=={metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            continue
-    return reqs
-
-
 def _log_final_model(model, meta: dict, example: np.ndarray, registered: str | None):
-    """Log the final model with MLflow's Keras flavor (signature, input example, metadata) and
-    register it; returns the ModelInfo."""
-    import mlflow
-    from mlflow.models import infer_signature
+    """Log the final model as a servable MLflow pyfunc model (serving.py: images in, p(covid) and
+    the label at the saved threshold out) and register it; returns the ModelInfo."""
+    from covidxray import serving
 
-    import mlflow.keras.save as keras_save
-
-    signature = infer_signature(example, np.asarray(model.predict(example, verbose=0)))
-    # mlflow.keras writes the input example before creating the model directory
-    # (mlflow/mlflow#16183, open): create it first, for this call only.
-    original = keras_save._save_example
-
-    def save_example(mlflow_model, input_example, path, *args, **kwargs):
-        os.makedirs(path, exist_ok=True)
-        return original(mlflow_model, input_example, path, *args, **kwargs)
-
-    keras_save._save_example = save_example
-    try:
-        return mlflow.keras.log_model(
-            model, name="model", signature=signature, input_example=example,
-            registered_model_name=registered or None, metadata=meta,
-            pip_requirements=_pip_requirements())
-    finally:
-        keras_save._save_example = original
+    gray = np.clip(np.asarray(example)[0, ..., 0], 0, 255).astype(np.uint8)
+    return serving.log_model(model, meta, registered_name=registered, example=gray)
 

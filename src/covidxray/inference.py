@@ -1,0 +1,91 @@
+"""Inference on X-ray images: decode the rows a served model receives, the softmax
+probabilities, and the label at the threshold saved with the model (metrics.decide).
+
+Shared by `covidxray predict` and the MLflow pyfunc model (serving.py), so a file gives the same
+answer from the command line, from `mlflow.pyfunc.load_model` and from `mlflow models serve`.
+"""
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pandas as pd
+
+from covidxray import CovidXrayError
+
+BATCH_SIZE = 32
+
+
+def _row_pixels(image, pixels, row: int) -> np.ndarray:
+    """The 2-D uint8 grayscale image of one input row (`image` bytes or base64, or `pixels`)."""
+    from covidxray.images import decode_grayscale
+
+    given = [v is not None and not (isinstance(v, float) and np.isnan(v)) for v in (image, pixels)]
+    if given[0] == given[1]:
+        raise CovidXrayError(f"row {row}: give exactly one of image (encoded file bytes) or pixels (2-D array)")
+    if given[0]:
+        if isinstance(image, str):
+            try:
+                image = base64.b64decode(image, validate=True)
+            except ValueError:
+                raise CovidXrayError(f"row {row}: image is text but not base64") from None
+        return decode_grayscale(bytes(image), f"row {row}")[0]
+    try:
+        array = np.array([np.asarray(line, dtype=float) for line in pixels], dtype=float)
+    except (TypeError, ValueError):
+        raise CovidXrayError(f"row {row}: pixels must be a 2-D array of numbers (rows of equal length)") from None
+    if array.ndim != 2 or array.size == 0:
+        raise CovidXrayError(f"row {row}: pixels must be a non-empty 2-D grayscale array, got shape {array.shape}")
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
+        raise CovidXrayError(f"row {row}: pixels must lie in 0..255")
+    return np.rint(array).astype(np.uint8)
+
+
+def decode_rows(model_input, meta: dict) -> np.ndarray:
+    """(N, S, S) uint8 model inputs from the input rows, by the input steps saved with the model
+    (meta: image_size, resize, store_size, normalize, crop_border), as in training."""
+    from covidxray.images import prepare_for, resize
+
+    if not isinstance(model_input, pd.DataFrame) or not {"image", "pixels"} & set(model_input.columns):
+        raise CovidXrayError("input must be a table with a column image (encoded file) or pixels (2-D array)")
+    images, pixels = (model_input[c] if c in model_input else [None] * len(model_input) for c in ("image", "pixels"))
+    store, policy, size = meta["store_size"], meta["resize"], meta["image_size"]
+    out = [resize(_row_pixels(a, b, i), store, policy) for i, (a, b) in enumerate(zip(images, pixels, strict=True))]
+    return prepare_for(meta, np.stack(out)) if out else np.zeros((0, size, size), np.uint8)
+
+
+def probabilities(model, pixels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Softmax outputs (N, K) for uint8 images (N, S, S), fed as raw 0..255 pixels as in training."""
+    if len(pixels) == 0:
+        return np.zeros((0, n_classes))
+    x = np.asarray(pixels, dtype=np.float32)[..., None]
+    probs = np.asarray(model.predict(x, batch_size=BATCH_SIZE, verbose=0), dtype=float)
+    if probs.ndim != 2 or probs.shape[1] != n_classes:
+        raise CovidXrayError(f"the model outputs shape {probs.shape[1:]}, but its metadata names {n_classes} classes")
+    return probs
+
+
+def predictions(model, meta: dict, pixels: np.ndarray) -> pd.DataFrame:
+    """Per image: p_<class> (the positive class, last in meta["classes"], first), the label at
+    meta["threshold"], and the threshold."""
+    from covidxray.metrics import decide
+
+    classes = list(meta["classes"])
+    probs = probabilities(model, pixels, len(classes))
+    table = pd.DataFrame({f"p_{classes[-1]}": probs[:, -1]})
+    for c, name in enumerate(classes[:-1]):
+        table[f"p_{name}"] = probs[:, c]
+    labels = np.asarray(classes, dtype=object)[decide(probs, meta["threshold"])] if len(probs) else []
+    table["label"] = pd.Series(labels, dtype=object)
+    table["threshold"] = float(meta["threshold"])
+    return table
+
+
+def png_bytes(gray: np.ndarray) -> bytes:
+    """A 2-D uint8 image as PNG file bytes (lossless: decodes to the same pixels)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(gray, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()

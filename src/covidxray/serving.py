@@ -1,0 +1,111 @@
+"""Serving: the final model as an MLflow pyfunc model, so that `mlflow models serve` and
+`mlflow.pyfunc.load_model` run it in a fresh process with nothing but MLflow and TensorFlow.
+
+The logged model carries the .keras file and its metadata (model.json: classes, image_size,
+resize, threshold) as artifacts and this package as code (code_paths); MLflow builds it from a
+two-line entry file ("models from code", no pickle). Input: a DataFrame with one row per image,
+either `image` (the encoded file: PNG, JPEG, ...; base64 in the scoring server's JSON) or `pixels`
+(a 2-D grayscale array of integers 0..255). Every image goes through training's input steps
+(images.decode_grayscale, images.resize to the store size, images.prepare). Output per row: p_<class> (covid first), the label at
+the saved threshold, and that threshold (inference.py, as `covidxray predict`).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from covidxray import CovidXrayError
+from covidxray.inference import decode_rows, png_bytes, predictions
+
+MODEL_ARTIFACT = "model"
+META_ARTIFACT = "meta"
+ENTRY = '''"""MLflow models-from-code entry: the covid-xray detector (see covidxray.serving)."""
+import mlflow
+
+from covidxray.serving import CovidXrayModel
+
+mlflow.models.set_model(CovidXrayModel())
+'''
+
+
+class CovidXrayModel(mlflow.pyfunc.PythonModel):
+    """The Keras model with its metadata: images in, p(class) and the label at the threshold out."""
+
+    def load_context(self, context):
+        from covidxray.models import check_meta, load
+
+        self.meta = check_meta(json.loads(Path(context.artifacts[META_ARTIFACT]).read_text()), META_ARTIFACT)
+        self.model = load(context.artifacts[MODEL_ARTIFACT])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        """One output row per input row; a row that is no usable image is a 400 for the server."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            pixels = decode_rows(model_input, self.meta)
+        except CovidXrayError as err:
+            raise MlflowException.invalid_parameter_value(str(err)) from None
+        return predictions(self.model, self.meta, pixels)
+
+
+def signature(classes: list[str]):
+    """Input: optional `image` (binary) and `pixels` (2-D integer array) columns; output: the
+    columns of inference.predictions."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    inputs = Schema([ColSpec("binary", "image", required=False),
+                     ColSpec(Array(Array("long")), "pixels", required=False)])
+    outputs = [ColSpec("double", f"p_{name}") for name in [classes[-1], *classes[:-1]]]
+    return ModelSignature(inputs, Schema([*outputs, ColSpec("string", "label"), ColSpec("double", "threshold")]))
+
+
+# -- logging ------------------------------------------------------------------------------------------
+
+def pip_requirements() -> list[str]:
+    """What the model needs beside MLflow, at the versions it was trained with."""
+    from importlib import metadata
+
+    reqs = []
+    for dist in ("tensorflow", "tensorflow-cpu", "keras", "pillow", "numpy", "pandas"):
+        try:
+            reqs.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return reqs
+
+
+def log_model(model, meta: dict, registered_name: str | None = None, example: np.ndarray | None = None,
+              name: str = "model"):
+    """Log a trained Keras model with its metadata (classes, image_size, resize, threshold, ...)
+    as a pyfunc model on the active run, register it under `registered_name` if given, and
+    return the ModelInfo. `example`: one 2-D uint8 image, saved as the input example."""
+    for key in ("classes", "image_size", "threshold"):
+        if meta.get(key) is None:
+            raise CovidXrayError(f"model metadata lacks {key}: cannot log a servable model")
+    with tempfile.TemporaryDirectory(prefix="covidxray-pyfunc-") as tmp:
+        tmp = Path(tmp)
+        model.save(tmp / "model.keras")
+        (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+        code = tmp / "covidxray"
+        shutil.copytree(Path(__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        entry = tmp / "covidxray_model.py"
+        entry.write_text(ENTRY)
+        example_frame = None if example is None else pd.DataFrame({"image": [png_bytes(example)]})
+        path = list(sys.path)
+        try:  # MLflow loads the model once to check the example, putting its code first on sys.path
+            return mlflow.pyfunc.log_model(
+                name=name, python_model=str(entry), code_paths=[str(code)],
+                artifacts={MODEL_ARTIFACT: str(tmp / "model.keras"), META_ARTIFACT: str(tmp / "model.json")},
+                signature=signature(list(meta["classes"])), input_example=example_frame,
+                registered_model_name=registered_name or None, metadata=meta,
+                pip_requirements=pip_requirements())
+        finally:
+            sys.path[:] = path
