@@ -13,6 +13,7 @@ weights=none (no ImageNet file offline; weights do not change the timing), 100 i
 
     .venv/bin/python benchmarks/bench_feature_cache.py [--images 100] [--epochs 3] [overrides...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,15 +46,30 @@ def main() -> None:
     from covidxray.config import compose, fit_settings
     from covidxray.fitting import Trainer, compile_model, make_optimizer
 
-    fit = fit_settings(compose(["experiment=tutorial", "model.weights=none", "augment=none",
-                                "train.early_stopping.enabled=false", f"train.epochs={args.epochs}",
-                                *args.overrides]))
+    fit = fit_settings(
+        compose(
+            [
+                "experiment=tutorial",
+                "model.weights=none",
+                "augment=none",
+                "train.early_stopping.enabled=false",
+                f"train.epochs={args.epochs}",
+                *args.overrides,
+            ]
+        )
+    )
     size, batch, epochs = fit.image_size, fit.batch_size, fit.epochs
     x, y, source = images(size, args.images, args.curated)
     n = len(x)
     onehot = np.eye(2, dtype=np.float32)[y]
-    results = {"model": fit.model.name, "image_size": size, "batch_size": batch, "images": n,
-               "epochs": epochs, "source": source}
+    results = {
+        "model": fit.model.name,
+        "image_size": size,
+        "batch_size": batch,
+        "images": n,
+        "epochs": epochs,
+        "source": source,
+    }
 
     def tutorial(rotation: float) -> float:
         """The tutorial: float array in memory, ImageDataGenerator.flow, model.fit with steps_per_epoch."""

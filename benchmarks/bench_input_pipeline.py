@@ -19,6 +19,7 @@ on a 2-core CPU competes with the training step for the same cores.
     .venv/bin/python benchmarks/bench_input_pipeline.py --augment tutorial
     .venv/bin/python benchmarks/bench_input_pipeline.py model=vgg16 model.weights=none --images 96
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,9 @@ def main() -> None:
     from covidxray.fitting import compile_model, make_optimizer
     from covidxray.inputs import build_augmenter, class_weights, make_dataset
 
-    fit = fit_settings(compose([*args.overrides, f"augment={args.augment}"]
-                               + ([f"data.image_size={args.size}"] if args.size else [])))
+    fit = fit_settings(
+        compose([*args.overrides, f"augment={args.augment}"] + ([f"data.image_size={args.size}"] if args.size else []))
+    )
     size, batch = fit.image_size, fit.batch_size
     x, y, source = images(size, args.images, args.curated)
     x, y = x[: len(x) // batch * batch], y[: len(x) // batch * batch]  # whole batches on both sides
@@ -80,25 +82,39 @@ def main() -> None:
             for xb, yb, wb in source_batches:
                 loss = step(xb, yb, wb)
             float(loss)
+
         return epoch
 
-    timing = alternating({
-        "fit_in_memory": lambda: model.fit(in_memory, epochs=1, verbose=0, shuffle=False),
-        "fit_pipeline": lambda: model.fit(pipeline, epochs=1, verbose=0, shuffle=False),
-        "loop_in_memory": loop(batches),
-        "loop_pipeline": loop(pipeline),
-    }, args.repeats)
-    results = {"model": fit.model.name, "image_size": size, "batch_size": batch, "images": len(x),
-               "steps_per_execution": spe, "augment": args.augment, "source": source, "repeats": args.repeats}
+    timing = alternating(
+        {
+            "fit_in_memory": lambda: model.fit(in_memory, epochs=1, verbose=0, shuffle=False),
+            "fit_pipeline": lambda: model.fit(pipeline, epochs=1, verbose=0, shuffle=False),
+            "loop_in_memory": loop(batches),
+            "loop_pipeline": loop(pipeline),
+        },
+        args.repeats,
+    )
+    results = {
+        "model": fit.model.name,
+        "image_size": size,
+        "batch_size": batch,
+        "images": len(x),
+        "steps_per_execution": spe,
+        "augment": args.augment,
+        "source": source,
+        "repeats": args.repeats,
+    }
     for name, (median, _) in timing.items():
         results[f"{name}_images_per_s"] = len(x) / median
     results["ratio"] = timing["fit_in_memory"][0] / timing["fit_pipeline"][0]
     results["loop_ratio"] = timing["loop_in_memory"][0] / timing["loop_pipeline"][0]
     results["epoch_s"] = {name: [round(t, 3) for t in all_times] for name, (_, all_times) in timing.items()}
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in results.items()}, indent=2))
-    print(f"training epoch (model.fit): pipeline {results['fit_pipeline_images_per_s']:.0f} images/s vs "
-          f"in-memory tensors {results['fit_in_memory_images_per_s']:.0f} images/s: ratio {results['ratio']:.3f} "
-          f"(target >= 0.90); Python step loop: ratio {results['loop_ratio']:.3f}")
+    print(
+        f"training epoch (model.fit): pipeline {results['fit_pipeline_images_per_s']:.0f} images/s vs "
+        f"in-memory tensors {results['fit_in_memory_images_per_s']:.0f} images/s: ratio {results['ratio']:.3f} "
+        f"(target >= 0.90); Python step loop: ratio {results['loop_ratio']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ that machine load affects all alike.
 Weights do not change the timing: the converted ImageNet file is used when the pretrained stage has
 written it, else random weights (weights=none).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,13 @@ def extractor(name: str, size: int):
 
     converted = REPO / "models" / "pretrained" / efficientnet_lite.WEIGHTS_FILE
     weights = "imagenet" if name == "efficientnet_lite0" and converted.is_file() else "none"
-    cfg = {"name": name, "weights": weights, "imagenet_file": str(converted), "freeze_base": True,
-           "head": {"pool_size": 7, "dense_units": 64, "dropout": 0.5}}
+    cfg = {
+        "name": name,
+        "weights": weights,
+        "imagenet_file": str(converted),
+        "freeze_base": True,
+        "head": {"pool_size": 7, "dense_units": 64, "dropout": 0.5},
+    }
     model = models.build_model(cfg, size, 2)
     preprocess, backbone, _ = models.split_at_backbone(model)
     inputs = keras.Input(model.input.shape[1:])
@@ -55,31 +61,47 @@ def main() -> None:
     runs, weights, cpu = {}, {}, {}
     for name in ["efficientnet_lite0", *args.also]:
         model, weights[name] = extractor(name, args.size)
-        runs[name] = _cpu_timed(lambda m=model: m.predict(make_dataset(x, None, None, EVAL_BATCH), verbose=0),
-                                cpu.setdefault(name, []))
+        runs[name] = _cpu_timed(
+            lambda m=model: m.predict(make_dataset(x, None, None, EVAL_BATCH), verbose=0), cpu.setdefault(name, [])
+        )
     timings = alternating(runs, args.repeats)
     cores = min(2, os.cpu_count() or 1)
-    results = {"image_size": args.size, "images": len(x), "batch": EVAL_BATCH, "source": source,
-               "cpus": os.cpu_count(), "repeats": args.repeats, "load_average": os.getloadavg()}
+    results = {
+        "image_size": args.size,
+        "images": len(x),
+        "batch": EVAL_BATCH,
+        "source": source,
+        "cpus": os.cpu_count(),
+        "repeats": args.repeats,
+        "load_average": os.getloadavg(),
+    }
     for name, (median, all_s) in timings.items():
         per_s = len(x) / median
         cpu_per_image = statistics.median(cpu[name][1:]) / len(x)  # the timed rounds (not the warm-up)
         results[name] = {
-            "weights": weights[name], "median_s": round(median, 3), "all_s": [round(t, 2) for t in all_s],
-            "images_per_s": round(per_s, 1), f"projected_{TARGET_IMAGES}_images_s": round(TARGET_IMAGES / per_s, 1),
+            "weights": weights[name],
+            "median_s": round(median, 3),
+            "all_s": [round(t, 2) for t in all_s],
+            "images_per_s": round(per_s, 1),
+            f"projected_{TARGET_IMAGES}_images_s": round(TARGET_IMAGES / per_s, 1),
             # CPU seconds the process spent per image: the load-independent cost; with `cores` free
             # cores and perfect parallelism, 3,000 images would take TARGET * cpu_per_image / cores
             "cpu_s_per_image": round(cpu_per_image, 4),
-            f"projected_{TARGET_IMAGES}_images_s_on_{cores}_free_cores": round(TARGET_IMAGES * cpu_per_image / cores, 1)}
+            f"projected_{TARGET_IMAGES}_images_s_on_{cores}_free_cores": round(
+                TARGET_IMAGES * cpu_per_image / cores, 1
+            ),
+        }
     print(json.dumps(results, indent=2))
 
 
 def _cpu_timed(fn, record: list):
     """fn, also appending the process CPU time (user + system, all threads) of each call to record."""
+
     def run():
         start = time.process_time()
         fn()
         record.append(time.process_time() - start)
+
     return run
 
 

@@ -1,4 +1,5 @@
 """Shared by the benchmarks: images to time on, and a median-of-repeats timer."""
+
 from __future__ import annotations
 
 import os

@@ -11,6 +11,7 @@ curated store and splits.
 
 usage: .venv/bin/python benchmarks/remedies.py [--only NAME ...] [--folds N] [--out DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,12 +21,24 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-REVERSE = ["data.sources.train.covid=[radiography]", "data.sources.train.normal=[radiography]",
-           "data.sources.external.covid=[ieee8023]", "data.sources.external.normal=[kermany]"]
-ADULT = ["data.sources.train.covid=[ieee8023]", "data.sources.train.normal=[radiography]",
-         "data.sources.external.covid=[radiography]", "data.sources.external.normal=[kermany]"]
-ADULT_REVERSE = ["data.sources.train.covid=[radiography]", "data.sources.train.normal=[kermany]",
-                 "data.sources.external.covid=[ieee8023]", "data.sources.external.normal=[radiography]"]
+REVERSE = [
+    "data.sources.train.covid=[radiography]",
+    "data.sources.train.normal=[radiography]",
+    "data.sources.external.covid=[ieee8023]",
+    "data.sources.external.normal=[kermany]",
+]
+ADULT = [
+    "data.sources.train.covid=[ieee8023]",
+    "data.sources.train.normal=[radiography]",
+    "data.sources.external.covid=[radiography]",
+    "data.sources.external.normal=[kermany]",
+]
+ADULT_REVERSE = [
+    "data.sources.train.covid=[radiography]",
+    "data.sources.train.normal=[kermany]",
+    "data.sources.external.covid=[ieee8023]",
+    "data.sources.external.normal=[radiography]",
+]
 LITE0 = ["model=efficientnet_lite0", "data.image_size=224"]
 
 
@@ -81,8 +94,12 @@ def run_one(name: str, direction: str, overrides: list[str], out: Path, folds: i
     from covidxray import evaluate, external, train
 
     run_dir = out / name / direction
-    paths = [f"paths.models={run_dir / 'models'}", f"paths.reports={run_dir / 'reports'}",
-             f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}", f"cv.folds={folds}"]
+    paths = [
+        f"paths.models={run_dir / 'models'}",
+        f"paths.reports={run_dir / 'reports'}",
+        f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}",
+        f"cv.folds={folds}",
+    ]
     cfg = compose(overrides + prepare_store(overrides, out) + paths)
     start = time.perf_counter()
     for stage in (train, evaluate, external):
@@ -92,10 +109,16 @@ def run_one(name: str, direction: str, overrides: list[str], out: Path, folds: i
     cv = json.loads((reports / "cv" / "metrics.json").read_text())
     test = json.loads((reports / "metrics.json").read_text())["test"]
     ext = json.loads((reports / "external" / "metrics.json").read_text())
-    return {"remedy": name, "direction": direction, "cv_auc": cv["cv_auc_mean"], "test_auc": test["auc"],
-            "external": ext["external"], "n_external": ext["n_external_images"],
-            "same_source": ext["probes"]["same_source_other_finding"].get("share_labelled_covid"),
-            "minutes": (time.perf_counter() - start) / 60}
+    return {
+        "remedy": name,
+        "direction": direction,
+        "cv_auc": cv["cv_auc_mean"],
+        "test_auc": test["auc"],
+        "external": ext["external"],
+        "n_external": ext["n_external_images"],
+        "same_source": ext["probes"]["same_source_other_finding"].get("share_labelled_covid"),
+        "minutes": (time.perf_counter() - start) / 60,
+    }
 
 
 def fmt(v) -> str:
@@ -103,14 +126,19 @@ def fmt(v) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| remedy | direction | CV AUC | test AUC | external AUC [95% CI] | ext. sens | ext. spec | "
-             "same-source other findings called covid | min |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| remedy | direction | CV AUC | test AUC | external AUC [95% CI] | ext. sens | ext. spec | "
+        "same-source other findings called covid | min |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         e = r["external"]
-        lines.append(f"| {r['remedy']} | {r['direction']} | {fmt(r['cv_auc'])} | {fmt(r['test_auc'])} | "
-                     f"{fmt(e.get('auc'))} [{fmt(e.get('auc_ci_low'))}, {fmt(e.get('auc_ci_high'))}] | "
-                     f"{fmt(e.get('sensitivity'))} | {fmt(e.get('specificity'))} | {fmt(r['same_source'])} | "
-                     f"{r['minutes']:.1f} |")
+        lines.append(
+            f"| {r['remedy']} | {r['direction']} | {fmt(r['cv_auc'])} | {fmt(r['test_auc'])} | "
+            f"{fmt(e.get('auc'))} [{fmt(e.get('auc_ci_low'))}, {fmt(e.get('auc_ci_high'))}] | "
+            f"{fmt(e.get('sensitivity'))} | {fmt(e.get('specificity'))} | {fmt(r['same_source'])} | "
+            f"{r['minutes']:.1f} |"
+        )
     return "\n".join(lines)
 
 

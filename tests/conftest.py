@@ -1,4 +1,5 @@
 """Shared test fixtures: where the repository, the shared data folder and the mirror are."""
+
 from __future__ import annotations
 
 import os
@@ -71,10 +72,20 @@ def tiny_data(tmp_path_factory) -> dict:
             arrays.append(imgs)
             prefix = f"{label}" if source == "kermany" else f"radiography-{label}"
             for i in range(len(imgs)):
-                rows.append({"image_id": f"{prefix}-{i:03d}", "label": label, "y": y,
-                             "patient_id": f"{prefix}-p{i // 2:03d}", "source": names[y],
-                             "dup_group": f"{prefix}-{i:03d}", "orig_width": 32, "orig_height": 32,
-                             "orig_format": "PNG", "orig_mode": "L"})
+                rows.append(
+                    {
+                        "image_id": f"{prefix}-{i:03d}",
+                        "label": label,
+                        "y": y,
+                        "patient_id": f"{prefix}-p{i // 2:03d}",
+                        "source": names[y],
+                        "dup_group": f"{prefix}-{i:03d}",
+                        "orig_width": 32,
+                        "orig_height": 32,
+                        "orig_format": "PNG",
+                        "orig_mode": "L",
+                    }
+                )
     index = pd.DataFrame(rows)
     save_curated(root / "curated", np.concatenate(arrays), index, classes)
     make_splits(index, test_fraction=0.25, folds=2, seed=0).to_csv(root / "splits.csv", index=False)
@@ -91,14 +102,16 @@ def make_cfg(overrides: list[str] | None = None):
 @pytest.fixture
 def smoke_cfg(tiny_data, tmp_path):
     """The smoke experiment wired to tiny_data, writing models/reports/MLflow under tmp_path."""
-    return make_cfg([
-        "experiment=smoke",
-        f"paths.curated={tiny_data['curated']}",
-        f"paths.splits={tiny_data['splits']}",
-        f"paths.models={tmp_path / 'models'}",
-        f"paths.reports={tmp_path / 'reports'}",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
-    ])
+    return make_cfg(
+        [
+            "experiment=smoke",
+            f"paths.curated={tiny_data['curated']}",
+            f"paths.splits={tiny_data['splits']}",
+            f"paths.models={tmp_path / 'models'}",
+            f"paths.reports={tmp_path / 'reports'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
+        ]
+    )
 
 
 def run_until_killed(code: str, cwd: Path) -> None:
@@ -106,12 +119,19 @@ def run_until_killed(code: str, cwd: Path) -> None:
     calls `die()`: no finally blocks, no atexit, as when the machine or the OOM killer stops a run."""
     prelude = "import os, signal\ndef die():\n    os.kill(os.getpid(), signal.SIGKILL)\n"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
 
 
 # -- real server processes (mlflow server, mlflow models serve) --------------------------------------
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
@@ -128,8 +148,9 @@ class ServerProcess:
     def __init__(self, argv: list[str], url: str, log: Path, env: dict | None = None, cwd: Path | None = None):
         self.url, self.log = url, log
         self._out = open(log, "wb")
-        self.proc = subprocess.Popen([str(a) for a in argv], stdout=self._out, stderr=subprocess.STDOUT,
-                                     cwd=cwd, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(a) for a in argv], stdout=self._out, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True
+        )
 
     def wait_ready(self, path: str, timeout: float = 180.0) -> None:
         """Poll url+path until it answers 200; fail with the server's log if it exits or times out."""
@@ -177,8 +198,9 @@ def post_json(url: str, payload: dict) -> tuple[int, dict]:
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as answer:
             return answer.status, json.loads(answer.read())

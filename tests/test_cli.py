@@ -1,5 +1,6 @@
 """The `covidxray` command itself: parameter files with YAML errors, and one Hydra output folder
 per run even when runs start in the same second."""
+
 from __future__ import annotations
 
 import re
@@ -18,16 +19,26 @@ def test_yaml_error_in_params_is_one_line_with_file_and_line(tmp_path):
     params[line] += " :"  # `curated: data/curated :` (a colon inside a plain value)
     bad = tmp_path / "params.yaml"
     bad.write_text("\n".join(params) + "\n")
-    done = subprocess.run([str(BIN / "covidxray"), "split", "--params", str(bad)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [str(BIN / "covidxray"), "split", "--params", str(bad)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith(f"covidxray split: error: {bad}:{line + 1}:")
     assert "not valid YAML" in done.stderr
 
     (tmp_path / "list.yaml").write_text("- seed\n- data\n")
-    done = subprocess.run([str(BIN / "covidxray"), "curate", "--params", str(tmp_path / "list.yaml")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [str(BIN / "covidxray"), "curate", "--params", str(tmp_path / "list.yaml")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "expected a mapping" in done.stderr
 
 
@@ -55,8 +66,13 @@ def test_runs_started_in_the_same_second_get_their_own_output_folders(tmp_path):
 
 def test_a_hydra_run_names_its_folder_by_time_and_run_id(tmp_path):
     """A real run of a stage as a Hydra app (it fails fast on a missing input) resolves the run id."""
-    done = subprocess.run([str(BIN / "covidxray"), "split", f"paths.curated={tmp_path / 'none'}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [str(BIN / "covidxray"), "split", f"paths.curated={tmp_path / 'none'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1 and "curated index missing" in done.stderr
     (day,) = (tmp_path / "outputs").iterdir()
     (folder,) = day.iterdir()

@@ -1,6 +1,7 @@
 """Shell completion through the covidxray dispatcher: the script Hydra's help names
 (`eval "$(covidxray train -sc install=bash)"`) completes commands and each stage's overrides in
 a real bash (and fish, where installed)."""
+
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ import pytest
 
 from conftest import BIN, REPO
 
-BASH = r'''
+BASH = r"""
 eval "$(covidxray train -sc install=bash)" || exit 3
 fn=$(complete -p covidxray | sed -E 's/.* -F ([^ ]+) .*/\1/') || exit 4
 complete_line() {  # what bash sets before calling the completion function, then the answer
@@ -23,10 +24,12 @@ complete_line() {  # what bash sets before calling the completion function, then
 complete_line "covidxray tr"
 complete_line "covidxray train model=vg"
 complete_line "covidxray evaluate optimizer."
-'''
-WANT = ["covidxray tr => train",
-        "covidxray train model=vg => model=vgg16 model=vgg19",
-        "covidxray evaluate optimizer. => optimizer.lr= optimizer.name= optimizer.schedule="]
+"""
+WANT = [
+    "covidxray tr => train",
+    "covidxray train model=vg => model=vgg16 model=vgg19",
+    "covidxray evaluate optimizer. => optimizer.lr= optimizer.name= optimizer.schedule=",
+]
 
 
 def _env() -> dict:
@@ -41,20 +44,22 @@ def test_bash_completion_installs_and_completes():
 
 @pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")
 def test_fish_completion_installs_and_completes():
-    script = ('covidxray -sc install=fish | source; complete -C "covidxray tr"; '
-              'complete -C "covidxray train model=vg"')
+    script = 'covidxray -sc install=fish | source; complete -C "covidxray tr"; complete -C "covidxray train model=vg"'
     done = subprocess.run(["fish", "-c", script], cwd=REPO, capture_output=True, text=True, env=_env(), timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["train", "model=vgg16", "model=vgg19"]
 
 
 def test_completion_options_are_checked():
-    done = subprocess.run([str(BIN / "covidxray"), "train", "-sc", "install=tcsh"], cwd=REPO,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [str(BIN / "covidxray"), "train", "-sc", "install=tcsh"], cwd=REPO, capture_output=True, text=True
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        'covidxray: error: -sc takes install=SHELL, uninstall=SHELL or query=SHELL (SHELL: bash, zsh or fish), '
-        'e.g. eval "$(covidxray -sc install=bash)"']
-    uninstall = subprocess.run([str(BIN / "covidxray"), "-sc", "uninstall=bash"], cwd=REPO,
-                               capture_output=True, text=True)
+        "covidxray: error: -sc takes install=SHELL, uninstall=SHELL or query=SHELL (SHELL: bash, zsh or fish), "
+        'e.g. eval "$(covidxray -sc install=bash)"'
+    ]
+    uninstall = subprocess.run(
+        [str(BIN / "covidxray"), "-sc", "uninstall=bash"], cwd=REPO, capture_output=True, text=True
+    )
     assert uninstall.returncode == 0 and "complete -r covidxray" in uninstall.stdout

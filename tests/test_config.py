@@ -1,6 +1,7 @@
 """Configuration: every option of every group and every experiment preset composes into a config
 train accepts; params.yaml is the composed defaults; bad values fail before any training with a
 CovidXrayError naming the key."""
+
 from __future__ import annotations
 
 import subprocess
@@ -76,10 +77,13 @@ def test_optuna_search_composes_with_its_sweeper():
     train_settings(OmegaConf.create(plain))
 
 
-@pytest.mark.parametrize("launcher, target", [
-    ("local_parallel", "JoblibLauncher"),
-    ("slurm", "SlurmLauncher"),
-])
+@pytest.mark.parametrize(
+    "launcher, target",
+    [
+        ("local_parallel", "JoblibLauncher"),
+        ("slurm", "SlurmLauncher"),
+    ],
+)
 def test_launchers_compose(launcher, target):
     cfg = _hydra_cfg([f"hydra/launcher={launcher}"])
     assert cfg.hydra.launcher._target_.endswith(target)
@@ -90,8 +94,9 @@ def test_params_yaml_is_the_composed_defaults(tmp_path):
 
     out = tmp_path / "params.yaml"
     compose_and_dump(str(out), str(CONF), None, "config", "", [])
-    assert out.read_text() == (REPO / "params.yaml").read_text(), \
+    assert out.read_text() == (REPO / "params.yaml").read_text(), (
         "params.yaml is stale: run `make params` (covidxray params) and commit it"
+    )
 
 
 def test_dvc_train_stage_matches_what_train_reads_and_writes():
@@ -102,6 +107,7 @@ def test_dvc_train_stage_matches_what_train_reads_and_writes():
         for part in key.split("."):
             assert part in node, f"dvc.yaml train param {key} is not in params.yaml"
             node = node[part]
+
     def paths(entries):
         return {next(iter(e)) if isinstance(e, dict) else e for e in entries}
 
@@ -136,8 +142,10 @@ BAD = [
     (["model.weights=/no/such/file.h5"], "model.weights"),
     (["model=small_cnn", "model.weights=imagenet"], "model.weights"),
     (["model.head.dropout=1.0"], "model.head.dropout"),
-    (["model=vgg16", "model.weights=none", "model.freeze_base=false", "model.fine_tune.unfreeze_top=3"],
-     "model.fine_tune.unfreeze_top"),
+    (
+        ["model=vgg16", "model.weights=none", "model.freeze_base=false", "model.fine_tune.unfreeze_top=3"],
+        "model.fine_tune.unfreeze_top",
+    ),
     (["+optimized_metric=val_f2"], "optimized_metric"),
     # every other key train reads is checked too (issue 9, item 8)
     (["data.task=unknown"], "data.task"),
@@ -165,9 +173,16 @@ def test_config_errors_fail_before_training(overrides, key, tmp_path):
     from covidxray import CovidXrayError
     from covidxray.train import main
 
-    cfg = make_cfg([*overrides, f"paths.curated={tmp_path / 'none'}", f"paths.splits={tmp_path / 'none.csv'}",
-                    f"paths.models={tmp_path / 'models'}", f"paths.reports={tmp_path / 'reports'}",
-                    f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"])
+    cfg = make_cfg(
+        [
+            *overrides,
+            f"paths.curated={tmp_path / 'none'}",
+            f"paths.splits={tmp_path / 'none.csv'}",
+            f"paths.models={tmp_path / 'models'}",
+            f"paths.reports={tmp_path / 'reports'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
+        ]
+    )
     with pytest.raises(CovidXrayError) as err:
         main(cfg)
     assert key in str(err.value)
@@ -178,11 +193,13 @@ def test_config_errors_fail_before_training(overrides, key, tmp_path):
 def test_config_errors_are_reported_before_tensorflow_loads(tmp_path):
     """`covidxray train data.task=unknown`: one line naming the key and what is allowed, exit 1,
     and neither TensorFlow nor MLflow imported (TensorFlow alone takes 5-15 s to import)."""
-    code = ("import atexit, sys\n"
-            "atexit.register(lambda: print('imported:', [m for m in ('tensorflow', 'keras', 'mlflow') "
-            "if m in sys.modules], file=sys.stderr))\n"
-            "from covidxray.cli import main\n"
-            f"main(['train', 'data.task=unknown', 'hydra.run.dir={tmp_path}'])\n")
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('imported:', [m for m in ('tensorflow', 'keras', 'mlflow') "
+        "if m in sys.modules], file=sys.stderr))\n"
+        "from covidxray.cli import main\n"
+        f"main(['train', 'data.task=unknown', 'hydra.run.dir={tmp_path}'])\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 1
     assert "covidxray train: error: data.task must be one of binary, three_class, got 'unknown'" in done.stderr
@@ -191,8 +208,12 @@ def test_config_errors_are_reported_before_tensorflow_loads(tmp_path):
 
 
 def test_cli_reports_a_config_error_in_one_line(tmp_path):
-    done = subprocess.run([str(BIN / "covidxray"), "train", "optimizer.lr=0", f"hydra.run.dir={tmp_path}"],
-                          cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [str(BIN / "covidxray"), "train", "optimizer.lr=0", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 1
     assert "covidxray train: error: optimizer.lr must be a number > 0, got 0" in done.stderr
     assert "Traceback" not in done.stderr

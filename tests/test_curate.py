@@ -1,4 +1,5 @@
 """curate.py: selection rules, patient ids, deduplication, the probe set, shortcut AUC, and the stage end to end."""
+
 from __future__ import annotations
 
 import json
@@ -20,46 +21,55 @@ SIZE = 32
 
 # ---------- selection and patient ids ----------
 
-@pytest.mark.parametrize("name, patient", [
-    ("IM-0587-0001.jpeg", "kermany-IM-0587"),
-    ("NORMAL2-IM-0587-0001-0002.jpeg", "kermany-IM-0587"),
-    ("IM-0011-0001-0002.jpeg", "kermany-IM-0011"),
-    ("person1261_virus_2147.jpeg", "kermany-person1261"),
-    ("person3_bacteria_10.jpeg", "kermany-person3"),
-    ("scan.jpeg", None),
-])
+
+@pytest.mark.parametrize(
+    "name, patient",
+    [
+        ("IM-0587-0001.jpeg", "kermany-IM-0587"),
+        ("NORMAL2-IM-0587-0001-0002.jpeg", "kermany-IM-0587"),
+        ("IM-0011-0001-0002.jpeg", "kermany-IM-0011"),
+        ("person1261_virus_2147.jpeg", "kermany-person1261"),
+        ("person3_bacteria_10.jpeg", "kermany-person3"),
+        ("scan.jpeg", None),
+    ],
+)
 def test_patient_id_from_kaggle_name(name, patient):
     assert curate.patient_id_from_kaggle_name(name) == patient
 
 
-@pytest.mark.parametrize("finding, binary, three", [
-    ("COVID-19", "covid", "covid"),
-    ("COVID-19, ARDS", "covid", "covid"),
-    ("Streptococcus", None, "pneumonia"),
-    ("Mycoplasma Bacterial Pneumonia", None, "pneumonia"),
-    ("E.Coli", None, "pneumonia"),
-    ("SARS", None, "pneumonia"),
-    ("Pneumonia", None, "pneumonia"),
-    ("No Finding", None, None),
-    ("ARDS", None, None),
-    ("Lipoid", None, None),
-])
+@pytest.mark.parametrize(
+    "finding, binary, three",
+    [
+        ("COVID-19", "covid", "covid"),
+        ("COVID-19, ARDS", "covid", "covid"),
+        ("Streptococcus", None, "pneumonia"),
+        ("Mycoplasma Bacterial Pneumonia", None, "pneumonia"),
+        ("E.Coli", None, "pneumonia"),
+        ("SARS", None, "pneumonia"),
+        ("Pneumonia", None, "pneumonia"),
+        ("No Finding", None, None),
+        ("ARDS", None, None),
+        ("Lipoid", None, None),
+    ],
+)
 def test_collection_label(finding, binary, three):
     assert curate.collection_label(finding, "binary") == binary
     assert curate.collection_label(finding, "three_class") == three
 
 
 def test_select_collection():
-    meta = pd.DataFrame({
-        "patientid": ["1", "1", "2", "3", "4", "5"],
-        "finding": ["COVID-19", "COVID-19", "Klebsiella", "COVID-19", "No Finding", "COVID-19"],
-        "modality": ["X-ray", "X-ray", "X-ray", "CT", "X-ray", "X-ray"],
-        "view": ["PA", "AP", "PA", "PA", "PA", "PA"],
-        "folder": ["images"] * 6,
-        "filename": ["a.jpg", "b.jpg", "c.png", "d.jpg", "e.jpg", "f.jpg"],
-        "sex": ["M", "M", "F", None, "F", "X"],
-        "age": [50, 50, None, 30, 20, 71],
-    })
+    meta = pd.DataFrame(
+        {
+            "patientid": ["1", "1", "2", "3", "4", "5"],
+            "finding": ["COVID-19", "COVID-19", "Klebsiella", "COVID-19", "No Finding", "COVID-19"],
+            "modality": ["X-ray", "X-ray", "X-ray", "CT", "X-ray", "X-ray"],
+            "view": ["PA", "AP", "PA", "PA", "PA", "PA"],
+            "folder": ["images"] * 6,
+            "filename": ["a.jpg", "b.jpg", "c.png", "d.jpg", "e.jpg", "f.jpg"],
+            "sex": ["M", "M", "F", None, "F", "X"],
+            "age": [50, 50, None, 30, 20, 71],
+        }
+    )
     binary = curate.select_collection(meta, ["PA"], "binary", raw_dir="raw")
     assert list(binary["file"]) == ["raw/images/a.jpg", "raw/images/f.jpg"]
     assert list(binary["patient_id"]) == ["ieee8023-1", "ieee8023-5"]
@@ -70,33 +80,49 @@ def test_select_collection():
 
 
 def test_check_params_names_key_and_values():
-    ok = dict(task="binary", resize="stretch", store_size=32, phash_distance=4, views=["PA"],
-              collections=["ieee8023", "kermany", "radiography"])
+    ok = dict(
+        task="binary",
+        resize="stretch",
+        store_size=32,
+        phash_distance=4,
+        views=["PA"],
+        collections=["ieee8023", "kermany", "radiography"],
+    )
     curate.check_params(**ok)
-    for key, bad, allowed in [("task", "four_class", "binary, three_class"),
-                              ("resize", "squash", "stretch, pad, crop")]:
+    for key, bad, allowed in [
+        ("task", "four_class", "binary, three_class"),
+        ("resize", "squash", "stretch, pad, crop"),
+    ]:
         with pytest.raises(CovidXrayError, match=f"data.{key} must be one of {allowed}"):
             curate.check_params(**{**ok, key: bad})
-    with pytest.raises(CovidXrayError, match="data.collections must list collections of ieee8023, kermany, radiography"):
+    with pytest.raises(
+        CovidXrayError, match="data.collections must list collections of ieee8023, kermany, radiography"
+    ):
         curate.check_params(**{**ok, "collections": ["ieee8023", "chexpert"]})
 
 
 def test_select_probe_keeps_adult_other_findings():
-    meta = pd.DataFrame({
-        "patientid": ["1", "2", "3", "4", "5", "6"],
-        "finding": ["COVID-19", "ARDS", "Streptococcus", "No Finding", "Pneumocystis", "ARDS"],
-        "modality": ["X-ray"] * 6, "view": ["PA", "PA", "PA", "PA", "AP", "PA"],
-        "folder": ["images"] * 6, "filename": [f"{k}.jpg" for k in "abcdef"],
-        "sex": ["M"] * 6, "age": [50, 60, 40, None, 30, 12],
-    })
+    meta = pd.DataFrame(
+        {
+            "patientid": ["1", "2", "3", "4", "5", "6"],
+            "finding": ["COVID-19", "ARDS", "Streptococcus", "No Finding", "Pneumocystis", "ARDS"],
+            "modality": ["X-ray"] * 6,
+            "view": ["PA", "PA", "PA", "PA", "AP", "PA"],
+            "folder": ["images"] * 6,
+            "filename": [f"{k}.jpg" for k in "abcdef"],
+            "sex": ["M"] * 6,
+            "age": [50, 60, 40, None, 30, 12],
+        }
+    )
     binary = curate.select_probe(meta, ["PA"], "binary", Path("raw"))
-    assert list(binary["finding"]) == ["ARDS", "Streptococcus", "No Finding"]   # not COVID, not AP, not a child
+    assert list(binary["finding"]) == ["ARDS", "Streptococcus", "No Finding"]  # not COVID, not AP, not a child
     assert set(binary["label"]) == {"other"} and set(binary["source"]) == {"ieee8023"}
     three = curate.select_probe(meta, ["PA"], "three_class", Path("raw"))
-    assert list(three["finding"]) == ["ARDS", "No Finding"]                     # pneumonia is a class there
+    assert list(three["finding"]) == ["ARDS", "No Finding"]  # pneumonia is a class there
 
 
 # ---------- dedupe with synthetic images ----------
+
 
 def _texture(seed: int, size: int = 64) -> np.ndarray:
     """A smooth random texture (distinct seeds give distant perceptual hashes)."""
@@ -122,13 +148,18 @@ def _records(tmp_path, specs) -> pd.DataFrame:
 
 def test_dedupe_exact_near_and_conflicts(tmp_path):
     a, b, c, d = (_texture(s) for s in (1, 2, 3, 4))
-    a_shifted = np.clip(a.astype(int) + 6, 0, 255).astype(np.uint8)   # near-duplicate of a (brighter)
+    a_shifted = np.clip(a.astype(int) + 6, 0, 255).astype(np.uint8)  # near-duplicate of a (brighter)
     c_copy = tmp_path / "c2.png"
-    specs = [("a", a, "covid", "p1"), ("a_copy", a, "covid", "p2"),     # exact duplicate
-             ("a_near", a_shifted, "covid", "p3"),                       # near-duplicate
-             ("b", b, "normal", "p4"),
-             ("c", c, "covid", "p5"), ("c2", c, "normal", "p6"),        # same image, two classes
-             ("d", d, "normal", "p7"), ("d_near", np.clip(d.astype(int) - 5, 0, 255).astype(np.uint8), "covid", "p8")]
+    specs = [
+        ("a", a, "covid", "p1"),
+        ("a_copy", a, "covid", "p2"),  # exact duplicate
+        ("a_near", a_shifted, "covid", "p3"),  # near-duplicate
+        ("b", b, "normal", "p4"),
+        ("c", c, "covid", "p5"),
+        ("c2", c, "normal", "p6"),  # same image, two classes
+        ("d", d, "normal", "p7"),
+        ("d_near", np.clip(d.astype(int) - 5, 0, 255).astype(np.uint8), "covid", "p8"),
+    ]
     records = _records(tmp_path, specs)
     assert c_copy.exists()
     kept, report = curate.dedupe(records, phash_distance=4)
@@ -148,8 +179,15 @@ def test_dedupe_exact_near_and_conflicts(tmp_path):
 def test_clean_probe_drops_copies_of_curated_images(tmp_path):
     a, b, c = (_texture(s) for s in (1, 2, 3))
     kept = _records(tmp_path, [("a", a, "covid", "p1")])
-    probe = _records(tmp_path, [("a_probe", np.clip(a.astype(int) + 6, 0, 255).astype(np.uint8), "other", "p2"),
-                                ("b", b, "other", "p3"), ("b_copy", b, "other", "p4"), ("c", c, "other", "p5")])
+    probe = _records(
+        tmp_path,
+        [
+            ("a_probe", np.clip(a.astype(int) + 6, 0, 255).astype(np.uint8), "other", "p2"),
+            ("b", b, "other", "p3"),
+            ("b_copy", b, "other", "p4"),
+            ("c", c, "other", "p5"),
+        ],
+    )
     cleaned, dropped = curate.clean_probe(probe, kept, phash_distance=4)
     assert sorted(cleaned["image_id"]) == ["b", "c"] and dropped == 1
 
@@ -160,6 +198,7 @@ def test_phash_pairs():
 
 
 # ---------- shortcut AUC ----------
+
 
 def test_shortcut_auc():
     rng = np.random.default_rng(0)
@@ -176,6 +215,7 @@ def test_shortcut_auc():
 
 
 # ---------- the stage end to end on a small real subset ----------
+
 
 @pytest.fixture(scope="module")
 def small_inputs(tmp_path_factory, collection_dir, external_dir):
@@ -287,7 +327,7 @@ def test_curate_rejects_bad_config_and_leaves_nothing(repo_root, small_inputs, t
 
 def test_shortcut_aucs_per_class_exposes_one_separable_class():
     y = np.repeat([0, 1, 2], 30)
-    feats = pd.DataFrame({"w": np.where(y == 2, 1000.0, 512.0)})     # only class 2 is separable
+    feats = pd.DataFrame({"w": np.where(y == 2, 1000.0, 512.0)})  # only class 2 is separable
     result = A.shortcut_aucs(feats, y, np.arange(90), seed=0)
     assert result["per_class"][2] > 0.95 and result["auc"] < result["per_class"][2]
 

@@ -1,6 +1,7 @@
 """What DVC users see of the outputs, with real `dvc` on a temporary git copy of the repository:
 metrics committed to git (diffs work on a fresh clone), ROC/PR/calibration plots drawn without
 smoothing, and the training history one line per fold."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,11 @@ def _write_outputs(root: Path, cv_auc: float) -> None:
     (root / "reports" / "metrics.json").write_text(json.dumps({"test": {"auc": 0.75}}))
     (root / "reports" / "report.md").write_text("# card\n")
     (root / "models" / "model.keras").write_bytes(b"model")
-    rows = [{"fold": fold, "epoch": epoch, "phase": "train", **{c: 0.5 + 0.01 * epoch for c in HISTORY_COLUMNS[2:-1]}}
-            for fold in ("0", "1", "final") for epoch in (1, 2, 3)]
+    rows = [
+        {"fold": fold, "epoch": epoch, "phase": "train", **{c: 0.5 + 0.01 * epoch for c in HISTORY_COLUMNS[2:-1]}}
+        for fold in ("0", "1", "final")
+        for epoch in (1, 2, 3)
+    ]
     history = pd.DataFrame(rows)[HISTORY_COLUMNS]
     history.loc[history["fold"] == "final", ["val_loss", "val_accuracy", "val_auc"]] = np.nan
     history.to_csv(cv / "history.csv", index=False)

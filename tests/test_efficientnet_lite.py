@@ -2,6 +2,7 @@
 by tests/fixtures/make_efficientnet_lite0_fixture.py), the legacy PyTorch file is read without
 PyTorch and without running pickled code, bad files fail in one line naming the file and writing
 nothing, and the backbone trains with the project's head, cache, fine-tuning and Grad-CAM."""
+
 from __future__ import annotations
 
 import json
@@ -72,8 +73,13 @@ def test_project_model_feeds_gray_xrays_as_the_weights_expect(reference, convert
     gives the reference's features for a gray picture."""
     from covidxray import models
 
-    cfg = {"name": "efficientnet_lite0", "weights": "imagenet", "imagenet_file": str(converted),
-           "freeze_base": True, "head": {"pool_size": 7, "dense_units": 8, "dropout": 0.5}}
+    cfg = {
+        "name": "efficientnet_lite0",
+        "weights": "imagenet",
+        "imagenet_file": str(converted),
+        "freeze_base": True,
+        "head": {"pool_size": 7, "dense_units": 8, "dropout": 0.5},
+    }
     model = models.build_model(cfg, 224, 2)
     preprocess, backbone, _ = models.split_at_backbone(model)
     gray = reference["inputs_224"][:1, :, :, :1].astype(np.float32)  # picture 0 is gray (R = G = B)
@@ -101,6 +107,7 @@ def test_a_natural_picture_gets_a_plausible_imagenet_class(state):
 
 
 # -- the reader and its refusals ----------------------------------------------------------------------------
+
 
 def test_reader_matches_torch_on_awkward_layouts(reference):
     """Transposed, offset, shared, float16, int64 and 0-d tensors saved by torch (legacy format)."""
@@ -179,7 +186,9 @@ def test_wrong_shapes_and_extra_tensors_name_the_layer(state):
     model = efficientnet_lite.build(32)
     before = [w.copy() for w in model.get_weights()]
     bad = dict(state, **{"_blocks.3._project_conv.weight": np.zeros((80, 144, 1, 1), np.float32)})
-    with pytest.raises(CovidXrayError, match=r"other\.pth: tensor _blocks\.3\._project_conv\.weight .*block3_project_conv"):
+    with pytest.raises(
+        CovidXrayError, match=r"other\.pth: tensor _blocks\.3\._project_conv\.weight .*block3_project_conv"
+    ):
         efficientnet_lite.assign_weights(model, bad, "other.pth")
     extra = dict(state, **{"_blocks.0._se_reduce.weight": np.zeros((8, 32, 1, 1), np.float32)})
     with pytest.raises(CovidXrayError, match="_blocks.0._se_reduce.weight"):
@@ -188,6 +197,7 @@ def test_wrong_shapes_and_extra_tensors_name_the_layer(state):
 
 
 # -- the project's options --------------------------------------------------------------------------------
+
 
 def test_imagenet_without_the_stage_output_says_how_to_make_it(tmp_path):
     from covidxray import CovidXrayError, models
@@ -237,10 +247,20 @@ def test_fine_tunes_the_top_layers_only(tiny_data, converted):
     from covidxray.fitting import Trainer
     from covidxray.train import load_cv_data
 
-    s = train_settings(make_cfg([
-        "experiment=smoke", "model=efficientnet_lite0", f"model.imagenet_file={converted}",
-        "model.head.dense_units=8", "model.fine_tune.unfreeze_top=4", "model.fine_tune.epochs=1",
-        f"paths.curated={tiny_data['curated']}", f"paths.splits={tiny_data['splits']}"]))
+    s = train_settings(
+        make_cfg(
+            [
+                "experiment=smoke",
+                "model=efficientnet_lite0",
+                f"model.imagenet_file={converted}",
+                "model.head.dense_units=8",
+                "model.fine_tune.unfreeze_top=4",
+                "model.fine_tune.epochs=1",
+                f"paths.curated={tiny_data['curated']}",
+                f"paths.splits={tiny_data['splits']}",
+            ]
+        )
+    )
     data = load_cv_data(s.curated, s.splits, s.inputs, s.roles)
     trainer = Trainer(s.fit, data.images, data.y, len(data.classes), verbose=0)
     assert trainer.uses_cache and trainer.fine_tunes
@@ -249,19 +269,30 @@ def test_fine_tunes_the_top_layers_only(tiny_data, converted):
     assert list(result.history["phase"]) == ["head", "fine_tune"]
     fresh = models.build_backbone("efficientnet_lite0", 32, "imagenet", imagenet_file=str(converted))
     backbone = model.get_layer("backbone")
-    for name, changed in (("top_conv", True), ("top_bn", False), ("block15_project_bn", False),
-                          ("block15_project_conv", False), ("stem_conv", False)):
-        same = all(np.array_equal(a, b) for a, b in
-                   zip(backbone.get_layer(name).get_weights(), fresh.get_layer(name).get_weights()))
+    for name, changed in (
+        ("top_conv", True),
+        ("top_bn", False),
+        ("block15_project_bn", False),
+        ("block15_project_conv", False),
+        ("stem_conv", False),
+    ):
+        same = all(
+            np.array_equal(a, b)
+            for a, b in zip(backbone.get_layer(name).get_weights(), fresh.get_layer(name).get_weights())
+        )
         assert same is not changed, name
 
 
 def test_pretrained_stage_fails_in_one_line_and_writes_nothing(tmp_path):
     """`covidxray pretrained` with a pin the installed file does not match: exit 1, one line."""
     out = tmp_path / "pretrained"
-    done = subprocess.run([str(BIN / "covidxray"), "pretrained", f"paths.pretrained={out}",
-                           "pretrained.sha256=" + "0" * 64], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    done = subprocess.run(
+        [str(BIN / "covidxray"), "pretrained", f"paths.pretrained={out}", "pretrained.sha256=" + "0" * 64],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
     assert done.returncode == 1
     errors = [line for line in done.stderr.splitlines() if line.startswith("covidxray pretrained: error:")]
     assert len(errors) == 1 and "sha256" in errors[0], done.stderr[-2000:]

@@ -1,5 +1,6 @@
 """evaluate stage end to end on a tiny model: figures, plots as dvc.yaml declares them, the
 threshold from out-of-fold predictions only, the model card, MLflow, and no partial reports."""
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,13 @@ def overrides(dirs: dict, reports: Path | None = None, extra=()) -> list[str]:
     """Config overrides wiring a stage to the trained smoke model's folders."""
     return [
         "experiment=smoke",
-        f"paths.curated={dirs['curated']}", f"paths.splits={dirs['splits']}",
-        f"paths.models={dirs['models']}", f"paths.reports={reports or dirs['reports']}",
-        f"mlflow.tracking_uri={dirs['tracking_uri']}", "evaluate.bootstrap=200", *extra,
+        f"paths.curated={dirs['curated']}",
+        f"paths.splits={dirs['splits']}",
+        f"paths.models={dirs['models']}",
+        f"paths.reports={reports or dirs['reports']}",
+        f"mlflow.tracking_uri={dirs['tracking_uri']}",
+        "evaluate.bootstrap=200",
+        *extra,
     ]
 
 
@@ -38,12 +43,25 @@ def trained_model(root: Path, tiny_data: dict) -> dict:
 
     curated = root / "curated"
     shutil.copytree(tiny_data["curated"], curated)
-    audit = {"shortcuts": [{"features": "geometry_format", "auc": 0.97,
-                            "warning": "original width alone predict the label (TEST-SHORTCUT)"}],
-             "notes": ["each class comes from a single source"]}
+    audit = {
+        "shortcuts": [
+            {
+                "features": "geometry_format",
+                "auc": 0.97,
+                "warning": "original width alone predict the label (TEST-SHORTCUT)",
+            }
+        ],
+        "notes": ["each class comes from a single source"],
+    }
     (curated / "audit.json").write_text(json.dumps(audit))
-    dirs = {"root": root, "curated": curated, "splits": tiny_data["splits"], "models": root / "models",
-            "reports": root / "reports", "tracking_uri": f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"}
+    dirs = {
+        "root": root,
+        "curated": curated,
+        "splits": tiny_data["splits"],
+        "models": root / "models",
+        "reports": root / "reports",
+        "tracking_uri": f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
+    }
     train.main(make_cfg(overrides(dirs)))
     meta = json.loads((dirs["models"] / "model.json").read_text())
     dirs.update(run_id=meta["mlflow_run_id"], classes=meta["classes"], meta=meta)
@@ -77,7 +95,7 @@ def test_metrics_json(evaluated, tiny):
     m = evaluated["metrics"]
     splits = pd.read_csv(tiny["splits"])
     test = splits[(splits.partition == "test") & ~splits.image_id.str.startswith("radiography-")]
-    assert m["n_test_images"] == len(test)                  # the test partition of the training collections
+    assert m["n_test_images"] == len(test)  # the test partition of the training collections
     assert m["n_test_patients"] == test.patient_id.nunique()
     for key in ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "auc", "pr_auc", "brier", "ece"):
         assert key in m["test"] and f"{key}_ci_low" in m["test"] and f"{key}_ci_high" in m["test"], key
@@ -112,7 +130,7 @@ def test_threshold_comes_from_oof_not_test(tiny, tmp_path):
     oof = pd.read_csv(reports / "cv" / "oof.csv")
     pos = (oof["label"] == "covid").to_numpy()
     p = np.empty(len(oof))
-    p[pos] = np.linspace(OOF_THRESHOLD, 1.0, pos.sum())    # separable: Youden picks the lowest covid score
+    p[pos] = np.linspace(OOF_THRESHOLD, 1.0, pos.sum())  # separable: Youden picks the lowest covid score
     p[~pos] = np.linspace(0.0, 0.25, (~pos).sum())
     oof["p_normal"], oof["p_covid"] = 1 - p, p
     oof.to_csv(reports / "cv" / "oof.csv", index=False)
@@ -185,8 +203,18 @@ def test_model_card(evaluated):
     warning_at = text.index("TEST-SHORTCUT")
     assert warning_at < text.index("## Model")  # warnings come first
     threshold = f"{evaluated['metrics']['threshold']:.4f}"
-    for needle in ("not a diagnostic device", threshold, "| cv_auc |", "oof_auc", "Classification report",
-                   "figures/gradcam.png", "figures/roc.png", "synthetic", "Shortcut risk", "95% CI"):
+    for needle in (
+        "not a diagnostic device",
+        threshold,
+        "| cv_auc |",
+        "oof_auc",
+        "Classification report",
+        "figures/gradcam.png",
+        "figures/roc.png",
+        "synthetic",
+        "Shortcut risk",
+        "95% CI",
+    ):
         assert needle in text, needle
 
 
@@ -227,12 +255,15 @@ def test_a_killed_evaluates_scratch_is_removed_by_the_next_run(evaluated, tiny, 
     from covidxray import evaluate, report
 
     reports = evaluated["reports"]
-    run_until_killed(f"""
+    run_until_killed(
+        f"""
         from covidxray.outputs import scratch_dir
         with scratch_dir({str(reports)!r}, "evaluate") as tmp:
             (tmp / "metrics.json").write_text("{{}}")
             die()
-    """, reports)
+    """,
+        reports,
+    )
     assert len(list(reports.glob(".evaluate-*"))) == 1
 
     def stop(*args, **kwargs):
@@ -276,18 +307,21 @@ def test_three_class_assess(tmp_path):
     model = build_model(make_cfg(["experiment=smoke"]).model, 32, 3)
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (18, 32, 32)).astype(np.uint8)
-    frame = pd.DataFrame({"image_id": [f"i{i}" for i in range(18)], "label": np.repeat(classes, 6),
-                          "patient_id": [f"p{i // 2}" for i in range(18)]})
-    meta = {"classes": classes, "image_size": 32, "resize": "stretch", "threshold": 0.34,
-            "threshold_method": "youden"}
+    frame = pd.DataFrame(
+        {
+            "image_id": [f"i{i}" for i in range(18)],
+            "label": np.repeat(classes, 6),
+            "patient_id": [f"p{i // 2}" for i in range(18)],
+        }
+    )
+    meta = {"classes": classes, "image_size": 32, "resize": "stretch", "threshold": 0.34, "threshold_method": "youden"}
     result = assess(model, meta, pixels, frame, tmp_path, n_resamples=100, ci=0.9, seed=0, per_group=2)
     assert set(result["test_per_class"]) == set(classes)
     for figures in (*result["test_per_class"].values(), result["test_macro"]):
         assert {"auc", "auc_ci_low", "sensitivity", "f1", "ece"} <= set(figures)
     assert set(result["confusion"]) == set(classes)
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["test_macro"]["auc"] == pytest.approx(
-        np.mean([saved["test_per_class"][c]["auc"] for c in classes]))
+    assert saved["test_macro"]["auc"] == pytest.approx(np.mean([saved["test_per_class"][c]["auc"] for c in classes]))
     report = (tmp_path / "report.md").read_text()
     assert "Per class (one-vs-rest) and macro average" in report and "**pneumonia**" in report
     assert "90% CI" in report

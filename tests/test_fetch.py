@@ -1,4 +1,5 @@
 """The fetch stage: verified, atomic, resumable download of the pinned collection (offline, real files)."""
+
 from __future__ import annotations
 
 import csv
@@ -160,7 +161,8 @@ def test_failed_rerun_keeps_previous_copy(tmp_path, mirror, manifest, picked):
 def test_a_killed_fetch_leaves_a_scratch_folder_the_next_run_removes(tmp_path, mirror, manifest):
     """SIGKILL mid-fetch (no cleanup code runs): the rerun removes the `.raw.fetch-*` it left."""
     raw = tmp_path / "data" / "raw"
-    run_until_killed(f"""
+    run_until_killed(
+        f"""
         from covidxray import fetch as F
 
         class Dying:
@@ -179,7 +181,9 @@ def test_a_killed_fetch_leaves_a_scratch_folder_the_next_run_removes(tmp_path, m
         _, entries = F.read_manifest({str(manifest)!r})
         source = F.resolve_source({BASE_URL!r}, {REPO_NAME!r}, {COMMIT!r}, {str(mirror)!r})
         F.fetch_dataset(entries, Dying(source), {str(raw)!r}, retries=0, timeout=5, backoff_s=0)
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     left = [p for p in raw.parent.iterdir()]
     assert len(left) == 1 and left[0].name.startswith(".raw.fetch-") and any(p.is_file() for p in left[0].rglob("*"))
     _fetch(manifest, _source(mirror), raw)
@@ -200,8 +204,18 @@ def test_rerun_reuses_verified_files(tmp_path, mirror, manifest, picked):
     assert [p.name for p in raw.parent.iterdir()] == ["raw"]
 
 
-@pytest.mark.parametrize("bad", ["../evil.jpg", "images/../../evil.jpg", "/etc/passwd", "images//x.jpg",
-                                 "C:/x.jpg", "images\\..\\x.jpg", "./x.jpg"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "../evil.jpg",
+        "images/../../evil.jpg",
+        "/etc/passwd",
+        "images//x.jpg",
+        "C:/x.jpg",
+        "images\\..\\x.jpg",
+        "./x.jpg",
+    ],
+)
 def test_path_traversal_rejected(tmp_path, bad):
     path = tmp_path / "m.sha256"
     path.write_text(f"# repo: {REPO_NAME}\n# commit: {COMMIT}\n{'0' * 64}  {bad}\n")
@@ -226,11 +240,19 @@ def test_symlink_in_mirror_rejected(tmp_path, mirror, picked):
 
 
 def _cfg(manifest: Path, raw: str = "data/raw", commit: str = COMMIT):
-    return OmegaConf.create({
-        "paths": {"raw": raw},
-        "fetch": {"repo": REPO_NAME, "commit": commit, "base_url": BASE_URL, "manifest": str(manifest),
-                  "retries": 0, "timeout_s": 5},
-    })
+    return OmegaConf.create(
+        {
+            "paths": {"raw": raw},
+            "fetch": {
+                "repo": REPO_NAME,
+                "commit": commit,
+                "base_url": BASE_URL,
+                "manifest": str(manifest),
+                "retries": 0,
+                "timeout_s": 5,
+            },
+        }
+    )
 
 
 def test_main_refuses_manifest_of_another_commit(tmp_path, monkeypatch, mirror, manifest):

@@ -1,6 +1,7 @@
 """Outputs that belong together change together or not at all, also under SIGKILL: the fileset
 install on its own, then a real `covidxray train` killed at each step of installing its outputs
 (models/model.keras, models/model.json, reports/cv/*) while an older set is in place."""
+
 from __future__ import annotations
 
 import hashlib
@@ -43,6 +44,7 @@ def _kill_at(point: str, args: list[str], pause: Path, cwd: Path = REPO, timeout
 
 
 # -- the install on its own ----------------------------------------------------------------------------
+
 
 def test_install_replaces_files_of_two_folders_together(tmp_path):
     a, b = tmp_path / "models", tmp_path / "reports" / "cv"
@@ -95,16 +97,23 @@ def test_killed_writer_leaves_old_or_new_set(point, outcome, tmp_path):
     assert {p.read_text() for p in (a / "x.txt", a / "y.txt", b / "z.txt")} == {expected}
     assert (a / "gone.txt").exists() == (outcome == "old")
     fileset.recover([a, b])  # what the next writer does first: no staging folder survives
-    assert sorted(p.name for p in [*a.iterdir(), *b.iterdir()]) == \
-        (["gone.txt", "x.txt", "y.txt", "z.txt"] if outcome == "old" else ["x.txt", "y.txt", "z.txt"])
+    assert sorted(p.name for p in [*a.iterdir(), *b.iterdir()]) == (
+        ["gone.txt", "x.txt", "y.txt", "z.txt"] if outcome == "old" else ["x.txt", "y.txt", "z.txt"]
+    )
 
 
 # -- the train stage, killed while installing its outputs -------------------------------------------------
 
+
 def _overrides(root: Path, tiny_data: dict) -> list[str]:
-    return ["experiment=smoke", f"paths.curated={tiny_data['curated']}", f"paths.splits={tiny_data['splits']}",
-            f"paths.models={root / 'models'}", f"paths.reports={root / 'reports'}",
-            f"mlflow.tracking_uri=sqlite:///{root / 'mlruns' / 'mlflow.db'}"]
+    return [
+        "experiment=smoke",
+        f"paths.curated={tiny_data['curated']}",
+        f"paths.splits={tiny_data['splits']}",
+        f"paths.models={root / 'models'}",
+        f"paths.reports={root / 'reports'}",
+        f"mlflow.tracking_uri=sqlite:///{root / 'mlruns' / 'mlflow.db'}",
+    ]
 
 
 def _outputs(root: Path) -> dict[str, Path]:

@@ -1,4 +1,5 @@
 """Grad-CAM: image-sized maps in [0, 1] for the project's backbones, and where they point."""
+
 import numpy as np
 import pytest
 
@@ -8,17 +9,29 @@ from covidxray import gradcam
 def _model(name: str, size: int, **model_cfg):
     from covidxray.models import build_model
 
-    cfg = {"name": name, "weights": "none", "freeze_base": False,
-           "head": {"pool_size": 4, "dense_units": 8, "dropout": 0.5}, **model_cfg}
+    cfg = {
+        "name": name,
+        "weights": "none",
+        "freeze_base": False,
+        "head": {"pool_size": 4, "dense_units": 8, "dropout": 0.5},
+        **model_cfg,
+    }
     return build_model(cfg, size, 2)
 
 
-@pytest.mark.parametrize("name,size,extra", [
-    ("small_cnn", 32, {"filters": [4, 8]}),
-    ("mobilenetv2", 64, {}),
-    ("vgg16", 64, {}), ("vgg19", 64, {}), ("resnet50", 64, {}), ("densenet121", 64, {}),
-    ("efficientnetb0", 64, {}), ("efficientnet_lite0", 64, {}),
-])
+@pytest.mark.parametrize(
+    "name,size,extra",
+    [
+        ("small_cnn", 32, {"filters": [4, 8]}),
+        ("mobilenetv2", 64, {}),
+        ("vgg16", 64, {}),
+        ("vgg19", 64, {}),
+        ("resnet50", 64, {}),
+        ("densenet121", 64, {}),
+        ("efficientnetb0", 64, {}),
+        ("efficientnet_lite0", 64, {}),
+    ],
+)
 def test_shape_and_range(name, size, extra):
     model = _model(name, size, **extra)
     images = np.random.default_rng(0).integers(0, 256, (3, size, size)).astype(np.uint8)
@@ -57,8 +70,7 @@ def test_points_at_the_evidence():
 def test_figure_with_an_empty_group(tmp_path):
     img = np.zeros((16, 16), np.uint8)
     cam = np.linspace(0, 1, 256).reshape(16, 16)
-    path = gradcam.figure({"true positives": [(img, cam, "a")], "false positives": []},
-                          tmp_path / "g.png", per_row=2)
+    path = gradcam.figure({"true positives": [(img, cam, "a")], "false positives": []}, tmp_path / "g.png", per_row=2)
     assert path.stat().st_size > 1000
 
 

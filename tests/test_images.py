@@ -1,4 +1,5 @@
 """images.py: decoding every mode to 8-bit grayscale, the resize policies, errors, the store."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +10,7 @@ from PIL import Image
 from covidxray import CovidXrayError
 from covidxray import images
 
-W, H = 48, 36   # above images.MIN_SIDE
+W, H = 48, 36  # above images.MIN_SIDE
 
 
 def gradient() -> np.ndarray:
@@ -31,19 +32,25 @@ def samples(tmp_path):
     g = gradient()
     rgb = np.stack([g, g, g], axis=-1)
     rgba = np.dstack([rgb, np.full((H, W), 255, np.uint8)])
-    rgba[:, : W // 2, 3] = 0                              # left half transparent -> black
+    rgba[:, : W // 2, 3] = 0  # left half transparent -> black
     la = np.dstack([g, np.full((H, W), 255, np.uint8)])
-    deep = (g.astype(np.uint16) * 16)                    # 12-bit data in a 16-bit container
+    deep = g.astype(np.uint16) * 16  # 12-bit data in a 16-bit container
     out = {
         "L": (_write(tmp_path / "l.png", Image.fromarray(g)), "PNG", "L"),
         "RGB": (_write(tmp_path / "rgb.png", Image.fromarray(rgb)), "PNG", "RGB"),
         "RGBA": (_write(tmp_path / "rgba.png", Image.fromarray(rgba)), "PNG", "RGBA"),
-        "P": (_write(tmp_path / "p.png", Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE)),
-              "PNG", "P"),
+        "P": (
+            _write(tmp_path / "p.png", Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE)),
+            "PNG",
+            "P",
+        ),
         "LA": (_write(tmp_path / "la.png", Image.fromarray(la, mode="LA")), "PNG", "LA"),
         "I;16": (_write(tmp_path / "i16.png", Image.fromarray(deep)), "PNG", None),
-        "I;16B": (_write(tmp_path / "i16b.png", Image.frombytes("I;16B", (W, H), deep.astype(">u2").tobytes())),
-                  "PNG", None),
+        "I;16B": (
+            _write(tmp_path / "i16b.png", Image.frombytes("I;16B", (W, H), deep.astype(">u2").tobytes())),
+            "PNG",
+            None,
+        ),
         "I": (_write(tmp_path / "i32.tif", Image.fromarray(deep.astype(np.int32) * 1000)), "TIFF", "I"),
         "F": (_write(tmp_path / "f.tif", Image.fromarray(deep.astype(np.float32) / 7)), "TIFF", "F"),
         "JPEG L": (_write(tmp_path / "l.jpg", Image.fromarray(g), quality=95), "JPEG", "L"),
@@ -61,7 +68,7 @@ def test_read_grayscale_every_mode(samples, name):
     assert mode is None or info["mode"] == mode
     assert len(info["sha256"]) == 64
     if name == "RGBA":
-        assert gray[:, : W // 2].max() == 0                  # transparent composited onto black
+        assert gray[:, : W // 2].max() == 0  # transparent composited onto black
         assert gray[:, -1].min() >= 250
     else:
         # the ramp survives: dark at the left, bright at the right, full 8-bit range
@@ -107,7 +114,7 @@ def test_the_real_xrays_pass_the_limits(collection_dir):
 
 
 def test_resize_policies():
-    wide = np.full((50, 100), 255, np.uint8)                   # a white 2:1 image
+    wide = np.full((50, 100), 255, np.uint8)  # a white 2:1 image
     stretch = images.resize(wide, 32, "stretch")
     pad = images.resize(wide, 32, "pad")
     crop = images.resize(wide, 32, "crop")
@@ -155,8 +162,9 @@ def test_bad_files_raise_naming_the_file(tmp_path, samples):
 
 def test_store_round_trip(tmp_path):
     arr = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4)
-    index = pd.DataFrame({"image_id": ["a", "b"], "label": ["normal", "covid"], "y": [0, 1],
-                          "patient_id": ["001", "002"]})
+    index = pd.DataFrame(
+        {"image_id": ["a", "b"], "label": ["normal", "covid"], "y": [0, 1], "patient_id": ["001", "002"]}
+    )
     images.save_curated(tmp_path / "c", arr, index, ["normal", "covid"])
     back, idx, classes = images.load_curated(tmp_path / "c", mmap=True)
     assert np.array_equal(back, arr) and classes == ["normal", "covid"]
@@ -170,21 +178,24 @@ def test_prepare_resizes_crops_and_equalises():
 
     rng = np.random.default_rng(0)
     stored = np.zeros((2, 40, 40), np.uint8)
-    stored[:, 4:36, 4:36] = rng.integers(100, 140, (2, 32, 32))      # low-contrast centre, black border
+    stored[:, 4:36, 4:36] = rng.integers(100, 140, (2, 32, 32))  # low-contrast centre, black border
     plain = prepare(stored, 20)
     assert plain.shape == (2, 20, 20) and plain.dtype == np.uint8 and plain[:, 0, :].max() == 0
-    cropped = prepare(stored, 32, crop_border=0.1)                     # 4 px cut from each side of 40
+    cropped = prepare(stored, 32, crop_border=0.1)  # 4 px cut from each side of 40
     assert np.array_equal(cropped, stored[:, 4:36, 4:36])
     for method in ("equalize", "clahe"):
         spread = prepare(stored, 32, normalize=method, crop_border=0.1)
-        assert np.ptp(spread[0]) > 3 * np.ptp(cropped[0]), method       # contrast stretched
+        assert np.ptp(spread[0]) > 3 * np.ptp(cropped[0]), method  # contrast stretched
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(size=64), r"data.image_size=64 exceeds the stored images' 40 px"),
-    (dict(size=20, normalize="gamma"), "data.normalize must be one of none, equalize, clahe"),
-    (dict(size=20, crop_border=0.4), r"data.crop_border must be a fraction in \[0, 0.3\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(size=64), r"data.image_size=64 exceeds the stored images' 40 px"),
+        (dict(size=20, normalize="gamma"), "data.normalize must be one of none, equalize, clahe"),
+        (dict(size=20, crop_border=0.4), r"data.crop_border must be a fraction in \[0, 0.3\]"),
+    ],
+)
 def test_prepare_rejects_bad_values(kwargs, message):
     from covidxray.images import prepare
 

@@ -1,5 +1,6 @@
 """Interrupted work: Ctrl-C on a training ends in one line, exit 130 and its MLflow runs KILLED;
 runs a SIGKILL left RUNNING are recognised (host/pid tags) and ended by the next run."""
+
 from __future__ import annotations
 
 import os
@@ -18,11 +19,23 @@ EXPERIMENT = "covid-xray"
 def start_training(tiny_data, tmp_path: Path) -> tuple[subprocess.Popen, str]:
     """`covidxray train` (smoke, endless epochs) in its own process group, logging to a new store."""
     store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    argv = [BIN / "covidxray", "train", "experiment=smoke", "train.epochs=100000",
-            f"paths.curated={tiny_data['curated']}", f"paths.splits={tiny_data['splits']}",
-            f"mlflow.tracking_uri={store}", f"hydra.run.dir={tmp_path / 'run'}"]
-    proc = subprocess.Popen([str(a) for a in argv], cwd=REPO, stdout=open(tmp_path / "stdout", "wb"),
-                            stderr=open(tmp_path / "stderr", "wb"), start_new_session=True)
+    argv = [
+        BIN / "covidxray",
+        "train",
+        "experiment=smoke",
+        "train.epochs=100000",
+        f"paths.curated={tiny_data['curated']}",
+        f"paths.splits={tiny_data['splits']}",
+        f"mlflow.tracking_uri={store}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    proc = subprocess.Popen(
+        [str(a) for a in argv],
+        cwd=REPO,
+        stdout=open(tmp_path / "stdout", "wb"),
+        stderr=open(tmp_path / "stderr", "wb"),
+        start_new_session=True,
+    )
     return proc, store
 
 
@@ -117,9 +130,14 @@ def test_ctrl_c_on_a_tool_command(tiny_data, collection_dir, tmp_path_factory, t
 
     model = trained_model(tmp_path_factory.mktemp("trained"), tiny_data)["models"]
     files = sorted((collection_dir / "images").glob("*.jpg"))
-    proc = subprocess.Popen([str(BIN / "covidxray"), "predict", *map(str, files), "--model", str(model)],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "covidxray"), "predict", *map(str, files), "--model", str(model)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     time.sleep(4.0)
     assert proc.poll() is None
     os.killpg(proc.pid, signal.SIGINT)

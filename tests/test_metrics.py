@@ -1,4 +1,5 @@
 """metrics: hand-computed figures, the patient-level bootstrap, and the threshold choice."""
+
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
@@ -27,7 +28,7 @@ def test_hand_computed_example():
     assert m["ppv"] == pytest.approx(1.0)
     assert m["npv"] == pytest.approx(2 / 3)
     assert m["f1"] == pytest.approx(2 / 3)
-    assert m["auc"] == pytest.approx(0.75)            # 3 of 4 positive-negative pairs ordered
+    assert m["auc"] == pytest.approx(0.75)  # 3 of 4 positive-negative pairs ordered
     assert m["pr_auc"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
     assert m["brier"] == pytest.approx((0.01 + 0.16 + 0.4225 + 0.04) / 4)
     # 10 equal-width bins, one score each: |0-.1| + |0-.4| + |1-.35| + |1-.8| over 4
@@ -48,18 +49,18 @@ def test_constant_classifier():
     assert m["auc"] == pytest.approx(0.5)
     assert m["sensitivity"] == 1.0 and m["specificity"] == 0.0
     assert m["ppv"] == pytest.approx(0.5)
-    assert m["npv"] is None                         # no negative calls: undefined, not 0
+    assert m["npv"] is None  # no negative calls: undefined, not 0
     assert m["accuracy"] == pytest.approx(0.5)
     assert m["pr_auc"] == pytest.approx(0.5)
     assert m["brier"] == pytest.approx(0.25)
-    assert m["ece"] == pytest.approx(0.0)           # perfectly calibrated, useless
+    assert m["ece"] == pytest.approx(0.0)  # perfectly calibrated, useless
 
 
 def test_weighted_ranking_metrics_match_sklearn():
     rng = np.random.default_rng(1)
     for _ in range(10):
         y = rng.integers(0, 2, 40)
-        s = np.round(rng.random(40), 1)              # many ties
+        s = np.round(rng.random(40), 1)  # many ties
         w = rng.integers(0, 3, (4, 40)).astype(float)
         m = M.weighted_binary_metrics(y, s, s >= 0.5, w)
         for b in range(4):
@@ -72,7 +73,9 @@ def test_weighted_ranking_metrics_match_sklearn():
 
 def test_three_class_per_class_and_macro():
     y = np.array([0, 1, 2, 2, 1, 0])
-    probs = np.array([[.8, .1, .1], [.2, .7, .1], [.1, .2, .7], [.3, .3, .4], [.6, .3, .1], [.5, .1, .4]])
+    probs = np.array(
+        [[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.3, 0.3, 0.4], [0.6, 0.3, 0.1], [0.5, 0.1, 0.4]]
+    )
     out = M.classification_metrics(y, probs, threshold=0.5)
     pred = M.decide(probs, 0.5)
     # covid (2) iff p >= .5, else argmax of the others: row 3 (p=.4) -> normal, row 5 (p=.4) -> normal
@@ -86,6 +89,7 @@ def test_three_class_per_class_and_macro():
 
 
 # -- bootstrap ----------------------------------------------------------------------------------
+
 
 def test_bootstrap_ci_contains_point_estimate():
     rng = np.random.default_rng(0)
@@ -104,16 +108,17 @@ def test_bootstrap_resamples_patients_not_images():
     ids = np.array(["big"] * 10 + [f"p{i}" for i in range(5)])
     w = M.patient_bootstrap_weights(ids, n_resamples=300, seed=0)
     assert w.shape == (300, 15)
-    assert (w[:, :10] == w[:, [0]]).all()                 # the big patient's images move together
-    n_drawn = w[:, 0] + w[:, 10:].sum(axis=1)             # draws per resample = number of patients
+    assert (w[:, :10] == w[:, [0]]).all()  # the big patient's images move together
+    n_drawn = w[:, 0] + w[:, 10:].sum(axis=1)  # draws per resample = number of patients
     assert (n_drawn == 6).all()
 
     # One patient with 20 misclassified images, 20 patients with one correct image each.
     y = np.ones(40, dtype=int)
     scores = np.r_[np.zeros(20), np.ones(20)]
     patients = np.r_[["A"] * 20, [f"q{i}" for i in range(20)]]
-    boot = M.classification_metrics(y, _binary(scores), 0.5,
-                                     weights=M.patient_bootstrap_weights(patients, 2000, seed=3))
+    boot = M.classification_metrics(
+        y, _binary(scores), 0.5, weights=M.patient_bootstrap_weights(patients, 2000, seed=3)
+    )
     acc = boot["accuracy"]
     # A is left out of a resample with probability (20/21)^21 ~ 0.36: accuracy is then exactly 1;
     # resampling images instead would almost never give 1 (each image is wrong with prob 1/2).
@@ -142,6 +147,7 @@ def test_bootstrap_bad_parameters():
 
 
 # -- threshold ----------------------------------------------------------------------------------
+
 
 def test_youden_threshold():
     # J at 0.8: .5 - 0 ; at 0.4: .5 - .5 ; at 0.35: 1 - .5 ; ties: the higher threshold

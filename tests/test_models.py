@@ -1,6 +1,7 @@
 """Models: every backbone in conf/model/ builds with the structure contract Grad-CAM and predict
 rely on, saves and reloads, feeds grayscale to ImageNet backbones with their own preprocessing,
 and says exactly where the ImageNet file goes when it cannot be downloaded."""
+
 from __future__ import annotations
 
 import subprocess
@@ -79,9 +80,11 @@ def test_saved_model_loads_in_another_process(tmp_path):
     x = _pixels()
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "p.npy", model.predict(x, verbose=0))
-    code = ("import sys, numpy as np, keras, covidxray.models; d = sys.argv[1]; "
-            "m = keras.models.load_model(d + '/model.keras'); "
-            "assert np.allclose(m.predict(np.load(d + '/x.npy'), verbose=0), np.load(d + '/p.npy'), atol=1e-5)")
+    code = (
+        "import sys, numpy as np, keras, covidxray.models; d = sys.argv[1]; "
+        "m = keras.models.load_model(d + '/model.keras'); "
+        "assert np.allclose(m.predict(np.load(d + '/x.npy'), verbose=0), np.load(d + '/p.npy'), atol=1e-5)"
+    )
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
 
@@ -150,10 +153,13 @@ def test_missing_weights_file_is_a_config_error(tmp_path):
         models.build_backbone("vgg16", SIZE, str(tmp_path / "nope.h5"))
 
 
-@pytest.mark.parametrize("name, size, expected", [
-    ("vgg16", 64, "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    ("mobilenetv2", 128, "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_128_no_top.h5"),
-])
+@pytest.mark.parametrize(
+    "name, size, expected",
+    [
+        ("vgg16", 64, "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+        ("mobilenetv2", 128, "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_128_no_top.h5"),
+    ],
+)
 def test_offline_imagenet_names_the_cache_file(name, size, expected, tmp_path, monkeypatch):
     """Offline with an empty cache: one CovidXrayError with the exact path and the way out."""
     import time
@@ -201,7 +207,7 @@ def test_corrupt_model_file_is_one_line_naming_the_file(tmp_path, capsys):
     middle = weights.header_offset + 200  # inside the stored weights: the CRC check fails
     corrupt = {
         "truncated.keras": data[: len(data) // 2],
-        "flipped.keras": data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 64]) + data[middle + 64:],
+        "flipped.keras": data[:middle] + bytes(b ^ 0xFF for b in data[middle : middle + 64]) + data[middle + 64 :],
         "empty.keras": b"",
         "text.keras": b"not a model\n",
     }

@@ -1,5 +1,6 @@
 """outputs.py: folders replaced whole, leftovers of killed runs removed (real SIGKILLed processes),
 folders a tool did not write never replaced, and JSON-safe values."""
+
 from __future__ import annotations
 
 import json
@@ -38,13 +39,16 @@ def test_replace_dir_swaps_whole_and_keeps_the_previous_on_error(tmp_path):
 
 
 def test_a_killed_runs_scratch_is_removed_by_the_next_run_and_nothing_else(tmp_path):
-    run_until_killed("""
+    run_until_killed(
+        """
         from covidxray.outputs import replace_dir
         def write(d):
             (d / "big.bin").write_bytes(b"x" * 1000)
             die()
         replace_dir("data/raw", write, by="fetch")
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     left = [p.name for p in (tmp_path / "data").iterdir()]
     assert len(left) == 1 and left[0].startswith(".raw.fetch-"), left
     # not ours: a folder with the same kind of name but no marker, and one of a live process
@@ -58,14 +62,16 @@ def test_a_killed_runs_scratch_is_removed_by_the_next_run_and_nothing_else(tmp_p
 
     O.replace_dir(tmp_path / "data" / "raw", lambda d: (d / "f").write_text("new"), by="fetch")
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(
-        [".curated.curate-1-x", ".raw.fetch-123-abcdef", ".raw.fetch-live", "raw"])
+        [".curated.curate-1-x", ".raw.fetch-123-abcdef", ".raw.fetch-live", "raw"]
+    )
     assert _tree(tmp_path / "data" / "raw") == {"f": "new"}
 
 
 def test_a_run_killed_between_the_renames_gets_the_previous_output_back(tmp_path):
     (tmp_path / "curated").mkdir()
     (tmp_path / "curated" / "index.csv").write_text("previous")
-    run_until_killed("""
+    run_until_killed(
+        """
         import os
         from covidxray import outputs
         rename, calls = os.rename, []
@@ -76,7 +82,9 @@ def test_a_run_killed_between_the_renames_gets_the_previous_output_back(tmp_path
             rename(a, b)
         outputs.os.rename = rename_then_die
         outputs.replace_dir("curated", lambda d: (d / "index.csv").write_text("new"), by="curate")
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert not (tmp_path / "curated").exists()
     removed = O.clean_leftovers(tmp_path, "curated.curate")
     assert len(removed) == 1
@@ -112,9 +120,23 @@ def test_owned_output_replaces_only_its_own_folder(tmp_path):
 
 
 def test_json_safe():
-    value = {1: np.int64(3), "f": np.float32(0.123456), "nan": float("nan"), "inf": np.float64(math.inf),
-             "t": (1, 2.5), "s": "x", "b": True}
-    assert O.json_safe(value) == {"1": 3, "f": pytest.approx(0.123456), "nan": None, "inf": None,
-                                  "t": [1, 2.5], "s": "x", "b": True}
+    value = {
+        1: np.int64(3),
+        "f": np.float32(0.123456),
+        "nan": float("nan"),
+        "inf": np.float64(math.inf),
+        "t": (1, 2.5),
+        "s": "x",
+        "b": True,
+    }
+    assert O.json_safe(value) == {
+        "1": 3,
+        "f": pytest.approx(0.123456),
+        "nan": None,
+        "inf": None,
+        "t": [1, 2.5],
+        "s": "x",
+        "b": True,
+    }
     assert O.json_safe(value, digits=4)["f"] == 0.1235
     json.dumps(O.json_safe(value), allow_nan=False)

@@ -1,4 +1,5 @@
 """`dvc repro` end to end on a temporary copy of the repository, with the real pinned data."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,9 @@ def _sh(args: list[str], cwd: Path, env: dict | None = None) -> str:
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory) -> Path:
     """The committed and untracked-not-ignored files of this repository, as a fresh git repo."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     root = tmp_path_factory.mktemp("repo")
     for name in files:
         if (REPO / name).is_file():
@@ -33,8 +35,7 @@ def repo_copy(tmp_path_factory) -> Path:
     _sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], root)
     _sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], root)
     # The copy is not beside ../shared: point the remote at it with an absolute, local-only URL.
-    _sh([str(BIN / "dvc"), "remote", "modify", "--local", "shared", "url",
-         str(SHARED / "dvc-remote")], root)
+    _sh([str(BIN / "dvc"), "remote", "modify", "--local", "shared", "url", str(SHARED / "dvc-remote")], root)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"]["image_size"] = params["data"]["store_size"] = 32  # small images: same stages, less time
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -42,8 +43,7 @@ def repo_copy(tmp_path_factory) -> Path:
 
 
 def test_dvc_repro_split_end_to_end(repo_copy):
-    env = {**os.environ, "COVIDXRAY_DATA_MIRROR": str(MIRROR),
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "COVIDXRAY_DATA_MIRROR": str(MIRROR), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     dvc = str(BIN / "dvc")
     _sh([dvc, "pull", "-q", "data.dvc"], repo_copy, env)
     assert len(list((repo_copy / "data/external/chest_xray/NORMAL").iterdir())) == 450

@@ -1,5 +1,6 @@
 """`covidxray predict` on files as found in the wild, and `covidxray validate` on external sets,
 with the smoke model trained by the real train stage (see test_evaluate.trained_model)."""
+
 from __future__ import annotations
 
 import io
@@ -43,8 +44,12 @@ def wild_files(gray: np.ndarray, folder: Path) -> dict[str, Path]:
     """One X-ray written as an 8-bit grayscale PNG (model size), an RGB JPEG and an RGBA PNG
     (other sizes), and a 16-bit PNG."""
     folder.mkdir(parents=True, exist_ok=True)
-    files = {"gray": folder / "gray.png", "rgb": folder / "rgb.jpg", "rgba": folder / "rgba.png",
-             "sixteen": folder / "sixteen.png"}
+    files = {
+        "gray": folder / "gray.png",
+        "rgb": folder / "rgb.jpg",
+        "rgba": folder / "rgba.png",
+        "sixteen": folder / "sixteen.png",
+    }
     Image.fromarray(gray).save(files["gray"])
     rgb = Image.fromarray(np.stack([gray] * 3, axis=-1)).resize((96, 80), Image.Resampling.BILINEAR)
     rgb.save(files["rgb"], quality=95)
@@ -63,8 +68,16 @@ def test_predict_wild_files_and_errors(tiny, test_images, tmp_path):
     files = wild_files(pixels[0], tmp_path / "in")
     (tmp_path / "in" / "notes.png").write_text("not an image at all")
     missing = tmp_path / "in" / "missing.jpg"
-    argv = [*files.values(), tmp_path / "in" / "notes.png", missing,
-            "--model", tiny["models"], "--csv", "--gradcam", tmp_path / "cams"]
+    argv = [
+        *files.values(),
+        tmp_path / "in" / "notes.png",
+        missing,
+        "--model",
+        tiny["models"],
+        "--csv",
+        "--gradcam",
+        tmp_path / "cams",
+    ]
     code, out, err = run_cli(predict_cli, argv)
     assert code == 1
     lines = err.strip().splitlines()
@@ -89,8 +102,9 @@ def test_predict_json_and_success_code(tiny, test_images, tmp_path):
     from covidxray.predict import predict_cli
 
     files = wild_files(test_images[0][1], tmp_path)
-    code, out, err = run_cli(predict_cli, [files["gray"], files["rgb"], "--model", tiny["models"] / "model.keras",
-                                           "--json"])
+    code, out, err = run_cli(
+        predict_cli, [files["gray"], files["rgb"], "--model", tiny["models"] / "model.keras", "--json"]
+    )
     assert code == 0 and err == ""
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["path"] for r in rows] == [str(files["gray"]), str(files["rgb"])]
@@ -105,8 +119,9 @@ def test_predict_refuses_images_too_small_or_flat_for_an_xray(tiny, test_images,
     files = wild_files(test_images[0][0], tmp_path)
     Image.fromarray(np.full((1, 1), 128, np.uint8)).save(tmp_path / "dot.png")
     Image.fromarray(np.full((300, 300), 255, np.uint8)).save(tmp_path / "white.png")
-    code, out, err = run_cli(predict_cli, [files["gray"], tmp_path / "dot.png", tmp_path / "white.png",
-                                           "--model", tiny["models"], "--csv"])
+    code, out, err = run_cli(
+        predict_cli, [files["gray"], tmp_path / "dot.png", tmp_path / "white.png", "--model", tiny["models"], "--csv"]
+    )
     assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 2
@@ -127,8 +142,9 @@ def test_predict_from_registered_model(tiny, test_images, tmp_path, monkeypatch)
     scratch = tmp_path / "tmpdir"  # where tempfile puts its folders during this call
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    remote = run_cli(predict_cli, [files["gray"], files["rgba"], "--model", uri, "--csv",
-                                   "--tracking-uri", tiny["tracking_uri"]])
+    remote = run_cli(
+        predict_cli, [files["gray"], files["rgba"], "--model", uri, "--csv", "--tracking-uri", tiny["tracking_uri"]]
+    )
     assert remote[0] == 0
     assert list(scratch.iterdir()) == []  # the downloaded copy of the model is gone
     a, b = pd.read_csv(io.StringIO(local[1])), pd.read_csv(io.StringIO(remote[1]))
@@ -140,11 +156,13 @@ def test_predict_unknown_registered_model(tiny, tmp_path):
     from covidxray.predict import predict_cli
 
     with pytest.raises(CovidXrayError, match="cannot load MLflow model"):
-        predict_cli([str(tmp_path / "x.png"), "--model", "models:/no-such-model/7",
-                     "--tracking-uri", tiny["tracking_uri"]])
+        predict_cli(
+            [str(tmp_path / "x.png"), "--model", "models:/no-such-model/7", "--tracking-uri", tiny["tracking_uri"]]
+        )
 
 
 # -- validate -------------------------------------------------------------------------------------
+
 
 def _write_folder(pixels, frame, root: Path) -> Path:
     for i, (img, row) in enumerate(zip(pixels, frame.itertuples())):
@@ -166,8 +184,10 @@ def test_validate_folder(tiny, test_images, tmp_path):
     pixels, frame = test_images
     folder = _write_folder(pixels, frame, tmp_path / "hospital_b")
     out = tmp_path / "report"
-    code, stdout, _ = run_cli(validate_cli, [folder, "--model", tiny["models"], "--out", out,
-                                             "--tracking-uri", tiny["tracking_uri"], "--bootstrap", 100])
+    code, stdout, _ = run_cli(
+        validate_cli,
+        [folder, "--model", tiny["models"], "--out", out, "--tracking-uri", tiny["tracking_uri"], "--bootstrap", 100],
+    )
     assert code == 0, stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_external_images"] == len(frame)
@@ -178,7 +198,8 @@ def test_validate_folder(tiny, test_images, tmp_path):
     for name in ("roc", "precision_recall", "calibration", "confusion", "gradcam"):
         assert (out / "figures" / f"{name}.png").is_file()
     assert {"roc.csv", "precision_recall.csv", "calibration.csv", "confusion.csv"} <= {
-        p.name for p in (out / "plots").iterdir()}
+        p.name for p in (out / "plots").iterdir()
+    }
     report = (out / "report.md").read_text()
     assert "External validation: report" in report and "not a diagnostic device" in report
     assert not list(tmp_path.glob(".report*"))
@@ -204,8 +225,20 @@ def test_validate_never_replaces_a_folder_it_did_not_write(tiny, test_images, tm
         (reports / name).write_text(text)
     before = sorted(p.relative_to(reports).as_posix() for p in reports.rglob("*"))
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["validate", str(folder), "--model", str(tiny["models"]), "--out", str(reports),
-                  "--tracking-uri", tiny["tracking_uri"], "--bootstrap", "20"])
+        cli.main(
+            [
+                "validate",
+                str(folder),
+                "--model",
+                str(tiny["models"]),
+                "--out",
+                str(reports),
+                "--tracking-uri",
+                tiny["tracking_uri"],
+                "--bootstrap",
+                "20",
+            ]
+        )
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"refusing to replace {reports}" in err
@@ -214,8 +247,20 @@ def test_validate_never_replaces_a_folder_it_did_not_write(tiny, test_images, tm
     # a folder of its own below it is fine, and so is replacing that one later
     for _ in range(2):
         with pytest.raises(SystemExit) as exit_info:
-            cli.main(["validate", str(folder), "--model", str(tiny["models"]), "--out", str(reports / "external" / "c"),
-                      "--tracking-uri", tiny["tracking_uri"], "--bootstrap", "20"])
+            cli.main(
+                [
+                    "validate",
+                    str(folder),
+                    "--model",
+                    str(tiny["models"]),
+                    "--out",
+                    str(reports / "external" / "c"),
+                    "--tracking-uri",
+                    tiny["tracking_uri"],
+                    "--bootstrap",
+                    "20",
+                ]
+            )
         assert exit_info.value.code == 0
     assert (reports / "external" / "c" / "report.md").is_file() and (reports / "cv" / "metrics.json").is_file()
 
@@ -250,8 +295,18 @@ def test_validate_unknown_label_lists_known_ones(tiny, test_images, tmp_path, ca
     Image.fromarray(pixels[0]).save(tmp_path / "ext" / "pneumonia" / "a.png")
     Image.fromarray(pixels[1]).save(tmp_path / "ext" / "normal" / "b.png")
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["validate", str(tmp_path / "ext"), "--model", str(tiny["models"]),
-                  "--out", str(tmp_path / "out"), "--tracking-uri", tiny["tracking_uri"]])
+        cli.main(
+            [
+                "validate",
+                str(tmp_path / "ext"),
+                "--model",
+                str(tiny["models"]),
+                "--out",
+                str(tmp_path / "out"),
+                "--tracking-uri",
+                tiny["tracking_uri"],
+            ]
+        )
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0

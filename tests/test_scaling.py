@@ -1,6 +1,7 @@
 """Real components for teams beyond one machine: a smoke training logging to a real `mlflow
 server` (on 127.0.0.1, its own store and artifact folder) through MLFLOW_TRACKING_URI, and a
 sweep through the submitit launcher in local mode (the code path of hydra/launcher=slurm)."""
+
 from __future__ import annotations
 
 import os
@@ -23,9 +24,25 @@ def test_smoke_training_logs_to_an_mlflow_server(smoke_cfg, tmp_path, monkeypatc
     root.mkdir()
     port = free_port()
     server = ServerProcess(
-        [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", port, "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", root / "artifacts"],
-        f"http://127.0.0.1:{port}", tmp_path / "server.log", env=dict(os.environ), cwd=root)
+        [
+            BIN / "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            port,
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            root / "artifacts",
+        ],
+        f"http://127.0.0.1:{port}",
+        tmp_path / "server.log",
+        env=dict(os.environ),
+        cwd=root,
+    )
     try:
         server.wait_ready("/health")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
@@ -60,10 +77,24 @@ def test_sweep_through_the_submitit_launcher(tiny_data, tmp_path):
     store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     sweep = tmp_path / "sweep"
     done = subprocess.run(
-        [str(BIN / "covidxray"), "train", "-m", "hydra/launcher=submitit_local", "experiment=smoke",
-         "model.head.dense_units=4,8", "cv.final_model=false", f"paths.curated={tiny_data['curated']}",
-         f"paths.splits={tiny_data['splits']}", f"mlflow.tracking_uri={store}", f"hydra.sweep.dir={sweep}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        [
+            str(BIN / "covidxray"),
+            "train",
+            "-m",
+            "hydra/launcher=submitit_local",
+            "experiment=smoke",
+            "model.head.dense_units=4,8",
+            "cv.final_model=false",
+            f"paths.curated={tiny_data['curated']}",
+            f"paths.splits={tiny_data['splits']}",
+            f"mlflow.tracking_uri={store}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient(tracking_uri=store)
     experiment = client.get_experiment_by_name(make_cfg([]).mlflow.experiment)

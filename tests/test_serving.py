@@ -1,6 +1,7 @@
 """The registered model serves: `mlflow models serve` (a real scoring server on 127.0.0.1) and
 `mlflow.pyfunc.load_model` in a fresh process answer a real X-ray with p(covid) and the label at
 the saved threshold, with the code and metadata that travel inside the logged model."""
+
 from __future__ import annotations
 
 import base64
@@ -53,25 +54,45 @@ def test_scoring_server_answers_an_xray(tiny, xray, tmp_path):
     small = images.resize(gray, 64, "stretch")
     port = free_port()
     server = ServerProcess(
-        [BIN / "mlflow", "models", "serve", "-m", tiny["meta"]["model_uri"], "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", port],
-        f"http://127.0.0.1:{port}", tmp_path / "serve.log",
-        env=clean_env(MLFLOW_TRACKING_URI=tiny["tracking_uri"]), cwd=tmp_path)
+        [
+            BIN / "mlflow",
+            "models",
+            "serve",
+            "-m",
+            tiny["meta"]["model_uri"],
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            port,
+        ],
+        f"http://127.0.0.1:{port}",
+        tmp_path / "serve.log",
+        env=clean_env(MLFLOW_TRACKING_URI=tiny["tracking_uri"]),
+        cwd=tmp_path,
+    )
     try:
         server.wait_ready("/ping")
-        status, answer = post_json(server.url + "/invocations", {"dataframe_records": [
-            {"image": base64.b64encode(xray.read_bytes()).decode()}]})
+        status, answer = post_json(
+            server.url + "/invocations",
+            {"dataframe_records": [{"image": base64.b64encode(xray.read_bytes()).decode()}]},
+        )
         assert status == 200, answer
         assert len(answer["predictions"]) == 1
         check_answer(answer["predictions"][0], expected(tiny, gray))
-        status, answer = post_json(server.url + "/invocations", {"dataframe_split": {
-            "columns": ["pixels"], "data": [[small.tolist()], [gray.tolist()]]}})
+        status, answer = post_json(
+            server.url + "/invocations",
+            {"dataframe_split": {"columns": ["pixels"], "data": [[small.tolist()], [gray.tolist()]]}},
+        )
         assert status == 200, answer
         check_answer(answer["predictions"][0], expected(tiny, small))
         check_answer(answer["predictions"][1], expected(tiny, gray))
 
-        status, answer = post_json(server.url + "/invocations", {"dataframe_records": [
-            {"image": base64.b64encode(b"these bytes are no image").decode()}]})
+        status, answer = post_json(
+            server.url + "/invocations",
+            {"dataframe_records": [{"image": base64.b64encode(b"these bytes are no image").decode()}]},
+        )
         assert status == 400 and "row 0" in answer["message"] and "not an image" in answer["message"]
     finally:
         server.stop()
@@ -90,9 +111,14 @@ def test_pyfunc_loads_in_a_fresh_process(tiny, xray, tmp_path):
         "out = model.predict(pd.DataFrame({'image': [open(sys.argv[2], 'rb').read()]}))\n"
         "print(json.dumps({'code': covidxray.__file__, 'rows': out.to_dict(orient='records')}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script, tiny["meta"]["model_uri"], str(xray)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env=clean_env(MLFLOW_TRACKING_URI=tiny["tracking_uri"]))
+    done = subprocess.run(
+        [sys.executable, "-c", script, tiny["meta"]["model_uri"], str(xray)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(MLFLOW_TRACKING_URI=tiny["tracking_uri"]),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert "/code/covidxray/" in result["code"] and not result["code"].startswith(str(REPO))
@@ -107,7 +133,7 @@ def test_decode_rows_takes_files_base64_or_pixels_and_names_bad_rows(xray):
     from covidxray.inference import decode_rows, png_bytes
 
     gray, _ = images.read_grayscale(xray)
-    meta = images.input_spec(32, "pad", 64, "clahe", 0.1)          # every input step of training
+    meta = images.input_spec(32, "pad", 64, "clahe", 0.1)  # every input step of training
     want = images.load_image(xray, 32, "pad", 64, "clahe", 0.1)
     frame = pd.DataFrame({"image": [xray.read_bytes(), base64.b64encode(xray.read_bytes()).decode()]})
     assert np.array_equal(decode_rows(frame, meta), np.stack([want, want]))

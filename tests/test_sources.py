@@ -1,4 +1,5 @@
 """sources.py: roles per class, the no-overlap rule, the external set without copies of training images."""
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -6,8 +7,10 @@ import pytest
 from covidxray import CovidXrayError, sources
 
 BINARY = ["normal", "covid"]
-DEFAULT = {"train": {"covid": ["ieee8023"], "normal": ["kermany"]},
-           "external": {"covid": ["radiography"], "normal": ["radiography"]}}
+DEFAULT = {
+    "train": {"covid": ["ieee8023"], "normal": ["kermany"]},
+    "external": {"covid": ["radiography"], "normal": ["radiography"]},
+}
 
 
 def test_default_and_reverse_roles_are_valid():
@@ -16,30 +19,45 @@ def test_default_and_reverse_roles_are_valid():
     sources.check_roles(reverse, BINARY)
 
 
-@pytest.mark.parametrize("roles, message", [
-    ({"train": {"covid": ["ieee8023", "radiography"], "normal": ["kermany"]},
-      "external": {"covid": ["radiography"]}}, r"\['radiography'\] are in both roles for class 'covid'"),
-    ({"train": {"covid": ["chexpert"], "normal": ["kermany"]}},
-     r"data.sources.train.covid: unknown collection 'chexpert' \(allowed: ieee8023, kermany, radiography\)"),
-    ({"train": {"covid": ["kermany"], "normal": ["kermany"]}}, "collection 'kermany' has no covid images"),
-    ({"train": {"covid": ["ieee8023"]}}, r"data.sources.train.normal: no collection trains class 'normal'"),
-    ({"train": DEFAULT["train"], "external": {"pneumonia": ["kermany"]}},
-     r"data.sources.external.pneumonia: class 'pneumonia' is not a class of this task \(allowed: normal, covid\)"),
-    ({"train": DEFAULT["train"], "holdout": {}}, "unknown role"),
-])
+@pytest.mark.parametrize(
+    "roles, message",
+    [
+        (
+            {
+                "train": {"covid": ["ieee8023", "radiography"], "normal": ["kermany"]},
+                "external": {"covid": ["radiography"]},
+            },
+            r"\['radiography'\] are in both roles for class 'covid'",
+        ),
+        (
+            {"train": {"covid": ["chexpert"], "normal": ["kermany"]}},
+            r"data.sources.train.covid: unknown collection 'chexpert' \(allowed: ieee8023, kermany, radiography\)",
+        ),
+        ({"train": {"covid": ["kermany"], "normal": ["kermany"]}}, "collection 'kermany' has no covid images"),
+        ({"train": {"covid": ["ieee8023"]}}, r"data.sources.train.normal: no collection trains class 'normal'"),
+        (
+            {"train": DEFAULT["train"], "external": {"pneumonia": ["kermany"]}},
+            r"data.sources.external.pneumonia: class 'pneumonia' is not a class of this task "
+            r"\(allowed: normal, covid\)",
+        ),
+        ({"train": DEFAULT["train"], "holdout": {}}, "unknown role"),
+    ],
+)
 def test_bad_roles_name_the_key(roles, message):
     with pytest.raises(CovidXrayError, match=message):
         sources.check_roles(roles, BINARY)
 
 
 def _index():
-    return pd.DataFrame({
-        "image_id": ["c1", "c2", "n1", "n2", "rc1", "rc2", "rn1", "rn2"],
-        "label": ["covid", "covid", "normal", "normal", "covid", "covid", "normal", "normal"],
-        "source": ["ieee8023"] * 2 + ["kermany"] * 2 + ["radiography"] * 4,
-        # rc2 near-duplicates c1 (same dup_group): it must not count as external
-        "dup_group": ["c1", "c2", "n1", "n2", "rc1", "c1", "rn1", "rn2"],
-    })
+    return pd.DataFrame(
+        {
+            "image_id": ["c1", "c2", "n1", "n2", "rc1", "rc2", "rn1", "rn2"],
+            "label": ["covid", "covid", "normal", "normal", "covid", "covid", "normal", "normal"],
+            "source": ["ieee8023"] * 2 + ["kermany"] * 2 + ["radiography"] * 4,
+            # rc2 near-duplicates c1 (same dup_group): it must not count as external
+            "dup_group": ["c1", "c2", "n1", "n2", "rc1", "c1", "rn1", "rn2"],
+        }
+    )
 
 
 def test_in_role_and_external_set_drops_copies_of_training_images():
@@ -61,11 +79,13 @@ def test_check_present_and_model_roles():
 
 
 def test_balance_whole_patients_and_deterministic():
-    index = pd.DataFrame({
-        "image_id": [f"i{k}" for k in range(30)],
-        "label": ["normal"] * 20 + ["covid"] * 10,
-        "patient_id": [f"n{k // 2}" for k in range(20)] + [f"c{k}" for k in range(10)],
-    })
+    index = pd.DataFrame(
+        {
+            "image_id": [f"i{k}" for k in range(30)],
+            "label": ["normal"] * 20 + ["covid"] * 10,
+            "patient_id": [f"n{k // 2}" for k in range(20)] + [f"c{k}" for k in range(10)],
+        }
+    )
     assert sources.balance(index, "none", 0).equals(index)
     out = sources.balance(index, "undersample", 7)
     assert (out["label"] == "covid").sum() == 10 and (out["label"] == "normal").sum() == 10

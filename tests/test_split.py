@@ -1,4 +1,5 @@
 """split: no patient in two partitions, class proportions kept, deterministic."""
+
 import numpy as np
 import pandas as pd
 import pytest

@@ -1,5 +1,6 @@
 """train stage: the smoke experiment through the real TensorFlow stack into a real MLflow store;
 a Hydra multirun; the frozen-feature cache gives the same model as training on images."""
+
 from __future__ import annotations
 
 import json
@@ -40,21 +41,35 @@ def test_smoke_training_end_to_end(trained):
 
     cfg, root = trained["cfg"], trained["root"]
     models_dir, cv_dir = root / "models", root / "reports" / "cv"
-    for path in (models_dir / "model.keras", models_dir / "model.json", cv_dir / "oof.csv",
-                 cv_dir / "metrics.json", cv_dir / "history.csv"):
+    for path in (
+        models_dir / "model.keras",
+        models_dir / "model.json",
+        cv_dir / "oof.csv",
+        cv_dir / "metrics.json",
+        cv_dir / "history.csv",
+    ):
         assert path.is_file(), path
 
     metrics = json.loads((cv_dir / "metrics.json").read_text())
     assert math.isclose(trained["value"], metrics["cv_auc_mean"])
-    for key in ("cv_auc_mean", "cv_auc_std", "cv_accuracy_mean", "cv_loss_mean", "oof_auc", "oof_accuracy",
-                "oof_sensitivity", "oof_specificity", "threshold"):
+    for key in (
+        "cv_auc_mean",
+        "cv_auc_std",
+        "cv_accuracy_mean",
+        "cv_loss_mean",
+        "oof_auc",
+        "oof_accuracy",
+        "oof_sensitivity",
+        "oof_specificity",
+        "threshold",
+    ):
         assert math.isfinite(metrics[key]), key
 
     # OOF predictions: every CV image once, none of the test partition; the threshold is theirs.
     splits = pd.read_csv(cfg.paths.splits, dtype={"image_id": str})
     oof = pd.read_csv(cv_dir / "oof.csv", dtype={"image_id": str, "patient_id": str})
     assert list(oof.columns) == ["image_id", "patient_id", "label", "y", "fold", "p_normal", "p_covid"]
-    training = ~splits["image_id"].str.startswith("radiography-")   # the default external collection
+    training = ~splits["image_id"].str.startswith("radiography-")  # the default external collection
     assert sorted(oof["image_id"]) == sorted(splits.loc[(splits["partition"] == "cv") & training, "image_id"])
     assert np.allclose(oof[["p_normal", "p_covid"]].sum(axis=1), 1.0, atol=1e-5)
     meta = json.loads((models_dir / "model.json").read_text())
@@ -64,8 +79,16 @@ def test_smoke_training_end_to_end(trained):
     assert meta["model"] == "small_cnn"
 
     history = pd.read_csv(cv_dir / "history.csv")
-    assert list(history.columns[:8]) == ["fold", "epoch", "loss", "val_loss", "accuracy", "val_accuracy",
-                                         "auc", "val_auc"]
+    assert list(history.columns[:8]) == [
+        "fold",
+        "epoch",
+        "loss",
+        "val_loss",
+        "accuracy",
+        "val_accuracy",
+        "auc",
+        "val_auc",
+    ]
     assert sorted(history["fold"].unique()) == [0, 1] and list(history["epoch"][:2]) == [1, 2]
 
     # MLflow: one parent run with params, aggregates, tags and config; K nested fold runs.
@@ -82,8 +105,7 @@ def test_smoke_training_end_to_end(trained):
     assert tags["runner"] in ("python", "dvc")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"config.yaml", "model.json", "cv"} <= artifacts
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 2
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_auc")]
@@ -119,11 +141,22 @@ def test_hydra_multirun_makes_one_parent_run_per_job(tiny_data, tmp_path):
     """Two jobs in parallel (joblib launcher) into a store neither has created yet."""
     store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     done = subprocess.run(
-        [str(BIN / "covidxray"), "train", "-m", "hydra/launcher=local_parallel", "experiment=smoke",
-         "model.head.dense_units=4,8",
-         f"paths.curated={tiny_data['curated']}", f"paths.splits={tiny_data['splits']}",
-         f"mlflow.tracking_uri={store}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        cwd=REPO, capture_output=True, text=True)
+        [
+            str(BIN / "covidxray"),
+            "train",
+            "-m",
+            "hydra/launcher=local_parallel",
+            "experiment=smoke",
+            "model.head.dense_units=4,8",
+            f"paths.curated={tiny_data['curated']}",
+            f"paths.splits={tiny_data['splits']}",
+            f"mlflow.tracking_uri={store}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     cfg = make_cfg([f"mlflow.tracking_uri={store}"])
     client = _client(cfg)
@@ -140,8 +173,10 @@ def test_hydra_multirun_makes_one_parent_run_per_job(tiny_data, tmp_path):
         assert (tmp_path / "sweep" / job / "reports" / "cv" / "metrics.json").is_file()
     # Sweep jobs register nothing (mlflow.register=auto), and their run names say what differs.
     assert client.search_model_versions(f"name='{cfg.mlflow.registered_model}'") == []
-    assert sorted(r.info.run_name for r in parents) == ["smoke model.head.dense_units=4 (small_cnn-cv2)",
-                                                        "smoke model.head.dense_units=8 (small_cnn-cv2)"]
+    assert sorted(r.info.run_name for r in parents) == [
+        "smoke model.head.dense_units=4 (small_cnn-cv2)",
+        "smoke model.head.dense_units=8 (small_cnn-cv2)",
+    ]
     for job in ("0", "1"):
         meta = json.loads((tmp_path / "sweep" / job / "models" / "model.json").read_text())
         assert meta["registered_version"] is None and meta["model_uri"].startswith(("runs:/", "models:/m-"))
@@ -167,8 +202,18 @@ def test_frozen_feature_cache_gives_the_same_model(tiny_data):
     from covidxray.fitting import Trainer
     from covidxray.train import load_cv_data
 
-    s = train_settings(make_cfg(["experiment=smoke", "model=vgg16", "model.weights=none", "train.epochs=2",
-                                 f"paths.curated={tiny_data['curated']}", f"paths.splits={tiny_data['splits']}"]))
+    s = train_settings(
+        make_cfg(
+            [
+                "experiment=smoke",
+                "model=vgg16",
+                "model.weights=none",
+                "train.epochs=2",
+                f"paths.curated={tiny_data['curated']}",
+                f"paths.splits={tiny_data['splits']}",
+            ]
+        )
+    )
     data = load_cv_data(s.curated, s.splits, s.inputs, s.roles)
     train_idx = np.flatnonzero(data.rows["fold"].to_numpy() != 0)
     val_idx = np.flatnonzero(data.rows["fold"].to_numpy() == 0)
@@ -190,8 +235,9 @@ def test_augmentation_runs_in_the_input_pipeline_for_training_only(tiny_data):
     cfg = make_cfg(["augment=standard"])
     augmenter = build_augmenter(augment_settings(cfg), seed=0)
     assert [layer.name for layer in augmenter.layers] == ["affine", "brightness", "contrast"]
-    assert [layer.name for layer in build_augmenter(augment_settings(make_cfg(["augment=tutorial"])), 0).layers] \
-        == ["rotation"]
+    assert [layer.name for layer in build_augmenter(augment_settings(make_cfg(["augment=tutorial"])), 0).layers] == [
+        "rotation"
+    ]
     images = np.load(tiny_data["curated"] / "images.npy")[:8]
     x, _ = next(iter(make_dataset(images, np.eye(2)[np.zeros(8, int)], None, 8, augmenter=augmenter)))
     plain = next(iter(make_dataset(images, None, None, 8)))
@@ -215,12 +261,14 @@ def test_learning_rate_schedules():
     from covidxray.config import fit_settings
     from covidxray.fitting import make_optimizer, make_schedule
 
-    tutorial = make_schedule(make_cfg(["optimizer.schedule=inverse_time"]).optimizer.schedule, 1e-3, epochs=25,
-                             steps_per_epoch=10)
+    tutorial = make_schedule(
+        make_cfg(["optimizer.schedule=inverse_time"]).optimizer.schedule, 1e-3, epochs=25, steps_per_epoch=10
+    )
     for step in (0, 1, 100):  # the tutorial's Adam(lr=1e-3, decay=1e-3 / 25), per step
         assert math.isclose(float(tutorial(step)), 1e-3 / (1 + 1e-3 / 25 * step), rel_tol=1e-5)
-    cosine = make_schedule(make_cfg(["optimizer.schedule=cosine"]).optimizer.schedule, 1e-3, epochs=2,
-                           steps_per_epoch=5)
+    cosine = make_schedule(
+        make_cfg(["optimizer.schedule=cosine"]).optimizer.schedule, 1e-3, epochs=2, steps_per_epoch=5
+    )
     assert math.isclose(float(cosine(0)), 1e-3, rel_tol=1e-5) and float(cosine(10)) < 1e-9
     assert make_schedule(make_cfg([]).optimizer.schedule, 1e-3, 25, 10) == 1e-3
     assert type(make_optimizer(fit_settings(make_cfg([])).optimizer, 1e-3, 25, 10)).__name__ == "Adam"
@@ -231,8 +279,16 @@ def test_mirrored_strategy_runs_as_one_replica_on_cpu(tiny_data, tmp_path):
     from covidxray.fitting import Trainer
     from covidxray.train import load_cv_data
 
-    s = train_settings(make_cfg(["experiment=smoke", "train.distribute=mirrored",
-                                 f"paths.curated={tiny_data['curated']}", f"paths.splits={tiny_data['splits']}"]))
+    s = train_settings(
+        make_cfg(
+            [
+                "experiment=smoke",
+                "train.distribute=mirrored",
+                f"paths.curated={tiny_data['curated']}",
+                f"paths.splits={tiny_data['splits']}",
+            ]
+        )
+    )
     data = load_cv_data(s.curated, s.splits, s.inputs, s.roles)
     trainer = Trainer(s.fit, data.images, data.y, len(data.classes), verbose=0)
     assert trainer.strategy.num_replicas_in_sync >= 1
@@ -256,15 +312,31 @@ def test_three_classes_covid_last(tmp_path):
     for y, label in enumerate(classes):
         arrays.append(synthetic_xrays(16, 32, positive=label == "covid", rng=rng))
         collections = {"normal": ["kermany"], "pneumonia": ["kermany", "ieee8023"], "covid": ["ieee8023"]}[label]
-        rows += [{"image_id": f"{label}-{i}", "label": label, "y": y, "patient_id": f"{label}-p{i}",
-                  "source": collections[i % len(collections)]} for i in range(16)]
+        rows += [
+            {
+                "image_id": f"{label}-{i}",
+                "label": label,
+                "y": y,
+                "patient_id": f"{label}-p{i}",
+                "source": collections[i % len(collections)],
+            }
+            for i in range(16)
+        ]
     index = pd.DataFrame(rows)
     save_curated(tmp_path / "curated", np.concatenate(arrays), index, classes)
     make_splits(index, test_fraction=0.25, folds=2, seed=0).to_csv(tmp_path / "splits.csv", index=False)
-    cfg = make_cfg(["experiment=smoke", "data=three_class", "cv.final_model=false",
-                    f"paths.curated={tmp_path / 'curated'}", f"paths.splits={tmp_path / 'splits.csv'}",
-                    f"paths.models={tmp_path / 'models'}", f"paths.reports={tmp_path / 'reports'}",
-                    f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"])
+    cfg = make_cfg(
+        [
+            "experiment=smoke",
+            "data=three_class",
+            "cv.final_model=false",
+            f"paths.curated={tmp_path / 'curated'}",
+            f"paths.splits={tmp_path / 'splits.csv'}",
+            f"paths.models={tmp_path / 'models'}",
+            f"paths.reports={tmp_path / 'reports'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
+        ]
+    )
     assert math.isfinite(main(cfg))
     oof = pd.read_csv(tmp_path / "reports" / "cv" / "oof.csv")
     assert [c for c in oof.columns if c.startswith("p_")] == ["p_normal", "p_pneumonia", "p_covid"]

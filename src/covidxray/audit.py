@@ -4,6 +4,7 @@ its labels away (shortcut AUCs of image geometry/format and of simple pixel stat
 Used by the curate stage (the whole curated store) and by the external stage (the training set
 and the external set of a model, and its collections within one class).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,11 +26,13 @@ def age_band(age: float) -> str:
 
 def geometry_features(index: pd.DataFrame) -> pd.DataFrame:
     """Disease-unrelated file attributes: original width, height, aspect ratio, format and mode (one-hot)."""
-    feats = pd.DataFrame({
-        "orig_width": index["orig_width"].astype(float),
-        "orig_height": index["orig_height"].astype(float),
-        "aspect": index["orig_width"].astype(float) / index["orig_height"].astype(float),
-    })
+    feats = pd.DataFrame(
+        {
+            "orig_width": index["orig_width"].astype(float),
+            "orig_height": index["orig_height"].astype(float),
+            "aspect": index["orig_width"].astype(float) / index["orig_height"].astype(float),
+        }
+    )
     for col in ("orig_format", "orig_mode"):
         for value in sorted(index[col].astype(str).unique()):
             feats[f"{col}={value}"] = (index[col].astype(str) == value).astype(float)
@@ -41,13 +44,15 @@ def pixel_features(images: np.ndarray) -> pd.DataFrame:
     n, size = len(images), images.shape[-1] if images.ndim == 3 else 0
     width = max(1, size // 16)
     ring = np.ones((size, size), dtype=bool)
-    ring[width:size - width, width:size - width] = False
+    ring[width : size - width, width : size - width] = False
     flat = images.reshape(n, -1).astype(np.float64)
-    return pd.DataFrame({
-        "mean": flat.mean(axis=1) if n else [],
-        "std": flat.std(axis=1) if n else [],
-        "border_black": (images[:, ring] < 16).mean(axis=1) if n else [],
-    })
+    return pd.DataFrame(
+        {
+            "mean": flat.mean(axis=1) if n else [],
+            "std": flat.std(axis=1) if n else [],
+            "border_black": (images[:, ring] < 16).mean(axis=1) if n else [],
+        }
+    )
 
 
 def shortcut_aucs(features: pd.DataFrame, y, groups, seed: int, folds: int = 5) -> dict | None:
@@ -91,16 +96,23 @@ def _counts(series: pd.Series) -> dict:
 
 def _summary(values: pd.Series) -> dict:
     values = values.astype(float)
-    return {k: round(float(f(values)), 4) for k, f in
-            (("min", np.min), ("median", np.median), ("mean", np.mean), ("max", np.max))}
+    return {
+        k: round(float(f(values)), 4)
+        for k, f in (("min", np.min), ("median", np.median), ("mean", np.mean), ("max", np.max))
+    }
 
 
 def audit(index: pd.DataFrame, images: np.ndarray, classes: list[str], seed: int, folds: int = 5) -> dict:
     """What the curated set is made of: counts by class and attribute, original geometry per class,
     and the shortcut AUCs (label predicted from geometry/format, or from pixel statistics, alone)."""
     df = index.assign(age_band=[age_band(a) for a in index["age"]])
-    strata = (df.groupby(["label", "source", "view", "sex", "age_band"]).size()
-              .rename("images").reset_index().sort_values(["label", "source", "view", "sex", "age_band"]))
+    strata = (
+        df.groupby(["label", "source", "view", "sex", "age_band"])
+        .size()
+        .rename("images")
+        .reset_index()
+        .sort_values(["label", "source", "view", "sex", "age_band"])
+    )
     by_attribute = {
         col: {c: _counts(df.loc[df["label"] == c, col]) for c in classes}
         for col in ("source", "view", "sex", "age_band")
@@ -111,17 +123,21 @@ def audit(index: pd.DataFrame, images: np.ndarray, classes: list[str], seed: int
         if rows.empty:
             continue
         geometry[c] = {
-            "width": _summary(rows["orig_width"]), "height": _summary(rows["orig_height"]),
+            "width": _summary(rows["orig_width"]),
+            "height": _summary(rows["orig_height"]),
             "aspect": _summary(rows["orig_width"] / rows["orig_height"]),
-            "format": _counts(rows["orig_format"]), "mode": _counts(rows["orig_mode"]),
+            "format": _counts(rows["orig_format"]),
+            "mode": _counts(rows["orig_mode"]),
         }
     results = {
         "geometry_format": shortcut_aucs(geometry_features(df), df["y"], df["patient_id"], seed, folds),
         "pixel_stats": shortcut_aucs(pixel_features(images), df["y"], df["patient_id"], seed, folds),
     }
     aucs = {k: (None if r is None else round(r["auc"], 4)) for k, r in results.items()}
-    per_class = {k: ({} if r is None or len(classes) < 3 else
-                     {classes[int(c)]: round(v, 4) for c, v in r["per_class"].items()}) for k, r in results.items()}
+    per_class = {
+        k: ({} if r is None or len(classes) < 3 else {classes[int(c)]: round(v, 4) for c, v in r["per_class"].items()})
+        for k, r in results.items()
+    }
     what = {
         "geometry_format": "original width, height, aspect ratio, file format and mode",
         "pixel_stats": "mean and std of intensity and the black fraction of the border of the stored pixels",
@@ -135,14 +151,22 @@ def audit(index: pd.DataFrame, images: np.ndarray, classes: list[str], seed: int
             target, value = f"{max(flagged, key=flagged.get)} vs rest", max(flagged.values())
         else:
             continue
-        shortcuts.append({"features": k, "auc": value, "target": target,
-                          "warning": f"{what[k]} alone predict {target} (cross-validated ROC AUC {value:.3f} >= "
-                                     f"{SHORTCUT_AUC_WARN}): a model can learn the source instead of the disease"})
+        shortcuts.append(
+            {
+                "features": k,
+                "auc": value,
+                "target": target,
+                "warning": f"{what[k]} alone predict {target} (cross-validated ROC AUC {value:.3f} >= "
+                f"{SHORTCUT_AUC_WARN}): a model can learn the source instead of the disease",
+            }
+        )
     sources = df.groupby("label")["source"].unique()
     notes = []
     if (KERMANY == df["source"]).any():
-        notes.append("kermany images have no age or sex in their source: the patients are children "
-                     "(1-5 years) per the dataset's description, recorded here as unknown")
+        notes.append(
+            "kermany images have no age or sex in their source: the patients are children "
+            "(1-5 years) per the dataset's description, recorded here as unknown"
+        )
     if len(sources) > 1 and all(len(s) == 1 for s in sources) and len({s[0] for s in sources}) == len(sources):
         notes.append("each class comes from a single source: source and label are fully confounded")
     multi = df.groupby("patient_id")["label"].nunique()
@@ -159,8 +183,8 @@ def audit(index: pd.DataFrame, images: np.ndarray, classes: list[str], seed: int
         "shortcut_auc": aucs,
         "shortcut_auc_per_class": per_class,
         "shortcut_auc_method": f"depth-3 decision tree, StratifiedGroupKFold by patient ({folds} folds, seed {seed}), "
-                               "pooled out-of-fold ROC AUC (one-vs-rest macro for 3 classes, and each class "
-                               "one-vs-rest); a warning when either reaches " + str(SHORTCUT_AUC_WARN),
+        "pooled out-of-fold ROC AUC (one-vs-rest macro for 3 classes, and each class "
+        "one-vs-rest); a warning when either reaches " + str(SHORTCUT_AUC_WARN),
         "shortcuts": shortcuts,
         "notes": notes,
     }
@@ -169,38 +193,59 @@ def audit(index: pd.DataFrame, images: np.ndarray, classes: list[str], seed: int
 def audit_markdown(report: dict) -> str:
     """A short human-readable summary of audit.json."""
     classes = report["classes"]
-    lines = ["# Curated data audit", "",
-             f"task `{report['config']['task']}`, store_size {report['config']['store_size']}, "
-             f"resize `{report['config']['resize']}`, collections {report['config']['collections']}, "
-             f"views {report['config']['views']}", "",
-             "| class | images | patients |", "|---|---:|---:|"]
+    lines = [
+        "# Curated data audit",
+        "",
+        f"task `{report['config']['task']}`, store_size {report['config']['store_size']}, "
+        f"resize `{report['config']['resize']}`, collections {report['config']['collections']}, "
+        f"views {report['config']['views']}",
+        "",
+        "| class | images | patients |",
+        "|---|---:|---:|",
+    ]
     lines += [f"| {c} | {report['per_class'][c]} | {report['patients_per_class'][c]} |" for c in classes]
     lines += [f"| total | {report['images']} | {report['patients']} |", "", "## By attribute", ""]
     for col, per_class in report["by_attribute"].items():
         cells = "; ".join(f"{c}: " + ", ".join(f"{k} {v}" for k, v in per_class[c].items()) for c in classes)
         lines.append(f"- **{col}**: {cells}")
-    lines += ["", "## Original geometry", "", "| class | width (min/median/max) | height | aspect | formats | modes |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Original geometry",
+        "",
+        "| class | width (min/median/max) | height | aspect | formats | modes |",
+        "|---|---|---|---|---|---|",
+    ]
     for c, g in report["geometry"].items():
         span = lambda s: f"{s['min']:g} / {s['median']:g} / {s['max']:g}"  # noqa: E731
-        lines.append(f"| {c} | {span(g['width'])} | {span(g['height'])} | {span(g['aspect'])} | "
-                     + ", ".join(f"{k} {v}" for k, v in g["format"].items()) + " | "
-                     + ", ".join(f"{k} {v}" for k, v in g["mode"].items()) + " |")
+        lines.append(
+            f"| {c} | {span(g['width'])} | {span(g['height'])} | {span(g['aspect'])} | "
+            + ", ".join(f"{k} {v}" for k, v in g["format"].items())
+            + " | "
+            + ", ".join(f"{k} {v}" for k, v in g["mode"].items())
+            + " |"
+        )
     d, sel = report["dedupe"], report["selection"]
-    lines += ["", "## Cleaning", "",
-              f"- records selected: {sel['records']}; missing files: {len(sel['missing_files'])}; "
-              f"records sharing a file: {sel['records_sharing_a_file']}",
-              f"- exact duplicates removed: {d['exact_duplicates_removed']} "
-              f"({len(d['exact_duplicate_groups'])} groups)",
-              f"- near-duplicate groups (phash distance <= {report['config']['phash_distance']}): "
-              f"{len(d['near_duplicate_groups'])} ({d['near_duplicate_images']} images), patients merged: "
-              f"{d['patients_merged']}",
-              f"- cross-class conflicts dropped: {len(d['cross_class_conflicts'])} "
-              f"({d['cross_class_images_dropped']} images)",
-              f"- probe images (the collection's other findings, for the same-source probe): "
-              f"{report['probe']['images']} (near-duplicates of curated images dropped: "
-              f"{report['probe']['near_duplicates_of_curated_dropped']})", "",
-              "## Shortcuts", "", f"Method: {report['shortcut_auc_method']}.", ""]
+    lines += [
+        "",
+        "## Cleaning",
+        "",
+        f"- records selected: {sel['records']}; missing files: {len(sel['missing_files'])}; "
+        f"records sharing a file: {sel['records_sharing_a_file']}",
+        f"- exact duplicates removed: {d['exact_duplicates_removed']} ({len(d['exact_duplicate_groups'])} groups)",
+        f"- near-duplicate groups (phash distance <= {report['config']['phash_distance']}): "
+        f"{len(d['near_duplicate_groups'])} ({d['near_duplicate_images']} images), patients merged: "
+        f"{d['patients_merged']}",
+        f"- cross-class conflicts dropped: {len(d['cross_class_conflicts'])} "
+        f"({d['cross_class_images_dropped']} images)",
+        f"- probe images (the collection's other findings, for the same-source probe): "
+        f"{report['probe']['images']} (near-duplicates of curated images dropped: "
+        f"{report['probe']['near_duplicates_of_curated_dropped']})",
+        "",
+        "## Shortcuts",
+        "",
+        f"Method: {report['shortcut_auc_method']}.",
+        "",
+    ]
     for k, v in report["shortcut_auc"].items():
         ovr = "".join(f"; {c} vs rest {a:.3f}" for c, a in report["shortcut_auc_per_class"].get(k, {}).items())
         lines.append(f"- {k}: AUC {'n/a' if v is None else f'{v:.3f}'}{ovr}")

@@ -2,13 +2,14 @@
 they need, as plain data (no Keras import), so configuration checks run before TensorFlow loads.
 models.py builds the networks from it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 DEFAULT_FILTERS = (16, 32, 64, 64)  # small_cnn's conv widths when model.filters is not given
-MIN_IMAGENET_SIZE = 32     # the smallest input keras.applications accepts without the top
+MIN_IMAGENET_SIZE = 32  # the smallest input keras.applications accepts without the top
 
 # keras.applications.<family>.preprocess_input modes (imagenet_utils), plus two of our own:
 #   caffe: RGB->BGR, minus the ImageNet BGR mean (vgg16, vgg19, resnet50)
@@ -23,11 +24,12 @@ PREPROCESS_MODES = ("caffe", "torch", "tf", "none", "unit", "lite")
 @dataclass(frozen=True)
 class BackboneSpec:
     """How to build one backbone and feed it."""
-    preprocess: str                        # a PREPROCESS_MODES value
-    application: str | None = None         # keras.applications constructor name
-    module: str | None = None              # keras.applications submodule (its preprocess_input)
+
+    preprocess: str  # a PREPROCESS_MODES value
+    application: str | None = None  # keras.applications constructor name
+    module: str | None = None  # keras.applications submodule (its preprocess_input)
     weights_file: Callable[[int], str] | None = None  # Keras's cache file name for the notop weights
-    built_here: bool = False               # a pretrainable backbone built by this project (efficientnet_lite.py)
+    built_here: bool = False  # a pretrainable backbone built by this project (efficientnet_lite.py)
 
 
 def _mobilenet_v2_file(size: int) -> str:
@@ -36,17 +38,16 @@ def _mobilenet_v2_file(size: int) -> str:
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "vgg16": BackboneSpec("caffe", "VGG16", "vgg16",
-                          lambda s: "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "vgg19": BackboneSpec("caffe", "VGG19", "vgg19",
-                          lambda s: "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "resnet50": BackboneSpec("caffe", "ResNet50", "resnet50",
-                             lambda s: "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "densenet121": BackboneSpec("torch", "DenseNet121", "densenet",
-                                lambda s: "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "vgg16": BackboneSpec("caffe", "VGG16", "vgg16", lambda s: "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "vgg19": BackboneSpec("caffe", "VGG19", "vgg19", lambda s: "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "resnet50": BackboneSpec(
+        "caffe", "ResNet50", "resnet50", lambda s: "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    ),
+    "densenet121": BackboneSpec(
+        "torch", "DenseNet121", "densenet", lambda s: "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    ),
     "mobilenetv2": BackboneSpec("tf", "MobileNetV2", "mobilenet_v2", _mobilenet_v2_file),
-    "efficientnetb0": BackboneSpec("none", "EfficientNetB0", "efficientnet",
-                                   lambda s: "efficientnetb0_notop.h5"),
+    "efficientnetb0": BackboneSpec("none", "EfficientNetB0", "efficientnet", lambda s: "efficientnetb0_notop.h5"),
     "efficientnet_lite0": BackboneSpec("lite", built_here=True),
     "small_cnn": BackboneSpec("unit"),
 }

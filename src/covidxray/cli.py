@@ -5,6 +5,7 @@ overrides and `-m` sweeps: `covidxray train -m model=vgg16,mobilenetv2 optimizer
 DVC runs them as `covidxray STAGE --params params.yaml`, reading the composed parameters instead.
 Tools (predict, validate, manifest, params) take ordinary options; see `covidxray TOOL --help`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -33,8 +34,8 @@ TOOLS = {
 }
 USAGE = f"""usage: covidxray STAGE [--params FILE | HYDRA_OVERRIDES... [-m]]
        covidxray TOOL [OPTIONS]
-stages: {', '.join(STAGES)}
-tools:  {', '.join(TOOLS)}
+stages: {", ".join(STAGES)}
+tools:  {", ".join(TOOLS)}
 shell completion: eval "$(covidxray -sc install=bash)"  (zsh: install=zsh; fish: covidxray -sc install=fish | source)"""
 COMPLETION_FLAGS = ("-sc", "--shell-completion")
 # Completion scripts: command names at the first word; a stage's overrides from that stage's
@@ -168,8 +169,11 @@ def shell_completion(stage: str | None, rest: list[str]) -> None:
     complete `covidxray` by calling `covidxray -sc query=bash`, which names no stage."""
     action, _, shell = (rest[0] if len(rest) == 1 else "").partition("=")
     if action not in ("install", "uninstall", "query") or shell not in ("bash", "zsh", "fish"):
-        print("covidxray: error: -sc takes install=SHELL, uninstall=SHELL or query=SHELL (SHELL: bash, zsh or "
-              "fish), e.g. eval \"$(covidxray -sc install=bash)\"", file=sys.stderr)
+        print(
+            "covidxray: error: -sc takes install=SHELL, uninstall=SHELL or query=SHELL (SHELL: bash, zsh or "
+            'fish), e.g. eval "$(covidxray -sc install=bash)"',
+            file=sys.stderr,
+        )
         sys.exit(2)
     if action != "query":
         print(completion_script(action, shell))

@@ -5,6 +5,7 @@ code loads. `train_settings(cfg)` checks each key the train stage reads and retu
 as frozen dataclasses, built once: library functions take these values, never the whole config.
 Errors are CovidXrayErrors of one line naming the key, what is allowed, and what was given.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,6 +29,7 @@ DEFAULT_OPTIMIZED_METRIC = "cv_auc_mean"
 
 
 # -- composition -------------------------------------------------------------------------------------
+
 
 def conf_dir() -> Path:
     """The project's conf/: the one in the working directory, else the one beside the package."""
@@ -63,6 +65,7 @@ def hydra_output_dir() -> Path | None:
 
 
 # -- reading one checked value -----------------------------------------------------------------------
+
 
 def fail(key: str, allowed: str, got) -> NoReturn:
     raise CovidXrayError(f"{key} must be {allowed}, got {got!r}")
@@ -119,9 +122,11 @@ def text(cfg, key: str, optional: bool = False) -> str | None:
 
 # -- the train stage's settings ----------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Head:
     """model.head: AveragePooling2D, then Dense (ReLU) and Dropout before the softmax."""
+
     pool_size: int
     dense_units: int
     dropout: float
@@ -130,7 +135,8 @@ class Head:
 @dataclass(frozen=True)
 class FineTune:
     """model.fine_tune: the optional second phase with the top of a frozen base unfrozen."""
-    unfreeze_top: int      # 0: no second phase
+
+    unfreeze_top: int  # 0: no second phase
     epochs: int
     lr_factor: float
 
@@ -138,8 +144,9 @@ class FineTune:
 @dataclass(frozen=True)
 class ModelSettings:
     """The `model` group: backbone, weights and head (models.build_model's input)."""
+
     name: str
-    weights: str           # imagenet | none | a weights file
+    weights: str  # imagenet | none | a weights file
     freeze_base: bool
     filters: tuple[int, ...]
     head: Head
@@ -154,6 +161,7 @@ class ModelSettings:
 @dataclass(frozen=True)
 class OptimizerSettings:
     """The `optimizer` group."""
+
     name: str
     lr: float
     schedule: str
@@ -162,6 +170,7 @@ class OptimizerSettings:
 @dataclass(frozen=True)
 class AugmentSettings:
     """The `augment` group; the amounts are 0 where the chosen kind does not use them."""
+
     name: str
     rotation_deg: float = 0.0
     shift: float = 0.0
@@ -174,6 +183,7 @@ class AugmentSettings:
 @dataclass(frozen=True)
 class FitSettings:
     """How one model is built and fitted: what fitting.Trainer needs."""
+
     seed: int
     image_size: int
     model: ModelSettings
@@ -191,15 +201,16 @@ class FitSettings:
 @dataclass(frozen=True)
 class TrainSettings:
     """Everything the train stage reads, checked."""
+
     fit: FitSettings
     task: str
-    inputs: dict           # images.input_spec: image_size, resize, store_size, normalize, crop_border
-    roles: dict            # sources.as_roles: the collections that train and those held out
-    balance: str           # none | undersample (training images)
+    inputs: dict  # images.input_spec: image_size, resize, store_size, normalize, crop_border
+    roles: dict  # sources.as_roles: the collections that train and those held out
+    balance: str  # none | undersample (training images)
     threshold: str
     target_sensitivity: float
     deterministic: bool
-    cv_folds: int | None   # None: all folds of the splits
+    cv_folds: int | None  # None: all folds of the splits
     final_model: bool
     curated: Path
     splits: Path
@@ -224,17 +235,26 @@ def model_settings(cfg, image_size: int) -> ModelSettings:
         fail("model.weights", f"none or a weights file path for {name} (it has no ImageNet weights)", weights)
     freeze = flag(cfg, "model.freeze_base")
     filters = _filters(cfg, name, image_size)
-    head = Head(integer(cfg, "model.head.pool_size", 1), integer(cfg, "model.head.dense_units", 1),
-                number(cfg, "model.head.dropout", 0.0, 1.0, False, True, "a number in [0, 1)"))
-    fine_tune = FineTune(integer(cfg, "model.fine_tune.unfreeze_top", 0), integer(cfg, "model.fine_tune.epochs", 0),
-                         number(cfg, "model.fine_tune.lr_factor", 0.0, math.inf, True, True, "a number > 0"))
+    head = Head(
+        integer(cfg, "model.head.pool_size", 1),
+        integer(cfg, "model.head.dense_units", 1),
+        number(cfg, "model.head.dropout", 0.0, 1.0, False, True, "a number in [0, 1)"),
+    )
+    fine_tune = FineTune(
+        integer(cfg, "model.fine_tune.unfreeze_top", 0),
+        integer(cfg, "model.fine_tune.epochs", 0),
+        number(cfg, "model.fine_tune.lr_factor", 0.0, math.inf, True, True, "a number > 0"),
+    )
     if fine_tune.unfreeze_top > 0 and not freeze:
-        raise CovidXrayError("model.fine_tune.unfreeze_top > 0 needs model.freeze_base=true "
-                             "(a second phase after training the head on a frozen base)")
+        raise CovidXrayError(
+            "model.fine_tune.unfreeze_top > 0 needs model.freeze_base=true "
+            "(a second phase after training the head on a frozen base)"
+        )
     if fine_tune.unfreeze_top > 0 and not pretrained:
         raise CovidXrayError(f"model.fine_tune.unfreeze_top must be 0 for {name} (nothing pretrained to unfreeze)")
-    return ModelSettings(name, weights, freeze, filters, head, fine_tune,
-                         text(cfg, "model.imagenet_file", optional=True))
+    return ModelSettings(
+        name, weights, freeze, filters, head, fine_tune, text(cfg, "model.imagenet_file", optional=True)
+    )
 
 
 def _filters(cfg, name: str, size: int) -> tuple[int, ...]:
@@ -246,7 +266,8 @@ def _filters(cfg, name: str, size: int) -> tuple[int, ...]:
             raise CovidXrayError(
                 f"data.image_size={size} is too small for model.name={name}: ImageNet backbones take "
                 f"inputs of at least {backbones.MIN_IMAGENET_SIZE} px (allowed: data.image_size >= "
-                f"{backbones.MIN_IMAGENET_SIZE})")
+                f"{backbones.MIN_IMAGENET_SIZE})"
+            )
         return tuple(backbones.DEFAULT_FILTERS)
     if not filters or not all(isinstance(f, int) and not isinstance(f, bool) and f >= 1 for f in filters):
         fail("model.filters", "a non-empty list of positive integers", list(filters))
@@ -254,7 +275,8 @@ def _filters(cfg, name: str, size: int) -> tuple[int, ...]:
         raise CovidXrayError(
             f"data.image_size={size} is too small for model.filters={list(filters)}: {len(filters)} "
             f"2x2 poolings need at least {2 ** len(filters)} px (allowed: data.image_size >= "
-            f"{2 ** len(filters)}, or fewer model.filters)")
+            f"{2 ** len(filters)}, or fewer model.filters)"
+        )
     return tuple(int(f) for f in filters)
 
 
@@ -263,8 +285,9 @@ def augment_settings(cfg) -> AugmentSettings:
     name = choice(cfg, "augment.name", AUGMENTS)
     amounts = {}
     if name in ("tutorial", "standard"):
-        amounts["rotation_deg"] = number(cfg, "augment.rotation_deg", 0.0, 180.0, False, False,
-                                         "a number of degrees in [0, 180]")
+        amounts["rotation_deg"] = number(
+            cfg, "augment.rotation_deg", 0.0, 180.0, False, False, "a number of degrees in [0, 180]"
+        )
     if name == "standard":
         for key in ("shift", "zoom", "brightness", "contrast"):
             amounts[key] = number(cfg, f"augment.{key}", 0.0, 1.0, False, True, "a fraction in [0, 1)")
@@ -281,17 +304,25 @@ def fit_settings(cfg) -> FitSettings:
     optimizer = OptimizerSettings(
         choice(cfg, "optimizer.name", OPTIMIZERS),
         number(cfg, "optimizer.lr", 0.0, math.inf, True, True, "a number > 0"),
-        choice(cfg, "optimizer.schedule", SCHEDULES))
+        choice(cfg, "optimizer.schedule", SCHEDULES),
+    )
     augment = augment_settings(cfg)
     epochs, batch = integer(cfg, "train.epochs", 1), integer(cfg, "train.batch_size", 1)
     per_call = 1 if value(cfg, "train.steps_per_execution") is None else integer(cfg, "train.steps_per_execution", 1)
     return FitSettings(
-        seed=integer(cfg, "seed", 0, "an integer >= 0"), image_size=size, model=model, optimizer=optimizer,
-        augment=augment, epochs=epochs, batch_size=batch, steps_per_execution=per_call,
+        seed=integer(cfg, "seed", 0, "an integer >= 0"),
+        image_size=size,
+        model=model,
+        optimizer=optimizer,
+        augment=augment,
+        epochs=epochs,
+        batch_size=batch,
+        steps_per_execution=per_call,
         early_stopping=flag(cfg, "train.early_stopping.enabled"),
         patience=integer(cfg, "train.early_stopping.patience", 0),
         class_weights=choice(cfg, "train.class_weights", CLASS_WEIGHTS),
-        distribute=choice(cfg, "train.distribute", DISTRIBUTE))
+        distribute=choice(cfg, "train.distribute", DISTRIBUTE),
+    )
 
 
 def cv_folds(cfg) -> int | None:
@@ -328,9 +359,20 @@ def train_settings(cfg) -> TrainSettings:
         fail("optimized_metric", f"one of {', '.join(training_metric_names())}", wanted)
     paths = {key: Path(text(cfg, f"paths.{key}")) for key in ("curated", "splits", "models", "reports")}
     return TrainSettings(
-        fit=fit, task=task, inputs=inputs, roles=roles, balance=balance, threshold=threshold, target_sensitivity=target,
-        deterministic=deterministic, cv_folds=folds, final_model=final_model, **paths,
-        tracking_uri=text(cfg, "mlflow.tracking_uri", optional=True), experiment=text(cfg, "mlflow.experiment"),
+        fit=fit,
+        task=task,
+        inputs=inputs,
+        roles=roles,
+        balance=balance,
+        threshold=threshold,
+        target_sensitivity=target,
+        deterministic=deterministic,
+        cv_folds=folds,
+        final_model=final_model,
+        **paths,
+        tracking_uri=text(cfg, "mlflow.tracking_uri", optional=True),
+        experiment=text(cfg, "mlflow.experiment"),
         registered_model=text(cfg, "mlflow.registered_model", optional=True),
         register=None if register in (None, "auto") else register,
-        optimized_metric=str(wanted or DEFAULT_OPTIMIZED_METRIC))
+        optimized_metric=str(wanted or DEFAULT_OPTIMIZED_METRIC),
+    )

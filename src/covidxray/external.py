@@ -8,6 +8,7 @@ Grad-CAM), plus figures per source and the shortcut probes (probes.py). Writes r
 CV, internal test and external side by side; logs them on the training run with an `external_`
 prefix. Everything is built in a temporary folder and moved into place at the end.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,10 @@ def run_probes(model, meta, stored, index, roles, test_ids, probe, seed: int) ->
     probe_pixels, probe_frame = probe
     inputs = imgs.prepare_for(meta, probe_pixels) if len(probe_frame) else probe_pixels
     same = probes.same_source_probe(model, meta, inputs, probe_frame)
-    aucs = {"training set": probes.shortcut_aucs(index[train], stored[train], seed),
-            "external set": probes.shortcut_aucs(index[external], stored[external], seed)}
+    aucs = {
+        "training set": probes.shortcut_aucs(index[train], stored[train], seed),
+        "external set": probes.shortcut_aucs(index[external], stored[external], seed),
+    }
     unseen = external | index["image_id"].isin(set(test_ids)).to_numpy()
     features = probes.feature_collection_aucs(model, imgs.prepare_for(meta, stored[unseen]), index[unseen], seed)
     return {"same_source_other_finding": same, "shortcut_auc": aucs, "feature_collection_auc": features}
@@ -61,8 +64,10 @@ def per_source_figures(index: pd.DataFrame, reports: Path, ext_dir: Path, classe
     """Sensitivity per covid collection and specificity per other collection, for the internal
     test (evaluate's plots/confusion.csv) and the external set."""
     out = {}
-    for part, table in (("internal test", reports / "plots" / "confusion.csv"),
-                        ("external", ext_dir / "plots" / "confusion.csv")):
+    for part, table in (
+        ("internal test", reports / "plots" / "confusion.csv"),
+        ("external", ext_dir / "plots" / "confusion.csv"),
+    ):
         if not table.is_file():
             continue
         rows = pd.read_csv(table, dtype={"image_id": str}).merge(index[["image_id", "label", "source"]], on="image_id")
@@ -84,31 +89,68 @@ def main(cfg) -> None:
     mask, dropped = sources.external_set(index, roles)
     frame = index[mask].reset_index(drop=True)
     test = read_json(reports / "metrics.json")
-    test_ids = pd.read_csv(reports / "plots" / "confusion.csv", dtype={"image_id": str})["image_id"] \
-        if (reports / "plots" / "confusion.csv").is_file() else []
+    test_ids = (
+        pd.read_csv(reports / "plots" / "confusion.csv", dtype={"image_id": str})["image_id"]
+        if (reports / "plots" / "confusion.csv").is_file()
+        else []
+    )
     cv = read_json(reports / "cv" / "metrics.json")
     if cv is not None and (reports / "cv" / "oof.csv").is_file():
         cv["n_cv_images"] = int(len(pd.read_csv(reports / "cv" / "oof.csv")))
 
     ev, seed = cfg.evaluate, int(cfg.seed)
     with scratch_dir(reports, "external") as tmp:
-        context = {"title": f"External set: {sources.describe({'external': roles['external']})}",
-                   "data_lines": R.composition(frame, None), "extra_metrics": {"external_near_duplicates_dropped": dropped}}
-        result = R.assess(model, meta, imgs.prepare_for(meta, stored[mask]), frame, tmp / OUT_DIR,
-                          n_resamples=ev.bootstrap, ci=ev.ci, seed=seed, per_group=ev.gradcam_per_group,
-                          n_bins=ev.get("calibration_bins", 10), partition="external", context=context)
+        context = {
+            "title": f"External set: {sources.describe({'external': roles['external']})}",
+            "data_lines": R.composition(frame, None),
+            "extra_metrics": {"external_near_duplicates_dropped": dropped},
+        }
+        result = R.assess(
+            model,
+            meta,
+            imgs.prepare_for(meta, stored[mask]),
+            frame,
+            tmp / OUT_DIR,
+            n_resamples=ev.bootstrap,
+            ci=ev.ci,
+            seed=seed,
+            per_group=ev.gradcam_per_group,
+            n_bins=ev.get("calibration_bins", 10),
+            partition="external",
+            context=context,
+        )
         result["per_source"] = per_source_figures(index, reports, tmp / OUT_DIR, classes)
         result["probes"] = run_probes(model, meta, stored, index, roles, test_ids, load_probe(curated), seed)
         (tmp / OUT_DIR / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        (tmp / CARD).write_text(card.model_card(meta, sources.describe(roles), cv, test, result,
-                                                result["per_source"], result["probes"], dropped, float(ev.ci)))
+        (tmp / CARD).write_text(
+            card.model_card(
+                meta,
+                sources.describe(roles),
+                cv,
+                test,
+                result,
+                result["per_source"],
+                result["probes"],
+                dropped,
+                float(ev.ci),
+            )
+        )
         shutil.copy(tmp / CARD, tmp / OUT_DIR / CARD)
-        run_id = R.log_to_mlflow(tmp / OUT_DIR, result, cfg.mlflow.tracking_uri, cfg.mlflow.experiment,
-                                 run_id=meta.get("mlflow_run_id"), run_name="external", artifact_path="external",
-                                 metric_prefix="external_")
+        run_id = R.log_to_mlflow(
+            tmp / OUT_DIR,
+            result,
+            cfg.mlflow.tracking_uri,
+            cfg.mlflow.experiment,
+            run_id=meta.get("mlflow_run_id"),
+            run_name="external",
+            artifact_path="external",
+            metric_prefix="external_",
+        )
         R.install(tmp, reports, names=(OUT_DIR, CARD))
     e = result["external"]
-    print(f"external: {len(frame)} images ({sources.describe({'external': roles['external']})}): "
-          f"AUC {R.fmt(e['auc'])} [{R.fmt(e['auc_ci_low'])}, {R.fmt(e['auc_ci_high'])}], sensitivity "
-          f"{R.fmt(e['sensitivity'])}, specificity {R.fmt(e['specificity'])} at threshold {result['threshold']:.3f}; "
-          f"wrote {reports}/{OUT_DIR} and {reports}/{CARD}; MLflow run {run_id}")
+    print(
+        f"external: {len(frame)} images ({sources.describe({'external': roles['external']})}): "
+        f"AUC {R.fmt(e['auc'])} [{R.fmt(e['auc_ci_low'])}, {R.fmt(e['auc_ci_high'])}], sensitivity "
+        f"{R.fmt(e['sensitivity'])}, specificity {R.fmt(e['specificity'])} at threshold {result['threshold']:.3f}; "
+        f"wrote {reports}/{OUT_DIR} and {reports}/{CARD}; MLflow run {run_id}"
+    )

@@ -8,6 +8,7 @@ with the same layout below it (`$COVIDXRAY_DATA_MIRROR`, else `../shared/dataset
     covidxray fetch                      data/raw <- the files of the manifest
     covidxray manifest --commit SHA      rewrite the manifest for another commit (X-ray, PA rows)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,9 +87,7 @@ def safe_relpath(relpath: str, origin: str = "") -> str:
         or PurePosixPath(relpath).is_absolute()
         or any(part in ("", ".", "..") for part in parts)
     ):
-        raise CovidXrayError(
-            f"unsafe file name {relpath!r}{where}: not a plain relative path inside the data folder"
-        )
+        raise CovidXrayError(f"unsafe file name {relpath!r}{where}: not a plain relative path inside the data folder")
     return relpath
 
 
@@ -386,8 +385,11 @@ def fetch_dataset(
     killed run's scratch folder is removed by the next run."""
     raw_dir = Path(raw_dir)
     previous = raw_dir if raw_dir.is_dir() and not raw_dir.is_symlink() else None
-    return replace_dir(raw_dir, lambda new: fetch_files(entries, source, new, retries, timeout, reuse_from=previous,
-                                                        backoff_s=backoff_s), by="fetch")
+    return replace_dir(
+        raw_dir,
+        lambda new: fetch_files(entries, source, new, retries, timeout, reuse_from=previous, backoff_s=backoff_s),
+        by="fetch",
+    )
 
 
 def main(cfg) -> None:
@@ -450,8 +452,10 @@ def build_manifest(
             entries.append(Entry(relpath, _transfer(source, relpath, None, retries, timeout, backoff_s)))
         except _Missing:
             unavailable.append(relpath)
-            tqdm.write(f"warning: {relpath} is not available at {source.where(relpath)}; "
-                       "listed as unavailable", file=sys.stderr)
+            tqdm.write(
+                f"warning: {relpath} is not available at {source.where(relpath)}; listed as unavailable",
+                file=sys.stderr,
+            )
     return entries, unavailable
 
 

@@ -12,6 +12,7 @@ a mixture: models/model.keras always beside its own model.json and reports/cv/.
 Each staging folder is named `.install-<token>` and holds an `owner` file its writer keeps
 locked (fcntl) while alive; a folder whose lock is free belongs to a dead writer.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -26,7 +27,7 @@ from pathlib import Path
 PREFIX = ".install-"
 JOURNAL = "journal.json"
 OWNER = "owner"
-PAUSE_AT = "COVIDXRAY_PAUSE_AT"      # tests: sleep at this point of an install (staged | committed | installing)
+PAUSE_AT = "COVIDXRAY_PAUSE_AT"  # tests: sleep at this point of an install (staged | committed | installing)
 PAUSE_FILE = "COVIDXRAY_PAUSE_FILE"  # ...after writing the process id here
 
 

@@ -6,6 +6,7 @@ change during training, so the Trainer computes it once per image (for all folds
 model) and trains only the head on it; the full model then carries the trained head (shared
 layers). TensorFlow is imported inside the functions, so importing this module stays cheap.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,9 +50,12 @@ def compile_model(model, optimizer, n_classes: int, steps_per_execution: int = 1
     compiled graph (less per-step Python overhead; epoch-level results and callbacks unchanged)."""
     import keras
 
-    model.compile(optimizer=optimizer, loss="categorical_crossentropy",
-                  metrics=["accuracy", keras.metrics.AUC(multi_label=True, num_labels=n_classes, name="auc")],
-                  steps_per_execution=int(steps_per_execution))
+    model.compile(
+        optimizer=optimizer,
+        loss="categorical_crossentropy",
+        metrics=["accuracy", keras.metrics.AUC(multi_label=True, num_labels=n_classes, name="auc")],
+        steps_per_execution=int(steps_per_execution),
+    )
 
 
 def epoch_logger(run_id: str | None, first_epoch: int = 1, prefix: str = ""):
@@ -66,9 +70,11 @@ def epoch_logger(run_id: str | None, first_epoch: int = 1, prefix: str = ""):
             from mlflow.tracking import MlflowClient
 
             stamp = int(time.time() * 1000)
-            metrics = [Metric(f"{prefix}{k}", float(v), stamp, first_epoch + epoch)
-                       for k, v in (logs or {}).items()
-                       if isinstance(v, (int, float, np.floating)) and math.isfinite(float(v))]
+            metrics = [
+                Metric(f"{prefix}{k}", float(v), stamp, first_epoch + epoch)
+                for k, v in (logs or {}).items()
+                if isinstance(v, (int, float, np.floating)) and math.isfinite(float(v))
+            ]
             if metrics:
                 MlflowClient().log_batch(run_id, metrics=metrics)
 
@@ -78,7 +84,7 @@ def epoch_logger(run_id: str | None, first_epoch: int = 1, prefix: str = ""):
 @dataclass
 class FitResult:
     history: pd.DataFrame
-    best_epochs: list[int]          # per phase, 1-based within the phase
+    best_epochs: list[int]  # per phase, 1-based within the phase
     epochs_run: int
     seconds: float
     images_seen: int
@@ -88,6 +94,7 @@ class FitResult:
 class Trainer:
     """Builds and trains models of one FitSettings on uint8 images (N, S, S) with class indices
     y; holds the frozen-feature cache."""
+
     settings: FitSettings
     images: np.ndarray
     y: np.ndarray
@@ -95,8 +102,8 @@ class Trainer:
     strategy: object = None
     cache: dict = field(default_factory=dict)
     verbose: int = 2
-    feature_cache: bool = True    # False: always train the full model on images (for comparison)
-    cache_seconds: float = 0.0    # time spent computing cached features
+    feature_cache: bool = True  # False: always train the full model on images (for comparison)
+    cache_seconds: float = 0.0  # time spent computing cached features
 
     def __post_init__(self):
         import tensorflow as tf
@@ -150,8 +157,10 @@ class Trainer:
             self.cache[key] = np.asarray(extractor.predict(ds, verbose=0), dtype=np.float32)
             took = time.perf_counter() - start
             self.cache_seconds += took
-            print(f"train: frozen-feature cache: backbone run once over {len(self.images)} images "
-                  f"-> {self.cache[key].shape[1:]} in {took:.1f}s")
+            print(
+                f"train: frozen-feature cache: backbone run once over {len(self.images)} images "
+                f"-> {self.cache[key].shape[1:]} in {took:.1f}s"
+            )
         return self.cache[key]
 
     def phases(self, epochs: list[int]) -> list[tuple[str, int, float]]:
@@ -163,16 +172,31 @@ class Trainer:
             phases.append(("fine_tune", epochs[1], lr * self.settings.model.fine_tune.lr_factor))
         return phases
 
-    def fit(self, model, train_idx: np.ndarray, val_idx: np.ndarray | None, epochs: list[int],
-            run_id: str | None = None, fold_label="final", log_prefix: str = "") -> FitResult:
+    def fit(
+        self,
+        model,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray | None,
+        epochs: list[int],
+        run_id: str | None = None,
+        fold_label="final",
+        log_prefix: str = "",
+    ) -> FitResult:
         """Train model on rows train_idx (validating on val_idx if given, with early stopping when
         it is on) phase by phase; the history has one row per epoch, numbered across phases."""
         histories, best, start, cache_before = [], [], time.perf_counter(), self.cache_seconds
         for phase, n_epochs, lr in self.phases(epochs):
             done = sum(len(h) for h in histories)
-            frame, best_epoch = self._fit_phase(model, phase, n_epochs, lr, train_idx, val_idx,
-                                                epoch_logger(run_id, first_epoch=done + 1, prefix=log_prefix),
-                                                seed_offset=len(histories))
+            frame, best_epoch = self._fit_phase(
+                model,
+                phase,
+                n_epochs,
+                lr,
+                train_idx,
+                val_idx,
+                epoch_logger(run_id, first_epoch=done + 1, prefix=log_prefix),
+                seed_offset=len(histories),
+            )
             frame.insert(0, "epoch", np.arange(done + 1, done + len(frame) + 1))
             histories.append(frame)
             best.append(best_epoch)
@@ -185,8 +209,9 @@ class Trainer:
         run = len(history)
         return FitResult(history[HISTORY_COLUMNS], best, run, seconds, run * len(train_idx))
 
-    def _fit_phase(self, model, phase: str, n_epochs: int, lr: float, train_idx, val_idx, logger,
-                   seed_offset: int) -> tuple[pd.DataFrame, int]:
+    def _fit_phase(
+        self, model, phase: str, n_epochs: int, lr: float, train_idx, val_idx, logger, seed_offset: int
+    ) -> tuple[pd.DataFrame, int]:
         """One phase of fit: (per-epoch history with its phase, best epoch within the phase)."""
         import keras
 
@@ -204,19 +229,34 @@ class Trainer:
         keras.utils.set_random_seed(s.seed + seed_offset)
         steps = math.ceil(len(train_idx) / self.global_batch)
         with self.strategy.scope():
-            compile_model(target, make_optimizer(s.optimizer, lr, n_epochs, steps), self.n_classes,
-                          s.steps_per_execution)
+            compile_model(
+                target, make_optimizer(s.optimizer, lr, n_epochs, steps), self.n_classes, s.steps_per_execution
+            )
         w = class_weights(self.y[train_idx], self.n_classes, s.class_weights)
-        train_ds = make_dataset(source[train_idx], onehot[self.y[train_idx]], w, self.global_batch,
-                                shuffle=True, seed=s.seed, augmenter=augmenter)
+        train_ds = make_dataset(
+            source[train_idx],
+            onehot[self.y[train_idx]],
+            w,
+            self.global_batch,
+            shuffle=True,
+            seed=s.seed,
+            augmenter=augmenter,
+        )
         val_ds = None if val_idx is None else make_dataset(source[val_idx], onehot[self.y[val_idx]], None, EVAL_BATCH)
         callbacks, stopper = [logger], None
         if s.early_stopping and val_idx is not None:
-            stopper = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=s.patience,
-                                                    restore_best_weights=True, verbose=0)
+            stopper = keras.callbacks.EarlyStopping(
+                monitor="val_auc", mode="max", patience=s.patience, restore_best_weights=True, verbose=0
+            )
             callbacks.append(stopper)
-        hist = target.fit(train_ds, validation_data=val_ds, epochs=int(n_epochs), callbacks=callbacks,
-                          shuffle=False, verbose=self.verbose)  # the dataset shuffles (seeded)
+        hist = target.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=int(n_epochs),
+            callbacks=callbacks,
+            shuffle=False,
+            verbose=self.verbose,
+        )  # the dataset shuffles (seeded)
         frame = pd.DataFrame(hist.history)
         frame["phase"] = phase
         return frame, int(stopper.best_epoch) + 1 if stopper is not None else len(frame)

@@ -4,6 +4,7 @@ The model's layout (models.py): Input -> "preprocess" -> nested "backbone" Model
 feature map, 4-D) -> head layers (models.model_parts). We replay that chain under a GradientTape
 watching the backbone's output, so no backbone-specific layer names are needed.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,7 +52,7 @@ def gradcam(model, images: np.ndarray, class_index: int = -1, batch_size: int = 
     class_index = class_index % n_classes
     maps = []
     for start in range(0, n, batch_size):
-        batch = tf.convert_to_tensor(x[start:start + batch_size])
+        batch = tf.convert_to_tensor(x[start : start + batch_size])
         with tf.GradientTape() as tape:
             h = backbone(preprocess(batch), training=False)
             if len(h.shape) != 4:
@@ -107,8 +108,9 @@ def figure(groups: dict[str, list[tuple[np.ndarray, np.ndarray, str]]], path: Pa
                 ax.set_title(caption, fontsize=7)
             elif c == 0:
                 ax.text(0.5, 0.5, "none in this set", ha="center", va="center", fontsize=8)
-        axes[r][0].text(-0.08, 0.5, name, transform=axes[r][0].transAxes, rotation=90,
-                        ha="right", va="center", fontsize=9)
+        axes[r][0].text(
+            -0.08, 0.5, name, transform=axes[r][0].transAxes, rotation=90, ha="right", va="center", fontsize=9
+        )
     fig.suptitle("Grad-CAM for the covid score (red: regions that raise it)", fontsize=10)
     fig.tight_layout()
     path = Path(path)

@@ -10,6 +10,7 @@ The curated store (data/curated/) is what every later stage reads:
 and the split stage's data/splits.csv (image_id, patient_id, label, partition, fold), which
 `with_splits` joins onto the index for the stages that read one partition.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,8 @@ MAX_CROP_BORDER = 0.3
 # What a chest X-ray can be, at the least. Refused below these, as no X-ray of the data comes near
 # them (measured over the mirror and data/external, 3,343 images: smallest side 156 px, smallest
 # 1st-99th percentile spread 54 grey levels), while a thumbnail, an icon or a blank page does.
-MIN_SIDE = 32          # px, the smaller side; also the smallest input of the models
-MIN_SPREAD = 16        # grey levels (of 255) between the 1st and 99th percentile of the pixels
+MIN_SIDE = 32  # px, the smaller side; also the smallest input of the models
+MIN_SPREAD = 16  # grey levels (of 255) between the 1st and 99th percentile of the pixels
 
 
 def check_resize_policy(policy: str) -> None:
@@ -124,15 +125,19 @@ def check_xray(gray: np.ndarray, path) -> None:
     file and the limit: a model would still answer on them, with a confidence that means nothing."""
     height, width = gray.shape
     if min(height, width) < MIN_SIDE:
-        raise CovidXrayError(f"too small for a chest X-ray: {path} is {width}x{height} px "
-                             f"(the smaller side must be at least {MIN_SIDE} px)")
-    step = max(1, int(np.sqrt(gray.size / 2**16)))       # percentiles of a regular sample of ~65k pixels
+        raise CovidXrayError(
+            f"too small for a chest X-ray: {path} is {width}x{height} px "
+            f"(the smaller side must be at least {MIN_SIDE} px)"
+        )
+    step = max(1, int(np.sqrt(gray.size / 2**16)))  # percentiles of a regular sample of ~65k pixels
     sample = gray[::step, ::step]
     cumulative = np.cumsum(np.bincount(sample.ravel(), minlength=256))
     low, high = np.searchsorted(cumulative, [0.01 * sample.size, 0.99 * sample.size])
     if high - low < MIN_SPREAD:
-        raise CovidXrayError(f"too flat for a chest X-ray: {path} has 98% of its pixels within {high - low} "
-                             f"grey levels (at least {MIN_SPREAD} of 255 needed between the 1st and 99th percentile)")
+        raise CovidXrayError(
+            f"too flat for a chest X-ray: {path} has 98% of its pixels within {high - low} "
+            f"grey levels (at least {MIN_SPREAD} of 255 needed between the 1st and 99th percentile)"
+        )
 
 
 def _scale(img: Image.Image, width: int, height: int) -> Image.Image:
@@ -174,8 +179,11 @@ def check_prepare(normalize: str, crop_border) -> None:
     """Reject unknown data.normalize or an out-of-range data.crop_border, naming the key."""
     if normalize not in NORMALIZE:
         raise CovidXrayError(f"data.normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
-    if isinstance(crop_border, bool) or not isinstance(crop_border, (int, float)) \
-            or not 0 <= crop_border <= MAX_CROP_BORDER:
+    if (
+        isinstance(crop_border, bool)
+        or not isinstance(crop_border, (int, float))
+        or not 0 <= crop_border <= MAX_CROP_BORDER
+    ):
         raise CovidXrayError(f"data.crop_border must be a fraction in [0, {MAX_CROP_BORDER}], got {crop_border!r}")
 
 
@@ -193,11 +201,12 @@ def prepare(images: np.ndarray, size: int, normalize: str = "none", crop_border:
     if side < 8 or side - 2 * cut < 8:
         raise CovidXrayError(f"data.crop_border={crop_border} leaves less than 8 px of {side} px images")
     if int(size) > side:
-        raise CovidXrayError(f"data.image_size={size} exceeds the stored images' {side} px "
-                             "(raise data.store_size and re-run curate)")
+        raise CovidXrayError(
+            f"data.image_size={size} exceeds the stored images' {side} px (raise data.store_size and re-run curate)"
+        )
     out = np.empty((len(images), int(size), int(size)), dtype=np.uint8)
     for i, img in enumerate(images):
-        square = img[cut:side - cut, cut:side - cut] if cut else img
+        square = img[cut : side - cut, cut : side - cut] if cut else img
         out[i] = square if square.shape[0] == size else _scale(Image.fromarray(square), size, size)
     if normalize == "none":
         return out
@@ -219,14 +228,20 @@ def input_spec(image_size, resize="stretch", store_size=None, normalize="none", 
     check_prepare(str(normalize), crop_border)
     for key, value in (("image_size", image_size), ("store_size", store_size)):
         if (value is not None or key == "image_size") and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 8):
+            isinstance(value, bool) or not isinstance(value, int) or value < 8
+        ):
             raise CovidXrayError(f"data.{key} must be an integer >= 8 (pixels), got {value!r}")
     size = int(image_size)
     store = int(store_size or size)
     if size > store:
         raise CovidXrayError(f"data.image_size={size} exceeds data.store_size={store}")
-    return {"image_size": size, "resize": str(resize), "store_size": store, "normalize": str(normalize),
-            "crop_border": float(crop_border)}
+    return {
+        "image_size": size,
+        "resize": str(resize),
+        "store_size": store,
+        "normalize": str(normalize),
+        "crop_border": float(crop_border),
+    }
 
 
 def prepare_for(meta: dict, images: np.ndarray) -> np.ndarray:
@@ -234,8 +249,14 @@ def prepare_for(meta: dict, images: np.ndarray) -> np.ndarray:
     return prepare(images, meta["image_size"], meta.get("normalize", "none"), meta.get("crop_border", 0.0))
 
 
-def load_image(path: Path, size: int, policy: str = "stretch", store_size: int | None = None,
-               normalize: str = "none", crop_border: float = 0.0) -> np.ndarray:
+def load_image(
+    path: Path,
+    size: int,
+    policy: str = "stretch",
+    store_size: int | None = None,
+    normalize: str = "none",
+    crop_border: float = 0.0,
+) -> np.ndarray:
     """Decode an image file to what models see: a (size, size) uint8 grayscale square, by the
     curated store's steps (resize to store_size by `policy`) and then `prepare`'s."""
     check_resize_policy(policy)

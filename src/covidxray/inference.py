@@ -4,6 +4,7 @@ probabilities, and the label at the threshold saved with the model (metrics.deci
 Shared by `covidxray predict` and the MLflow pyfunc model (serving.py), so a file gives the same
 answer from the command line, from `mlflow.pyfunc.load_model` and from `mlflow models serve`.
 """
+
 from __future__ import annotations
 
 import base64

@@ -3,6 +3,7 @@ layers (Keras's, and one fused affine warp of our own) applied on the fly to tra
 
 TensorFlow is imported inside the functions, so importing this module stays cheap.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,12 +43,27 @@ def random_affine_layer():
             cos, sin = tf.cos(theta) * scale, tf.sin(theta) * scale
             cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
             # input point = A (output point - centre) + centre + shift, A = scale * rotation(theta)
-            transforms = tf.stack([cos, -sin, cx - cos * cx + sin * cy + tx,
-                                   sin, cos, cy - sin * cx - cos * cy + ty,
-                                   tf.zeros([n]), tf.zeros([n])], axis=1)
+            transforms = tf.stack(
+                [
+                    cos,
+                    -sin,
+                    cx - cos * cx + sin * cy + tx,
+                    sin,
+                    cos,
+                    cy - sin * cx - cos * cy + ty,
+                    tf.zeros([n]),
+                    tf.zeros([n]),
+                ],
+                axis=1,
+            )
             return tf.raw_ops.ImageProjectiveTransformV3(
-                images=images, transforms=transforms, output_shape=shape[1:3], fill_value=0.0,
-                interpolation="BILINEAR", fill_mode="NEAREST")
+                images=images,
+                transforms=transforms,
+                output_shape=shape[1:3],
+                fill_value=0.0,
+                interpolation="BILINEAR",
+                fill_mode="NEAREST",
+            )
 
         def compute_output_shape(self, input_shape):
             return input_shape
@@ -74,18 +90,25 @@ def build_augmenter(aug: AugmentSettings, seed: int):
         if rotation > 0 or aug.shift > 0 or aug.zoom > 0:
             steps.append(random_affine_layer()(rotation, aug.shift, aug.zoom, seed=seed, name="affine"))
         if aug.brightness > 0:
-            steps.append(layers.RandomBrightness(aug.brightness, value_range=(0, 255),
-                                                 seed=seed + 3, name="brightness"))
+            steps.append(
+                layers.RandomBrightness(aug.brightness, value_range=(0, 255), seed=seed + 3, name="brightness")
+            )
         if aug.contrast > 0:
-            steps.append(layers.RandomContrast(aug.contrast, value_range=(0, 255),
-                                               seed=seed + 4, name="contrast"))
+            steps.append(layers.RandomContrast(aug.contrast, value_range=(0, 255), seed=seed + 4, name="contrast"))
     if aug.horizontal_flip:
         steps.append(layers.RandomFlip("horizontal", seed=seed + 5, name="flip"))
     return keras.Sequential(steps, name="augment") if steps else None
 
 
-def make_dataset(x: np.ndarray, y_onehot: np.ndarray | None, weights: np.ndarray | None, batch_size: int,
-                 shuffle: bool = False, seed: int = 0, augmenter=None):
+def make_dataset(
+    x: np.ndarray,
+    y_onehot: np.ndarray | None,
+    weights: np.ndarray | None,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    augmenter=None,
+):
     """A tf.data pipeline over in-memory arrays: shuffled indices -> batches -> gather (uint8
     images become float32 (B, S, S, 1) raw pixels) -> augmentation -> prefetch.
 

@@ -6,6 +6,7 @@ B resamples at once, vectorized). Resampling patients, not images, keeps a patie
 images together, as the split does. The positive class (covid) is the last class; an image is
 called positive iff its score >= threshold.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,6 +33,7 @@ def training_metric_names() -> tuple[str, ...]:
 
 
 # -- threshold ---------------------------------------------------------------------------------
+
 
 def choose_threshold(y_true, scores, method: str = "youden", target_sensitivity: float = 0.95) -> float:
     """The decision threshold on scores (call positive iff score >= threshold), chosen on
@@ -72,6 +74,7 @@ def decide(probs: np.ndarray, threshold: float) -> np.ndarray:
 
 
 # -- weighted statistics, vectorized over resamples ----------------------------------------------
+
 
 def _div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """num / den, NaN where den == 0 (a figure undefined on that resample)."""
@@ -148,14 +151,14 @@ def classification_metrics(y_true, probs, threshold: float, weights=None, n_bins
     out = {"accuracy": _div(w @ (pred == y_true).astype(float), w.sum(axis=1))}
     out.update(weighted_binary_metrics(y_true == k - 1, probs[:, -1], pred == k - 1, w, n_bins))
     if k > 2:
-        per_class = {c: weighted_binary_metrics(y_true == c, probs[:, c], pred == c, w, n_bins)
-                     for c in range(k)}
+        per_class = {c: weighted_binary_metrics(y_true == c, probs[:, c], pred == c, w, n_bins) for c in range(k)}
         out["per_class"] = per_class
         out["macro"] = {m: np.mean([per_class[c][m] for c in range(k)], axis=0) for m in BINARY_METRICS}
     return out
 
 
 # -- patient-level bootstrap ----------------------------------------------------------------------
+
 
 def patient_bootstrap_weights(patient_ids, n_resamples: int, seed: int = 0) -> np.ndarray:
     """(B, N) weights: in each resample, patients are drawn with replacement and every image of
@@ -204,8 +207,16 @@ def _num(x) -> float | None:
     return None if not np.isfinite(x) else x
 
 
-def bootstrap_metrics(y_true, probs, threshold: float, patient_ids, n_resamples: int = 1000,
-                      ci: float = 0.95, seed: int = 0, n_bins: int = 10) -> dict:
+def bootstrap_metrics(
+    y_true,
+    probs,
+    threshold: float,
+    patient_ids,
+    n_resamples: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    n_bins: int = 10,
+) -> dict:
     """Point estimates with percentile CIs from a patient-level bootstrap: {metric: value,
     metric_ci_low, metric_ci_high} (plus metric_n_resamples where some resamples lacked a class
     and were skipped). Per-class and macro figures nest under "per_class" and "macro"."""
@@ -214,10 +225,12 @@ def bootstrap_metrics(y_true, probs, threshold: float, patient_ids, n_resamples:
     if int(n_resamples) < 1:
         raise CovidXrayError(f"evaluate.bootstrap must be >= 1, got {n_resamples}")
     point = classification_metrics(y_true, probs, threshold, n_bins=n_bins)
-    boot = _merge([
-        classification_metrics(y_true, probs, threshold, weights=w, n_bins=n_bins)
-        for w in _chunks(patient_bootstrap_weights(patient_ids, n_resamples, seed))
-    ])
+    boot = _merge(
+        [
+            classification_metrics(y_true, probs, threshold, weights=w, n_bins=n_bins)
+            for w in _chunks(patient_bootstrap_weights(patient_ids, n_resamples, seed))
+        ]
+    )
     return _flatten(point, boot, float(ci))
 
 
@@ -225,14 +238,16 @@ def _chunks(weights: np.ndarray, max_cells: int = 20_000_000):
     """Row blocks of a (B, N) matrix, bounding the memory of the per-block temporaries."""
     step = max(1, max_cells // max(1, weights.shape[1]))
     for i in range(0, len(weights), step):
-        yield weights[i:i + step]
+        yield weights[i : i + step]
 
 
 def _merge(parts: list[dict]) -> dict:
     """Concatenate the per-block arrays of equally shaped (nested) metric dicts."""
     first = parts[0]
-    return {k: _merge([p[k] for p in parts]) if isinstance(v, dict) else np.concatenate([p[k] for p in parts])
-            for k, v in first.items()}
+    return {
+        k: _merge([p[k] for p in parts]) if isinstance(v, dict) else np.concatenate([p[k] for p in parts])
+        for k, v in first.items()
+    }
 
 
 def fold_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -261,6 +276,7 @@ def finite_metrics(result: dict, prefix: str = "") -> dict[str, float]:
 
 # -- curves (for plots) ---------------------------------------------------------------------------
 
+
 def curves(y_binary, scores, n_bins: int = 10) -> dict[str, pd.DataFrame]:
     """ROC (fpr, tpr, threshold), precision-recall (recall, precision, threshold) and
     calibration (bin, mean_predicted, fraction_positive, count) tables of one positive class."""
@@ -273,23 +289,25 @@ def curves(y_binary, scores, n_bins: int = 10) -> dict[str, pd.DataFrame]:
         fpr, tpr, thr = roc_curve(y, s)
         out["roc"] = pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.minimum(thr, 1.0)})
         precision, recall, thr = precision_recall_curve(y, s)
-        out["precision_recall"] = pd.DataFrame(
-            {"recall": recall, "precision": precision, "threshold": np.r_[thr, 1.0]})
+        out["precision_recall"] = pd.DataFrame({"recall": recall, "precision": precision, "threshold": np.r_[thr, 1.0]})
     else:
         out["roc"] = pd.DataFrame(columns=["fpr", "tpr", "threshold"])
         out["precision_recall"] = pd.DataFrame(columns=["recall", "precision", "threshold"])
     bins = calibration_bins(s, n_bins)
     table = pd.DataFrame({"bin": bins, "p": s, "y": y}).groupby("bin")
-    out["calibration"] = pd.DataFrame({
-        "bin": table.size().index,
-        "mean_predicted": table["p"].mean().values,
-        "fraction_positive": table["y"].mean().values,
-        "count": table.size().values,
-    })
+    out["calibration"] = pd.DataFrame(
+        {
+            "bin": table.size().index,
+            "mean_predicted": table["p"].mean().values,
+            "fraction_positive": table["y"].mean().values,
+            "count": table.size().values,
+        }
+    )
     return out
 
 
 # -- figures -------------------------------------------------------------------------------------
+
 
 def pyplot():
     """matplotlib.pyplot on the headless Agg backend (no display on servers and CI)."""
@@ -309,10 +327,23 @@ def confusion_figure(matrix: np.ndarray, classes: list[str], title: str, xlabel:
     ax.imshow(matrix, cmap="Blues")
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
-                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
-    ax.set(xticks=range(k), yticks=range(k), xticklabels=classes, yticklabels=classes,
-           xlabel=xlabel, ylabel="actual", title=title)
+            ax.text(
+                j,
+                i,
+                str(matrix[i, j]),
+                ha="center",
+                va="center",
+                color="white" if matrix[i, j] > matrix.max() / 2 else "black",
+            )
+    ax.set(
+        xticks=range(k),
+        yticks=range(k),
+        xticklabels=classes,
+        yticklabels=classes,
+        xlabel=xlabel,
+        ylabel="actual",
+        title=title,
+    )
     fig.tight_layout()
     return fig
 

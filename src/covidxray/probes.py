@@ -9,6 +9,7 @@
   separate the collections (cross-validated logistic regression, grouped by patient). Near 0.5:
   the features do not encode the source; near 1: they do, and decisions can ride on it.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,7 +19,7 @@ from covidxray import audit
 from covidxray import metrics as M
 from covidxray.models import predict_probs
 
-FEATURE_LAYER = "head_dense"   # every model of models.build_model has it: the head's last hidden layer
+FEATURE_LAYER = "head_dense"  # every model of models.build_model has it: the head's last hidden layer
 PROBE_FOLDS = 5
 
 
@@ -29,17 +30,26 @@ def same_source_probe(model, meta: dict, images: np.ndarray, frame: pd.DataFrame
         return {"images": 0, "labelled_covid": None, "share_labelled_covid": None, "per_finding": {}}
     probs = predict_probs(model, images, len(meta["classes"]))
     positive = M.decide(probs, meta["threshold"]) == len(meta["classes"]) - 1
-    per_finding = {str(f): {"images": int(len(rows)), "share_labelled_covid": float(positive[rows].mean())}
-                   for f, rows in frame.reset_index(drop=True).groupby("finding").indices.items()}
-    return {"images": int(len(frame)), "labelled_covid": int(positive.sum()),
-            "share_labelled_covid": float(positive.mean()), "per_finding": per_finding}
+    per_finding = {
+        str(f): {"images": int(len(rows)), "share_labelled_covid": float(positive[rows].mean())}
+        for f, rows in frame.reset_index(drop=True).groupby("finding").indices.items()
+    }
+    return {
+        "images": int(len(frame)),
+        "labelled_covid": int(positive.sum()),
+        "share_labelled_covid": float(positive.mean()),
+        "per_finding": per_finding,
+    }
 
 
 def shortcut_aucs(frame: pd.DataFrame, stored: np.ndarray, seed: int) -> dict:
     """The audit's shortcut AUCs (geometry/format, pixel statistics) for the label of one set."""
     y = frame["label"].astype("category").cat.codes.to_numpy()
     out = {}
-    for name, feats in (("geometry_format", audit.geometry_features(frame)), ("pixel_stats", audit.pixel_features(stored))):
+    for name, feats in (
+        ("geometry_format", audit.geometry_features(frame)),
+        ("pixel_stats", audit.pixel_features(stored)),
+    ):
         result = audit.shortcut_aucs(feats, y, frame["patient_id"], seed)
         out[name] = None if result is None else float(result["auc"])
     return out

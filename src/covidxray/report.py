@@ -4,6 +4,7 @@ DVC plot tables, figures (ROC, PR, calibration, confusion, Grad-CAM) and a markd
 Shared by the evaluate stage (the test partition), the external stage (a collection never seen in
 training) and `covidxray validate` (a hospital's own set), so all of them report the same figures.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,17 +23,37 @@ from covidxray.models import predict_probs
 
 OUTPUTS = ("metrics.json", "plots", "figures", "report.md")
 METRIC_NAMES = {
-    "accuracy": "accuracy", "sensitivity": "sensitivity (recall)", "specificity": "specificity",
-    "ppv": "PPV (precision)", "npv": "NPV", "f1": "F1", "auc": "ROC AUC", "pr_auc": "PR AUC",
-    "brier": "Brier score", "ece": "expected calibration error",
+    "accuracy": "accuracy",
+    "sensitivity": "sensitivity (recall)",
+    "specificity": "specificity",
+    "ppv": "PPV (precision)",
+    "npv": "NPV",
+    "f1": "F1",
+    "auc": "ROC AUC",
+    "pr_auc": "PR AUC",
+    "brier": "Brier score",
+    "ece": "expected calibration error",
 }
 
 
 # -- measuring -------------------------------------------------------------------------------------
 
-def assess(model, meta: dict, images: np.ndarray, frame: pd.DataFrame, out_dir: Path, *,
-           n_resamples: int, ci: float, seed: int, per_group: int, n_bins: int = 10,
-           partition: str = "test", context: dict | None = None) -> dict:
+
+def assess(
+    model,
+    meta: dict,
+    images: np.ndarray,
+    frame: pd.DataFrame,
+    out_dir: Path,
+    *,
+    n_resamples: int,
+    ci: float,
+    seed: int,
+    per_group: int,
+    n_bins: int = 10,
+    partition: str = "test",
+    context: dict | None = None,
+) -> dict:
     """Predict `images` (rows of `frame`: label, patient_id, image_id), then write metrics.json,
     plots/, figures/ (incl. Grad-CAM) and report.md into out_dir. Returns the metrics dict."""
     classes, threshold = meta["classes"], meta["threshold"]
@@ -61,17 +82,22 @@ def assess(model, meta: dict, images: np.ndarray, frame: pd.DataFrame, out_dir: 
     if k > 2:
         result[f"{partition}_per_class"] = {classes[c]: v for c, v in figures["per_class"].items()}
         result[f"{partition}_macro"] = figures["macro"]
-    result["confusion"] = {a: {p: int(((y == i) & (pred == j)).sum()) for j, p in enumerate(classes)}
-                           for i, a in enumerate(classes)}
-    result["bootstrap"] = {"resamples": int(n_resamples), "ci": float(ci), "unit": "patient",
-                           "seed": int(seed), "calibration_bins": int(n_bins)}
+    result["confusion"] = {
+        a: {p: int(((y == i) & (pred == j)).sum()) for j, p in enumerate(classes)} for i, a in enumerate(classes)
+    }
+    result["bootstrap"] = {
+        "resamples": int(n_resamples),
+        "ci": float(ci),
+        "unit": "patient",
+        "seed": int(seed),
+        "calibration_bins": int(n_bins),
+    }
     if context and context.get("extra_metrics"):
         result.update(context["extra_metrics"])
 
     tables = write_plots(out_dir / "plots", frame, y, probs, pred, classes, n_bins)
     write_figures(out_dir / "figures", y, probs, pred, classes, threshold, tables, n_bins)
-    gradcam_figure(model, images, frame, y, probs, pred, classes, per_group, seed,
-                   out_dir / "figures" / "gradcam.png")
+    gradcam_figure(model, images, frame, y, probs, pred, classes, per_group, seed, out_dir / "figures" / "gradcam.png")
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     from sklearn.metrics import classification_report
 
@@ -86,10 +112,13 @@ def write_plots(plots_dir: Path, frame, y, probs, pred, classes, n_bins: int) ->
     tables = M.curves(y == len(classes) - 1, probs[:, -1], n_bins)
     for name, table in tables.items():
         table.to_csv(plots_dir / f"{name}.csv", index=False)
-    pd.DataFrame({
-        "image_id": frame["image_id"].astype(str).to_numpy(),
-        "actual": np.asarray(classes)[y], "predicted": np.asarray(classes)[pred],
-    }).to_csv(plots_dir / "confusion.csv", index=False)
+    pd.DataFrame(
+        {
+            "image_id": frame["image_id"].astype(str).to_numpy(),
+            "actual": np.asarray(classes)[y],
+            "predicted": np.asarray(classes)[pred],
+        }
+    ).to_csv(plots_dir / "confusion.csv", index=False)
     return tables
 
 
@@ -102,11 +131,12 @@ def write_figures(fig_dir: Path, y, probs, pred, classes, threshold: float, tabl
     covid = y == k - 1
     tp, fp = int(np.sum(covid & (pred == k - 1))), int(np.sum(~covid & (pred == k - 1)))
     n_pos, n_neg = int(covid.sum()), int((~covid).sum())
-    point = (fp / n_neg if n_neg else np.nan, tp / n_pos if n_pos else np.nan,
-             tp / (tp + fp) if tp + fp else np.nan)
+    point = (fp / n_neg if n_neg else np.nan, tp / n_pos if n_pos else np.nan, tp / (tp + fp) if tp + fp else np.nan)
 
-    for name, xlab, ylab in (("roc", "false positive rate", "true positive rate"),
-                             ("precision_recall", "recall", "precision")):
+    for name, xlab, ylab in (
+        ("roc", "false positive rate", "true positive rate"),
+        ("precision_recall", "recall", "precision"),
+    ):
         fig, ax = plt.subplots(figsize=(4.5, 4.5))
         for c in shown:
             curve = M.curves(y == c, probs[:, c], n_bins)[name]
@@ -128,8 +158,13 @@ def write_figures(fig_dir: Path, y, probs, pred, classes, threshold: float, tabl
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
     ax.plot(cal["mean_predicted"], cal["fraction_positive"], "o-", label=classes[-1])
-    ax.set(xlabel=f"mean predicted p({classes[-1]})", ylabel="fraction positive", xlim=(0, 1), ylim=(0, 1),
-           title=f"calibration ({n_bins} bins)")
+    ax.set(
+        xlabel=f"mean predicted p({classes[-1]})",
+        ylabel="fraction positive",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title=f"calibration ({n_bins} bins)",
+    )
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(fig_dir / "calibration.png", dpi=110)
@@ -175,6 +210,7 @@ def gradcam_figure(model, images, frame, y, probs, pred, classes, per_group: int
 
 # -- the model card ---------------------------------------------------------------------------------
 
+
 def fmt(value) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
@@ -189,8 +225,10 @@ def metrics_table(figures: dict, ci: float) -> list[str]:
             continue
         n_ok = figures.get(key + "_n_resamples")
         note = f" (defined in {n_ok} resamples; the others lacked a class it needs)" if n_ok is not None else ""
-        lines.append(f"| {name} | {fmt(figures[key])} | "
-                     f"{fmt(figures.get(key + '_ci_low'))} - {fmt(figures.get(key + '_ci_high'))}{note} |")
+        lines.append(
+            f"| {name} | {fmt(figures[key])} | "
+            f"{fmt(figures.get(key + '_ci_low'))} - {fmt(figures.get(key + '_ci_high'))}{note} |"
+        )
     return lines
 
 
@@ -224,20 +262,23 @@ def composition(index: pd.DataFrame, splits: pd.DataFrame | None) -> list[str]:
     """Markdown tables: images (patients) per class and partition, images per class and source,
     and age/sex where the index records them."""
     df = index.copy()
-    df["partition"] = (df["image_id"].map(splits.set_index("image_id")["partition"])
-                       if splits is not None else "all")
+    df["partition"] = df["image_id"].map(splits.set_index("image_id")["partition"]) if splits is not None else "all"
     lines = ["| class | " + " | ".join(sorted(df["partition"].astype(str).unique())) + " | total |", ""]
     parts = sorted(df["partition"].astype(str).unique())
     lines[1] = "|---" * (len(parts) + 2) + "|"
     for label, rows in df.groupby("label", sort=False):
-        cells = [f"{(rows.partition == p).sum()} ({rows.loc[rows.partition == p, 'patient_id'].nunique()})" for p in parts]
+        cells = [
+            f"{(rows.partition == p).sum()} ({rows.loc[rows.partition == p, 'patient_id'].nunique()})" for p in parts
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(rows)} ({rows.patient_id.nunique()}) |")
     lines += ["", "Images (patients) per class and partition.", ""]
     for col in ("source", "sex", "view"):
         if col in df.columns:
             table = pd.crosstab(df[col].fillna("unknown"), df["label"])
-            lines += [f"| {col} | " + " | ".join(map(str, table.columns)) + " |",
-                      "|---" * (len(table.columns) + 1) + "|"]
+            lines += [
+                f"| {col} | " + " | ".join(map(str, table.columns)) + " |",
+                "|---" * (len(table.columns) + 1) + "|",
+            ]
             lines += [f"| {i} | " + " | ".join(str(v) for v in row) + " |" for i, row in table.iterrows()]
             lines.append("")
     if "age" in df.columns:
@@ -245,9 +286,15 @@ def composition(index: pd.DataFrame, splits: pd.DataFrame | None) -> list[str]:
         cells = []
         for label, a in ages.groupby(df["label"], sort=False):
             known = a.dropna()
-            cells.append(f"{label}: " + (f"median {known.median():.0f} (IQR {known.quantile(.25):.0f}-"
-                                         f"{known.quantile(.75):.0f}), {len(known)}/{len(a)} known" if len(known)
-                                         else f"unknown for all {len(a)}"))
+            cells.append(
+                f"{label}: "
+                + (
+                    f"median {known.median():.0f} (IQR {known.quantile(0.25):.0f}-"
+                    f"{known.quantile(0.75):.0f}), {len(known)}/{len(a)} known"
+                    if len(known)
+                    else f"unknown for all {len(a)}"
+                )
+            )
         lines += ["Age per class: " + "; ".join(cells) + ".", ""]
     return lines
 
@@ -267,7 +314,8 @@ def model_card(result: dict, meta: dict, report_text: str, partition: str, conte
         lines += ["High test figures may measure these shortcuts rather than disease.", ""]
     lines += ["**A research tool, not a diagnostic device.** Do not use it for clinical decisions.", ""]
     lines += [
-        "## Model", "",
+        "## Model",
+        "",
         f"- model: {meta.get('model', meta.get('model_name', 'n/a'))}; classes: {', '.join(classes)} "
         f"(positive: {classes[-1]})",
         f"- input: {meta['image_size']} px grayscale, resize policy `{meta['resize']}`",
@@ -277,8 +325,12 @@ def model_card(result: dict, meta: dict, report_text: str, partition: str, conte
     ]
     if "threshold_oof" in result:
         lines.append(f"- re-derived from reports/cv/oof.csv: {result['threshold_oof']:.4f}")
-    for key, name in (("mlflow_run_id", "MLflow run"), ("registered_model", "registered model"),
-                      ("registered_version", "version"), ("model_uri", "model URI")):
+    for key, name in (
+        ("mlflow_run_id", "MLflow run"),
+        ("registered_model", "registered model"),
+        ("registered_version", "version"),
+        ("model_uri", "model URI"),
+    ):
         if meta.get(key) is not None:
             lines.append(f"- {name}: `{meta[key]}`")
     lines.append("")
@@ -291,25 +343,44 @@ def model_card(result: dict, meta: dict, report_text: str, partition: str, conte
     if "cv_metrics" in context:
         lines += ["## Cross-validation (patient-grouped folds)", "", *cv_summary(context["cv_metrics"]), ""]
     n_img, n_pat = result[f"n_{partition}_images"], result[f"n_{partition}_patients"]
-    lines += [f"## {partition.capitalize()} set: {n_img} images, {n_pat} patients", "",
-              f"Covid vs the rest at the saved threshold; intervals from {result['bootstrap']['resamples']} "
-              "bootstrap resamples of patients (all images of a drawn patient together).", "",
-              *metrics_table(result[partition], ci), ""]
+    lines += [
+        f"## {partition.capitalize()} set: {n_img} images, {n_pat} patients",
+        "",
+        f"Covid vs the rest at the saved threshold; intervals from {result['bootstrap']['resamples']} "
+        "bootstrap resamples of patients (all images of a drawn patient together).",
+        "",
+        *metrics_table(result[partition], ci),
+        "",
+    ]
     if f"{partition}_macro" in result:
         lines += ["### Per class (one-vs-rest) and macro average", ""]
         for name, figs in [*result[f"{partition}_per_class"].items(), ("macro", result[f"{partition}_macro"])]:
             lines += [f"**{name}**", "", *metrics_table(figs, ci), ""]
-    lines += ["### Classification report", "", "```", report_text.rstrip(), "```", "",
-              "### Confusion matrix (rows: actual, columns: predicted)", "",
-              "| | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    lines += [
+        "### Classification report",
+        "",
+        "```",
+        report_text.rstrip(),
+        "```",
+        "",
+        "### Confusion matrix (rows: actual, columns: predicted)",
+        "",
+        "| | " + " | ".join(classes) + " |",
+        "|---" * (len(classes) + 1) + "|",
+    ]
     lines += [f"| {a} | " + " | ".join(str(result["confusion"][a][p]) for p in classes) + " |" for a in classes]
     lines += ["", "## Figures", ""]
-    for name, caption in (("roc", "ROC curve"), ("precision_recall", "precision-recall curve"),
-                          ("calibration", "calibration"), ("confusion", "confusion matrix"),
-                          ("gradcam", "Grad-CAM: true positives, false positives, false negatives")):
+    for name, caption in (
+        ("roc", "ROC curve"),
+        ("precision_recall", "precision-recall curve"),
+        ("calibration", "calibration"),
+        ("confusion", "confusion matrix"),
+        ("gradcam", "Grad-CAM: true positives, false positives, false negatives"),
+    ):
         lines += [f"![{caption}](figures/{name}.png)", ""]
     lines += [
-        "## Limits", "",
+        "## Limits",
+        "",
         "- A research tool, not a diagnostic device: not validated prospectively, not cleared by any regulator.",
         "- Shortcut risk: the classes come from different sources, so hospital, scanner, file format, image "
         "geometry, patient age (Kermany's normal and pneumonia images are of children) and text markers differ "
@@ -326,9 +397,18 @@ def model_card(result: dict, meta: dict, report_text: str, partition: str, conte
 
 # -- MLflow ----------------------------------------------------------------------------------------
 
-def log_to_mlflow(out_dir: Path, result: dict, tracking_uri: str | None, experiment: str,
-                  run_id: str | None = None, tags: dict | None = None, run_name: str | None = None,
-                  artifact_path: str = "evaluation", metric_prefix: str = "") -> str:
+
+def log_to_mlflow(
+    out_dir: Path,
+    result: dict,
+    tracking_uri: str | None,
+    experiment: str,
+    run_id: str | None = None,
+    tags: dict | None = None,
+    run_name: str | None = None,
+    artifact_path: str = "evaluation",
+    metric_prefix: str = "",
+) -> str:
     """Log the metrics (names prefixed with `metric_prefix` where they do not start with it) and
     every file of out_dir to run_id (resumed), or to a new run when run_id is None or not in this
     store. Returns the run id used."""
@@ -342,20 +422,25 @@ def log_to_mlflow(out_dir: Path, result: dict, tracking_uri: str | None, experim
         try:
             mlflow.get_run(run_id)
         except MlflowException:
-            print(f"warning: MLflow run {run_id} (model.json) not in this store; logging to a new run",
-                  file=sys.stderr)
+            print(f"warning: MLflow run {run_id} (model.json) not in this store; logging to a new run", file=sys.stderr)
             tags = {**(tags or {}), "model_run_id": run_id}
             run_id = None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
         if tags:
             mlflow.set_tags(tags)
-        mlflow.log_metrics({(k if k.startswith(metric_prefix) else metric_prefix + k): v
-                            for k, v in M.finite_metrics(result).items() if not k.startswith("bootstrap_")})
+        mlflow.log_metrics(
+            {
+                (k if k.startswith(metric_prefix) else metric_prefix + k): v
+                for k, v in M.finite_metrics(result).items()
+                if not k.startswith("bootstrap_")
+            }
+        )
         mlflow.log_artifacts(str(out_dir), artifact_path=artifact_path)
         return run.info.run_id
 
 
 # -- installing finished outputs ------------------------------------------------------------------
+
 
 def install(tmp_dir: Path, dest: Path, names=OUTPUTS) -> None:
     """Move the finished outputs from tmp_dir into dest, replacing only those names (the old
@@ -377,5 +462,3 @@ def install(tmp_dir: Path, dest: Path, names=OUTPUTS) -> None:
             if (old / name).exists():
                 (old / name).rename(dest / name)
         raise
-
-

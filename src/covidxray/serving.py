@@ -6,9 +6,10 @@ resize, threshold) as artifacts and this package as code (code_paths); MLflow bu
 two-line entry file ("models from code", no pickle). Input: a DataFrame with one row per image,
 either `image` (the encoded file: PNG, JPEG, ...; base64 in the scoring server's JSON) or `pixels`
 (a 2-D grayscale array of integers 0..255). Every image goes through training's input steps
-(images.decode_grayscale, images.resize to the store size, images.prepare). Output per row: p_<class> (covid first), the label at
-the saved threshold, and that threshold (inference.py, as `covidxray predict`).
+(images.decode_grayscale, images.resize to the store size, images.prepare). Output per row:
+p_<class> (covid first), the label at the saved threshold, and that threshold (inference.py, as `covidxray predict`).
 """
+
 from __future__ import annotations
 
 import json
@@ -61,13 +62,15 @@ def signature(classes: list[str]):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, Schema
 
-    inputs = Schema([ColSpec("binary", "image", required=False),
-                     ColSpec(Array(Array("long")), "pixels", required=False)])
+    inputs = Schema(
+        [ColSpec("binary", "image", required=False), ColSpec(Array(Array("long")), "pixels", required=False)]
+    )
     outputs = [ColSpec("double", f"p_{name}") for name in [classes[-1], *classes[:-1]]]
     return ModelSignature(inputs, Schema([*outputs, ColSpec("string", "label"), ColSpec("double", "threshold")]))
 
 
 # -- logging ------------------------------------------------------------------------------------------
+
 
 def pip_requirements() -> list[str]:
     """What the model needs beside MLflow, at the versions it was trained with."""
@@ -82,8 +85,9 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
-def log_model(model, meta: dict, registered_name: str | None = None, example: np.ndarray | None = None,
-              name: str = "model"):
+def log_model(
+    model, meta: dict, registered_name: str | None = None, example: np.ndarray | None = None, name: str = "model"
+):
     """Log a trained Keras model with its metadata (classes, image_size, resize, threshold, ...)
     as a pyfunc model on the active run, register it under `registered_name` if given, and
     return the ModelInfo. `example`: one 2-D uint8 image, saved as the input example."""
@@ -102,10 +106,15 @@ def log_model(model, meta: dict, registered_name: str | None = None, example: np
         path = list(sys.path)
         try:  # MLflow loads the model once to check the example, putting its code first on sys.path
             return mlflow.pyfunc.log_model(
-                name=name, python_model=str(entry), code_paths=[str(code)],
+                name=name,
+                python_model=str(entry),
+                code_paths=[str(code)],
                 artifacts={MODEL_ARTIFACT: str(tmp / "model.keras"), META_ARTIFACT: str(tmp / "model.json")},
-                signature=signature(list(meta["classes"])), input_example=example_frame,
-                registered_model_name=registered_name or None, metadata=meta,
-                pip_requirements=pip_requirements())
+                signature=signature(list(meta["classes"])),
+                input_example=example_frame,
+                registered_model_name=registered_name or None,
+                metadata=meta,
+                pip_requirements=pip_requirements(),
+            )
         finally:
             sys.path[:] = path

@@ -11,6 +11,7 @@ evaluation time, so `covidxray train experiment=cross_dataset_reverse` needs no 
 A (class, collection) pair is never in both roles, and an external image that near-duplicates any
 training-role image (same `dup_group` in the curated index) is dropped from the external set.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,22 +48,28 @@ def check_roles(roles: dict, classes: list[str]) -> None:
         for label, collections in per_class.items():
             key = f"data.sources.{role}.{label}"
             if label not in classes:
-                raise CovidXrayError(f"{key}: class {label!r} is not a class of this task "
-                                     f"(allowed: {', '.join(classes)})")
+                raise CovidXrayError(
+                    f"{key}: class {label!r} is not a class of this task (allowed: {', '.join(classes)})"
+                )
             for name in collections:
                 if name not in COLLECTIONS:
                     raise CovidXrayError(f"{key}: unknown collection {name!r} (allowed: {', '.join(COLLECTIONS)})")
                 if label not in PROVIDES[name]:
-                    raise CovidXrayError(f"{key}: collection {name!r} has no {label} images "
-                                         f"(it provides {', '.join(PROVIDES[name])})")
+                    raise CovidXrayError(
+                        f"{key}: collection {name!r} has no {label} images (it provides {', '.join(PROVIDES[name])})"
+                    )
     for label in classes:
         if not roles.get("train", {}).get(label):
-            raise CovidXrayError(f"data.sources.train.{label}: no collection trains class {label!r} "
-                                 f"(allowed: {', '.join(c for c in COLLECTIONS if label in PROVIDES[c])})")
+            raise CovidXrayError(
+                f"data.sources.train.{label}: no collection trains class {label!r} "
+                f"(allowed: {', '.join(c for c in COLLECTIONS if label in PROVIDES[c])})"
+            )
         both = set(roles["train"].get(label, [])) & set(roles.get("external", {}).get(label, []))
         if both:
-            raise CovidXrayError(f"data.sources: collection(s) {sorted(both)} are in both roles for class "
-                                 f"{label!r}: a collection is either trained on or held out")
+            raise CovidXrayError(
+                f"data.sources: collection(s) {sorted(both)} are in both roles for class "
+                f"{label!r}: a collection is either trained on or held out"
+            )
 
 
 def in_role(index: pd.DataFrame, per_class: dict[str, list[str]]) -> np.ndarray:
@@ -95,8 +102,10 @@ def check_present(roles: dict, index: pd.DataFrame, where) -> None:
         for label, names in per_class.items():
             absent = [s for s in names if (label, s) not in have]
             if absent:
-                raise CovidXrayError(f"data.sources.{role}.{label}: no {label} images of {', '.join(absent)} in "
-                                     f"{where} (run `dvc repro curate` with that collection in data.collections)")
+                raise CovidXrayError(
+                    f"data.sources.{role}.{label}: no {label} images of {', '.join(absent)} in "
+                    f"{where} (run `dvc repro curate` with that collection in data.collections)"
+                )
 
 
 def model_roles(meta_sources, configured) -> dict:
@@ -107,8 +116,10 @@ def model_roles(meta_sources, configured) -> dict:
         return wanted
     saved = as_roles(meta_sources)
     if configured is not None and wanted != saved:
-        raise CovidXrayError(f"data.sources ({describe(wanted)}) differ from the model's ({describe(saved)}): "
-                             "retrain, or evaluate with the model's data.sources")
+        raise CovidXrayError(
+            f"data.sources ({describe(wanted)}) differ from the model's ({describe(saved)}): "
+            "retrain, or evaluate with the model's data.sources"
+        )
     return saved
 
 

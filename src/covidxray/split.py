@@ -6,6 +6,7 @@ to the whole set's (sklearn's StratifiedGroupKFold), so whichever collections `d
 trains on, their test partition and folds are representative. Output: data/splits.csv with image_id, patient_id, label,
 partition (cv | test) and fold (0..K-1 for cv, -1 for test).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -8,6 +8,7 @@ Runs that end abnormally end as KILLED: an interrupted command (Ctrl-C) ends the
 exists (SIGKILL, power loss) are recognised by their host/pid tags and ended the next time a
 stage configures the store on the same host (`end_orphaned_runs`).
 """
+
 from __future__ import annotations
 
 import os
@@ -56,6 +57,7 @@ def configure(configured_uri: str | None, experiment: str) -> str:
 
 
 # -- what every training run records --------------------------------------------------------------
+
 
 def flatten_params(cfg, prefix: str = "") -> dict[str, str]:
     """A (resolved) config as MLflow params: dotted keys, scalar values as text, lists as JSON."""
@@ -171,8 +173,9 @@ def run_name(base: str) -> str:
         if HydraConfig.initialized():
             hc = HydraConfig.get()
             parts.append(str(hc.runtime.choices.get("experiment") or "default"))
-            parts += [o for o in hc.overrides.task
-                      if not o.lstrip("+~").startswith(("experiment=", "paths.", "mlflow."))]
+            parts += [
+                o for o in hc.overrides.task if not o.lstrip("+~").startswith(("experiment=", "paths.", "mlflow."))
+            ]
     except (ImportError, ValueError):
         pass
     if not parts:
@@ -200,6 +203,7 @@ def configure_exclusive(configured_uri: str | None, experiment: str) -> str:
 
 
 # -- runs that ended abnormally -------------------------------------------------------------------
+
 
 def _process_start(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux /proc), telling a reused pid apart."""
@@ -231,8 +235,9 @@ def process_alive(pid: int, start: str | None = None) -> bool:
 def _open_since(run, since_ms: int | None) -> bool:
     """Still RUNNING, or ended FAILED at or after since_ms (when given)."""
     info = run.info
-    return info.status == "RUNNING" or (since_ms is not None and info.status == "FAILED"
-                                         and (info.end_time or 0) >= since_ms)
+    return info.status == "RUNNING" or (
+        since_ms is not None and info.status == "FAILED" and (info.end_time or 0) >= since_ms
+    )
 
 
 def _end_as_killed(client, runs, reason: str, since_ms: int | None = None) -> list[str]:
@@ -254,10 +259,15 @@ def end_orphaned_runs(experiment_id: str) -> list[str]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    running = client.search_runs([experiment_id],
-                                 f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{socket.gethostname()}'")
-    orphans = [r for r in running if r.data.tags.get(PID_TAG, "").isdigit()
-               and not process_alive(int(r.data.tags[PID_TAG]), r.data.tags.get(PID_START_TAG))]
+    running = client.search_runs(
+        [experiment_id], f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{socket.gethostname()}'"
+    )
+    orphans = [
+        r
+        for r in running
+        if r.data.tags.get(PID_TAG, "").isdigit()
+        and not process_alive(int(r.data.tags[PID_TAG]), r.data.tags.get(PID_START_TAG))
+    ]
     return _end_as_killed(client, orphans, "its process was gone (found by a later run)")
 
 

@@ -24,6 +24,7 @@ pipeline runs the stage (`--params`: dvc repro, dvc exp run), or from anywhere w
 mlflow.register=true, and the pipeline's latest version gets the alias `champion`.
 `main` returns the value of `optimized_metric` (default cv_auc_mean) for Hydra sweepers.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,13 +41,23 @@ from covidxray import CovidXrayError, config, fileset, tracking
 from covidxray.config import TrainSettings
 from covidxray.outputs import json_safe
 from covidxray.fitting import Trainer
-from covidxray.metrics import (FOLD_METRICS, OOF_METRICS, choose_threshold, classification_metrics,
-                               confusion_figure, decide, finite_metrics, fold_metrics, training_curves_figure)
+from covidxray.metrics import (
+    FOLD_METRICS,
+    OOF_METRICS,
+    choose_threshold,
+    classification_metrics,
+    confusion_figure,
+    decide,
+    finite_metrics,
+    fold_metrics,
+    training_curves_figure,
+)
 
 CHAMPION = "champion"  # the registry alias of the pipeline's latest model
 
 
 # -- the stage --------------------------------------------------------------------------------------
+
 
 def run(cfg) -> dict:
     """Cross-validate, pick the threshold, train and register the final model, write the outputs.
@@ -74,15 +85,20 @@ def run(cfg) -> dict:
             metrics.update(found)
         meta = model_meta(s, data.classes, metrics["threshold"], parent_id, experiment_id)
         if model is not None:
-            meta.update(register(model, meta, data.images[:1], register_as),
-                        epochs=epochs[0], **({"fine_tune_epochs": epochs[1]} if trainer.fine_tunes else {}))
+            meta.update(
+                register(model, meta, data.images[:1], register_as),
+                epochs=epochs[0],
+                **({"fine_tune_epochs": epochs[1]} if trainer.fine_tunes else {}),
+            )
         metrics["train_seconds"] = time.perf_counter() - wall
         write_outputs(models_dir, cv_dir, cv, oof, metrics, model, meta)
         if pipeline and meta.get("registered_version"):
             crown(meta["registered_model"], meta["registered_version"])
-    print(f"train: wrote {cv_dir}/{{oof.csv,folds.csv,metrics.json,history.csv}}"
-          + (f" and {models_dir}/model.{{keras,json}}" if model is not None else "")
-          + f"; MLflow run {parent_id} ({metrics['train_seconds']:.0f}s)")
+    print(
+        f"train: wrote {cv_dir}/{{oof.csv,folds.csv,metrics.json,history.csv}}"
+        + (f" and {models_dir}/model.{{keras,json}}" if model is not None else "")
+        + f"; MLflow run {parent_id} ({metrics['train_seconds']:.0f}s)"
+    )
     return {**metrics, "mlflow_run_id": parent_id, "registered_version": meta.get("registered_version")}
 
 
@@ -95,11 +111,13 @@ def main(cfg) -> float:
 
 # -- data -------------------------------------------------------------------------------------------
 
+
 @dataclass
 class CVData:
     """The non-test images (uint8 (N, S, S)) with their rows, classes, and fold numbers."""
+
     images: np.ndarray
-    rows: pd.DataFrame            # image_id, patient_id, label, y, fold
+    rows: pd.DataFrame  # image_id, patient_id, label, y, fold
     classes: list[str]
     folds: list[int]
 
@@ -108,8 +126,16 @@ class CVData:
         return self.rows["y"].to_numpy().astype(int)
 
 
-def load_cv_data(curated: Path, splits: Path, inputs: dict, roles: dict, balance: str = "none", seed: int = 0,
-                 folds: int | None = None, task: str | None = None) -> CVData:
+def load_cv_data(
+    curated: Path,
+    splits: Path,
+    inputs: dict,
+    roles: dict,
+    balance: str = "none",
+    seed: int = 0,
+    folds: int | None = None,
+    task: str | None = None,
+) -> CVData:
     """The curated images of the CV partition of the training collections (`roles["train"]`),
     balanced as asked, joined with their folds (the first `folds`, or all), as model inputs
     (`inputs`: images.input_spec); the test partition and the external collections are dropped
@@ -121,7 +147,8 @@ def load_cv_data(curated: Path, splits: Path, inputs: dict, roles: dict, balance
     if task is not None and list(classes) != list(config.TASKS[task]):
         raise CovidXrayError(
             f"data.task={task} but the curated data in {curated} holds the classes {', '.join(classes)}: "
-            f"re-run curate (`dvc repro curate`) or set data.task to the task it was curated for")
+            f"re-run curate (`dvc repro curate`) or set data.task to the task it was curated for"
+        )
     sources.check_present({"train": roles["train"]}, index, curated)
     joined = with_splits(index[["image_id", "patient_id", "label", "y", "source"]], load_splits(splits), splits)
     chosen = joined[(joined["partition"] == "cv").to_numpy() & sources.in_role(joined, roles["train"])]
@@ -159,20 +186,23 @@ def make_trainer(s: TrainSettings, data: CVData) -> Trainer:
     if s.deterministic:
         tf.config.experimental.enable_op_determinism()
     trainer = Trainer(s.fit, data.images, data.y, len(data.classes))
-    print(f"train: {model.name} ({model.weights}, {'frozen' if model.freeze_base else 'trainable'} base), "
-          f"{len(data.images)} CV images at {s.fit.image_size} px, folds {data.folds}, augment "
-          f"{s.fit.augment.name}, feature cache {'on' if trainer.uses_cache else 'off'}, "
-          f"{trainer.strategy.num_replicas_in_sync} replica(s)")
+    print(
+        f"train: {model.name} ({model.weights}, {'frozen' if model.freeze_base else 'trainable'} base), "
+        f"{len(data.images)} CV images at {s.fit.image_size} px, folds {data.folds}, augment "
+        f"{s.fit.augment.name}, feature cache {'on' if trainer.uses_cache else 'off'}, "
+        f"{trainer.strategy.num_replicas_in_sync} replica(s)"
+    )
     return trainer
 
 
 # -- cross-validation -----------------------------------------------------------------------------
 
+
 @dataclass
 class CVResult:
-    oof: np.ndarray          # (N, K) softmax outputs of each image's own validation fold (NaN: fold not run)
-    folds: pd.DataFrame      # one row per fold: its figures, best epoch, time
-    history: pd.DataFrame    # one row per fold and epoch (HISTORY_COLUMNS)
+    oof: np.ndarray  # (N, K) softmax outputs of each image's own validation fold (NaN: fold not run)
+    folds: pd.DataFrame  # one row per fold: its figures, best epoch, time
+    history: pd.DataFrame  # one row per fold and epoch (HISTORY_COLUMNS)
 
 
 def cross_validate(trainer: Trainer, data: CVData, epochs: list[int], parent_id: str) -> CVResult:
@@ -193,23 +223,29 @@ def train_fold(trainer: Trainer, data: CVData, k: int, train_idx, val_idx, epoch
     import keras
     import mlflow
 
-    with mlflow.start_run(run_name=f"fold-{k}", nested=True,
-                          tags={"fold": str(k), "parent_run": parent_id, "stage": "train"}) as child:
+    with mlflow.start_run(
+        run_name=f"fold-{k}", nested=True, tags={"fold": str(k), "parent_run": parent_id, "stage": "train"}
+    ) as child:
         mlflow.log_params({"fold": k, "n_train": len(train_idx), "n_val": len(val_idx)})
         model = trainer.new_model()
         result = trainer.fit(model, train_idx, val_idx, epochs, run_id=child.info.run_id, fold_label=k)
         probs = trainer.predict(model, val_idx)
         found = fold_metrics(data.y[val_idx], probs)
-        found.update(best_epoch=float(result.best_epochs[0]), wall_s=result.seconds,
-                     images_per_s=result.images_seen / max(result.seconds, 1e-9),
-                     epochs_run=float(result.epochs_run))
+        found.update(
+            best_epoch=float(result.best_epochs[0]),
+            wall_s=result.seconds,
+            images_per_s=result.images_seen / max(result.seconds, 1e-9),
+            epochs_run=float(result.epochs_run),
+        )
         if len(result.best_epochs) > 1:
             found["best_epoch_fine_tune"] = float(result.best_epochs[1])
         # the fold's figures at its restored best weights (per-epoch curves are loss, val_auc...)
         mlflow.log_metrics(finite_metrics({f"fold_{m}": v for m, v in found.items()}))
         log_fold_figures(result.history, data.y[val_idx], probs, data.classes, f"fold {k}")
-    print(f"train: fold {k}: AUC {found['auc']:.4f}, accuracy {found['accuracy']:.4f}, best epoch "
-          f"{result.best_epochs}, {result.seconds:.1f}s, {found['images_per_s']:.0f} images/s")
+    print(
+        f"train: fold {k}: AUC {found['auc']:.4f}, accuracy {found['accuracy']:.4f}, best epoch "
+        f"{result.best_epochs}, {result.seconds:.1f}s, {found['images_per_s']:.0f} images/s"
+    )
     del model
     keras.backend.clear_session()  # free the fold's graphs; the next model is re-seeded
     return probs, found, result.history
@@ -249,12 +285,15 @@ def log_cv(metrics: dict, method: str) -> None:
     import mlflow
 
     mlflow.log_metrics(finite_metrics(metrics))
-    print(f"train: CV AUC {metrics['cv_auc_mean']:.4f} ± {metrics['cv_auc_std']:.4f}; OOF AUC "
-          f"{metrics['oof_auc']:.4f}, threshold ({method}) {metrics['threshold']:.4f}: sensitivity "
-          f"{metrics['oof_sensitivity']:.3f}, specificity {metrics['oof_specificity']:.3f}")
+    print(
+        f"train: CV AUC {metrics['cv_auc_mean']:.4f} ± {metrics['cv_auc_std']:.4f}; OOF AUC "
+        f"{metrics['oof_auc']:.4f}, threshold ({method}) {metrics['threshold']:.4f}: sensitivity "
+        f"{metrics['oof_sensitivity']:.3f}, specificity {metrics['oof_specificity']:.3f}"
+    )
 
 
 # -- the final model ------------------------------------------------------------------------------
+
 
 def final_epochs(configured: list[int], folds: pd.DataFrame, early_stopping: bool) -> list[int]:
     """The final model's epochs per phase: with early stopping, the CV's median best epoch
@@ -274,17 +313,24 @@ def fit_final(trainer: Trainer, epochs: list[int], parent_id: str):
     import mlflow
 
     model = trainer.new_model()
-    result = trainer.fit(model, np.arange(len(trainer.y)), None, epochs, run_id=parent_id,
-                         fold_label="final", log_prefix="final_")
-    found = {"final_epochs": float(epochs[0]), "final_wall_s": result.seconds,
-             "final_images_per_s": result.images_seen / max(result.seconds, 1e-9)}
+    result = trainer.fit(
+        model, np.arange(len(trainer.y)), None, epochs, run_id=parent_id, fold_label="final", log_prefix="final_"
+    )
+    found = {
+        "final_epochs": float(epochs[0]),
+        "final_wall_s": result.seconds,
+        "final_images_per_s": result.images_seen / max(result.seconds, 1e-9),
+    }
     mlflow.log_metrics(finite_metrics(found))
-    print(f"train: final model on all {len(trainer.y)} CV images, {epochs[:1 + trainer.fine_tunes]} epochs, "
-          f"{result.seconds:.1f}s")
+    print(
+        f"train: final model on all {len(trainer.y)} CV images, {epochs[: 1 + trainer.fine_tunes]} epochs, "
+        f"{result.seconds:.1f}s"
+    )
     return model, found
 
 
 # -- outputs ------------------------------------------------------------------------------------------------
+
 
 def output_dirs(models: Path, reports: Path) -> tuple[Path, Path]:
     """(models dir, CV reports dir): the Hydra job's output dir when run as a Hydra app (so sweep
@@ -298,18 +344,25 @@ def output_dirs(models: Path, reports: Path) -> tuple[Path, Path]:
 def model_meta(s: TrainSettings, classes: list[str], threshold: float, run_id: str, experiment_id: str) -> dict:
     """What model.json says of the model: classes, input, the threshold and where it was tracked."""
     return {
-        "model": s.fit.model.name, "weights": s.fit.model.weights,
-        "classes": classes, "positive_class": classes[-1], "task": s.task,
-        **s.inputs, "sources": s.roles,
+        "model": s.fit.model.name,
+        "weights": s.fit.model.weights,
+        "classes": classes,
+        "positive_class": classes[-1],
+        "task": s.task,
+        **s.inputs,
+        "sources": s.roles,
         "input": "float32 (N, S, S, 1) grayscale, raw 0..255 pixels",
-        "threshold": float(threshold), "threshold_method": s.threshold,
+        "threshold": float(threshold),
+        "threshold_method": s.threshold,
         "target_sensitivity": s.target_sensitivity,
-        "mlflow_run_id": run_id, "mlflow_experiment_id": experiment_id,
+        "mlflow_run_id": run_id,
+        "mlflow_experiment_id": experiment_id,
     }
 
 
-def write_outputs(models_dir: Path, cv_dir: Path, cv: CVResult, oof: pd.DataFrame, metrics: dict,
-                  model, meta: dict) -> None:
+def write_outputs(
+    models_dir: Path, cv_dir: Path, cv: CVResult, oof: pd.DataFrame, metrics: dict, model, meta: dict
+) -> None:
     """Write reports/cv/* and (with a final model) model.keras and model.json into staging
     folders, log them to the MLflow run, then install them together (fileset). Without a final
     model, an earlier model.keras/model.json goes in the same switch: it would not match these
@@ -335,6 +388,7 @@ def write_outputs(models_dir: Path, cv_dir: Path, cv: CVResult, oof: pd.DataFram
 
 # -- MLflow ---------------------------------------------------------------------------------------------
 
+
 @contextmanager
 def parent_run(cfg, model_name: str, n_folds: int):
     """The training's MLflow parent run (yields its id), named for what differs, with the
@@ -342,8 +396,13 @@ def parent_run(cfg, model_name: str, n_folds: int):
     import mlflow
     from omegaconf import OmegaConf
 
-    tags = {**tracking.git_tags(), **tracking.data_version_tags(), **tracking.context_tags(),
-            "stage": "train", "model": model_name}
+    tags = {
+        **tracking.git_tags(),
+        **tracking.data_version_tags(),
+        **tracking.context_tags(),
+        "stage": "train",
+        "model": model_name,
+    }
     resolved = OmegaConf.to_container(cfg, resolve=True)
     with mlflow.start_run(run_name=tracking.run_name(f"{model_name}-cv{n_folds}"), tags=tags) as parent:
         mlflow.log_params(tracking.flatten_params(resolved))
@@ -360,9 +419,13 @@ def log_fold_figures(history: pd.DataFrame, y: np.ndarray, probs: np.ndarray, cl
     k = len(classes)
     cm = np.zeros((k, k), dtype=int)
     np.add.at(cm, (y, decide(probs, 0.5)), 1)
-    for name, fig in (("confusion_matrix.png", confusion_figure(cm, classes, f"{title}: confusion matrix",
-                                                                xlabel="predicted (covid iff p >= 0.5)")),
-                      ("training_curves.png", training_curves_figure(history, title))):
+    for name, fig in (
+        (
+            "confusion_matrix.png",
+            confusion_figure(cm, classes, f"{title}: confusion matrix", xlabel="predicted (covid iff p >= 0.5)"),
+        ),
+        ("training_curves.png", training_curves_figure(history, title)),
+    ):
         mlflow.log_figure(fig, name)
         pyplot().close(fig)
 
@@ -381,8 +444,11 @@ def register(model, meta: dict, images: np.ndarray, registered_model: str | None
             client.set_model_version_tag(registered_model, str(version), key, str(meta[key]))
         client.set_model_version_tag(registered_model, str(version), "classes", json.dumps(meta["classes"]))
         print(f"train: registered {registered_model} version {version}")
-    return {"registered_model": registered_model if version else None, "registered_version": version,
-            "model_uri": f"models:/{registered_model}/{version}" if version else info.model_uri}
+    return {
+        "registered_model": registered_model if version else None,
+        "registered_version": version,
+        "model_uri": f"models:/{registered_model}/{version}" if version else info.model_uri,
+    }
 
 
 def crown(registered_model: str, version) -> None:
@@ -401,4 +467,3 @@ def _log_final_model(model, meta: dict, example: np.ndarray, registered: str | N
 
     gray = np.clip(np.asarray(example)[0, ..., 0], 0, 255).astype(np.uint8)
     return serving.log_model(model, meta, registered_name=registered, example=gray)
-
