@@ -20,7 +20,7 @@ GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 def _write_outputs(root: Path, cv_auc: float) -> None:
     """The files train and evaluate write (small, with the real plot writer)."""
     from covidxray import report
-    from covidxray.train import HISTORY_COLUMNS
+    from covidxray.fitting import HISTORY_COLUMNS
 
     cv, plots = root / "reports" / "cv", root / "reports" / "plots"
     for folder in (cv, plots, root / "models"):
@@ -43,7 +43,10 @@ def _write_outputs(root: Path, cv_auc: float) -> None:
     probs = np.clip(np.c_[1 - y * 0.6, y * 0.6] + rng.uniform(0, 0.4, (40, 1)), 0, 1)
     probs /= probs.sum(axis=1, keepdims=True)
     frame = pd.DataFrame({"image_id": [f"i{i}" for i in range(40)]})
-    report.write_plots(plots, frame, y, probs, (probs[:, 1] >= 0.5).astype(int), ["normal", "covid"], 5)
+    for folder in (plots, root / "reports" / "external" / "plots"):       # evaluate's and external's
+        folder.mkdir(parents=True, exist_ok=True)
+        report.write_plots(folder, frame, y, probs, (probs[:, 1] >= 0.5).astype(int), ["normal", "covid"], 5)
+    (root / "reports" / "external" / "metrics.json").write_text(json.dumps({"external": {"auc": 0.6}}))
 
 
 def _dvc_json(args: list[str], cwd: Path):
@@ -55,8 +58,9 @@ def _dvc_json(args: list[str], cwd: Path):
 def test_metrics_are_committed_so_a_fresh_clone_diffs_them(repo_copy, tmp_path):  # noqa: F811
     _write_outputs(repo_copy, cv_auc=0.81)
     status = _sh(["git", "status", "--porcelain", "--untracked-files=all"], repo_copy).split("\n")
-    new = sorted(line for line in status if line.startswith("??"))  # what git would take of the outputs
-    assert new == ["?? reports/cv/metrics.json", "?? reports/metrics.json"]
+    # what git takes of the outputs written above (new, or changed where the checkout had them)
+    taken = sorted(line[3:] for line in status if line[3:].startswith(("reports/", "models/")))
+    assert taken == ["reports/cv/metrics.json", "reports/external/metrics.json", "reports/metrics.json"]
     _sh([*GIT, "add", "-A"], repo_copy)
     _sh([*GIT, "commit", "-qm", "metrics"], repo_copy)
 
@@ -65,6 +69,7 @@ def test_metrics_are_committed_so_a_fresh_clone_diffs_them(repo_copy, tmp_path):
     shown = _dvc_json(["metrics", "show"], clone)[""]["data"]  # "": the workspace
     assert shown["reports/cv/metrics.json"]["data"]["cv_auc_mean"] == 0.81
     assert shown["reports/metrics.json"]["data"]["test"]["auc"] == 0.75
+    assert shown["reports/external/metrics.json"]["data"]["external"]["auc"] == 0.6
     (clone / "reports" / "cv" / "metrics.json").write_text(json.dumps({"cv_auc_mean": 0.85, "threshold": 0.5}))
     diff = _dvc_json(["metrics", "diff"], clone)
     change = diff["reports/cv/metrics.json"]["cv_auc_mean"]
