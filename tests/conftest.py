@@ -186,10 +186,13 @@ class ServerProcess:
 
 
 def clean_env(**extra: str) -> dict:
-    """This environment without PYTHONPATH (a fresh process sees only what is installed) plus extra."""
+    """This environment without PYTHONPATH (a fresh process sees only what is installed), with the
+    venv's bin first on PATH (mlflow starts uvicorn, gunicorn by name), plus extra."""
     import os
 
-    return {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **extra}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
+    return {**env, **extra}
 
 
 def post_json(url: str, payload: dict) -> tuple[int, dict]:

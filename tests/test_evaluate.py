@@ -211,7 +211,8 @@ def test_model_card(evaluated):
         "Classification report",
         "figures/gradcam.png",
         "figures/roc.png",
-        "synthetic",
+        "| kermany |",  # the composition per collection
+        "| external |",  # the images of the external collections, by role
         "Shortcut risk",
         "95% CI",
     ):

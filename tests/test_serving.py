@@ -29,11 +29,11 @@ def xray(collection_dir):
 
 def expected(tiny, gray: np.ndarray) -> dict:
     """What the model in models/ says about a decoded image, through the training preprocessing."""
-    from covidxray import evaluate, images
+    from covidxray import images, models
 
-    model, meta = evaluate.load_model(tiny["models"])
-    pixels = images.resize(gray, meta["image_size"], meta["resize"])[None]
-    p = float(evaluate.predict_probs(model, pixels, len(meta["classes"]))[0, -1])
+    model, meta = models.load_model(tiny["models"])
+    pixels = images.prepare_for(meta, images.resize(gray, meta["store_size"], meta["resize"])[None])
+    p = float(models.predict_probs(model, pixels, len(meta["classes"]))[0, -1])
     return {"p_covid": p, "label": "covid" if p >= meta["threshold"] else "normal", "threshold": meta["threshold"]}
 
 

@@ -83,7 +83,7 @@ def run(cfg) -> dict:
             epochs = final_epochs(epochs, cv.folds, s.fit.early_stopping)
             model, found = fit_final(trainer, epochs, parent_id)
             metrics.update(found)
-        meta = model_meta(s, data.classes, metrics["threshold"], parent_id, experiment_id)
+        meta = model_meta(s, data, metrics["threshold"], parent_id, experiment_id)
         if model is not None:
             meta.update(
                 register(model, meta, data.images[:1], register_as),
@@ -120,6 +120,7 @@ class CVData:
     rows: pd.DataFrame  # image_id, patient_id, label, y, fold
     classes: list[str]
     folds: list[int]
+    store_size: int  # the side of the curated images they were made from (what prediction resizes to first)
 
     @property
     def y(self) -> np.ndarray:
@@ -170,7 +171,7 @@ def load_cv_data(
         if len(present) < 2:
             raise CovidXrayError(f"CV fold {k} holds only class {sorted(present)}: cannot validate on it")
     pixels = prepare(images[keep], inputs["image_size"], inputs["normalize"], inputs["crop_border"])
-    return CVData(pixels, rows, list(classes), found)
+    return CVData(pixels, rows, list(classes), found, int(images.shape[1]))
 
 
 def make_trainer(s: TrainSettings, data: CVData) -> Trainer:
@@ -341,8 +342,10 @@ def output_dirs(models: Path, reports: Path) -> tuple[Path, Path]:
     return Path(models), Path(reports) / "cv"
 
 
-def model_meta(s: TrainSettings, classes: list[str], threshold: float, run_id: str, experiment_id: str) -> dict:
-    """What model.json says of the model: classes, input, the threshold and where it was tracked."""
+def model_meta(s: TrainSettings, data: CVData, threshold: float, run_id: str, experiment_id: str) -> dict:
+    """What model.json says of the model: classes, input steps (from the store it was trained on),
+    the threshold and where it was tracked."""
+    classes = data.classes
     return {
         "model": s.fit.model.name,
         "weights": s.fit.model.weights,
@@ -350,6 +353,7 @@ def model_meta(s: TrainSettings, classes: list[str], threshold: float, run_id: s
         "positive_class": classes[-1],
         "task": s.task,
         **s.inputs,
+        "store_size": data.store_size,
         "sources": s.roles,
         "input": "float32 (N, S, S, 1) grayscale, raw 0..255 pixels",
         "threshold": float(threshold),
