@@ -43,7 +43,7 @@ def _write_outputs(root: Path, cv_auc: float) -> None:
     probs = np.clip(np.c_[1 - y * 0.6, y * 0.6] + rng.uniform(0, 0.4, (40, 1)), 0, 1)
     probs /= probs.sum(axis=1, keepdims=True)
     frame = pd.DataFrame({"image_id": [f"i{i}" for i in range(40)]})
-    for folder in (plots, root / "reports" / "external" / "plots"):       # evaluate's and external's
+    for folder in (plots, root / "reports" / "external" / "plots"):  # evaluate's and external's
         folder.mkdir(parents=True, exist_ok=True)
         report.write_plots(folder, frame, y, probs, (probs[:, 1] >= 0.5).astype(int), ["normal", "covid"], 5)
     (root / "reports" / "external" / "metrics.json").write_text(json.dumps({"external": {"auc": 0.6}}))
