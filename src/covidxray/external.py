@@ -75,6 +75,26 @@ def per_source_figures(index: pd.DataFrame, reports: Path, ext_dir: Path, classe
     return out
 
 
+def internal_reports(reports: Path) -> tuple[dict | None, dict | None, list[str]]:
+    """(CV metrics with the out-of-fold image count, internal test metrics, internal test image ids)
+    from what train and evaluate wrote."""
+    cv, test = read_json(reports / "cv" / "metrics.json"), read_json(reports / "metrics.json")
+    if cv is not None and (reports / "cv" / "oof.csv").is_file():
+        cv["n_cv_images"] = int(len(pd.read_csv(reports / "cv" / "oof.csv")))
+    confusion = reports / "plots" / "confusion.csv"
+    test_ids = pd.read_csv(confusion, dtype={"image_id": str})["image_id"].tolist() if confusion.is_file() else []
+    return cv, test, test_ids
+
+
+def external_roles(meta: dict, configured, index: pd.DataFrame, curated: Path) -> dict:
+    """The model's roles, with an external set whose collections the curated store holds."""
+    roles = sources.model_roles(meta.get("sources"), configured)
+    if not any(roles.get("external", {}).values()):
+        raise CovidXrayError("data.sources.external names no collection: there is no external set to evaluate")
+    sources.check_present({"external": roles["external"]}, index, curated)
+    return roles
+
+
 def main(cfg) -> None:
     """Stage entry: measure models/model.keras on its external set; write reports/external and the card."""
     models_dir, reports, curated = Path(cfg.paths.models), Path(cfg.paths.reports), Path(cfg.paths.curated)
@@ -82,26 +102,14 @@ def main(cfg) -> None:
     stored, index, classes = imgs.load_curated(curated)
     if list(classes) != meta["classes"]:
         raise CovidXrayError(f"the model's classes {meta['classes']} differ from the curated data's {classes}")
-    roles = sources.model_roles(meta.get("sources"), cfg.data.get("sources"))
-    if not any(roles.get("external", {}).values()):
-        raise CovidXrayError("data.sources.external names no collection: there is no external set to evaluate")
-    sources.check_present({"external": roles["external"]}, index, curated)
+    roles = external_roles(meta, cfg.data.get("sources"), index, curated)
     mask, dropped = sources.external_set(index, roles)
-    frame = index[mask].reset_index(drop=True)
-    test = read_json(reports / "metrics.json")
-    test_ids = (
-        pd.read_csv(reports / "plots" / "confusion.csv", dtype={"image_id": str})["image_id"]
-        if (reports / "plots" / "confusion.csv").is_file()
-        else []
-    )
-    cv = read_json(reports / "cv" / "metrics.json")
-    if cv is not None and (reports / "cv" / "oof.csv").is_file():
-        cv["n_cv_images"] = int(len(pd.read_csv(reports / "cv" / "oof.csv")))
-
+    frame, held_out = index[mask].reset_index(drop=True), sources.describe({"external": roles["external"]})
+    cv, test, test_ids = internal_reports(reports)
     ev, seed = cfg.evaluate, int(cfg.seed)
     with scratch_dir(reports, "external") as tmp:
         context = {
-            "title": f"External set: {sources.describe({'external': roles['external']})}",
+            "title": f"External set: {held_out}",
             "data_lines": R.composition(frame, None),
             "extra_metrics": {"external_near_duplicates_dropped": dropped},
         }
@@ -149,8 +157,7 @@ def main(cfg) -> None:
         R.install(tmp, reports, names=(OUT_DIR, CARD))
     e = result["external"]
     print(
-        f"external: {len(frame)} images ({sources.describe({'external': roles['external']})}): "
-        f"AUC {R.fmt(e['auc'])} [{R.fmt(e['auc_ci_low'])}, {R.fmt(e['auc_ci_high'])}], sensitivity "
-        f"{R.fmt(e['sensitivity'])}, specificity {R.fmt(e['specificity'])} at threshold {result['threshold']:.3f}; "
-        f"wrote {reports}/{OUT_DIR} and {reports}/{CARD}; MLflow run {run_id}"
+        f"external: {len(frame)} images ({held_out}): AUC {R.fmt(e['auc'])} [{R.fmt(e['auc_ci_low'])}, "
+        f"{R.fmt(e['auc_ci_high'])}], sensitivity {R.fmt(e['sensitivity'])}, specificity {R.fmt(e['specificity'])} "
+        f"at threshold {result['threshold']:.3f}; wrote {reports}/{OUT_DIR} and {reports}/{CARD}; MLflow run {run_id}"
     )

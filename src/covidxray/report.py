@@ -299,21 +299,45 @@ def composition(index: pd.DataFrame, splits: pd.DataFrame | None) -> list[str]:
     return lines
 
 
-def model_card(result: dict, meta: dict, report_text: str, partition: str, context: dict) -> str:
-    """report.md: warnings first, then data, config, CV and held-out figures, figures, limits."""
-    classes = meta["classes"]
-    ci = result["bootstrap"]["ci"]
-    title = context.get("title", "COVID-19 chest X-ray classifier: model card")
-    lines = [f"# {title}", ""]
-    audit = context.get("audit") or {}
+LIMITS = [
+    "## Limits",
+    "",
+    "- A research tool, not a diagnostic device: not validated prospectively, not cleared by any regulator.",
+    "- Shortcut risk: the classes come from different sources, so hospital, scanner, file format, image "
+    "geometry, patient age (Kermany's normal and pneumonia images are of children) and text markers differ "
+    "between classes; a model can separate the sources without seeing disease. Check the audit warnings "
+    "above and the Grad-CAM maps (attention outside the lungs is a red flag).",
+    "- The held-out set comes from the same sources as the training data: its figures overstate "
+    "performance elsewhere. See the external set's figures (reports/model_card.md) and use "
+    "`covidxray validate` on a hospital's own, independently labelled set.",
+    "- Small sample: the intervals are wide; the bootstrap resamples patients, not images.",
+    "- Calibration was not adjusted: probabilities are scores, not risks.",
+    "",
+]
+FIGURES = (
+    ("roc", "ROC curve"),
+    ("precision_recall", "precision-recall curve"),
+    ("calibration", "calibration"),
+    ("confusion", "confusion matrix"),
+    ("gradcam", "Grad-CAM: true positives, false positives, false negatives"),
+)
+
+
+def _warning_lines(audit: dict) -> list[str]:
+    """The curation audit's shortcut warnings, first in the card."""
     warnings = [s.get("warning", str(s)) if isinstance(s, dict) else str(s) for s in audit.get("shortcuts", [])]
-    if warnings:
-        lines += ["## ⚠ Shortcut warnings (from the curation audit)", ""]
-        for w in warnings:
-            lines += [f"> **WARNING**: {w}", ""]
-        lines += ["High test figures may measure these shortcuts rather than disease.", ""]
-    lines += ["**A research tool, not a diagnostic device.** Do not use it for clinical decisions.", ""]
-    lines += [
+    if not warnings:
+        return []
+    lines = ["## ⚠ Shortcut warnings (from the curation audit)", ""]
+    for w in warnings:
+        lines += [f"> **WARNING**: {w}", ""]
+    return lines + ["High test figures may measure these shortcuts rather than disease.", ""]
+
+
+def _model_lines(result: dict, meta: dict) -> list[str]:
+    """The model, its input, its threshold and where it is tracked."""
+    classes = meta["classes"]
+    lines = [
         "## Model",
         "",
         f"- model: {meta.get('model', meta.get('model_name', 'n/a'))}; classes: {', '.join(classes)} "
@@ -325,25 +349,21 @@ def model_card(result: dict, meta: dict, report_text: str, partition: str, conte
     ]
     if "threshold_oof" in result:
         lines.append(f"- re-derived from reports/cv/oof.csv: {result['threshold_oof']:.4f}")
-    for key, name in (
+    names = (
         ("mlflow_run_id", "MLflow run"),
         ("registered_model", "registered model"),
         ("registered_version", "version"),
         ("model_uri", "model URI"),
-    ):
-        if meta.get(key) is not None:
-            lines.append(f"- {name}: `{meta[key]}`")
-    lines.append("")
-    if context.get("data_lines"):
-        lines += ["## Data", "", *context["data_lines"], ""]
-    if audit.get("notes"):
-        lines += ["Audit notes:", "", *[f"- {n}" for n in audit["notes"]], ""]
-    if context.get("config_yaml"):
-        lines += ["## Configuration", "", "```yaml", context["config_yaml"].rstrip(), "```", ""]
-    if "cv_metrics" in context:
-        lines += ["## Cross-validation (patient-grouped folds)", "", *cv_summary(context["cv_metrics"]), ""]
+    )
+    lines += [f"- {name}: `{meta[key]}`" for key, name in names if meta.get(key) is not None]
+    return lines + [""]
+
+
+def _figures_lines(result: dict, classes: list[str], partition: str, report_text: str) -> list[str]:
+    """The held-out figures: metrics with intervals, per class, classification report, confusion."""
+    ci = result["bootstrap"]["ci"]
     n_img, n_pat = result[f"n_{partition}_images"], result[f"n_{partition}_patients"]
-    lines += [
+    lines = [
         f"## {partition.capitalize()} set: {n_img} images, {n_pat} patients",
         "",
         f"Covid vs the rest at the saved threshold; intervals from {result['bootstrap']['resamples']} "
@@ -356,43 +376,34 @@ def model_card(result: dict, meta: dict, report_text: str, partition: str, conte
         lines += ["### Per class (one-vs-rest) and macro average", ""]
         for name, figs in [*result[f"{partition}_per_class"].items(), ("macro", result[f"{partition}_macro"])]:
             lines += [f"**{name}**", "", *metrics_table(figs, ci), ""]
+    lines += ["### Classification report", "", "```", report_text.rstrip(), "```", ""]
+    lines += ["### Confusion matrix (rows: actual, columns: predicted)", ""]
+    lines += ["| | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    return lines + [f"| {a} | " + " | ".join(str(result["confusion"][a][p]) for p in classes) + " |" for a in classes]
+
+
+def model_card(result: dict, meta: dict, report_text: str, partition: str, context: dict) -> str:
+    """report.md: warnings first, then data, config, CV and held-out figures, figures, limits."""
+    audit = context.get("audit") or {}
+    lines = [f"# {context.get('title', 'COVID-19 chest X-ray classifier: model card')}", "", *_warning_lines(audit)]
+    lines += ["**A research tool, not a diagnostic device.** Do not use it for clinical decisions.", ""]
+    lines += _model_lines(result, meta)
+    if context.get("data_lines"):
+        lines += ["## Data", "", *context["data_lines"], ""]
+    if audit.get("notes"):
+        lines += ["Audit notes:", "", *[f"- {n}" for n in audit["notes"]], ""]
+    if context.get("config_yaml"):
+        lines += ["## Configuration", "", "```yaml", context["config_yaml"].rstrip(), "```", ""]
+    if "cv_metrics" in context:
+        lines += ["## Cross-validation (patient-grouped folds)", "", *cv_summary(context["cv_metrics"]), ""]
+    lines += _figures_lines(result, meta["classes"], partition, report_text)
     lines += [
-        "### Classification report",
         "",
-        "```",
-        report_text.rstrip(),
-        "```",
+        "## Figures",
         "",
-        "### Confusion matrix (rows: actual, columns: predicted)",
-        "",
-        "| | " + " | ".join(classes) + " |",
-        "|---" * (len(classes) + 1) + "|",
+        *[line for name, caption in FIGURES for line in (f"![{caption}](figures/{name}.png)", "")],
     ]
-    lines += [f"| {a} | " + " | ".join(str(result["confusion"][a][p]) for p in classes) + " |" for a in classes]
-    lines += ["", "## Figures", ""]
-    for name, caption in (
-        ("roc", "ROC curve"),
-        ("precision_recall", "precision-recall curve"),
-        ("calibration", "calibration"),
-        ("confusion", "confusion matrix"),
-        ("gradcam", "Grad-CAM: true positives, false positives, false negatives"),
-    ):
-        lines += [f"![{caption}](figures/{name}.png)", ""]
-    lines += [
-        "## Limits",
-        "",
-        "- A research tool, not a diagnostic device: not validated prospectively, not cleared by any regulator.",
-        "- Shortcut risk: the classes come from different sources, so hospital, scanner, file format, image "
-        "geometry, patient age (Kermany's normal and pneumonia images are of children) and text markers differ "
-        "between classes; a model can separate the sources without seeing disease. Check the audit warnings "
-        "above and the Grad-CAM maps (attention outside the lungs is a red flag).",
-        "- The held-out set comes from the same sources as the training data: its figures overstate "
-        "performance elsewhere. Use `covidxray validate` on an external, independently labelled set.",
-        "- Small sample: the intervals are wide; the bootstrap resamples patients, not images.",
-        "- Calibration was not adjusted: probabilities are scores, not risks.",
-        "",
-    ]
-    return "\n".join(lines)
+    return "\n".join(lines + LIMITS)
 
 
 # -- MLflow ----------------------------------------------------------------------------------------
