@@ -190,7 +190,9 @@ def clean_env(**extra: str) -> dict:
     venv's bin first on PATH (mlflow starts uvicorn, gunicorn by name), plus extra."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # MLflow's set_tracking_uri/set_registry_uri also set MLFLOW_* variables of this process (an
+    # earlier test's server would leak into the child): the child gets only what `extra` names.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("MLFLOW_")}
     env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
     return {**env, **extra}
 

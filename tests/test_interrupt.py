@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO
+from conftest import BIN, REPO, clean_env
 
 EXPERIMENT = "covid-xray"
 
@@ -27,11 +27,14 @@ def start_training(tiny_data, tmp_path: Path) -> tuple[subprocess.Popen, str]:
         f"paths.curated={tiny_data['curated']}",
         f"paths.splits={tiny_data['splits']}",
         f"mlflow.tracking_uri={store}",
+        f"paths.models={tmp_path / 'models'}",
+        f"paths.reports={tmp_path / 'reports'}",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
     proc = subprocess.Popen(
         [str(a) for a in argv],
         cwd=REPO,
+        env=clean_env(),
         stdout=open(tmp_path / "stdout", "wb"),
         stderr=open(tmp_path / "stderr", "wb"),
         start_new_session=True,
@@ -76,7 +79,7 @@ def test_ctrl_c_ends_in_one_line_exit_130_and_killed_runs(tiny_data, tmp_path):
     proc, store = start_training(tiny_data, tmp_path)
     wait_for_fold_run(proc, tmp_path)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-    assert proc.wait(timeout=120) == 130
+    assert proc.wait(timeout=120) == 130, (tmp_path / "stderr").read_text()[-2000:]
     stderr = (tmp_path / "stderr").read_text()
     assert "Traceback" not in stderr
     ours = [line for line in stderr.splitlines() if line.startswith("covidxray")]
