@@ -224,45 +224,22 @@ def test_validate_never_replaces_a_folder_it_did_not_write(tiny, test_images, tm
     for name, text in {"cv/metrics.json": '{"cv_auc_mean": 0.9}', "metrics.json": "{}", "report.md": "# card"}.items():
         (reports / name).write_text(text)
     before = sorted(p.relative_to(reports).as_posix() for p in reports.rglob("*"))
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(
-            [
-                "validate",
-                str(folder),
-                "--model",
-                str(tiny["models"]),
-                "--out",
-                str(reports),
-                "--tracking-uri",
-                tiny["tracking_uri"],
-                "--bootstrap",
-                "20",
-            ]
-        )
-    assert exit_info.value.code == 1
+
+    def validate_into(out) -> int:
+        argv = ["validate", str(folder), "--model", str(tiny["models"]), "--out", str(out)]
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*argv, "--tracking-uri", tiny["tracking_uri"], "--bootstrap", "20"])
+        return exit_info.value.code
+
+    assert validate_into(reports) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"refusing to replace {reports}" in err
     assert sorted(p.relative_to(reports).as_posix() for p in reports.rglob("*")) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hospital_c", "reports"]
     # a folder of its own below it is fine, and so is replacing that one later
     for _ in range(2):
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main(
-                [
-                    "validate",
-                    str(folder),
-                    "--model",
-                    str(tiny["models"]),
-                    "--out",
-                    str(reports / "external" / "c"),
-                    "--tracking-uri",
-                    tiny["tracking_uri"],
-                    "--bootstrap",
-                    "20",
-                ]
-            )
-        assert exit_info.value.code == 0
-    assert (reports / "external" / "c" / "report.md").is_file() and (reports / "cv" / "metrics.json").is_file()
+        assert validate_into(reports / "validation" / "c") == 0
+    assert (reports / "validation" / "c" / "report.md").is_file() and (reports / "cv" / "metrics.json").is_file()
 
 
 def test_validate_csv_with_patients(tiny, test_images, tmp_path):
