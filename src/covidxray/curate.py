@@ -53,7 +53,6 @@ COLUMNS = [
     "phash",
     "dup_group",
 ]
-PROBE_FILES = ("probe.npy", "probe.csv")
 ADULT_AGE = 18
 RADIOGRAPHY_DIR = "covid19-radiography"
 RADIOGRAPHY_CLASSES = {"covid": "COVID", "normal": "Normal"}
@@ -474,8 +473,8 @@ def main(cfg) -> None:
 
     def write(tmp: Path) -> None:
         imgs.save_curated(tmp, pixels, index, classes)
-        np.save(tmp / PROBE_FILES[0], probe_pixels[: len(probe)])
-        probe.reindex(columns=[c for c in COLUMNS if c != "y"]).to_csv(tmp / PROBE_FILES[1], index=False)
+        np.save(tmp / imgs.PROBE_IMAGES_FILE, probe_pixels[: len(probe)])
+        probe.reindex(columns=[c for c in COLUMNS if c != "y"]).to_csv(tmp / imgs.PROBE_INDEX_FILE, index=False)
         (tmp / "audit.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         (tmp / "audit.md").write_text(audit_markdown(report))
 

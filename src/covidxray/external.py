@@ -15,7 +15,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from covidxray import CovidXrayError, card, probes, sources
@@ -26,16 +25,6 @@ from covidxray.outputs import scratch_dir
 
 OUT_DIR = "external"
 CARD = "model_card.md"
-PROBE_IMAGES, PROBE_INDEX = "probe.npy", "probe.csv"
-
-
-def load_probe(curated: Path) -> tuple[np.ndarray, pd.DataFrame]:
-    """The curated probe set (the collection's other findings); empty if curate wrote none."""
-    curated = Path(curated)
-    if not (curated / PROBE_INDEX).is_file():
-        return np.zeros((0, 8, 8), np.uint8), pd.DataFrame(columns=["image_id", "finding", "patient_id"])
-    frame = pd.read_csv(curated / PROBE_INDEX, dtype={"patient_id": str, "image_id": str})
-    return np.load(curated / PROBE_IMAGES), frame
 
 
 def read_json(path: Path) -> dict | None:
@@ -128,7 +117,7 @@ def main(cfg) -> None:
             context=context,
         )
         result["per_source"] = per_source_figures(index, reports, tmp / OUT_DIR, classes)
-        result["probes"] = run_probes(model, meta, stored, index, roles, test_ids, load_probe(curated), seed)
+        result["probes"] = run_probes(model, meta, stored, index, roles, test_ids, imgs.load_probe(curated), seed)
         (tmp / OUT_DIR / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         (tmp / CARD).write_text(
             card.model_card(

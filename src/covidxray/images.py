@@ -7,6 +7,7 @@ The curated store (data/curated/) is what every later stage reads:
 - images.npy   uint8 array (N, S, S): grayscale images, row i belongs to row i of index.csv
 - index.csv    one row per image: image_id, label, y, patient_id, source, ... (see curate.py)
 - classes.json the class names in the order of `y` (the positive class, covid, is last)
+- probe.npy, probe.csv  images of no class of the task (the collection's other findings), same layout
 and the split stage's data/splits.csv (image_id, patient_id, label, partition, fold), which
 `with_splits` joins onto the index for the stages that read one partition.
 """
@@ -27,6 +28,7 @@ from covidxray import CovidXrayError
 IMAGES_FILE = "images.npy"
 INDEX_FILE = "index.csv"
 CLASSES_FILE = "classes.json"
+PROBE_IMAGES_FILE, PROBE_INDEX_FILE = "probe.npy", "probe.csv"  # the collection's other findings
 RESIZE_POLICIES = ("stretch", "pad", "crop")
 NORMALIZE = ("none", "equalize", "clahe")
 MAX_CROP_BORDER = 0.3
@@ -304,3 +306,12 @@ def with_splits(index: pd.DataFrame, splits: pd.DataFrame, splits_path="the spli
     if missing:
         raise CovidXrayError(f"{len(missing)} curated images are not in {splits_path} (rerun `dvc repro split`)")
     return index.merge(splits[["image_id", "partition", "fold"]], on="image_id", how="left", validate="one_to_one")
+
+
+def load_probe(curated_dir: Path) -> tuple[np.ndarray, pd.DataFrame]:
+    """The curated probe set (images of no class: the collection's other findings); empty if none."""
+    curated_dir = Path(curated_dir)
+    if not (curated_dir / PROBE_INDEX_FILE).is_file():
+        return np.zeros((0, 8, 8), np.uint8), pd.DataFrame(columns=["image_id", "finding", "patient_id"])
+    frame = pd.read_csv(curated_dir / PROBE_INDEX_FILE, dtype={"patient_id": str, "image_id": str})
+    return np.load(curated_dir / PROBE_IMAGES_FILE), frame

@@ -89,12 +89,6 @@ def external_set(index: pd.DataFrame, roles: dict) -> tuple[np.ndarray, int]:
     return external & ~clash, int(clash.sum())
 
 
-def missing_collections(roles: dict, present: set[str]) -> list[str]:
-    """Collections named in the roles that the curated store does not hold."""
-    named = {s for per_class in roles.values() for names in per_class.values() for s in names}
-    return sorted(named - set(present))
-
-
 def check_present(roles: dict, index: pd.DataFrame, where) -> None:
     """Every (class, collection) pair named in the roles has images in the curated index."""
     have = set(zip(index["label"], index["source"]))
