@@ -6,7 +6,7 @@ image in every epoch:
   tutorial      ImageDataGenerator(rotation_range=15).flow(float array, batch_size=8) + model.fit,
                 the full model (frozen VGG16 base + head), every image every epoch
   tutorial-noaug the same loop without rotation (equal work to the cached run: no augmentation)
-  cached        covidxray.fitting.Trainer on the tutorial config with augment=none (cache on)
+  cached        covidxray.modeling.fitting.Trainer on the tutorial config with augment=none (cache on)
 
 Default: the tutorial config (VGG16 frozen, 224 px, batch 8, lr 1e-3 inverse-time decay) with
 weights=none (no ImageNet file offline; weights do not change the timing), 100 images x 3 epochs.
@@ -42,9 +42,9 @@ def main() -> None:
     except ImportError:  # pragma: no cover
         from tensorflow.keras.preprocessing.image import ImageDataGenerator
 
-    from covidxray import models
-    from covidxray.config import compose, fit_settings
-    from covidxray.fitting import Trainer, compile_model, make_optimizer
+    from covidxray.modeling import models
+    from covidxray.infra.config import compose, fit_settings
+    from covidxray.modeling.fitting import Trainer, compile_model, make_optimizer
 
     fit = fit_settings(
         compose(

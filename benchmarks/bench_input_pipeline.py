@@ -42,10 +42,10 @@ def main() -> None:
     import numpy as np
     import tensorflow as tf
 
-    from covidxray import models
-    from covidxray.config import compose, fit_settings
-    from covidxray.fitting import compile_model, make_optimizer
-    from covidxray.inputs import build_augmenter, class_weights, make_dataset
+    from covidxray.modeling import models
+    from covidxray.infra.config import compose, fit_settings
+    from covidxray.modeling.fitting import compile_model, make_optimizer
+    from covidxray.modeling.inputs import build_augmenter, class_weights, make_dataset
 
     fit = fit_settings(
         compose([*args.overrides, f"augment={args.augment}"] + ([f"data.image_size={args.size}"] if args.size else []))

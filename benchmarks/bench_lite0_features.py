@@ -27,7 +27,7 @@ def extractor(name: str, size: int):
     """preprocess + backbone of the project's model for `name`, as Trainer.features builds it."""
     import keras
 
-    from covidxray import efficientnet_lite, models
+    from covidxray.modeling import efficientnet_lite, models
 
     converted = REPO / "models" / "pretrained" / efficientnet_lite.WEIGHTS_FILE
     weights = "imagenet" if name == "efficientnet_lite0" and converted.is_file() else "none"
@@ -55,7 +55,7 @@ def main() -> None:
 
     import os
 
-    from covidxray.train import EVAL_BATCH, make_dataset
+    from covidxray.stages.train import EVAL_BATCH, make_dataset
 
     x, _, source = images(args.size, args.images, args.curated)
     runs, weights, cpu = {}, {}, {}

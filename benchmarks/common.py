@@ -18,7 +18,7 @@ def images(size: int, n: int, curated: str | None = None, seed: int = 0):
     real X-rays), else synthetic noise (timing does not depend on the pixels)."""
     import numpy as np
 
-    from covidxray.images import load_curated
+    from covidxray.data.images import load_curated
 
     for path in [curated, REPO / "data" / "curated"]:
         if path and (Path(path) / "images.npy").is_file():

@@ -65,7 +65,7 @@ CURATE_KEYS = ("data.resize=", "data.store_size=", "data.task=", "data.views=", 
 
 
 def compose(overrides: list[str]):
-    from covidxray.config import compose as compose_conf
+    from covidxray.infra.config import compose as compose_conf
 
     return compose_conf(overrides)
 
@@ -73,7 +73,7 @@ def compose(overrides: list[str]):
 def prepare_store(overrides: list[str], out: Path) -> list[str]:
     """Overrides that point at a curated store built with the remedy's curation settings (built
     once), or none when the remedy keeps the pipeline's store."""
-    from covidxray import curate, split
+    from covidxray.stages import curate, split
 
     custom = [o for o in overrides if o.startswith(CURATE_KEYS)]
     if not custom:
@@ -91,7 +91,7 @@ def run_one(name: str, direction: str, overrides: list[str], out: Path, folds: i
     """train -> evaluate -> external for one remedy and direction; the figures for the table."""
     import keras
 
-    from covidxray import evaluate, external, train
+    from covidxray.stages import evaluate, external, train
 
     run_dir = out / name / direction
     paths = [

@@ -59,8 +59,8 @@ def tiny_data(tmp_path_factory) -> dict:
     """A small curated store and splits (synthetic, 32 px, 2 folds): input for train/evaluate tests.
     Training collections as in the default roles (covid: ieee8023, normal: kermany: 30 images
     each) and 10 + 10 `radiography` images, the default external set."""
-    from covidxray.images import save_curated
-    from covidxray.split import make_splits
+    from covidxray.data.images import save_curated
+    from covidxray.stages.split import make_splits
 
     root = tmp_path_factory.mktemp("tiny")
     rng = np.random.default_rng(0)
@@ -94,7 +94,7 @@ def tiny_data(tmp_path_factory) -> dict:
 
 def make_cfg(overrides: list[str] | None = None):
     """The composed conf/ with overrides, as a stage receives it."""
-    from covidxray.config import compose
+    from covidxray.infra.config import compose
 
     return compose(overrides)
 

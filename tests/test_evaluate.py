@@ -39,7 +39,7 @@ def trained_model(root: Path, tiny_data: dict) -> dict:
     the registered model. Built once per test session (~20 s)."""
     if "dirs" in _BUILT:
         return _BUILT["dirs"]
-    from covidxray import train
+    from covidxray.stages import train
 
     curated = root / "curated"
     shutil.copytree(tiny_data["curated"], curated)
@@ -81,7 +81,7 @@ def _cfg(tiny: dict, reports: Path, extra=()):
 @pytest.fixture(scope="module")
 def evaluated(tiny, tmp_path_factory) -> dict:
     """evaluate.main run once into a copy of the reports folder (with reports/cv in it)."""
-    from covidxray import evaluate
+    from covidxray.stages import evaluate
 
     reports = tmp_path_factory.mktemp("eval") / "reports"
     shutil.copytree(tiny["reports"], reports)
@@ -107,7 +107,7 @@ def test_metrics_json(evaluated, tiny):
 
 
 def test_threshold_is_the_oof_one(evaluated, tiny):
-    from covidxray import metrics as M
+    from covidxray.evaluation import metrics as M
 
     oof = pd.read_csv(tiny["reports"] / "cv" / "oof.csv")
     chosen = M.choose_threshold(oof["label"] == "covid", oof["p_covid"], tiny["meta"]["threshold_method"])
@@ -118,11 +118,11 @@ def test_threshold_is_the_oof_one(evaluated, tiny):
 def test_threshold_comes_from_oof_not_test(tiny, tmp_path):
     """With out-of-fold predictions that give 0.3, the report uses 0.3, although the test rows
     would choose another threshold."""
-    from covidxray import evaluate
-    from covidxray import images as imgs
-    from covidxray import metrics as M
-    from covidxray.images import load_splits
-    from covidxray.models import load_model, predict_probs
+    from covidxray.stages import evaluate
+    from covidxray.data import images as imgs
+    from covidxray.evaluation import metrics as M
+    from covidxray.data.images import load_splits
+    from covidxray.modeling.models import load_model, predict_probs
 
     models, reports = tmp_path / "models", tmp_path / "reports"
     shutil.copytree(tiny["models"], models)
@@ -152,7 +152,7 @@ def test_threshold_comes_from_oof_not_test(tiny, tmp_path):
 
     import mlflow
 
-    from covidxray import tracking
+    from covidxray.infra import tracking
 
     tracking.configure(store, "covid-xray")
     runs = mlflow.search_runs(experiment_names=["covid-xray"])
@@ -160,7 +160,7 @@ def test_threshold_comes_from_oof_not_test(tiny, tmp_path):
 
 
 def test_oof_with_test_rows_is_refused(tiny):
-    from covidxray import evaluate
+    from covidxray.stages import evaluate
 
     oof = pd.read_csv(tiny["reports"] / "cv" / "oof.csv", dtype={"image_id": str})
     with pytest.raises(CovidXrayError, match="test images"):
@@ -222,7 +222,7 @@ def test_model_card(evaluated):
 def test_logged_to_the_training_run(evaluated, tiny):
     import mlflow
 
-    from covidxray import tracking
+    from covidxray.infra import tracking
 
     tracking.configure(tiny["tracking_uri"], "covid-xray")
     run = mlflow.get_run(tiny["run_id"])
@@ -235,7 +235,8 @@ def test_logged_to_the_training_run(evaluated, tiny):
 
 
 def test_failure_leaves_previous_reports(evaluated, tiny, monkeypatch):
-    from covidxray import evaluate, report
+    from covidxray.stages import evaluate
+    from covidxray.evaluation import report
 
     reports = evaluated["reports"]
     before = (reports / "metrics.json").read_text()
@@ -253,12 +254,13 @@ def test_failure_leaves_previous_reports(evaluated, tiny, monkeypatch):
 
 def test_a_killed_evaluates_scratch_is_removed_by_the_next_run(evaluated, tiny, monkeypatch):
     from conftest import run_until_killed
-    from covidxray import evaluate, report
+    from covidxray.stages import evaluate
+    from covidxray.evaluation import report
 
     reports = evaluated["reports"]
     run_until_killed(
         f"""
-        from covidxray.outputs import scratch_dir
+        from covidxray.infra.outputs import scratch_dir
         with scratch_dir({str(reports)!r}, "evaluate") as tmp:
             (tmp / "metrics.json").write_text("{{}}")
             die()
@@ -277,7 +279,7 @@ def test_a_killed_evaluates_scratch_is_removed_by_the_next_run(evaluated, tiny, 
 
 
 def test_threshold_out_of_step_is_an_error(tiny, tmp_path):
-    from covidxray import evaluate
+    from covidxray.stages import evaluate
 
     models = tmp_path / "models"
     shutil.copytree(tiny["models"], models)
@@ -292,7 +294,7 @@ def test_threshold_out_of_step_is_an_error(tiny, tmp_path):
 
 
 def test_missing_model_is_a_clear_error(tiny, tmp_path):
-    from covidxray import evaluate
+    from covidxray.stages import evaluate
 
     cfg = _cfg(tiny, tmp_path / "reports", [f"paths.models={tmp_path / 'nothing'}"])
     with pytest.raises(CovidXrayError, match="model not found"):
@@ -301,8 +303,8 @@ def test_missing_model_is_a_clear_error(tiny, tmp_path):
 
 def test_three_class_assess(tmp_path):
     """Three classes: covid-vs-rest headline figures plus per-class one-vs-rest and macro."""
-    from covidxray.models import build_model
-    from covidxray.report import assess
+    from covidxray.modeling.models import build_model
+    from covidxray.evaluation.report import assess
 
     classes = ["normal", "pneumonia", "covid"]
     model = build_model(make_cfg(["experiment=smoke"]).model, 32, 3)

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from conftest import make_cfg
-from covidxray import CovidXrayError, probes
+from covidxray import CovidXrayError
+from covidxray.evaluation import probes
 from test_evaluate import overrides, trained_model
 
 META = {"classes": ["normal", "covid"], "threshold": 0.5, "image_size": 16}
@@ -109,7 +110,7 @@ def test_shortcut_aucs_of_a_set_and_per_source():
 def external_run(tmp_path_factory, tiny_data):
     """evaluate then external on the smoke model; one radiography image is made a near-duplicate of
     a training image (same dup_group), and a small probe set is added to the curated store."""
-    from covidxray import evaluate, external
+    from covidxray.stages import evaluate, external
 
     tiny = trained_model(tmp_path_factory.mktemp("trained"), tiny_data)
     root = tmp_path_factory.mktemp("external")
@@ -197,7 +198,7 @@ REVERSE = [
 
 
 def test_roles_other_than_the_models_fail_before_writing(external_run, tmp_path):
-    from covidxray import external
+    from covidxray.stages import external
 
     reports = tmp_path / "reports"
     shutil.copytree(external_run["reports"], reports)
@@ -216,7 +217,7 @@ def test_reverse_preset_composes_to_the_other_direction():
 
 def test_reverse_direction_trains_and_evaluates_at_smoke_size(tiny_data, tmp_path):
     """Trained on radiography (the smoke model, 2 folds), measured on the tutorial's collections."""
-    from covidxray import evaluate, external, train
+    from covidxray.stages import evaluate, external, train
 
     dirs = {
         "curated": tiny_data["curated"],
@@ -237,7 +238,7 @@ def test_reverse_direction_trains_and_evaluates_at_smoke_size(tiny_data, tmp_pat
 
 
 def test_training_with_a_collection_in_both_roles_fails_fast():
-    from covidxray.config import train_settings
+    from covidxray.infra.config import train_settings
 
     with pytest.raises(CovidXrayError, match=r"\['kermany'\] are in both roles for class 'normal'"):
         train_settings(make_cfg(["data.sources.external.normal=[kermany]"]))

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from conftest import BIN, COMMIT, run_until_killed
 from covidxray import CovidXrayError
-from covidxray import fetch as F
+from covidxray.stages import fetch as F
 
 REPO_NAME = "ieee8023/covid-chestxray-dataset"
 BASE_URL = "https://raw.githubusercontent.com"

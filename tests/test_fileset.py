@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from conftest import BIN, REPO, make_cfg
-from covidxray import fileset
+from covidxray.infra import fileset
 
 CV_FILES = ("oof.csv", "folds.csv", "metrics.json", "history.csv")
 POINTS = [("staged", "old"), ("committed", "new"), ("installing", "new")]
@@ -124,7 +124,7 @@ def _outputs(root: Path) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def old_root(tiny_data, tmp_path_factory) -> Path:
     """A complete set of train outputs (and its MLflow store) from an earlier run (8 head units)."""
-    from covidxray.train import main
+    from covidxray.stages.train import main
 
     root = tmp_path_factory.mktemp("old")
     main(make_cfg([*_overrides(root, tiny_data), "model.head.dense_units=8"]))
@@ -140,8 +140,8 @@ def test_train_killed_while_installing_leaves_a_whole_set(point, outcome, old_ro
 
     from omegaconf import OmegaConf
 
-    from covidxray.metrics import choose_threshold
-    from covidxray.predict import predict_cli
+    from covidxray.evaluation.metrics import choose_threshold
+    from covidxray.tools.predict import predict_cli
 
     root = tmp_path / "run"
     shutil.copytree(old_root, root)

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from covidxray import gradcam
+from covidxray.evaluation import gradcam
 
 
 def _model(name: str, size: int, **model_cfg):
-    from covidxray.models import build_model
+    from covidxray.modeling.models import build_model
 
     cfg = {
         "name": name,

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from covidxray import CovidXrayError
-from covidxray import images
+from covidxray.data import images
 
 W, H = 48, 36  # above images.MIN_SIDE
 
@@ -174,7 +174,7 @@ def test_store_round_trip(tmp_path):
 
 
 def test_prepare_resizes_crops_and_equalises():
-    from covidxray.images import prepare
+    from covidxray.data.images import prepare
 
     rng = np.random.default_rng(0)
     stored = np.zeros((2, 40, 40), np.uint8)
@@ -197,7 +197,7 @@ def test_prepare_resizes_crops_and_equalises():
     ],
 )
 def test_prepare_rejects_bad_values(kwargs, message):
-    from covidxray.images import prepare
+    from covidxray.data.images import prepare
 
     with pytest.raises(CovidXrayError, match=message):
         prepare(np.zeros((1, 40, 40), np.uint8), **kwargs)

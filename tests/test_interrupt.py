@@ -92,7 +92,7 @@ def test_ctrl_c_ends_in_one_line_exit_130_and_killed_runs(tiny_data, tmp_path):
 def test_runs_left_running_by_sigkill_are_ended_by_the_next_run(tiny_data, tmp_path):
     import mlflow
 
-    from covidxray import tracking
+    from covidxray.infra import tracking
 
     proc, store = start_training(tiny_data, tmp_path)
     wait_for_fold_run(proc, tmp_path)
@@ -115,7 +115,7 @@ def test_runs_left_running_by_sigkill_are_ended_by_the_next_run(tiny_data, tmp_p
 
 
 def test_process_alive_tells_a_reused_pid_apart():
-    from covidxray import tracking
+    from covidxray.infra import tracking
 
     me = tracking.process_tags()
     assert tracking.process_alive(os.getpid(), me["covidxray.pid_start"])

@@ -5,7 +5,7 @@ import pytest
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
 from covidxray import CovidXrayError
-from covidxray import metrics as M
+from covidxray.evaluation import metrics as M
 
 
 def _binary(scores):

@@ -35,7 +35,7 @@ def _pixels(n: int = 3, size: int = SIZE) -> np.ndarray:
 
 
 def test_conf_lists_every_backbone():
-    from covidxray import models
+    from covidxray.modeling import models
 
     assert set(MODEL_NAMES) == set(models.MODEL_NAMES)
 
@@ -44,7 +44,7 @@ def test_conf_lists_every_backbone():
 def test_structure_contract_save_and_reload(name, tmp_path):
     import keras
 
-    from covidxray import models
+    from covidxray.modeling import models
 
     model = models.build_model(_cfg(name), SIZE, 3)
     kinds = [type(layer).__name__ for layer in model.layers]
@@ -73,7 +73,7 @@ def test_structure_contract_save_and_reload(name, tmp_path):
 
 
 def test_saved_model_loads_in_another_process(tmp_path):
-    from covidxray import models
+    from covidxray.modeling import models
 
     model = models.build_model(_cfg("mobilenetv2"), SIZE, 2)
     model.save(tmp_path / "model.keras")
@@ -81,7 +81,7 @@ def test_saved_model_loads_in_another_process(tmp_path):
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "p.npy", model.predict(x, verbose=0))
     code = (
-        "import sys, numpy as np, keras, covidxray.models; d = sys.argv[1]; "
+        "import sys, numpy as np, keras, covidxray.modeling.models; d = sys.argv[1]; "
         "m = keras.models.load_model(d + '/model.keras'); "
         "assert np.allclose(m.predict(np.load(d + '/x.npy'), verbose=0), np.load(d + '/p.npy'), atol=1e-5)"
     )
@@ -94,7 +94,7 @@ def test_preprocess_matches_keras_applications(name):
     """The in-model layer equals keras.applications.<family>.preprocess_input on RGB-repeated gray."""
     import keras
 
-    from covidxray import models
+    from covidxray.modeling import models
 
     x = _pixels()
     family = getattr(keras.applications, models.BACKBONES[name].module)
@@ -104,7 +104,7 @@ def test_preprocess_matches_keras_applications(name):
 
 
 def test_small_cnn_scales_to_unit_range_on_one_channel():
-    from covidxray import models
+    from covidxray.modeling import models
 
     model = models.build_model(_cfg("small_cnn"), SIZE, 2)
     out = model.get_layer("preprocess")(_pixels())
@@ -112,7 +112,7 @@ def test_small_cnn_scales_to_unit_range_on_one_channel():
 
 
 def test_pooling_is_clamped_to_small_feature_maps():
-    from covidxray import models
+    from covidxray.modeling import models
 
     model = models.build_model(_cfg("vgg16", head={"pool_size": 4, "dense_units": 8, "dropout": 0.5}), SIZE, 2)
     assert model.get_layer("backbone").output.shape[1] == 1
@@ -122,7 +122,7 @@ def test_pooling_is_clamped_to_small_feature_maps():
 
 
 def test_frozen_base_and_fine_tune():
-    from covidxray import models
+    from covidxray.modeling import models
 
     model = models.build_model(_cfg("mobilenetv2", freeze_base=True), SIZE, 2)
     backbone = model.get_layer("backbone")
@@ -137,7 +137,7 @@ def test_frozen_base_and_fine_tune():
 
 
 def test_weights_file_path_loads_into_backbone(tmp_path):
-    from covidxray import models
+    from covidxray.modeling import models
 
     source = models.build_backbone("vgg16", SIZE, "none")
     path = tmp_path / "vgg16_backbone.weights.h5"
@@ -147,7 +147,8 @@ def test_weights_file_path_loads_into_backbone(tmp_path):
 
 
 def test_missing_weights_file_is_a_config_error(tmp_path):
-    from covidxray import CovidXrayError, models
+    from covidxray import CovidXrayError
+    from covidxray.modeling import models
 
     with pytest.raises(CovidXrayError, match="model.weights"):
         models.build_backbone("vgg16", SIZE, str(tmp_path / "nope.h5"))
@@ -167,7 +168,8 @@ def test_offline_imagenet_names_the_cache_file(name, size, expected, tmp_path, m
     from keras.src.backend import config as keras_config
     from keras.src.utils import file_utils
 
-    from covidxray import CovidXrayError, models
+    from covidxray import CovidXrayError
+    from covidxray.modeling import models
 
     monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path / "keras-home"))
 
@@ -186,7 +188,8 @@ def test_offline_imagenet_names_the_cache_file(name, size, expected, tmp_path, m
 
 
 def test_small_cnn_has_no_imagenet_weights():
-    from covidxray import CovidXrayError, models
+    from covidxray import CovidXrayError
+    from covidxray.modeling import models
 
     with pytest.raises(CovidXrayError, match="model.weights"):
         models.build_backbone("small_cnn", SIZE, "imagenet")
@@ -197,7 +200,8 @@ def test_corrupt_model_file_is_one_line_naming_the_file(tmp_path, capsys):
     "File not found" for a file that exists, nor a zipfile traceback."""
     import zipfile
 
-    from covidxray import CovidXrayError, cli, models
+    from covidxray import CovidXrayError, cli
+    from covidxray.modeling import models
 
     good = tmp_path / "good.keras"
     models.build_model(_cfg("small_cnn"), SIZE, 2).save(good)

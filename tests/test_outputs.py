@@ -14,7 +14,7 @@ import pytest
 
 from conftest import run_until_killed
 from covidxray import CovidXrayError
-from covidxray import outputs as O
+from covidxray.infra import outputs as O
 
 
 def _tree(folder: Path) -> dict[str, str]:
@@ -41,7 +41,7 @@ def test_replace_dir_swaps_whole_and_keeps_the_previous_on_error(tmp_path):
 def test_a_killed_runs_scratch_is_removed_by_the_next_run_and_nothing_else(tmp_path):
     run_until_killed(
         """
-        from covidxray.outputs import replace_dir
+        from covidxray.infra.outputs import replace_dir
         def write(d):
             (d / "big.bin").write_bytes(b"x" * 1000)
             die()

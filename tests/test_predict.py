@@ -25,9 +25,9 @@ def tiny(tmp_path_factory, tiny_data) -> dict:
 
 @pytest.fixture(scope="module")
 def test_images(tiny) -> tuple[np.ndarray, pd.DataFrame]:
-    from covidxray import evaluate
-    from covidxray import images as imgs
-    from covidxray.images import load_splits
+    from covidxray.stages import evaluate
+    from covidxray.data import images as imgs
+    from covidxray.data.images import load_splits
 
     pixels, index, _ = imgs.load_curated(tiny["curated"])
     return evaluate.test_partition(pixels, index, load_splits(tiny["splits"]), tiny["meta"]["sources"])
@@ -61,8 +61,8 @@ def wild_files(gray: np.ndarray, folder: Path) -> dict[str, Path]:
 
 
 def test_predict_wild_files_and_errors(tiny, test_images, tmp_path):
-    from covidxray.models import load_model, predict_probs
-    from covidxray.predict import predict_cli
+    from covidxray.modeling.models import load_model, predict_probs
+    from covidxray.tools.predict import predict_cli
 
     pixels, frame = test_images
     files = wild_files(pixels[0], tmp_path / "in")
@@ -99,7 +99,7 @@ def test_predict_wild_files_and_errors(tiny, test_images, tmp_path):
 
 
 def test_predict_json_and_success_code(tiny, test_images, tmp_path):
-    from covidxray.predict import predict_cli
+    from covidxray.tools.predict import predict_cli
 
     files = wild_files(test_images[0][1], tmp_path)
     code, out, err = run_cli(
@@ -114,7 +114,7 @@ def test_predict_json_and_success_code(tiny, test_images, tmp_path):
 
 
 def test_predict_refuses_images_too_small_or_flat_for_an_xray(tiny, test_images, tmp_path):
-    from covidxray.predict import predict_cli
+    from covidxray.tools.predict import predict_cli
 
     files = wild_files(test_images[0][0], tmp_path)
     Image.fromarray(np.full((1, 1), 128, np.uint8)).save(tmp_path / "dot.png")
@@ -132,7 +132,7 @@ def test_predict_refuses_images_too_small_or_flat_for_an_xray(tiny, test_images,
 
 def test_predict_from_registered_model(tiny, test_images, tmp_path, monkeypatch):
     """models:/NAME/VERSION: the model train registered, with its metadata (threshold, size)."""
-    from covidxray.predict import predict_cli
+    from covidxray.tools.predict import predict_cli
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     files = wild_files(test_images[0][2], tmp_path)
@@ -153,7 +153,7 @@ def test_predict_from_registered_model(tiny, test_images, tmp_path, monkeypatch)
 
 
 def test_predict_unknown_registered_model(tiny, tmp_path):
-    from covidxray.predict import predict_cli
+    from covidxray.tools.predict import predict_cli
 
     with pytest.raises(CovidXrayError, match="cannot load MLflow model"):
         predict_cli(
@@ -178,8 +178,8 @@ def _write_folder(pixels, frame, root: Path) -> Path:
 def test_validate_folder(tiny, test_images, tmp_path):
     import mlflow
 
-    from covidxray import tracking
-    from covidxray.predict import validate_cli
+    from covidxray.infra import tracking
+    from covidxray.tools.predict import validate_cli
 
     pixels, frame = test_images
     folder = _write_folder(pixels, frame, tmp_path / "hospital_b")
@@ -243,7 +243,7 @@ def test_validate_never_replaces_a_folder_it_did_not_write(tiny, test_images, tm
 
 
 def test_validate_csv_with_patients(tiny, test_images, tmp_path):
-    from covidxray.predict import validate
+    from covidxray.tools.predict import validate
 
     pixels, frame = test_images
     (tmp_path / "set" / "img").mkdir(parents=True)
@@ -292,7 +292,7 @@ def test_validate_unknown_label_lists_known_ones(tiny, test_images, tmp_path, ca
 
 
 def test_validate_bad_csv(tmp_path):
-    from covidxray.predict import read_external
+    from covidxray.tools.predict import read_external
 
     (tmp_path / "a.csv").write_text("file,label\nx.png,covid\n")
     with pytest.raises(CovidXrayError, match="path and label"):

@@ -17,8 +17,8 @@ def test_smoke_training_logs_to_an_mlflow_server(smoke_cfg, tmp_path, monkeypatc
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from covidxray import train
-    from covidxray.inference import png_bytes
+    from covidxray.stages import train
+    from covidxray.modeling.inference import png_bytes
 
     root = tmp_path / "server"
     root.mkdir()

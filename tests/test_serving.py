@@ -29,7 +29,8 @@ def xray(collection_dir):
 
 def expected(tiny, gray: np.ndarray) -> dict:
     """What the model in models/ says about a decoded image, through the training preprocessing."""
-    from covidxray import images, models
+    from covidxray.data import images
+    from covidxray.modeling import models
 
     model, meta = models.load_model(tiny["models"])
     pixels = images.prepare_for(meta, images.resize(gray, meta["store_size"], meta["resize"])[None])
@@ -48,7 +49,7 @@ def check_answer(row: dict, want: dict) -> None:
 def test_scoring_server_answers_an_xray(tiny, xray, tmp_path):
     """`mlflow models serve -m models:/covid-xray-detector/1 --env-manager local`, then POST
     /invocations with the X-ray's file (base64), then with its pixels."""
-    from covidxray import images
+    from covidxray.data import images
 
     gray, _ = images.read_grayscale(xray)
     small = images.resize(gray, 64, "stretch")
@@ -101,7 +102,7 @@ def test_scoring_server_answers_an_xray(tiny, xray, tmp_path):
 def test_pyfunc_loads_in_a_fresh_process(tiny, xray, tmp_path):
     """mlflow.pyfunc.load_model in a new interpreter without this checkout on its path: the
     covidxray code it runs is the copy inside the logged model."""
-    from covidxray import images
+    from covidxray.data import images
 
     script = (
         "import json, sys\n"
@@ -129,8 +130,9 @@ def test_decode_rows_takes_files_base64_or_pixels_and_names_bad_rows(xray):
     """The served model's input rows decode like training's files; a bad row is named."""
     import pandas as pd
 
-    from covidxray import CovidXrayError, images
-    from covidxray.inference import decode_rows, png_bytes
+    from covidxray import CovidXrayError
+    from covidxray.data import images
+    from covidxray.modeling.inference import decode_rows, png_bytes
 
     gray, _ = images.read_grayscale(xray)
     meta = images.input_spec(32, "pad", 64, "clahe", 0.1)  # every input step of training

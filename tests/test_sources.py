@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidxray import CovidXrayError, sources
+from covidxray import CovidXrayError
+from covidxray.data import sources
 
 BINARY = ["normal", "covid"]
 DEFAULT = {

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from covidxray import CovidXrayError
-from covidxray.split import make_splits
+from covidxray.stages.split import make_splits
 
 
 def _index(n_patients=60, seed=0):

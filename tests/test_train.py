@@ -17,7 +17,7 @@ from conftest import BIN, REPO, make_cfg
 @pytest.fixture
 def trained(smoke_cfg, tmp_path):
     """The smoke experiment trained once, with 2 epochs so per-epoch curves have 2 steps."""
-    from covidxray.train import main
+    from covidxray.stages.train import main
 
     smoke_cfg.train.epochs = 2
     value = main(smoke_cfg)
@@ -27,7 +27,7 @@ def trained(smoke_cfg, tmp_path):
 def _client(cfg):
     import mlflow
 
-    from covidxray import tracking
+    from covidxray.infra import tracking
 
     tracking.configure(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     return mlflow.tracking.MlflowClient()
@@ -37,7 +37,7 @@ def test_smoke_training_end_to_end(trained):
     import keras
     import mlflow
 
-    from covidxray.metrics import choose_threshold
+    from covidxray.evaluation.metrics import choose_threshold
 
     cfg, root = trained["cfg"], trained["root"]
     models_dir, cv_dir = root / "models", root / "reports" / "cv"
@@ -118,7 +118,7 @@ def test_smoke_training_end_to_end(trained):
     # The registered model is a pyfunc model: image bytes in, p(covid) and the label at the saved
     # threshold out, the same as the .keras file in models/ (serving tests: test_serving.py).
     assert meta["registered_model"] == cfg.mlflow.registered_model and meta["registered_version"] == 1
-    from covidxray.inference import png_bytes
+    from covidxray.modeling.inference import png_bytes
 
     x = np.random.default_rng(1).uniform(0, 255, size=(4, 32, 32)).astype(np.uint8)
     p = keras.models.load_model(models_dir / "model.keras").predict(x.astype(np.float32)[..., None], verbose=0)
@@ -185,7 +185,7 @@ def test_hydra_multirun_makes_one_parent_run_per_job(tiny_data, tmp_path):
 def test_final_model_trains_the_cv_median_best_epoch():
     """With early stopping, the final model (no validation fold to stop on) trains the median of
     the folds' best epochs, rounded up and at least 1, per phase; without, the configured epochs."""
-    from covidxray.train import final_epochs
+    from covidxray.stages.train import final_epochs
 
     folds = pd.DataFrame({"best_epoch": [3.0, 7.0, 4.0]})
     assert final_epochs([25, 0], folds, early_stopping=True) == [4, 0]
@@ -198,9 +198,9 @@ def test_final_model_trains_the_cv_median_best_epoch():
 
 def test_frozen_feature_cache_gives_the_same_model(tiny_data):
     """Training the head on cached backbone features == training the full model on images."""
-    from covidxray.config import train_settings
-    from covidxray.fitting import Trainer
-    from covidxray.train import load_cv_data
+    from covidxray.infra.config import train_settings
+    from covidxray.modeling.fitting import Trainer
+    from covidxray.stages.train import load_cv_data
 
     s = train_settings(
         make_cfg(
@@ -229,8 +229,8 @@ def test_frozen_feature_cache_gives_the_same_model(tiny_data):
 
 
 def test_augmentation_runs_in_the_input_pipeline_for_training_only(tiny_data):
-    from covidxray.config import augment_settings
-    from covidxray.inputs import build_augmenter, make_dataset
+    from covidxray.infra.config import augment_settings
+    from covidxray.modeling.inputs import build_augmenter, make_dataset
 
     cfg = make_cfg(["augment=standard"])
     augmenter = build_augmenter(augment_settings(cfg), seed=0)
@@ -246,7 +246,7 @@ def test_augmentation_runs_in_the_input_pipeline_for_training_only(tiny_data):
     assert float(x.numpy().min()) >= 0.0 and float(x.numpy().max()) <= 255.0
     assert np.allclose(plain.numpy()[..., 0], images)
     # The fused warp with nothing to do is the identity; a 90 degree turn moves pixels as expected.
-    from covidxray.inputs import random_affine_layer as _random_affine_layer
+    from covidxray.modeling.inputs import random_affine_layer as _random_affine_layer
 
     batch = plain.numpy()
     assert np.allclose(_random_affine_layer()(0.0, 0.0, 0.0)(batch).numpy(), batch, atol=1e-3)
@@ -258,8 +258,8 @@ def test_augmentation_runs_in_the_input_pipeline_for_training_only(tiny_data):
 
 
 def test_learning_rate_schedules():
-    from covidxray.config import fit_settings
-    from covidxray.fitting import make_optimizer, make_schedule
+    from covidxray.infra.config import fit_settings
+    from covidxray.modeling.fitting import make_optimizer, make_schedule
 
     tutorial = make_schedule(
         make_cfg(["optimizer.schedule=inverse_time"]).optimizer.schedule, 1e-3, epochs=25, steps_per_epoch=10
@@ -275,9 +275,9 @@ def test_learning_rate_schedules():
 
 
 def test_mirrored_strategy_runs_as_one_replica_on_cpu(tiny_data, tmp_path):
-    from covidxray.config import train_settings
-    from covidxray.fitting import Trainer
-    from covidxray.train import load_cv_data
+    from covidxray.infra.config import train_settings
+    from covidxray.modeling.fitting import Trainer
+    from covidxray.stages.train import load_cv_data
 
     s = train_settings(
         make_cfg(
@@ -302,9 +302,9 @@ def test_three_classes_covid_last(tmp_path):
     """Three classes (data.task=three_class): softmax over 3, OOF columns per class, covid-vs-rest
     threshold; no final model when cv.final_model is off."""
     from conftest import synthetic_xrays
-    from covidxray.images import save_curated
-    from covidxray.split import make_splits
-    from covidxray.train import main
+    from covidxray.data.images import save_curated
+    from covidxray.stages.split import make_splits
+    from covidxray.stages.train import main
 
     rng = np.random.default_rng(3)
     classes = ["normal", "pneumonia", "covid"]

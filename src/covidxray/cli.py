@@ -27,9 +27,9 @@ from covidxray import CovidXrayError  # noqa: E402
 
 STAGES = ("pretrained", "fetch", "curate", "split", "train", "evaluate", "external")
 TOOLS = {
-    "predict": "covidxray.predict:predict_cli",
-    "validate": "covidxray.predict:validate_cli",
-    "manifest": "covidxray.fetch:manifest_cli",
+    "predict": "covidxray.tools.predict:predict_cli",
+    "validate": "covidxray.tools.predict:validate_cli",
+    "manifest": "covidxray.stages.fetch:manifest_cli",
     "params": "covidxray.cli:params_cli",
 }
 USAGE = f"""usage: covidxray STAGE [--params FILE | HYDRA_OVERRIDES... [-m]]
@@ -83,7 +83,7 @@ def _run_stage(stage: str, cfg):
     """Run one stage's `main(cfg)`, turning a CovidXrayError into a one-line error and exit 1.
     Returns what the stage returns (train: the metric Hydra sweepers such as Optuna optimize)."""
     try:
-        return _load(f"covidxray.{stage}:main")(cfg)
+        return _load(f"covidxray.stages.{stage}:main")(cfg)
     except CovidXrayError as err:
         print(f"covidxray {stage}: error: {err}", file=sys.stderr)
         sys.exit(1)
@@ -124,7 +124,7 @@ def run_stage_with_hydra(stage: str, overrides: list[str]) -> None:
     """Run a stage as a Hydra app over conf/, so overrides, -m sweeps and launchers all work."""
     import hydra
 
-    from covidxray.config import conf_dir
+    from covidxray.infra.config import conf_dir
 
     sys.argv = [f"covidxray {stage}", *overrides]
 
@@ -141,7 +141,7 @@ def params_cli(argv: list[str]) -> int:
 
     from dvc.utils.hydra import compose_and_dump
 
-    from covidxray.config import conf_dir
+    from covidxray.infra.config import conf_dir
 
     parser = argparse.ArgumentParser(prog="covidxray params", description=params_cli.__doc__)
     parser.add_argument("overrides", nargs="*")
@@ -221,7 +221,7 @@ def _interrupted(command: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
     since = int(1000 * (_interrupted_at[0] if _interrupted_at else time.time()))
     note = ""
-    tracking = sys.modules.get("covidxray.tracking")  # imported only if the command logged to MLflow
+    tracking = sys.modules.get("covidxray.infra.tracking")  # imported only if the command logged to MLflow
     if tracking is not None:
         try:
             ended = tracking.end_interrupted_runs(since)

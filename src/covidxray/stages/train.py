@@ -9,7 +9,7 @@ partition is never read here. `run` is the recipe; the fitting itself is fitting
 
 Outputs (DVC: paths.models and paths.reports/cv; as a Hydra app: the job's output directory),
 installed together (fileset): a reader sees all old files or all new ones, also after a kill.
-  models/model.keras       the final model (models.py layout; loads after `import covidxray.models`)
+  models/model.keras       the final model (models.py layout; loads after `import covidxray.modeling.models`)
   models/model.json        classes, image_size, resize, threshold, threshold_method, model, MLflow ids
   reports/cv/oof.csv       image_id, patient_id, label, y, fold, p_<class>...
   reports/cv/folds.csv     per fold: auc, accuracy, sensitivity, specificity, loss, best_epoch, ...
@@ -37,11 +37,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidxray import CovidXrayError, config, fileset, tracking
-from covidxray.config import TrainSettings
-from covidxray.outputs import json_safe
-from covidxray.fitting import Trainer
-from covidxray.metrics import (
+from covidxray import CovidXrayError
+from covidxray.infra import config, fileset, tracking
+from covidxray.infra.config import TrainSettings
+from covidxray.infra.outputs import json_safe
+from covidxray.modeling.fitting import Trainer
+from covidxray.evaluation.metrics import (
     FOLD_METRICS,
     OOF_METRICS,
     choose_threshold,
@@ -141,8 +142,8 @@ def load_cv_data(
     balanced as asked, joined with their folds (the first `folds`, or all), as model inputs
     (`inputs`: images.input_spec); the test partition and the external collections are dropped
     here and never seen by training. With `task`, the curated classes must be that task's."""
-    from covidxray import sources
-    from covidxray.images import load_curated, load_splits, prepare, with_splits
+    from covidxray.data import sources
+    from covidxray.data.images import load_curated, load_splits, prepare, with_splits
 
     images, index, classes = load_curated(curated)
     if task is not None and list(classes) != list(config.TASKS[task]):
@@ -179,7 +180,7 @@ def make_trainer(s: TrainSettings, data: CVData) -> Trainer:
     (fail now, not after the first fold, when offline), op determinism when asked for."""
     import tensorflow as tf
 
-    from covidxray import models
+    from covidxray.modeling import models
 
     model = s.fit.model
     if model.weights == "imagenet":
@@ -373,7 +374,7 @@ def write_outputs(
     CV results. train_seconds goes to the run too."""
     import mlflow
 
-    from covidxray.models import META_FILE, MODEL_FILE
+    from covidxray.modeling.models import META_FILE, MODEL_FILE
 
     remove = [] if model is not None else [models_dir / MODEL_FILE, models_dir / META_FILE]
     with fileset.install_together([models_dir, cv_dir], remove=remove) as (new_models, new_cv):
@@ -418,7 +419,7 @@ def log_fold_figures(history: pd.DataFrame, y: np.ndarray, probs: np.ndarray, cl
     """A fold's confusion matrix (at p >= 0.5) and training curves, as figures of the active run."""
     import mlflow
 
-    from covidxray.metrics import pyplot
+    from covidxray.evaluation.metrics import pyplot
 
     k = len(classes)
     cm = np.zeros((k, k), dtype=int)
@@ -467,7 +468,7 @@ def crown(registered_model: str, version) -> None:
 def _log_final_model(model, meta: dict, example: np.ndarray, registered: str | None):
     """Log the final model as a servable MLflow pyfunc model (serving.py: images in, p(covid) and
     the label at the saved threshold out) and register it; returns the ModelInfo."""
-    from covidxray import serving
+    from covidxray.serving import pyfunc as serving
 
     gray = np.clip(np.asarray(example)[0, ..., 0], 0, 255).astype(np.uint8)
     return serving.log_model(model, meta, registered_name=registered, example=gray)

@@ -20,7 +20,7 @@ BATCH_SIZE = 32
 
 def _row_pixels(image, pixels, row: int) -> np.ndarray:
     """The 2-D uint8 grayscale image of one input row (`image` bytes or base64, or `pixels`)."""
-    from covidxray.images import decode_grayscale
+    from covidxray.data.images import decode_grayscale
 
     given = [v is not None and not (isinstance(v, float) and np.isnan(v)) for v in (image, pixels)]
     if given[0] == given[1]:
@@ -46,7 +46,7 @@ def _row_pixels(image, pixels, row: int) -> np.ndarray:
 def decode_rows(model_input, meta: dict) -> np.ndarray:
     """(N, S, S) uint8 model inputs from the input rows, by the input steps saved with the model
     (meta: image_size, resize, store_size, normalize, crop_border), as in training."""
-    from covidxray.images import prepare_for, resize
+    from covidxray.data.images import prepare_for, resize
 
     if not isinstance(model_input, pd.DataFrame) or not {"image", "pixels"} & set(model_input.columns):
         raise CovidXrayError("input must be a table with a column image (encoded file) or pixels (2-D array)")
@@ -70,7 +70,7 @@ def probabilities(model, pixels: np.ndarray, n_classes: int) -> np.ndarray:
 def predictions(model, meta: dict, pixels: np.ndarray) -> pd.DataFrame:
     """Per image: p_<class> (the positive class, last in meta["classes"], first), the label at
     meta["threshold"], and the threshold."""
-    from covidxray.metrics import decide
+    from covidxray.evaluation.metrics import decide
 
     classes = list(meta["classes"])
     probs = probabilities(model, pixels, len(classes))

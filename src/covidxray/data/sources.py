@@ -120,7 +120,7 @@ def model_roles(meta_sources, configured) -> dict:
 def role_table(index: pd.DataFrame, splits: pd.DataFrame, roles: dict) -> pd.DataFrame:
     """image_id and its role for a model: cv or test (its training collections), external, or
     unused (a collection in no role)."""
-    from covidxray.images import with_splits
+    from covidxray.data.images import with_splits
 
     partition = with_splits(index, splits)["partition"].to_numpy()
     train, external = in_role(index, roles["train"]), in_role(index, roles.get("external", {}))

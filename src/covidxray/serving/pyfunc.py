@@ -23,14 +23,14 @@ import numpy as np
 import pandas as pd
 
 from covidxray import CovidXrayError
-from covidxray.inference import decode_rows, png_bytes, predictions
+from covidxray.modeling.inference import decode_rows, png_bytes, predictions
 
 MODEL_ARTIFACT = "model"
 META_ARTIFACT = "meta"
-ENTRY = '''"""MLflow models-from-code entry: the covid-xray detector (see covidxray.serving)."""
+ENTRY = '''"""MLflow models-from-code entry: the covid-xray detector (see covidxray.serving.pyfunc)."""
 import mlflow
 
-from covidxray.serving import CovidXrayModel
+from covidxray.serving.pyfunc import CovidXrayModel
 
 mlflow.models.set_model(CovidXrayModel())
 '''
@@ -40,7 +40,7 @@ class CovidXrayModel(mlflow.pyfunc.PythonModel):
     """The Keras model with its metadata: images in, p(class) and the label at the threshold out."""
 
     def load_context(self, context):
-        from covidxray.models import check_meta, load
+        from covidxray.modeling.models import check_meta, load
 
         self.meta = check_meta(json.loads(Path(context.artifacts[META_ARTIFACT]).read_text()), META_ARTIFACT)
         self.model = load(context.artifacts[MODEL_ARTIFACT])
@@ -99,7 +99,9 @@ def log_model(
         model.save(tmp / "model.keras")
         (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
         code = tmp / "covidxray"
-        shutil.copytree(Path(__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            Path(__file__).resolve().parents[1], code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
         entry = tmp / "covidxray_model.py"
         entry.write_text(ENTRY)
         example_frame = None if example is None else pd.DataFrame({"image": [png_bytes(example)]})

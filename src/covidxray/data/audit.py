@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from covidxray.sources import KERMANY
+from covidxray.data.sources import KERMANY
 
 UNKNOWN = "unknown"
 SHORTCUT_AUC_WARN = 0.8

@@ -13,7 +13,7 @@ Every model the project builds has the same layout, which Grad-CAM and predict r
 `model_parts(model)` returns (preprocess layer, backbone model, head layers), and
 `split_at_backbone(model)` the three parts as callables (preprocess layer, backbone model,
 head model sharing the head's layers), e.g. for Grad-CAM or to train the head on cached features.
-Saved .keras files load in any process that has imported `covidxray.models` (the one custom
+Saved .keras files load in any process that has imported `covidxray.modeling.models` (the one custom
 layer is registered as "covidxray>GrayscalePreprocess"; no Lambda layers).
 
 Backbones (the catalogue, without Keras, is backbones.py): vgg16 (the tutorial's), vgg19,
@@ -37,9 +37,11 @@ from pathlib import Path
 import keras
 from keras import layers, ops
 
-from covidxray import CovidXrayError, efficientnet_lite, fileset
-from covidxray.inference import probabilities as predict_probs  # noqa: F401 - models' users call it so
-from covidxray.backbones import (  # noqa: F401 - the catalogue, re-exported for models' users
+from covidxray import CovidXrayError
+from covidxray.modeling import efficientnet_lite
+from covidxray.infra import fileset
+from covidxray.modeling.inference import probabilities as predict_probs  # noqa: F401 - models' users call it so
+from covidxray.modeling.backbones import (  # noqa: F401 - the catalogue, re-exported for models' users
     BACKBONES,
     DEFAULT_FILTERS,
     MIN_IMAGENET_SIZE,
@@ -67,7 +69,7 @@ class GrayscalePreprocess(layers.Layer):
 
     channels=3 repeats the gray channel to RGB; mode applies the backbone family's
     `preprocess_input` (see PREPROCESS_MODES). Serializable: a saved model needs no custom code
-    beyond importing covidxray.models.
+    beyond importing covidxray.modeling.models.
     """
 
     def __init__(self, mode: str = "unit", channels: int = 3, **kwargs):
@@ -353,7 +355,7 @@ def check_meta(meta: dict, source: str) -> dict:
     classes = [str(c) for c in meta["classes"]]
     if len(classes) < 2:
         raise CovidXrayError(f"{source}: model metadata needs at least two classes, got {classes}")
-    from covidxray.images import input_spec
+    from covidxray.data.images import input_spec
 
     try:  # models saved before store_size/normalize/crop_border existed: plain resize to image_size
         spec = input_spec(

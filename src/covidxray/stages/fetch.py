@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from tqdm import tqdm
 
 from covidxray import CovidXrayError
-from covidxray.outputs import replace_dir
+from covidxray.infra.outputs import replace_dir
 
 MIRROR_ENV = "COVIDXRAY_DATA_MIRROR"
 DEFAULT_MIRROR = Path("..") / "shared" / "datasets"

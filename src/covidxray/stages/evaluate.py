@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 
 from covidxray import CovidXrayError
-from covidxray import images as imgs
-from covidxray import metrics as M
-from covidxray import report as R
-from covidxray import sources
-from covidxray.models import MODEL_FILE, load_model
-from covidxray.outputs import scratch_dir
+from covidxray.data import images as imgs
+from covidxray.evaluation import metrics as M
+from covidxray.evaluation import report as R
+from covidxray.data import sources
+from covidxray.modeling.models import MODEL_FILE, load_model
+from covidxray.infra.outputs import scratch_dir
 
 # -- data -------------------------------------------------------------------------------------------
 

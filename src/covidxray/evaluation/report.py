@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from covidxray import CovidXrayError
-from covidxray import metrics as M
-from covidxray.models import predict_probs
+from covidxray.evaluation import metrics as M
+from covidxray.modeling.models import predict_probs
 
 OUTPUTS = ("metrics.json", "plots", "figures", "report.md")
 METRIC_NAMES = {
@@ -194,7 +194,7 @@ def gradcam_sample(y, pred, positive: int, per_group: int, seed: int) -> dict[st
 
 def gradcam_figure(model, images, frame, y, probs, pred, classes, per_group: int, seed: int, path: Path) -> Path:
     """figures/gradcam.png: Grad-CAM of the covid score for sampled TP, FP and FN images."""
-    from covidxray import gradcam
+    from covidxray.evaluation import gradcam
 
     sample = gradcam_sample(y, pred, len(classes) - 1, int(per_group), seed)
     rows = np.concatenate(list(sample.values())).astype(int)
@@ -426,7 +426,7 @@ def log_to_mlflow(
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from covidxray import tracking
+    from covidxray.infra import tracking
 
     tracking.configure(tracking_uri, experiment)
     if run_id:

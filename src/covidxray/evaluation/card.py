@@ -8,7 +8,7 @@ other collection) and the shortcut probes, and points to the detailed internal t
 
 from __future__ import annotations
 
-from covidxray.report import fmt
+from covidxray.evaluation.report import fmt
 
 HEADLINE = ("auc", "sensitivity", "specificity")
 

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from covidxray.config import AugmentSettings
+from covidxray.infra.config import AugmentSettings
 
 
 def random_affine_layer():

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from covidxray import CovidXrayError, card, probes, sources
-from covidxray import images as imgs
-from covidxray import report as R
-from covidxray.models import MODEL_FILE, load_model
-from covidxray.outputs import scratch_dir
+from covidxray import CovidXrayError
+from covidxray.evaluation import card, probes
+from covidxray.data import sources
+from covidxray.data import images as imgs
+from covidxray.evaluation import report as R
+from covidxray.modeling.models import MODEL_FILE, load_model
+from covidxray.infra.outputs import scratch_dir
 
 OUT_DIR = "external"
 CARD = "model_card.md"

@@ -28,10 +28,10 @@ import numpy as np
 import pandas as pd
 
 from covidxray import CovidXrayError
-from covidxray import images as imgs
-from covidxray.audit import UNKNOWN, audit, audit_markdown
-from covidxray.sources import COLLECTIONS, IEEE8023, KERMANY, RADIOGRAPHY, TASKS
-from covidxray.outputs import json_safe, replace_dir
+from covidxray.data import images as imgs
+from covidxray.data.audit import UNKNOWN, audit, audit_markdown
+from covidxray.data.sources import COLLECTIONS, IEEE8023, KERMANY, RADIOGRAPHY, TASKS
+from covidxray.infra.outputs import json_safe, replace_dir
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 COLUMNS = [

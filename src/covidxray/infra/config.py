@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from covidxray import CovidXrayError
-from covidxray import backbones
-from covidxray import sources
-from covidxray.images import INPUT_KEYS, input_spec
-from covidxray.metrics import THRESHOLD_METHODS, training_metric_names
+from covidxray.modeling import backbones
+from covidxray.data import sources
+from covidxray.data.images import INPUT_KEYS, input_spec
+from covidxray.evaluation.metrics import THRESHOLD_METHODS, training_metric_names
 
 TASKS = {task: tuple(classes) for task, classes in sources.TASKS.items()}  # covid last
 OPTIMIZERS = ("adam",)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from covidxray import audit
-from covidxray import metrics as M
-from covidxray.models import predict_probs
+from covidxray.data import audit
+from covidxray.evaluation import metrics as M
+from covidxray.modeling.models import predict_probs
 
 FEATURE_LAYER = "head_dense"  # every model of models.build_model has it: the head's last hidden layer
 PROBE_FOLDS = 5

@@ -16,7 +16,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from covidxray import CovidXrayError
-from covidxray.images import INDEX_FILE
+from covidxray.data.images import INDEX_FILE
 
 COLUMNS = ["image_id", "patient_id", "label", "partition", "fold"]
 

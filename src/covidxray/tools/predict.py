@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 
 from covidxray import CovidXrayError
-from covidxray import models
-from covidxray import report as R
-from covidxray.inference import predictions
-from covidxray.outputs import check_replaceable, replace_dir
+from covidxray.modeling import models
+from covidxray.evaluation import report as R
+from covidxray.modeling.inference import predictions
+from covidxray.infra.outputs import check_replaceable, replace_dir
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 URI = re.compile(r"^(models|runs):/")
@@ -45,7 +45,7 @@ def load_mlflow_model(uri: str, tracking_uri: str | None = None):
     metadata, else from a model.json logged with it or on its run."""
     import mlflow
 
-    from covidxray import tracking
+    from covidxray.infra import tracking
 
     store = tracking.tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(store)
@@ -103,7 +103,7 @@ def load_images(paths, meta: dict, on_error) -> tuple[np.ndarray, list[int]]:
     """Decode each file like training does (the input steps saved in the model's metadata);
     on_error(path, message) for those that fail. Returns the (n_ok, size, size) uint8 stack and
     the positions of the files that worked."""
-    from covidxray.images import load_image
+    from covidxray.data.images import load_image
 
     size = meta["image_size"]
     steps = (meta["resize"], meta["store_size"], meta["normalize"], meta["crop_border"])
@@ -169,7 +169,7 @@ def predict_cli(argv: list[str]) -> int:
     paths = [args.images[i] for i in ok]
     table = predict_table(model, meta, pixels, paths)
     if args.gradcam and len(paths):
-        from covidxray import gradcam
+        from covidxray.evaluation import gradcam
 
         cams = gradcam.gradcam(model, pixels, class_index=-1)
         out = Path(args.gradcam)
@@ -341,7 +341,7 @@ def validate(
 
 def validate_cli(argv: list[str]) -> int:
     """`covidxray validate PATH --model M [--out DIR]`: test-set figures on a labelled external set."""
-    from covidxray.config import compose
+    from covidxray.infra.config import compose
 
     parser = argparse.ArgumentParser(prog="covidxray validate", description=validate_cli.__doc__)
     parser.add_argument(
