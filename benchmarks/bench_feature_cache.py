@@ -43,7 +43,8 @@ def main() -> None:
         from tensorflow.keras.preprocessing.image import ImageDataGenerator
 
     from covidxray.modeling import models
-    from covidxray.infra.config import compose, fit_settings
+    from covidxray.infra.config import compose
+    from covidxray.settings import fit_settings
     from covidxray.modeling.fitting import Trainer, compile_model, make_optimizer
 
     fit = fit_settings(

@@ -43,7 +43,8 @@ def main() -> None:
     import tensorflow as tf
 
     from covidxray.modeling import models
-    from covidxray.infra.config import compose, fit_settings
+    from covidxray.infra.config import compose
+    from covidxray.settings import fit_settings
     from covidxray.modeling.fitting import compile_model, make_optimizer
     from covidxray.modeling.inputs import build_augmenter, class_weights, make_dataset
 

@@ -19,7 +19,7 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml")
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_passes_the_checks(group, option):
-    from covidxray.infra.config import train_settings
+    from covidxray.settings import train_settings
 
     cfg = make_cfg([f"{group}={option}"])
     train_settings(cfg)
@@ -57,7 +57,7 @@ def _hydra_cfg(overrides):
 
 
 def test_optuna_search_composes_with_its_sweeper():
-    from covidxray.infra.config import train_settings
+    from covidxray.settings import train_settings
     from covidxray.evaluation.metrics import training_metric_names as metric_names
 
     cfg = _hydra_cfg(["hparams_search=optuna"])

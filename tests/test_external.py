@@ -238,7 +238,7 @@ def test_reverse_direction_trains_and_evaluates_at_smoke_size(tiny_data, tmp_pat
 
 
 def test_training_with_a_collection_in_both_roles_fails_fast():
-    from covidxray.infra.config import train_settings
+    from covidxray.settings import train_settings
 
     with pytest.raises(CovidXrayError, match=r"\['kermany'\] are in both roles for class 'normal'"):
         train_settings(make_cfg(["data.sources.external.normal=[kermany]"]))

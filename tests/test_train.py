@@ -198,7 +198,7 @@ def test_final_model_trains_the_cv_median_best_epoch():
 
 def test_frozen_feature_cache_gives_the_same_model(tiny_data):
     """Training the head on cached backbone features == training the full model on images."""
-    from covidxray.infra.config import train_settings
+    from covidxray.settings import train_settings
     from covidxray.modeling.fitting import Trainer
     from covidxray.stages.train import load_cv_data
 
@@ -229,7 +229,7 @@ def test_frozen_feature_cache_gives_the_same_model(tiny_data):
 
 
 def test_augmentation_runs_in_the_input_pipeline_for_training_only(tiny_data):
-    from covidxray.infra.config import augment_settings
+    from covidxray.settings import augment_settings
     from covidxray.modeling.inputs import build_augmenter, make_dataset
 
     cfg = make_cfg(["augment=standard"])
@@ -258,7 +258,7 @@ def test_augmentation_runs_in_the_input_pipeline_for_training_only(tiny_data):
 
 
 def test_learning_rate_schedules():
-    from covidxray.infra.config import fit_settings
+    from covidxray.settings import fit_settings
     from covidxray.modeling.fitting import make_optimizer, make_schedule
 
     tutorial = make_schedule(
@@ -275,7 +275,7 @@ def test_learning_rate_schedules():
 
 
 def test_mirrored_strategy_runs_as_one_replica_on_cpu(tiny_data, tmp_path):
-    from covidxray.infra.config import train_settings
+    from covidxray.settings import train_settings
     from covidxray.modeling.fitting import Trainer
     from covidxray.stages.train import load_cv_data
 

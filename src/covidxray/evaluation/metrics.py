@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from covidxray import CovidXrayError
+from covidxray.modeling.inference import decide  # noqa: F401 - the decision rule, measured here
 
 THRESHOLD_METHODS = ("youden", "sensitivity")
 # Figures of a binary (or one-vs-rest) decision; "accuracy" is added by classification_metrics.
@@ -61,16 +62,6 @@ def choose_threshold(y_true, scores, method: str = "youden", target_sensitivity:
             raise CovidXrayError(f"train.target_sensitivity must be in (0, 1], got {target_sensitivity}")
         k = int(np.argmax(tpr >= target - 1e-12))  # tpr is non-decreasing as the threshold falls
     return float(thresholds[k])
-
-
-def decide(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """Predicted class per row of softmax outputs (N, K): covid (last) iff p_covid >= threshold,
-    else the most probable of the other classes."""
-    probs = np.asarray(probs, dtype=float)
-    if probs.ndim != 2 or probs.shape[1] < 2:
-        raise ValueError("probs must be (N, K) with K >= 2")
-    other = np.argmax(probs[:, :-1], axis=1)
-    return np.where(probs[:, -1] >= threshold, probs.shape[1] - 1, other)
 
 
 # -- weighted statistics, vectorized over resamples ----------------------------------------------

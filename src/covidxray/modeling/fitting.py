@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from covidxray.infra.config import FitSettings, OptimizerSettings
+from covidxray.modeling.specs import FitSettings, OptimizerSettings
 from covidxray.modeling.inputs import build_augmenter, class_weights, make_dataset
 
 HISTORY_COLUMNS = ["fold", "epoch", "loss", "val_loss", "accuracy", "val_accuracy", "auc", "val_auc", "phase"]

@@ -1,5 +1,5 @@
 """Inference on X-ray images: decode the rows a served model receives, the softmax
-probabilities, and the label at the threshold saved with the model (metrics.decide).
+probabilities, and the label at the threshold saved with the model (decide).
 
 Shared by `covidxray predict` and the MLflow pyfunc model (serving.py), so a file gives the same
 answer from the command line, from `mlflow.pyfunc.load_model` and from `mlflow models serve`.
@@ -67,11 +67,19 @@ def probabilities(model, pixels: np.ndarray, n_classes: int) -> np.ndarray:
     return probs
 
 
+def decide(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Predicted class per row of softmax outputs (N, K): covid (last) iff p_covid >= threshold,
+    else the most probable of the other classes."""
+    probs = np.asarray(probs, dtype=float)
+    if probs.ndim != 2 or probs.shape[1] < 2:
+        raise ValueError("probs must be (N, K) with K >= 2")
+    other = np.argmax(probs[:, :-1], axis=1)
+    return np.where(probs[:, -1] >= threshold, probs.shape[1] - 1, other)
+
+
 def predictions(model, meta: dict, pixels: np.ndarray) -> pd.DataFrame:
     """Per image: p_<class> (the positive class, last in meta["classes"], first), the label at
     meta["threshold"], and the threshold."""
-    from covidxray.evaluation.metrics import decide
-
     classes = list(meta["classes"])
     probs = probabilities(model, pixels, len(classes))
     table = pd.DataFrame({f"p_{classes[-1]}": probs[:, -1]})

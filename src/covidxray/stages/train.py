@@ -38,8 +38,9 @@ import numpy as np
 import pandas as pd
 
 from covidxray import CovidXrayError
+from covidxray import settings
 from covidxray.infra import config, fileset, tracking
-from covidxray.infra.config import TrainSettings
+from covidxray.settings import TrainSettings
 from covidxray.infra.outputs import json_safe
 from covidxray.modeling.fitting import Trainer
 from covidxray.evaluation.metrics import (
@@ -63,7 +64,7 @@ CHAMPION = "champion"  # the registry alias of the pipeline's latest model
 def run(cfg) -> dict:
     """Cross-validate, pick the threshold, train and register the final model, write the outputs.
     Returns the metrics (as in metrics.json) plus run ids."""
-    s = config.train_settings(cfg)  # every key checked before anything is read (or TensorFlow loads)
+    s = settings.train_settings(cfg)  # every key checked before anything is read (or TensorFlow loads)
     data = load_cv_data(s.curated, s.splits, s.inputs, s.roles, s.balance, s.fit.seed, s.cv_folds, s.task)
     trainer = make_trainer(s, data)
     models_dir, cv_dir = output_dirs(s.models, s.reports)
@@ -107,7 +108,7 @@ def main(cfg) -> float:
     """Stage entry (DVC, Hydra app or sweep): returns cfg.optimized_metric (default cv_auc_mean)
     for Hydra sweepers such as Optuna."""
     result = run(cfg)  # checks the config (optimized_metric included) first
-    return float(result[str(cfg.get("optimized_metric") or config.DEFAULT_OPTIMIZED_METRIC)])
+    return float(result[str(cfg.get("optimized_metric") or settings.DEFAULT_OPTIMIZED_METRIC)])
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -146,7 +147,7 @@ def load_cv_data(
     from covidxray.data.images import load_curated, load_splits, prepare, with_splits
 
     images, index, classes = load_curated(curated)
-    if task is not None and list(classes) != list(config.TASKS[task]):
+    if task is not None and list(classes) != list(settings.TASKS[task]):
         raise CovidXrayError(
             f"data.task={task} but the curated data in {curated} holds the classes {', '.join(classes)}: "
             f"re-run curate (`dvc repro curate`) or set data.task to the task it was curated for"

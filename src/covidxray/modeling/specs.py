@@ -1,0 +1,81 @@
+"""What one model is built and fitted from: frozen values that settings.py checks and builds from
+the `model`, `optimizer`, `augment` and `train` groups, and that models, inputs and fitting read."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Head:
+    """model.head: AveragePooling2D, then Dense (ReLU) and Dropout before the softmax."""
+
+    pool_size: int
+    dense_units: int
+    dropout: float
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """model.fine_tune: the optional second phase with the top of a frozen base unfrozen."""
+
+    unfreeze_top: int  # 0: no second phase
+    epochs: int
+    lr_factor: float
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The `model` group: backbone, weights and head (models.build_model's input)."""
+
+    name: str
+    weights: str  # imagenet | none | a weights file
+    freeze_base: bool
+    filters: tuple[int, ...]
+    head: Head
+    fine_tune: FineTune
+    imagenet_file: str | None = None  # efficientnet_lite0's converted weights (the pretrained stage)
+
+    def as_config(self) -> dict:
+        """The nested mapping models.build_model reads."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """The `optimizer` group."""
+
+    name: str
+    lr: float
+    schedule: str
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    """The `augment` group; the amounts are 0 where the chosen kind does not use them."""
+
+    name: str
+    rotation_deg: float = 0.0
+    shift: float = 0.0
+    zoom: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    horizontal_flip: bool = False
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """How one model is built and fitted: what fitting.Trainer needs."""
+
+    seed: int
+    image_size: int
+    model: ModelSettings
+    optimizer: OptimizerSettings
+    augment: AugmentSettings
+    epochs: int
+    batch_size: int
+    steps_per_execution: int
+    early_stopping: bool
+    patience: int
+    class_weights: str
+    distribute: str
