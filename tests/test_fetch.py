@@ -163,7 +163,7 @@ def test_a_killed_fetch_leaves_a_scratch_folder_the_next_run_removes(tmp_path, m
     raw = tmp_path / "data" / "raw"
     run_until_killed(
         f"""
-        from covidxray import fetch as F
+        from covidxray.stages import fetch as F
 
         class Dying:
             def __init__(self, inner):

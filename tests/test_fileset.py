@@ -75,7 +75,7 @@ def test_an_error_in_the_block_changes_nothing(tmp_path):
 WRITER = """
 import sys
 from pathlib import Path
-from covidxray import fileset
+from covidxray.infra import fileset
 a, b = Path(sys.argv[1]), Path(sys.argv[2])
 with fileset.install_together([a, b], remove=[a / "gone.txt"]) as (sa, sb):
     for name in ("x.txt", "y.txt"):

@@ -73,7 +73,7 @@ def test_a_run_killed_between_the_renames_gets_the_previous_output_back(tmp_path
     run_until_killed(
         """
         import os
-        from covidxray import outputs
+        from covidxray.infra import outputs
         rename, calls = os.rename, []
         def rename_then_die(a, b):
             calls.append(a)
