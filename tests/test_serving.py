@@ -31,10 +31,11 @@ def expected(tiny, gray: np.ndarray) -> dict:
     """What the model in models/ says about a decoded image, through the training preprocessing."""
     from covidxray.data import images
     from covidxray.modeling import models
+    from covidxray.modeling.inference import probabilities
 
     model, meta = models.load_model(tiny["models"])
     pixels = images.prepare_for(meta, images.resize(gray, meta["store_size"], meta["resize"])[None])
-    p = float(models.predict_probs(model, pixels, len(meta["classes"]))[0, -1])
+    p = float(probabilities(model, pixels, len(meta["classes"]))[0, -1])
     return {"p_covid": p, "label": "covid" if p >= meta["threshold"] else "normal", "threshold": meta["threshold"]}
 
 

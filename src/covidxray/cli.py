@@ -28,8 +28,8 @@ from covidxray import CovidXrayError  # noqa: E402
 STAGES = ("pretrained", "fetch", "curate", "split", "train", "evaluate", "external")
 TOOLS = {
     "predict": "covidxray.tools.predict:predict_cli",
-    "validate": "covidxray.tools.predict:validate_cli",
-    "manifest": "covidxray.stages.fetch:manifest_cli",
+    "validate": "covidxray.tools.validate:validate_cli",
+    "manifest": "covidxray.tools.manifest:manifest_cli",
     "params": "covidxray.cli:params_cli",
 }
 USAGE = f"""usage: covidxray STAGE [--params FILE | HYDRA_OVERRIDES... [-m]]

@@ -48,12 +48,11 @@ from covidxray.evaluation.metrics import (
     OOF_METRICS,
     choose_threshold,
     classification_metrics,
-    confusion_figure,
     decide,
     finite_metrics,
     fold_metrics,
-    training_curves_figure,
 )
+from covidxray.evaluation.figures import confusion_figure, training_curves_figure
 
 CHAMPION = "champion"  # the registry alias of the pipeline's latest model
 
@@ -420,7 +419,7 @@ def log_fold_figures(history: pd.DataFrame, y: np.ndarray, probs: np.ndarray, cl
     """A fold's confusion matrix (at p >= 0.5) and training curves, as figures of the active run."""
     import mlflow
 
-    from covidxray.evaluation.metrics import pyplot
+    from covidxray.evaluation.figures import pyplot
 
     k = len(classes)
     cm = np.zeros((k, k), dtype=int)
