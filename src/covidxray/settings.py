@@ -306,49 +306,50 @@ def assess_options(cfg) -> AssessOptions:
 
 
 @dataclass(frozen=True)
-class EvaluateSettings:
-    """What the evaluate and external stages read."""
+class Reporting:
+    """How an assessed set is measured and where it goes: the `evaluate` group, the reports folder
+    and the MLflow store and experiment (shared by evaluate, external and validate)."""
 
     assess: AssessOptions
-    sources: dict | None  # data.sources as roles; None: the model's own
-    threshold: str  # for models whose model.json predates threshold_method
-    target_sensitivity: float
-    curated: Path
-    splits: Path
-    models: Path
     reports: Path
     tracking_uri: str | None
     experiment: str
 
 
-def evaluate_settings(cfg) -> EvaluateSettings:
-    configured = value(cfg, "data.sources")
-    return EvaluateSettings(
+def reporting(cfg) -> Reporting:
+    return Reporting(
         assess=assess_options(cfg),
-        sources=None if configured is None else sources.as_roles(configured),
-        threshold=choice(cfg, "train.threshold", THRESHOLD_METHODS),
-        target_sensitivity=number(cfg, "train.target_sensitivity", 0.0, 1.0, True, False, "a number in (0, 1]"),
-        **{key: Path(text(cfg, f"paths.{key}")) for key in ("curated", "splits", "models", "reports")},
+        reports=Path(text(cfg, "paths.reports")),
         tracking_uri=text(cfg, "mlflow.tracking_uri", optional=True),
         experiment=text(cfg, "mlflow.experiment"),
     )
 
 
 @dataclass(frozen=True)
-class ValidateSettings:
+class EvaluateSettings:
+    """What the evaluate and external stages read."""
+
+    out: Reporting
+    sources: dict | None  # data.sources as roles; None: the model's own
+    threshold: str  # for models whose model.json predates threshold_method
+    target_sensitivity: float
+    curated: Path
+    splits: Path
+    models: Path
+
+
+def evaluate_settings(cfg) -> EvaluateSettings:
+    configured = value(cfg, "data.sources")
+    return EvaluateSettings(
+        out=reporting(cfg),
+        sources=None if configured is None else sources.as_roles(configured),
+        threshold=choice(cfg, "train.threshold", THRESHOLD_METHODS),
+        target_sensitivity=number(cfg, "train.target_sensitivity", 0.0, 1.0, True, False, "a number in (0, 1]"),
+        **{key: Path(text(cfg, f"paths.{key}")) for key in ("curated", "splits", "models")},
+    )
+
+
+def validate_settings(cfg) -> Reporting:
     """What `covidxray validate` reads from the configuration (its options override evaluate.bootstrap
     and seed before the check)."""
-
-    assess: AssessOptions
-    reports: Path
-    tracking_uri: str | None
-    experiment: str
-
-
-def validate_settings(cfg) -> ValidateSettings:
-    return ValidateSettings(
-        assess=assess_options(cfg),
-        reports=Path(text(cfg, "paths.reports")),
-        tracking_uri=text(cfg, "mlflow.tracking_uri", optional=True),
-        experiment=text(cfg, "mlflow.experiment"),
-    )
+    return reporting(cfg)

@@ -21,7 +21,6 @@ from covidxray.modeling.inference import decide  # noqa: F401 - the decision rul
 THRESHOLD_METHODS = ("youden", "sensitivity")
 # Figures of a binary (or one-vs-rest) decision; "accuracy" is added by classification_metrics.
 BINARY_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "auc", "pr_auc", "brier", "ece")
-METRICS = ("accuracy",) + BINARY_METRICS
 # What a training run reports per CV fold (as cv_<m>_mean/_std) and on its out-of-fold predictions.
 FOLD_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "loss", "best_epoch", "wall_s", "images_per_s")
 OOF_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "pr_auc", "brier", "ece")

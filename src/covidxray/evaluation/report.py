@@ -33,6 +33,15 @@ def fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def headline(figures: dict) -> str:
+    """One line of a set's headline figures: AUC with its interval, sensitivity, specificity."""
+    f = figures
+    return (
+        f"AUC {fmt(f['auc'])} [{fmt(f['auc_ci_low'])}, {fmt(f['auc_ci_high'])}], "
+        f"sensitivity {fmt(f['sensitivity'])}, specificity {fmt(f['specificity'])}"
+    )
+
+
 def metrics_table(figures: dict, ci: float) -> list[str]:
     """Markdown rows: metric | value | CI (and how many resamples defined it, if not all)."""
     lines = [f"| metric | value | {ci:.0%} CI (patient bootstrap) |", "|---|---|---|"]

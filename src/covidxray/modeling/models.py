@@ -27,7 +27,6 @@ cached *_notop.h5, or `backbone.save_weights`).
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import zipfile
@@ -40,6 +39,7 @@ from keras import layers, ops
 from covidxray import CovidXrayError
 from covidxray.modeling import efficientnet_lite
 from covidxray.infra import fileset
+from covidxray.infra.outputs import read_json
 from covidxray.modeling.specs import META_FILE, MODEL_FILE  # noqa: F401 - the saved pair's names, for models' users
 from covidxray.modeling.backbones import (  # noqa: F401 - the catalogue, re-exported for models' users
     BACKBONES,
@@ -406,8 +406,4 @@ def _load_pair(path: Path):
     meta_path = path.with_name(META_FILE)
     if not meta_path.is_file():
         raise CovidXrayError(f"model metadata not found: {meta_path} (written by the train stage)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CovidXrayError(f"{meta_path}: not valid JSON ({err})") from None
-    return load(path), check_meta(meta, str(meta_path))
+    return load(path), check_meta(read_json(meta_path), str(meta_path))

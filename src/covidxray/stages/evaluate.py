@@ -70,7 +70,7 @@ def main(cfg) -> None:
     splits = images.load_splits(st.splits)
     stored, frame = test_partition(pixels, index, splits, roles)
 
-    oof_path = st.reports / "cv" / "oof.csv"
+    oof_path = st.out.reports / "cv" / "oof.csv"
     if not oof_path.is_file():
         raise CovidXrayError(f"out-of-fold predictions missing: {oof_path} (run `dvc repro train`)")
     method = meta.get("threshold_method") or st.threshold
@@ -89,25 +89,23 @@ def main(cfg) -> None:
         "audit": read_json(st.curated / "audit.json", required=False),
         "data_lines": report.composition(index, sources.role_table(index, splits, roles)),
         "config_yaml": config_yaml(cfg),
-        "cv_metrics": read_json(st.reports / "cv" / "metrics.json", required=False),
+        "cv_metrics": read_json(st.out.reports / "cv" / "metrics.json", required=False),
         "extra_metrics": {"threshold_oof": derived},
     }
-    log = LogTo(st.tracking_uri, st.experiment, run_id=meta.get("mlflow_run_id"), run_name="evaluate")
+    log = LogTo(st.out.tracking_uri, st.out.experiment, run_id=meta.get("mlflow_run_id"), run_name="evaluate")
     result = publish(
         model,
         meta,
         images.prepare_for(meta, stored),
         frame,
-        st.reports,
-        options=st.assess,
+        st.out.reports,
+        options=st.out.assess,
         by="evaluate",
         context=context,
         log=log,
     )
-    t, f = result["test"], report.fmt
     print(
-        f"evaluate: {len(frame)} test images: AUC {f(t['auc'])} [{f(t['auc_ci_low'])}, {f(t['auc_ci_high'])}], "
-        f"sensitivity {f(t['sensitivity'])}, specificity {f(t['specificity'])} at threshold "
-        f"{result['threshold']:.3f}; wrote {st.reports}/{{metrics.json,plots,figures,report.md}}; "
+        f"evaluate: {len(frame)} test images: {report.headline(result['test'])} at threshold "
+        f"{result['threshold']:.3f}; wrote {st.out.reports}/{{metrics.json,plots,figures,report.md}}; "
         f"MLflow run {result['mlflow_run_id']}"
     )

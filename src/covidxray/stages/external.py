@@ -85,7 +85,7 @@ def main(cfg) -> None:
     st = evaluate_settings(cfg)  # checked before TensorFlow loads
     from covidxray.modeling.models import load_model
 
-    reports, curated = st.reports, st.curated
+    reports, curated = st.out.reports, st.curated
     model, meta = load_model(st.models / MODEL_FILE)
     stored, index, classes = images.load_curated(curated)
     if list(classes) != meta["classes"]:
@@ -104,15 +104,15 @@ def main(cfg) -> None:
     def probes_and_card(work: Path, result: dict) -> None:
         result["per_source"] = per_source_figures(index, reports, work / OUT_DIR, classes)
         probe = images.load_probe(curated)
-        result["probes"] = run_probes(model, meta, stored, index, roles, test_ids, probe, st.assess.seed)
-        roles_text, ci = sources.describe(roles), st.assess.ci
+        result["probes"] = run_probes(model, meta, stored, index, roles, test_ids, probe, st.out.assess.seed)
+        roles_text, ci = sources.describe(roles), st.out.assess.ci
         text = card.model_card(meta, roles_text, cv, test, result, result["per_source"], result["probes"], dropped, ci)
         (work / CARD).write_text(text)
         shutil.copy(work / CARD, work / OUT_DIR / CARD)
 
     log = LogTo(
-        st.tracking_uri,
-        st.experiment,
+        st.out.tracking_uri,
+        st.out.experiment,
         run_id=meta.get("mlflow_run_id"),
         run_name="external",
         artifact_path="external",
@@ -124,7 +124,7 @@ def main(cfg) -> None:
         images.prepare_for(meta, stored[mask]),
         frame,
         reports,
-        options=st.assess,
+        options=st.out.assess,
         by="external",
         partition="external",
         context=context,
@@ -133,10 +133,8 @@ def main(cfg) -> None:
         subfolder=OUT_DIR,
         extend=probes_and_card,
     )
-    e, f = result["external"], report.fmt
     print(
-        f"external: {len(frame)} images ({held_out}): AUC {f(e['auc'])} [{f(e['auc_ci_low'])}, "
-        f"{f(e['auc_ci_high'])}], sensitivity {f(e['sensitivity'])}, specificity {f(e['specificity'])} at "
-        f"threshold {result['threshold']:.3f}; wrote {reports}/{OUT_DIR} and {reports}/{CARD}; "
+        f"external: {len(frame)} images ({held_out}): {report.headline(result['external'])} at threshold "
+        f"{result['threshold']:.3f}; wrote {reports}/{OUT_DIR} and {reports}/{CARD}; "
         f"MLflow run {result['mlflow_run_id']}"
     )

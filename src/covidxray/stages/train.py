@@ -466,7 +466,7 @@ def crown(registered_model: str, version) -> None:
 
 
 def _log_final_model(model, meta: dict, example: np.ndarray, registered: str | None):
-    """Log the final model as a servable MLflow pyfunc model (serving.py: images in, p(covid) and
+    """Log the final model as a servable MLflow pyfunc model (serving/pyfunc.py: images in, p(covid) and
     the label at the saved threshold out) and register it; returns the ModelInfo."""
     from covidxray.serving import pyfunc as serving
 

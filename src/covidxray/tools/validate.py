@@ -18,7 +18,7 @@ import pandas as pd
 from covidxray import CovidXrayError
 from covidxray.evaluation.assess import AssessOptions, check_labels
 from covidxray.evaluation.publish import LogTo, publish
-from covidxray.evaluation.report import fmt
+from covidxray.evaluation.report import headline
 from covidxray.infra.config import compose
 from covidxray.infra.outputs import check_replaceable
 from covidxray.serving.loading import check_model_path
@@ -187,11 +187,9 @@ def validate_cli(argv: list[str]) -> int:
         tracking_uri=args.tracking_uri or st.tracking_uri,
         experiment=st.experiment,
     )
-    m, f = result["external"], fmt
     print(
         f"validate: {result['n_external_images']} images ({result['n_external_patients']} patients): "
-        f"AUC {f(m['auc'])} [{f(m['auc_ci_low'])}, {f(m['auc_ci_high'])}], "
-        f"sensitivity {f(m['sensitivity'])}, specificity {f(m['specificity'])}; wrote {out}"
+        f"{headline(result['external'])}; wrote {out}"
         + (f"; MLflow run {result['mlflow_run_id']}" if result.get("mlflow_run_id") else "")
     )
     return 1 if result.get("n_skipped_files") else 0
