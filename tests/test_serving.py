@@ -127,6 +127,32 @@ def test_pyfunc_loads_in_a_fresh_process(tiny, xray, tmp_path):
     check_answer(result["rows"][0], expected(tiny, images.read_grayscale(xray)[0]))
 
 
+def test_a_model_logged_before_the_move_loads_where_covidxray_is_imported(tmp_path, monkeypatch):
+    """Models logged before the sub-packages carry an entry file that imports
+    `covidxray.serving.CovidXrayModel`. A fresh process resolves it in the model's own code; one
+    that has already imported this covidxray (a notebook, a service) resolves it here."""
+    import mlflow
+    import pandas as pd
+
+    from conftest import make_cfg
+    from covidxray.modeling.models import build_model
+    from covidxray.serving import pyfunc
+
+    old_entry = pyfunc.ENTRY.replace("from covidxray.serving.pyfunc import", "from covidxray.serving import")
+    assert old_entry != pyfunc.ENTRY
+    monkeypatch.setattr(pyfunc, "ENTRY", old_entry)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model = build_model(make_cfg(["experiment=smoke"]).model, 32, 2)
+    meta = {"classes": ["normal", "covid"], "image_size": 32, "resize": "stretch", "threshold": 0.5}
+    with mlflow.start_run():
+        info = pyfunc.log_model(model, meta)
+    answer = mlflow.pyfunc.load_model(info.model_uri).predict(
+        pd.DataFrame({"pixels": [np.full((40, 40), 90).tolist()]})
+    )
+    assert 0.0 <= answer["p_covid"].iloc[0] <= 1.0 and answer["label"].iloc[0] in ("normal", "covid")
+
+
 def test_decode_rows_takes_files_base64_or_pixels_and_names_bad_rows(xray):
     """The served model's input rows decode like training's files; a bad row is named."""
     import pandas as pd
