@@ -218,3 +218,62 @@ def test_cli_reports_a_config_error_in_one_line(tmp_path):
     assert done.returncode == 1
     assert "covidxray train: error: optimizer.lr must be a number > 0, got 0" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+STAGE_BAD = [
+    ("pretrained", ["pretrained.sha256=abc"], "pretrained.sha256"),
+    ("fetch", ["fetch.commit=0f7245d"], "fetch.commit"),
+    ("fetch", ["fetch.retries=-1"], "fetch.retries"),
+    ("fetch", ["fetch.timeout_s=0"], "fetch.timeout_s"),
+    ("fetch", ["fetch.base_url=ftp://example.org"], "fetch.base_url"),
+    ("split", ["split.test_fraction=1.0"], "split.test_fraction"),
+    ("evaluate", ["evaluate.ci=1.5"], "evaluate.ci"),
+    ("evaluate", ["evaluate.bootstrap=0"], "evaluate.bootstrap"),
+    ("evaluate", ["evaluate.calibration_bins=0"], "evaluate.calibration_bins"),
+    ("evaluate", ["evaluate.gradcam_per_group=-1"], "evaluate.gradcam_per_group"),
+    ("external", ["evaluate.ci=0"], "evaluate.ci"),
+    ("external", ["mlflow.experiment=null"], "mlflow.experiment"),
+]
+
+
+@pytest.mark.parametrize("stage, overrides, key", STAGE_BAD, ids=[f"{s} {' '.join(o)}" for s, o, _ in STAGE_BAD])
+def test_every_stage_checks_its_settings_first(stage, overrides, key, tmp_path):
+    """Each stage's settings (covidxray.settings) stop it before it reads or writes anything."""
+    import importlib
+
+    from covidxray import CovidXrayError
+
+    paths = ("raw", "curated", "splits", "models", "pretrained", "reports")
+    cfg = make_cfg([*overrides, *(f"paths.{p}={tmp_path / p}" for p in paths)])
+    with pytest.raises(CovidXrayError) as err:
+        importlib.import_module(f"covidxray.stages.{stage}").main(cfg)
+    assert str(err.value).startswith(f"{key} must be") and "\n" not in str(err.value)
+    assert not any(tmp_path.iterdir()), "nothing may be written before the settings are checked"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["evaluate", "evaluate.ci=1.5"], "covidxray evaluate: error: evaluate.ci must be a number in (0, 1), got 1.5"),
+        (["validate", "{set}", "--bootstrap", "0"], "covidxray validate: error: evaluate.bootstrap must be an integer"),
+        (["validate", "{set}", "--model", "{tmp}/none.keras"], "covidxray validate: error: model not found: "),
+        (["predict", "{tmp}/none.png", "--model", "{tmp}"], "covidxray predict: error: model not found: "),
+    ],
+    ids=["evaluate", "validate-bootstrap", "validate-model", "predict-model"],
+)
+def test_bad_input_is_one_line_before_tensorflow_loads(argv, message, tmp_path):
+    """Settings and the tools' input checks answer in about a second: no TensorFlow, Keras or MLflow."""
+    (tmp_path / "set" / "covid").mkdir(parents=True)
+    (tmp_path / "set" / "covid" / "a.png").write_bytes(b"not read")
+    argv = [a.format(set=tmp_path / "set", tmp=tmp_path) for a in argv]
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('imported:', [m for m in ('tensorflow', 'keras', 'mlflow') "
+        "if m in sys.modules], file=sys.stderr))\n"
+        "from covidxray.cli import main\n"
+        f"main({argv + ([f'hydra.run.dir={tmp_path}/run'] if argv[0] == 'evaluate' else [])!r})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1, done.stderr
+    assert len(lines) == 2 and lines[0].startswith(message) and lines[1] == "imported: []", done.stderr

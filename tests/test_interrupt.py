@@ -116,15 +116,16 @@ def test_runs_left_running_by_sigkill_are_ended_by_the_next_run(tiny_data, tmp_p
 
 def test_process_alive_tells_a_reused_pid_apart():
     from covidxray.infra import tracking
+    from covidxray.infra.outputs import process_alive
 
     me = tracking.process_tags()
-    assert tracking.process_alive(os.getpid(), me["covidxray.pid_start"])
-    assert not tracking.process_alive(os.getpid(), "1")  # same pid, another start time: not this process
+    assert process_alive(os.getpid(), me["covidxray.pid_start"])
+    assert not process_alive(os.getpid(), "1")  # same pid, another start time: not this process
     done = subprocess.run(["true"])
     assert done.returncode == 0
     child = subprocess.Popen(["true"])
     child.wait()
-    assert not tracking.process_alive(child.pid)
+    assert not process_alive(child.pid)
 
 
 def test_ctrl_c_on_a_tool_command(tiny_data, collection_dir, tmp_path_factory, tmp_path):

@@ -25,12 +25,11 @@ def tiny(tmp_path_factory, tiny_data) -> dict:
 
 @pytest.fixture(scope="module")
 def test_images(tiny) -> tuple[np.ndarray, pd.DataFrame]:
+    from covidxray.data import images
     from covidxray.stages import evaluate
-    from covidxray.data import images as imgs
-    from covidxray.data.images import load_splits
 
-    pixels, index, _ = imgs.load_curated(tiny["curated"])
-    return evaluate.test_partition(pixels, index, load_splits(tiny["splits"]), tiny["meta"]["sources"])
+    pixels, index, _ = images.load_curated(tiny["curated"])
+    return evaluate.test_partition(pixels, index, images.load_splits(tiny["splits"]), tiny["meta"]["sources"])
 
 
 def run_cli(func, argv) -> tuple[int, str, str]:
@@ -61,7 +60,8 @@ def wild_files(gray: np.ndarray, folder: Path) -> dict[str, Path]:
 
 
 def test_predict_wild_files_and_errors(tiny, test_images, tmp_path):
-    from covidxray.modeling.models import load_model, predict_probs
+    from covidxray.modeling.inference import probabilities
+    from covidxray.modeling.models import load_model
     from covidxray.tools.predict import predict_cli
 
     pixels, frame = test_images
@@ -81,7 +81,7 @@ def test_predict_wild_files_and_errors(tiny, test_images, tmp_path):
     code, out, err = run_cli(predict_cli, argv)
     assert code == 1
     lines = err.strip().splitlines()
-    assert len(lines) == 2 and "notes.png" in lines[0] and "missing.jpg" in lines[1]
+    assert len(lines) == 2 and "missing.jpg" in lines[0] and "notes.png" in lines[1]  # missing ones: before loading
     assert all(line.startswith("covidxray predict: error:") for line in lines)
     table = pd.read_csv(io.StringIO(out))
     assert table["path"].tolist() == [str(p) for p in files.values()]
@@ -91,7 +91,7 @@ def test_predict_wild_files_and_errors(tiny, test_images, tmp_path):
     assert (table["label"] == np.where(table["p_covid"] >= threshold, "covid", "normal")).all()
     # the same preprocessing as training: a model-sized grayscale PNG gives the curated prediction
     model, meta = load_model(tiny["models"])
-    expected = predict_probs(model, pixels[:1], 2)[0, 1]
+    expected = probabilities(model, pixels[:1], 2)[0, 1]
     assert table.loc[0, "p_covid"] == pytest.approx(expected, abs=1e-4)
     for name in ("gray", "rgb", "rgba", "sixteen"):
         with Image.open(tmp_path / "cams" / f"{name}_gradcam.png") as cam:
@@ -155,6 +155,7 @@ def test_predict_from_registered_model(tiny, test_images, tmp_path, monkeypatch)
 def test_predict_unknown_registered_model(tiny, tmp_path):
     from covidxray.tools.predict import predict_cli
 
+    Image.fromarray(np.full((64, 64), 100, np.uint8)).save(tmp_path / "x.png")  # present: the model is looked up
     with pytest.raises(CovidXrayError, match="cannot load MLflow model"):
         predict_cli(
             [str(tmp_path / "x.png"), "--model", "models:/no-such-model/7", "--tracking-uri", tiny["tracking_uri"]]
@@ -179,7 +180,7 @@ def test_validate_folder(tiny, test_images, tmp_path):
     import mlflow
 
     from covidxray.infra import tracking
-    from covidxray.tools.predict import validate_cli
+    from covidxray.tools.validate import validate_cli
 
     pixels, frame = test_images
     folder = _write_folder(pixels, frame, tmp_path / "hospital_b")
@@ -243,7 +244,8 @@ def test_validate_never_replaces_a_folder_it_did_not_write(tiny, test_images, tm
 
 
 def test_validate_csv_with_patients(tiny, test_images, tmp_path):
-    from covidxray.tools.predict import validate
+    from covidxray.evaluation.assess import AssessOptions
+    from covidxray.tools.validate import validate
 
     pixels, frame = test_images
     (tmp_path / "set" / "img").mkdir(parents=True)
@@ -253,13 +255,14 @@ def test_validate_csv_with_patients(tiny, test_images, tmp_path):
         rows.append({"path": f"img/{row.image_id}.png", "label": row.label, "patient_id": row.patient_id})
     pd.DataFrame(rows).to_csv(tmp_path / "set" / "labels.csv", index=False)
     out = tmp_path / "reports" / "external" / "labels"
-    result = validate(tmp_path / "set" / "labels.csv", str(tiny["models"]), out, n_resamples=50, log=False)
+    options = AssessOptions(n_resamples=50, ci=0.95, seed=0, per_group=3, n_bins=10)
+    result = validate(tmp_path / "set" / "labels.csv", str(tiny["models"]), out, options, log=False)
     assert result["n_external_images"] == len(frame)
     assert result["n_external_patients"] == frame["patient_id"].nunique() < len(frame)
     assert (out / "report.md").is_file() and (out / "figures" / "gradcam.png").is_file()
     # a second run replaces the folder whole
     (out / "stale.txt").write_text("old")
-    validate(tmp_path / "set" / "labels.csv", str(tiny["models"]), out, n_resamples=20, log=False)
+    validate(tmp_path / "set" / "labels.csv", str(tiny["models"]), out, options, log=False)
     assert not (out / "stale.txt").exists()
 
 
@@ -292,7 +295,7 @@ def test_validate_unknown_label_lists_known_ones(tiny, test_images, tmp_path, ca
 
 
 def test_validate_bad_csv(tmp_path):
-    from covidxray.tools.predict import read_external
+    from covidxray.tools.validate import read_external
 
     (tmp_path / "a.csv").write_text("file,label\nx.png,covid\n")
     with pytest.raises(CovidXrayError, match="path and label"):

@@ -31,10 +31,11 @@ def expected(tiny, gray: np.ndarray) -> dict:
     """What the model in models/ says about a decoded image, through the training preprocessing."""
     from covidxray.data import images
     from covidxray.modeling import models
+    from covidxray.modeling.inference import probabilities
 
     model, meta = models.load_model(tiny["models"])
     pixels = images.prepare_for(meta, images.resize(gray, meta["store_size"], meta["resize"])[None])
-    p = float(models.predict_probs(model, pixels, len(meta["classes"]))[0, -1])
+    p = float(probabilities(model, pixels, len(meta["classes"]))[0, -1])
     return {"p_covid": p, "label": "covid" if p >= meta["threshold"] else "normal", "threshold": meta["threshold"]}
 
 
@@ -124,6 +125,32 @@ def test_pyfunc_loads_in_a_fresh_process(tiny, xray, tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert "/code/covidxray/" in result["code"] and not result["code"].startswith(str(REPO))
     check_answer(result["rows"][0], expected(tiny, images.read_grayscale(xray)[0]))
+
+
+def test_a_model_logged_before_the_move_loads_where_covidxray_is_imported(tmp_path, monkeypatch):
+    """Models logged before the sub-packages carry an entry file that imports
+    `covidxray.serving.CovidXrayModel`. A fresh process resolves it in the model's own code; one
+    that has already imported this covidxray (a notebook, a service) resolves it here."""
+    import mlflow
+    import pandas as pd
+
+    from conftest import make_cfg
+    from covidxray.modeling.models import build_model
+    from covidxray.serving import pyfunc
+
+    old_entry = pyfunc.ENTRY.replace("from covidxray.serving.pyfunc import", "from covidxray.serving import")
+    assert old_entry != pyfunc.ENTRY
+    monkeypatch.setattr(pyfunc, "ENTRY", old_entry)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model = build_model(make_cfg(["experiment=smoke"]).model, 32, 2)
+    meta = {"classes": ["normal", "covid"], "image_size": 32, "resize": "stretch", "threshold": 0.5}
+    with mlflow.start_run():
+        info = pyfunc.log_model(model, meta)
+    answer = mlflow.pyfunc.load_model(info.model_uri).predict(
+        pd.DataFrame({"pixels": [np.full((40, 40), 90).tolist()]})
+    )
+    assert 0.0 <= answer["p_covid"].iloc[0] <= 1.0 and answer["label"].iloc[0] in ("normal", "covid")
 
 
 def test_decode_rows_takes_files_base64_or_pixels_and_names_bad_rows(xray):

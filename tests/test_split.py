@@ -46,9 +46,30 @@ def test_deterministic_by_seed():
 
 
 @pytest.mark.parametrize("fraction,folds", [(0.0, 5), (1.0, 5), (0.2, 1)])
-def test_bad_parameters(fraction, folds):
-    with pytest.raises(CovidXrayError, match="split"):
-        make_splits(_index(), fraction, folds, seed=0)
+def test_bad_parameters_stop_the_stage_naming_the_key(fraction, folds, tmp_path):
+    """settings.split_settings checks them before the index is read; nothing is written."""
+    from conftest import make_cfg
+    from covidxray.stages.split import main
+
+    (tmp_path / "curated").mkdir()
+    _index().to_csv(tmp_path / "curated" / "index.csv", index=False)
+    overrides = [f"split.test_fraction={fraction}", f"split.folds={folds}", f"paths.curated={tmp_path / 'curated'}"]
+    with pytest.raises(CovidXrayError, match="split.test_fraction" if folds > 1 else "split.folds"):
+        main(make_cfg([*overrides, f"paths.splits={tmp_path / 'splits.csv'}"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curated"]
+
+
+def test_the_stage_writes_its_file_whole(tmp_path):
+    from conftest import make_cfg
+    from covidxray.stages.split import main
+
+    (tmp_path / "curated").mkdir()
+    _index().to_csv(tmp_path / "curated" / "index.csv", index=False)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.txt").write_text("not split's")
+    main(make_cfg([f"paths.curated={tmp_path / 'curated'}", f"paths.splits={tmp_path / 'data' / 'splits.csv'}"]))
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["keep.txt", "splits.csv"]
+    assert len(pd.read_csv(tmp_path / "data" / "splits.csv")) == len(_index())
 
 
 def test_too_few_patients():

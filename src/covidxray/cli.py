@@ -1,9 +1,11 @@
 """The `covidxray` command: one subcommand per pipeline stage, plus tools.
 
-Stages (pretrained, fetch, curate, split, train, evaluate) are Hydra apps composed from conf/, so they take
-overrides and `-m` sweeps: `covidxray train -m model=vgg16,mobilenetv2 optimizer.lr=1e-3,1e-4`.
-DVC runs them as `covidxray STAGE --params params.yaml`, reading the composed parameters instead.
-Tools (predict, validate, manifest, params) take ordinary options; see `covidxray TOOL --help`.
+Stages (STAGES: pretrained, fetch, curate, split, train, evaluate, external; one module each in
+covidxray/stages/, as in dvc.yaml) are Hydra apps composed from conf/, so they take overrides and
+`-m` sweeps: `covidxray train -m model=vgg16,mobilenetv2 optimizer.lr=1e-3,1e-4`. DVC runs them as
+`covidxray STAGE --params params.yaml`, reading the composed parameters instead. Tools (TOOLS:
+predict, validate, manifest in covidxray/tools/, and params) take ordinary options; see
+`covidxray TOOL --help`.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from covidxray import CovidXrayError  # noqa: E402
 STAGES = ("pretrained", "fetch", "curate", "split", "train", "evaluate", "external")
 TOOLS = {
     "predict": "covidxray.tools.predict:predict_cli",
-    "validate": "covidxray.tools.predict:validate_cli",
-    "manifest": "covidxray.stages.fetch:manifest_cli",
+    "validate": "covidxray.tools.validate:validate_cli",
+    "manifest": "covidxray.tools.manifest:manifest_cli",
     "params": "covidxray.cli:params_cli",
 }
 USAGE = f"""usage: covidxray STAGE [--params FILE | HYDRA_OVERRIDES... [-m]]

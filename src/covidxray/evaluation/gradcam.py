@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 
-from covidxray.evaluation.metrics import pyplot
 from covidxray.modeling.models import model_parts
 
 
@@ -89,32 +88,4 @@ def save_overlay(image: np.ndarray, cam: np.ndarray, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(overlay(image, cam)).save(path)
-    return path
-
-
-def figure(groups: dict[str, list[tuple[np.ndarray, np.ndarray, str]]], path: Path, per_row: int) -> Path:
-    """One PNG with a row per group (e.g. true positives, false positives, false negatives) of
-    (image, cam, caption) overlays; an empty group says so."""
-    plt = pyplot()
-    rows, cols = max(1, len(groups)), max(1, int(per_row))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
-    for r, (name, items) in enumerate(groups.items()):
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.axis("off")
-            if c < len(items):
-                image, cam, caption = items[c]
-                ax.imshow(overlay(image, cam))
-                ax.set_title(caption, fontsize=7)
-            elif c == 0:
-                ax.text(0.5, 0.5, "none in this set", ha="center", va="center", fontsize=8)
-        axes[r][0].text(
-            -0.08, 0.5, name, transform=axes[r][0].transAxes, rotation=90, ha="right", va="center", fontsize=9
-        )
-    fig.suptitle("Grad-CAM for the covid score (red: regions that raise it)", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

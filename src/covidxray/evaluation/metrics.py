@@ -21,7 +21,6 @@ from covidxray.modeling.inference import decide  # noqa: F401 - the decision rul
 THRESHOLD_METHODS = ("youden", "sensitivity")
 # Figures of a binary (or one-vs-rest) decision; "accuracy" is added by classification_metrics.
 BINARY_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "auc", "pr_auc", "brier", "ece")
-METRICS = ("accuracy",) + BINARY_METRICS
 # What a training run reports per CV fold (as cv_<m>_mean/_std) and on its out-of-fold predictions.
 FOLD_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "loss", "best_epoch", "wall_s", "images_per_s")
 OOF_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "pr_auc", "brier", "ece")
@@ -39,7 +38,8 @@ def training_metric_names() -> tuple[str, ...]:
 def choose_threshold(y_true, scores, method: str = "youden", target_sensitivity: float = 0.95) -> float:
     """The decision threshold on scores (call positive iff score >= threshold), chosen on
     out-of-fold predictions: max Youden's J (TPR - FPR), or the highest threshold reaching
-    target_sensitivity (screening). Never call it on test rows."""
+    target_sensitivity in (0, 1] (screening). Never call it on test rows. The method and target
+    are checked by settings (train.threshold, train.target_sensitivity)."""
     from sklearn.metrics import roc_curve
 
     y = np.asarray(y_true).astype(int).ravel()
@@ -50,17 +50,14 @@ def choose_threshold(y_true, scores, method: str = "youden", target_sensitivity:
         raise CovidXrayError("threshold: scores contain NaN or infinity")
     if set(np.unique(y)) != {0, 1}:
         raise CovidXrayError("threshold: the predictions need both positive and negative cases")
-    if method not in THRESHOLD_METHODS:
-        raise CovidXrayError(f"train.threshold must be one of {', '.join(THRESHOLD_METHODS)}, got {method!r}")
     fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
     fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]  # drop sklearn's +inf start
     if method == "youden":
         k = int(np.argmax(tpr - fpr))  # first maximum: the highest threshold (fewest false alarms)
+    elif method == "sensitivity":
+        k = int(np.argmax(tpr >= float(target_sensitivity) - 1e-12))  # tpr is non-decreasing as the threshold falls
     else:
-        target = float(target_sensitivity)
-        if not 0.0 < target <= 1.0:
-            raise CovidXrayError(f"train.target_sensitivity must be in (0, 1], got {target_sensitivity}")
-        k = int(np.argmax(tpr >= target - 1e-12))  # tpr is non-decreasing as the threshold falls
+        raise ValueError(f"unknown threshold method {method!r} (one of {', '.join(THRESHOLD_METHODS)})")
     return float(thresholds[k])
 
 
@@ -210,11 +207,8 @@ def bootstrap_metrics(
 ) -> dict:
     """Point estimates with percentile CIs from a patient-level bootstrap: {metric: value,
     metric_ci_low, metric_ci_high} (plus metric_n_resamples where some resamples lacked a class
-    and were skipped). Per-class and macro figures nest under "per_class" and "macro"."""
-    if not 0.0 < float(ci) < 1.0:
-        raise CovidXrayError(f"evaluate.ci must be in (0, 1), got {ci}")
-    if int(n_resamples) < 1:
-        raise CovidXrayError(f"evaluate.bootstrap must be >= 1, got {n_resamples}")
+    and were skipped). Per-class and macro figures nest under "per_class" and "macro".
+    n_resamples >= 1 and ci in (0, 1) (settings checks evaluate.bootstrap and evaluate.ci)."""
     point = classification_metrics(y_true, probs, threshold, n_bins=n_bins)
     boot = _merge(
         [
@@ -295,60 +289,3 @@ def curves(y_binary, scores, n_bins: int = 10) -> dict[str, pd.DataFrame]:
         }
     )
     return out
-
-
-# -- figures -------------------------------------------------------------------------------------
-
-
-def pyplot():
-    """matplotlib.pyplot on the headless Agg backend (no display on servers and CI)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def confusion_figure(matrix: np.ndarray, classes: list[str], title: str, xlabel: str = "predicted"):
-    """A labelled confusion-matrix heat map (rows actual, columns predicted) as a matplotlib figure."""
-    plt = pyplot()
-    k = len(classes)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * k, 1.4 + 1.1 * k))
-    ax.imshow(matrix, cmap="Blues")
-    for i in range(k):
-        for j in range(k):
-            ax.text(
-                j,
-                i,
-                str(matrix[i, j]),
-                ha="center",
-                va="center",
-                color="white" if matrix[i, j] > matrix.max() / 2 else "black",
-            )
-    ax.set(
-        xticks=range(k),
-        yticks=range(k),
-        xticklabels=classes,
-        yticklabels=classes,
-        xlabel=xlabel,
-        ylabel="actual",
-        title=title,
-    )
-    fig.tight_layout()
-    return fig
-
-
-def training_curves_figure(history: pd.DataFrame, title: str):
-    """Loss, accuracy and AUC per epoch (train, and validation where there is one) side by side."""
-    fig, axes = pyplot().subplots(1, 3, figsize=(12, 3.5))
-    for ax, metric in zip(axes, ("loss", "accuracy", "auc")):
-        ax.plot(history["epoch"], history[metric], "o-", label="train")
-        if history[f"val_{metric}"].notna().any():
-            ax.plot(history["epoch"], history[f"val_{metric}"], "o-", label="validation")
-        ax.set_xlabel("epoch")
-        ax.set_title(metric)
-        ax.legend()
-    fig.suptitle(f"{title}: training curves")
-    fig.tight_layout()
-    return fig

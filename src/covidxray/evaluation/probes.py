@@ -16,8 +16,7 @@ import numpy as np
 import pandas as pd
 
 from covidxray.data import audit
-from covidxray.evaluation import metrics as M
-from covidxray.modeling.models import predict_probs
+from covidxray.modeling.inference import decide, probabilities
 
 FEATURE_LAYER = "head_dense"  # every model of models.build_model has it: the head's last hidden layer
 PROBE_FOLDS = 5
@@ -28,8 +27,8 @@ def same_source_probe(model, meta: dict, images: np.ndarray, frame: pd.DataFrame
     positive class at the model's saved threshold, overall and per finding."""
     if len(frame) == 0:
         return {"images": 0, "labelled_covid": None, "share_labelled_covid": None, "per_finding": {}}
-    probs = predict_probs(model, images, len(meta["classes"]))
-    positive = M.decide(probs, meta["threshold"]) == len(meta["classes"]) - 1
+    probs = probabilities(model, images, len(meta["classes"]))
+    positive = decide(probs, meta["threshold"]) == len(meta["classes"]) - 1
     per_finding = {
         str(f): {"images": int(len(rows)), "share_labelled_covid": float(positive[rows].mean())}
         for f, rows in frame.reset_index(drop=True).groupby("finding").indices.items()

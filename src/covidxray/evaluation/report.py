@@ -1,8 +1,7 @@
-"""Measuring a model on a labelled set, and its report: metrics with patient-bootstrap intervals,
-DVC plot tables, figures (ROC, PR, calibration, confusion, Grad-CAM) and a markdown model card.
-
-Shared by the evaluate stage (the test partition), the external stage (a collection never seen in
-training) and `covidxray validate` (a hospital's own set), so all of them report the same figures.
+"""The markdown report of an assessed set (report.md): shortcut warnings first, then the model,
+the data, the configuration, cross-validation, the figures with patient-bootstrap intervals, the
+figures' files and the limits. One per set (internal test, external, a hospital's set); the
+project's model card, which sets internal and external side by side, is card.py's.
 """
 
 from __future__ import annotations
@@ -10,18 +9,9 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
-import tempfile
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from covidxray import CovidXrayError
-from covidxray.evaluation import metrics as M
-from covidxray.modeling.models import predict_probs
-
-OUTPUTS = ("metrics.json", "plots", "figures", "report.md")
 METRIC_NAMES = {
     "accuracy": "accuracy",
     "sensitivity": "sensitivity (recall)",
@@ -36,185 +26,20 @@ METRIC_NAMES = {
 }
 
 
-# -- measuring -------------------------------------------------------------------------------------
-
-
-def assess(
-    model,
-    meta: dict,
-    images: np.ndarray,
-    frame: pd.DataFrame,
-    out_dir: Path,
-    *,
-    n_resamples: int,
-    ci: float,
-    seed: int,
-    per_group: int,
-    n_bins: int = 10,
-    partition: str = "test",
-    context: dict | None = None,
-) -> dict:
-    """Predict `images` (rows of `frame`: label, patient_id, image_id), then write metrics.json,
-    plots/, figures/ (incl. Grad-CAM) and report.md into out_dir. Returns the metrics dict."""
-    classes, threshold = meta["classes"], meta["threshold"]
-    unknown = sorted(set(frame["label"].astype(str)) - set(classes))
-    if unknown:
-        raise CovidXrayError(f"labels unknown to the model: {', '.join(unknown)} (known: {', '.join(classes)})")
-    if len(frame) == 0:
-        raise CovidXrayError("no images to assess")
-    y = frame["label"].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy()
-    probs = predict_probs(model, images, len(classes))
-    pred = M.decide(probs, threshold)
-    figures = M.bootstrap_metrics(y, probs, threshold, frame["patient_id"], n_resamples, ci, seed, n_bins)
-    out_dir = Path(out_dir)
-    (out_dir / "plots").mkdir(parents=True, exist_ok=True)
-    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-
-    k = len(classes)
-    result = {
-        "threshold": threshold,
-        "threshold_method": meta.get("threshold_method"),
-        f"n_{partition}_images": int(len(frame)),
-        f"n_{partition}_patients": int(frame["patient_id"].nunique()),
-        f"n_{partition}_{classes[-1]}": int((y == k - 1).sum()),
-        partition: {key: v for key, v in figures.items() if not isinstance(v, dict)},
-    }
-    if k > 2:
-        result[f"{partition}_per_class"] = {classes[c]: v for c, v in figures["per_class"].items()}
-        result[f"{partition}_macro"] = figures["macro"]
-    result["confusion"] = {
-        a: {p: int(((y == i) & (pred == j)).sum()) for j, p in enumerate(classes)} for i, a in enumerate(classes)
-    }
-    result["bootstrap"] = {
-        "resamples": int(n_resamples),
-        "ci": float(ci),
-        "unit": "patient",
-        "seed": int(seed),
-        "calibration_bins": int(n_bins),
-    }
-    if context and context.get("extra_metrics"):
-        result.update(context["extra_metrics"])
-
-    tables = write_plots(out_dir / "plots", frame, y, probs, pred, classes, n_bins)
-    write_figures(out_dir / "figures", y, probs, pred, classes, threshold, tables, n_bins)
-    gradcam_figure(model, images, frame, y, probs, pred, classes, per_group, seed, out_dir / "figures" / "gradcam.png")
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    from sklearn.metrics import classification_report
-
-    text = classification_report(y, pred, labels=list(range(k)), target_names=classes, digits=3, zero_division=0)
-    (out_dir / "report.md").write_text(model_card(result, meta, text, partition, context or {}))
-    return result
-
-
-def write_plots(plots_dir: Path, frame, y, probs, pred, classes, n_bins: int) -> dict:
-    """The DVC plot tables (covid vs the rest): roc.csv, precision_recall.csv, calibration.csv,
-    and confusion.csv (one row per image: actual, predicted)."""
-    tables = M.curves(y == len(classes) - 1, probs[:, -1], n_bins)
-    for name, table in tables.items():
-        table.to_csv(plots_dir / f"{name}.csv", index=False)
-    pd.DataFrame(
-        {
-            "image_id": frame["image_id"].astype(str).to_numpy(),
-            "actual": np.asarray(classes)[y],
-            "predicted": np.asarray(classes)[pred],
-        }
-    ).to_csv(plots_dir / "confusion.csv", index=False)
-    return tables
-
-
-def write_figures(fig_dir: Path, y, probs, pred, classes, threshold: float, tables: dict, n_bins: int) -> None:
-    """roc.png, precision_recall.png (one-vs-rest per class, covid's operating point marked),
-    calibration.png (covid's reliability diagram) and confusion.png."""
-    plt = M.pyplot()
-    k = len(classes)
-    shown = [k - 1] if k == 2 else list(range(k))
-    covid = y == k - 1
-    tp, fp = int(np.sum(covid & (pred == k - 1))), int(np.sum(~covid & (pred == k - 1)))
-    n_pos, n_neg = int(covid.sum()), int((~covid).sum())
-    point = (fp / n_neg if n_neg else np.nan, tp / n_pos if n_pos else np.nan, tp / (tp + fp) if tp + fp else np.nan)
-
-    for name, xlab, ylab in (
-        ("roc", "false positive rate", "true positive rate"),
-        ("precision_recall", "recall", "precision"),
-    ):
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
-        for c in shown:
-            curve = M.curves(y == c, probs[:, c], n_bins)[name]
-            if len(curve):
-                xs, ys = (curve["fpr"], curve["tpr"]) if name == "roc" else (curve["recall"], curve["precision"])
-                ax.plot(xs, ys, label=f"{classes[c]} vs rest", drawstyle="default" if name == "roc" else "steps-post")
-        if name == "roc":
-            ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-            ax.plot(point[0], point[1], "ko", label=f"threshold {threshold:.3f}")
-        else:
-            ax.plot(point[1], point[2], "ko", label=f"threshold {threshold:.3f}")
-        ax.set(xlabel=xlab, ylabel=ylab, xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
-        ax.legend(loc="lower right" if name == "roc" else "lower left", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(fig_dir / f"{name}.png", dpi=110)
-        plt.close(fig)
-
-    cal = tables["calibration"]
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
-    ax.plot(cal["mean_predicted"], cal["fraction_positive"], "o-", label=classes[-1])
-    ax.set(
-        xlabel=f"mean predicted p({classes[-1]})",
-        ylabel="fraction positive",
-        xlim=(0, 1),
-        ylim=(0, 1),
-        title=f"calibration ({n_bins} bins)",
-    )
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(fig_dir / "calibration.png", dpi=110)
-    plt.close(fig)
-
-    matrix = np.array([[np.sum((y == i) & (pred == j)) for j in range(k)] for i in range(k)])
-    fig = M.confusion_figure(matrix, classes, f"threshold {threshold:.3f}")
-    fig.savefig(fig_dir / "confusion.png", dpi=110)
-    plt.close(fig)
-
-
-def gradcam_sample(y, pred, positive: int, per_group: int, seed: int) -> dict[str, np.ndarray]:
-    """Row numbers of up to per_group true positives, false positives and false negatives
-    (for the positive class), drawn at random by seed, each sorted."""
-    rng = np.random.default_rng(seed)
-    masks = {
-        "true positives": (y == positive) & (pred == positive),
-        "false positives": (y != positive) & (pred == positive),
-        "false negatives": (y == positive) & (pred != positive),
-    }
-    out = {}
-    for name, mask in masks.items():
-        rows = np.flatnonzero(mask)
-        out[name] = np.sort(rng.choice(rows, size=min(per_group, len(rows)), replace=False)) if len(rows) else rows
-    return out
-
-
-def gradcam_figure(model, images, frame, y, probs, pred, classes, per_group: int, seed: int, path: Path) -> Path:
-    """figures/gradcam.png: Grad-CAM of the covid score for sampled TP, FP and FN images."""
-    from covidxray.evaluation import gradcam
-
-    sample = gradcam_sample(y, pred, len(classes) - 1, int(per_group), seed)
-    rows = np.concatenate(list(sample.values())).astype(int)
-    cams = gradcam.gradcam(model, np.asarray(images)[rows], class_index=-1) if len(rows) else []
-    by_row = dict(zip(rows.tolist(), cams))
-    ids = frame["image_id"].astype(str).to_numpy()
-    groups = {
-        name: [(images[r], by_row[r], f"{ids[r][:28]}\np({classes[-1]})={probs[r, -1]:.2f}") for r in chosen]
-        for name, chosen in sample.items()
-    }
-    return gradcam.figure(groups, path, per_row=max(1, int(per_group)))
-
-
-# -- the model card ---------------------------------------------------------------------------------
-
-
 def fmt(value) -> str:
+    """A figure as the reports print it: three decimals, n/a where undefined."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def headline(figures: dict) -> str:
+    """One line of a set's headline figures: AUC with its interval, sensitivity, specificity."""
+    f = figures
+    return (
+        f"AUC {fmt(f['auc'])} [{fmt(f['auc_ci_low'])}, {fmt(f['auc_ci_high'])}], "
+        f"sensitivity {fmt(f['sensitivity'])}, specificity {fmt(f['specificity'])}"
+    )
 
 
 def metrics_table(figures: dict, ci: float) -> list[str]:
@@ -382,10 +207,15 @@ def _figures_lines(result: dict, classes: list[str], partition: str, report_text
     return lines + [f"| {a} | " + " | ".join(str(result["confusion"][a][p]) for p in classes) + " |" for a in classes]
 
 
-def model_card(result: dict, meta: dict, report_text: str, partition: str, context: dict) -> str:
-    """report.md: warnings first, then data, config, CV and held-out figures, figures, limits."""
+def set_report(result: dict, meta: dict, report_text: str, partition: str, context: dict) -> str:
+    """report.md of one assessed set: warnings first, then data, config, CV and the set's figures,
+    the figure files, limits. `report_text`: sklearn's classification report of the set."""
     audit = context.get("audit") or {}
-    lines = [f"# {context.get('title', 'COVID-19 chest X-ray classifier: model card')}", "", *_warning_lines(audit)]
+    lines = [
+        f"# {context.get('title', 'COVID-19 chest X-ray classifier: assessment report')}",
+        "",
+        *_warning_lines(audit),
+    ]
     lines += ["**A research tool, not a diagnostic device.** Do not use it for clinical decisions.", ""]
     lines += _model_lines(result, meta)
     if context.get("data_lines"):
@@ -404,72 +234,3 @@ def model_card(result: dict, meta: dict, report_text: str, partition: str, conte
         *[line for name, caption in FIGURES for line in (f"![{caption}](figures/{name}.png)", "")],
     ]
     return "\n".join(lines + LIMITS)
-
-
-# -- MLflow ----------------------------------------------------------------------------------------
-
-
-def log_to_mlflow(
-    out_dir: Path,
-    result: dict,
-    tracking_uri: str | None,
-    experiment: str,
-    run_id: str | None = None,
-    tags: dict | None = None,
-    run_name: str | None = None,
-    artifact_path: str = "evaluation",
-    metric_prefix: str = "",
-) -> str:
-    """Log the metrics (names prefixed with `metric_prefix` where they do not start with it) and
-    every file of out_dir to run_id (resumed), or to a new run when run_id is None or not in this
-    store. Returns the run id used."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from covidxray.infra import tracking
-
-    tracking.configure(tracking_uri, experiment)
-    if run_id:
-        try:
-            mlflow.get_run(run_id)
-        except MlflowException:
-            print(f"warning: MLflow run {run_id} (model.json) not in this store; logging to a new run", file=sys.stderr)
-            tags = {**(tags or {}), "model_run_id": run_id}
-            run_id = None
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
-        if tags:
-            mlflow.set_tags(tags)
-        mlflow.log_metrics(
-            {
-                (k if k.startswith(metric_prefix) else metric_prefix + k): v
-                for k, v in M.finite_metrics(result).items()
-                if not k.startswith("bootstrap_")
-            }
-        )
-        mlflow.log_artifacts(str(out_dir), artifact_path=artifact_path)
-        return run.info.run_id
-
-
-# -- installing finished outputs ------------------------------------------------------------------
-
-
-def install(tmp_dir: Path, dest: Path, names=OUTPUTS) -> None:
-    """Move the finished outputs from tmp_dir into dest, replacing only those names (the old
-    ones are set aside first and put back if a move fails)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    old = Path(tempfile.mkdtemp(prefix=".old-", dir=tmp_dir))
-    moved: list[str] = []
-    try:
-        for name in names:
-            if (dest / name).exists():
-                (dest / name).rename(old / name)
-        for name in names:
-            (tmp_dir / name).rename(dest / name)
-            moved.append(name)
-    except OSError:
-        for name in moved:
-            (dest / name).rename(tmp_dir / name)
-        for name in names:
-            if (old / name).exists():
-                (old / name).rename(dest / name)
-        raise

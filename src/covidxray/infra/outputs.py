@@ -33,58 +33,67 @@ T = TypeVar("T")
 # -- scratch folders and their leftovers ------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process with this id exists on this machine."""
+def process_alive(pid: int, start: str | None = None) -> bool:
+    """Whether process `pid` exists on this machine (and, given `start`, is the one that started
+    then: a reused pid is another process)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
-    return True
+    except PermissionError:  # exists, owned by another user
+        pass
+    now = process_start(pid) if start else None
+    return not (start and now and now != start)
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of process `pid` in clock ticks since boot (/proc), None where unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def _marker(folder: Path) -> dict | None:
     """A scratch folder's marker, or None when the folder is not a scratch folder of ours."""
-    try:
-        info = json.loads((folder / SCRATCH_MARKER).read_text())
-    except (OSError, ValueError):
-        return None
+    info = _read_json_or_none(folder / SCRATCH_MARKER)
     return info if isinstance(info, dict) and isinstance(info.get("pid"), int) else None
 
 
 def clean_leftovers(parent: Path, tag: str) -> list[Path]:
     """Remove the scratch folders `.<tag>-*` in `parent` that a process of this machine, now gone,
-    left behind; a previous output one of them had set aside is put back first if its place is
-    empty. Returns the folders removed."""
+    left behind; previous outputs one of them had set aside are put back first where their place
+    is empty. Returns the folders removed."""
     removed: list[Path] = []
     parent = Path(parent)
     if not parent.is_dir():
         return removed
     for folder in sorted(p for p in parent.iterdir() if p.name.startswith(f".{tag}-")):
         info = _marker(folder) if folder.is_dir() and not folder.is_symlink() else None
-        if info is None or info.get("host") != socket.gethostname() or _alive(info["pid"]):
+        if info is None or info.get("host") != socket.gethostname() or process_alive(info["pid"]):
             continue
-        old, target = folder / "old", parent / str(info.get("target") or "")
-        if info.get("target") and (old.exists() or old.is_symlink()) and not (target.exists() or target.is_symlink()):
-            os.rename(old, target)  # killed between the two renames of a swap: undo the first
+        for name in info.get("targets") or []:
+            old, target = folder / "old" / str(name), parent / str(name)
+            if (old.exists() or old.is_symlink()) and not (target.exists() or target.is_symlink()):
+                os.rename(old, target)  # killed between the renames of a swap: undo the first
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     return removed
 
 
 @contextmanager
-def scratch_dir(parent: Path, tag: str, target: str | None = None) -> Iterator[Path]:
+def scratch_dir(parent: Path, tag: str, targets=()) -> Iterator[Path]:
     """A new empty folder to work in, inside a marked scratch folder `.<tag>-<pid>-*` in `parent`
     (made if needed), all removed on exit; leftovers of earlier killed runs with the same tag are
-    removed first. The work folder has the usual permissions (umask), not mkdtemp's 0700."""
+    removed first. `targets`: the names in `parent` a swap may set aside (see clean_leftovers).
+    The work folder has the usual permissions (umask), not mkdtemp's 0700."""
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(parent, tag)
     folder = Path(tempfile.mkdtemp(prefix=f".{tag}-{os.getpid()}-", dir=parent))
     try:
         (folder / SCRATCH_MARKER).write_text(
-            json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "target": target}) + "\n"
+            json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "targets": list(targets)}) + "\n"
         )
         (folder / "work").mkdir()
         yield folder / "work"
@@ -92,14 +101,12 @@ def scratch_dir(parent: Path, tag: str, target: str | None = None) -> Iterator[P
         shutil.rmtree(folder, ignore_errors=True)
 
 
-# -- replacing a folder whole ---------------------------------------------------------------------
+# -- replacing outputs whole ----------------------------------------------------------------------
 
 
 def _owner(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / OWNER_FILE).read_text()).get("written_by")
-    except (OSError, ValueError, AttributeError):
-        return None
+    found = _read_json_or_none(folder / OWNER_FILE)
+    return found.get("written_by") if isinstance(found, dict) else None
 
 
 def check_replaceable(target: Path, by: str) -> None:
@@ -116,36 +123,58 @@ def check_replaceable(target: Path, by: str) -> None:
         )
 
 
-def _swap(new: Path, target: Path, old: Path) -> None:
-    """Put `new` at `target`, setting what was there aside at `old` first; undone if the second
-    rename fails."""
-    if target.exists() or target.is_symlink():
-        os.rename(target, old)
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _swap(pairs: list[tuple[Path, Path]], old: Path) -> None:
+    """Put each `new` at its `target`, setting what was there aside in the folder `old` first;
+    all undone if a rename fails."""
+    old.mkdir(exist_ok=True)
+    done: list[tuple[Path, Path]] = []
     try:
-        os.rename(new, target)
+        for new, target in pairs:
+            if _exists(target):
+                os.rename(target, old / target.name)
+            os.rename(new, target)
+            done.append((new, target))
     except BaseException:
-        if old.exists() or old.is_symlink():
-            os.rename(old, target)
+        for new, target in reversed(done):
+            os.rename(target, new)
+        for _, target in pairs:
+            if _exists(old / target.name) and not _exists(target):
+                os.rename(old / target.name, target)
         raise
 
 
-def replace_dir(target: Path, write: Callable[[Path], T], *, by: str, owned: bool = False) -> T:
-    """Call `write(folder)` on a fresh folder beside `target`, then swap it in whole; until that
-    moment `target` stays as it was, and an error or a kill leaves no partial output (a killed
-    run's scratch is removed by the next one). Returns what `write` returns.
+def replace_dir(target: Path, write: Callable[[Path], T], *, by: str, owned: bool = False, names=None) -> T:
+    """The one way outputs are written: call `write(folder)` on a fresh folder beside `target`,
+    then swap the result in; until that moment `target` stays as it was, and an error or a kill
+    leaves no partial output (a killed run's scratch is removed, and what a killed swap had set
+    aside is put back, by the next run). Returns what `write` returns.
 
-    by: the command writing (names the scratch folder `.<target>.<by>-*`). owned: `target` is the
-    command's own output folder, marked with an owner file; a folder without that mark is refused.
+    names: None replaces the folder `target` whole; otherwise `write` makes these entries (files
+    or folders) and only they are replaced in `target`, the rest of it left alone (one file:
+    `names=[path.name]` in `path.parent`). by: the command writing (names the scratch folder).
+    owned: `target` is the command's own output folder, marked with an owner file; a folder
+    without that mark is refused.
     """
     target = Path(target)
     if owned:
         check_replaceable(target, by)
-    with scratch_dir(target.parent, f"{target.name}.{by}", target=target.name) as new:
+    whole = names is None
+    parent, tag = (target.parent, f"{target.name}.{by}") if whole else (target, by)
+    targets = [target.name] if whole else [str(n) for n in names]
+    with scratch_dir(parent, tag, targets=targets) as new:
         result = write(new)
         if owned:
             check_replaceable(target, by)
             (new / OWNER_FILE).write_text(json.dumps({"written_by": by}) + "\n")
-        _swap(new, target, new.parent / "old")
+        missing = [] if whole else [n for n in targets if not _exists(new / n)]
+        if missing:
+            raise CovidXrayError(f"{by} did not write {', '.join(missing)} into {target}")
+        pairs = [(new, target)] if whole else [(new / n, target / n) for n in targets]
+        _swap(pairs, new.parent / "old")
         return result
 
 
@@ -166,3 +195,25 @@ def json_safe(value, digits: int | None = None):
             return None
         return float(value) if digits is None else round(float(value), digits)
     return value
+
+
+def read_json(path: Path, *, required: bool = True):
+    """The one JSON reader: a file's value; an absent file is an error naming it (None when not
+    `required`), and a file that is not JSON is a one-line error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        if not required:
+            return None
+        raise CovidXrayError(f"file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CovidXrayError(f"{path}: not valid JSON ({' '.join(str(err).split())[:200]})") from None
+
+
+def _read_json_or_none(path: Path):
+    """A marker file's value, None where it is absent, unreadable or not JSON (then it is not ours)."""
+    try:
+        return read_json(path)
+    except (CovidXrayError, OSError):
+        return None

@@ -15,6 +15,8 @@ import os
 import socket
 from pathlib import Path
 
+from covidxray.infra.outputs import process_alive, process_start
+
 DEFAULT_STORE = Path("mlruns")
 HOST_TAG, PID_TAG, PID_START_TAG = "covidxray.host", "covidxray.pid", "covidxray.pid_start"
 _CONFIGURED: set[tuple[str, str]] = set()  # (tracking URI, experiment id) this process logged to
@@ -205,31 +207,11 @@ def configure_exclusive(configured_uri: str | None, experiment: str) -> str:
 # -- runs that ended abnormally -------------------------------------------------------------------
 
 
-def _process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux /proc), telling a reused pid apart."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def process_tags() -> dict[str, str]:
     """Which process logs this run (host, pid, pid start time): lets a later run on the same host
     tell whether the run's process still exists."""
     pid = os.getpid()
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), PID_START_TAG: _process_start(pid) or ""}
-
-
-def process_alive(pid: int, start: str | None = None) -> bool:
-    """Whether process `pid` (started at `start`, if known) still exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        pass
-    now = _process_start(pid)
-    return not (start and now and now != start)
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), PID_START_TAG: process_start(pid) or ""}
 
 
 def _open_since(run, since_ms: int | None) -> bool:

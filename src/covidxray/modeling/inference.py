@@ -1,7 +1,7 @@
 """Inference on X-ray images: decode the rows a served model receives, the softmax
 probabilities, and the label at the threshold saved with the model (decide).
 
-Shared by `covidxray predict` and the MLflow pyfunc model (serving.py), so a file gives the same
+Shared by `covidxray predict` and the MLflow pyfunc model (serving/pyfunc.py), so a file gives the same
 answer from the command line, from `mlflow.pyfunc.load_model` and from `mlflow models serve`.
 """
 

@@ -27,7 +27,6 @@ cached *_notop.h5, or `backbone.save_weights`).
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import zipfile
@@ -40,7 +39,8 @@ from keras import layers, ops
 from covidxray import CovidXrayError
 from covidxray.modeling import efficientnet_lite
 from covidxray.infra import fileset
-from covidxray.modeling.inference import probabilities as predict_probs  # noqa: F401 - models' users call it so
+from covidxray.infra.outputs import read_json
+from covidxray.modeling.specs import META_FILE, MODEL_FILE  # noqa: F401 - the saved pair's names, for models' users
 from covidxray.modeling.backbones import (  # noqa: F401 - the catalogue, re-exported for models' users
     BACKBONES,
     DEFAULT_FILTERS,
@@ -52,8 +52,6 @@ from covidxray.modeling.backbones import (  # noqa: F401 - the catalogue, re-exp
     is_pretrainable,
 )
 
-MODEL_FILE = "model.keras"  # what train writes and every consumer loads
-META_FILE = "model.json"  # beside it: classes, image_size, resize, threshold, provenance
 DOWNLOAD_TIMEOUT_S = 20  # per socket operation: an offline machine fails fast, not after minutes
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
@@ -408,8 +406,4 @@ def _load_pair(path: Path):
     meta_path = path.with_name(META_FILE)
     if not meta_path.is_file():
         raise CovidXrayError(f"model metadata not found: {meta_path} (written by the train stage)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CovidXrayError(f"{meta_path}: not valid JSON ({err})") from None
-    return load(path), check_meta(meta, str(meta_path))
+    return load(path), check_meta(read_json(meta_path), str(meta_path))

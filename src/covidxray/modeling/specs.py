@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+MODEL_FILE = "model.keras"  # what train writes and every consumer loads
+META_FILE = "model.json"  # beside it: classes, image_size, resize, threshold, provenance
+
 
 @dataclass(frozen=True)
 class Head:

@@ -40,9 +40,10 @@ class CovidXrayModel(mlflow.pyfunc.PythonModel):
     """The Keras model with its metadata: images in, p(class) and the label at the threshold out."""
 
     def load_context(self, context):
+        from covidxray.infra.outputs import read_json
         from covidxray.modeling.models import check_meta, load
 
-        self.meta = check_meta(json.loads(Path(context.artifacts[META_ARTIFACT]).read_text()), META_ARTIFACT)
+        self.meta = check_meta(read_json(Path(context.artifacts[META_ARTIFACT])), META_ARTIFACT)
         self.model = load(context.artifacts[MODEL_ARTIFACT])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:

@@ -9,24 +9,16 @@ partition (cv | test) and fold (0..K-1 for cv, -1 for test).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from covidxray import CovidXrayError
 from covidxray.data.images import INDEX_FILE
+from covidxray.infra.outputs import replace_dir
+from covidxray.settings import split_settings
 
 COLUMNS = ["image_id", "patient_id", "label", "partition", "fold"]
-
-
-def check_split_params(test_fraction: float, folds: int) -> None:
-    """Reject values no split can honour, naming the key."""
-    if not 0.0 < float(test_fraction) < 1.0:
-        raise CovidXrayError(f"split.test_fraction must be in (0, 1), got {test_fraction}")
-    if int(folds) < 2:
-        raise CovidXrayError(f"split.folds must be >= 2, got {folds}")
 
 
 def _grouped_folds(labels: pd.Series, groups: pd.Series, n_splits: int, seed: int) -> np.ndarray:
@@ -48,7 +40,6 @@ def make_splits(index: pd.DataFrame, test_fraction: float, folds: int, seed: int
     The test partition is one of round(1 / test_fraction) stratified patient groups, so its
     share is close to, not exactly, test_fraction.
     """
-    check_split_params(test_fraction, folds)
     index = index.reset_index(drop=True)
     strata = index["label"].astype(str)
     if "source" in index.columns:
@@ -65,15 +56,13 @@ def make_splits(index: pd.DataFrame, test_fraction: float, folds: int, seed: int
 
 def main(cfg) -> None:
     """Stage entry: read the curated index, write data/splits.csv."""
-    index_path = Path(cfg.paths.curated) / INDEX_FILE
+    st = split_settings(cfg)
+    index_path = st.curated / INDEX_FILE
     if not index_path.is_file():
         raise CovidXrayError(f"curated index missing: {index_path} (run `dvc repro curate`)")
     index = pd.read_csv(index_path, dtype={"patient_id": str, "image_id": str})
-    splits = make_splits(index, cfg.split.test_fraction, cfg.split.folds, cfg.seed)
-    out = Path(cfg.paths.splits)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".csv.tmp")
-    splits.to_csv(tmp, index=False)
-    tmp.replace(out)
+    splits = make_splits(index, st.test_fraction, st.folds, st.seed)
+    out = st.splits
+    replace_dir(out.parent, lambda new: splits.to_csv(new / out.name, index=False), by="split", names=[out.name])
     counts = splits.groupby(["partition", "label"]).size().to_dict()
     print(f"wrote {out}: {len(splits)} images, {splits['patient_id'].nunique()} patients, {counts}")

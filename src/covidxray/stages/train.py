@@ -48,12 +48,11 @@ from covidxray.evaluation.metrics import (
     OOF_METRICS,
     choose_threshold,
     classification_metrics,
-    confusion_figure,
     decide,
     finite_metrics,
     fold_metrics,
-    training_curves_figure,
 )
+from covidxray.evaluation.figures import confusion_figure, training_curves_figure
 
 CHAMPION = "champion"  # the registry alias of the pipeline's latest model
 
@@ -420,7 +419,7 @@ def log_fold_figures(history: pd.DataFrame, y: np.ndarray, probs: np.ndarray, cl
     """A fold's confusion matrix (at p >= 0.5) and training curves, as figures of the active run."""
     import mlflow
 
-    from covidxray.evaluation.metrics import pyplot
+    from covidxray.evaluation.figures import pyplot
 
     k = len(classes)
     cm = np.zeros((k, k), dtype=int)
@@ -467,7 +466,7 @@ def crown(registered_model: str, version) -> None:
 
 
 def _log_final_model(model, meta: dict, example: np.ndarray, registered: str | None):
-    """Log the final model as a servable MLflow pyfunc model (serving.py: images in, p(covid) and
+    """Log the final model as a servable MLflow pyfunc model (serving/pyfunc.py: images in, p(covid) and
     the label at the saved threshold out) and register it; returns the ModelInfo."""
     from covidxray.serving import pyfunc as serving
 
