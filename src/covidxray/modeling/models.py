@@ -173,7 +173,7 @@ def build_backbone(
     """The convolutional base as a keras Model named "backbone"; output: last feature map (4-D).
     imagenet_file: where weights=imagenet are read from for a backbone built here (efficientnet_lite0)."""
     if name not in BACKBONES:
-        raise CovidXrayError(f"model.name must be one of {', '.join(MODEL_NAMES)}, got {name!r}")
+        raise CovidXrayError(f"unknown backbone {name!r} (one of {', '.join(MODEL_NAMES)})")
     weights = "none" if weights is None else str(weights)
     image_size = int(image_size)
     if name == "small_cnn":
@@ -253,7 +253,7 @@ def build_model(model_cfg, image_size: int, n_classes: int) -> keras.Model:
     image_size = int(image_size)
     spec = BACKBONES.get(name)
     if spec is None:
-        raise CovidXrayError(f"model.name must be one of {', '.join(MODEL_NAMES)}, got {name!r}")
+        raise CovidXrayError(f"unknown backbone {name!r} (one of {', '.join(MODEL_NAMES)})")
     filters = tuple(int(f) for f in (model_cfg.get("filters") or DEFAULT_FILTERS))
     head = model_cfg.get("head") or {}
     freeze = bool(model_cfg.get("freeze_base", False))
