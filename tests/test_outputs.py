@@ -140,3 +140,40 @@ def test_json_safe():
     }
     assert O.json_safe(value, digits=4)["f"] == 0.1235
     json.dumps(O.json_safe(value), allow_nan=False)
+
+
+def test_replace_dir_with_names_replaces_only_those_and_undoes_a_failed_swap(tmp_path, monkeypatch):
+    """names=: the entries written replace their namesakes, everything else in the folder stays;
+    when a rename fails midway, the entries already swapped are put back."""
+    reports = tmp_path / "reports"
+    (reports / "cv").mkdir(parents=True)
+    (reports / "cv" / "oof.csv").write_text("train's")
+    (reports / "metrics.json").write_text("old")
+
+    def write(d):
+        (d / "metrics.json").write_text("new")
+        (d / "figures").mkdir()
+        (d / "figures" / "roc.png").write_text("png")
+
+    O.replace_dir(reports, write, by="evaluate", names=["metrics.json", "figures"])
+    assert _tree(reports) == {"cv/oof.csv": "train's", "metrics.json": "new", "figures/roc.png": "png"}
+
+    rename, calls = os.rename, []
+
+    def rename_failing_on_the_third(a, b):
+        calls.append(a)
+        if len(calls) == 3:
+            raise OSError("disk trouble")
+        rename(a, b)
+
+    monkeypatch.setattr(os, "rename", rename_failing_on_the_third)
+    with pytest.raises(OSError, match="disk trouble"):
+        O.replace_dir(reports, lambda d: write(d) or (d / "metrics.json").write_text("newer"), by="evaluate",
+                      names=["metrics.json", "figures"])  # fmt: skip
+    monkeypatch.undo()
+    assert _tree(reports) == {"cv/oof.csv": "train's", "metrics.json": "new", "figures/roc.png": "png"}
+    assert sorted(p.name for p in reports.iterdir()) == ["cv", "figures", "metrics.json"]
+    with pytest.raises(CovidXrayError, match="did not write figures"):
+        O.replace_dir(
+            reports, lambda d: (d / "metrics.json").write_text("x"), by="evaluate", names=["metrics.json", "figures"]
+        )
