@@ -135,14 +135,14 @@ def test_a_model_logged_before_the_move_loads_where_covidxray_is_imported(tmp_pa
     import pandas as pd
 
     from conftest import make_cfg
+    from covidxray.infra import tracking
     from covidxray.modeling.models import build_model
     from covidxray.serving import pyfunc
 
     old_entry = pyfunc.ENTRY.replace("from covidxray.serving.pyfunc import", "from covidxray.serving import")
     assert old_entry != pyfunc.ENTRY
     monkeypatch.setattr(pyfunc, "ENTRY", old_entry)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.configure(f"sqlite:///{tmp_path / 'mlflow.db'}", "covid-xray")  # store and experiment of this test
     model = build_model(make_cfg(["experiment=smoke"]).model, 32, 2)
     meta = {"classes": ["normal", "covid"], "image_size": 32, "resize": "stretch", "threshold": 0.5}
     with mlflow.start_run():
