@@ -19,12 +19,7 @@ import pandas as pd
 
 from covidxray import CovidXrayError
 
-IEEE8023, KERMANY, RADIOGRAPHY = "ieee8023", "kermany", "radiography"
-COLLECTIONS = (IEEE8023, KERMANY, RADIOGRAPHY)
-# Which classes each collection can provide (pneumonia only in the three_class task).
-PROVIDES = {IEEE8023: ("covid", "pneumonia"), KERMANY: ("normal", "pneumonia"), RADIOGRAPHY: ("covid", "normal")}
 ROLES = ("train", "external")
-TASKS = {"binary": ["normal", "covid"], "three_class": ["normal", "pneumonia", "covid"]}
 BALANCE = ("none", "undersample")
 
 
@@ -38,9 +33,10 @@ def as_roles(sources) -> dict[str, dict[str, list[str]]]:
     return out
 
 
-def check_roles(roles: dict, classes: list[str]) -> None:
+def check_roles(roles: dict, classes: list[str], provides: dict[str, tuple[str, ...]]) -> None:
     """Reject unknown collections or classes, pairs a collection cannot provide, a pair in both
-    roles, and a class of the model that no collection trains; errors name the key."""
+    roles, and a class of the model that no collection trains; errors name the key. `provides` maps
+    each collection of data.collections to its classes (`collections.provides`)."""
     unknown_roles = sorted(set(roles) - set(ROLES))
     if unknown_roles:
         raise CovidXrayError(f"data.sources: unknown role(s) {unknown_roles}; allowed: {', '.join(ROLES)}")
@@ -52,17 +48,20 @@ def check_roles(roles: dict, classes: list[str]) -> None:
                     f"{key}: class {label!r} is not a class of this task (allowed: {', '.join(classes)})"
                 )
             for name in collections:
-                if name not in COLLECTIONS:
-                    raise CovidXrayError(f"{key}: unknown collection {name!r} (allowed: {', '.join(COLLECTIONS)})")
-                if label not in PROVIDES[name]:
+                if name not in provides:
                     raise CovidXrayError(
-                        f"{key}: collection {name!r} has no {label} images (it provides {', '.join(PROVIDES[name])})"
+                        f"{key}: unknown collection {name!r} (allowed: {', '.join(provides)}; a collection is "
+                        "conf/collection/<name>.yaml, named in `collection: [...]` of conf/config.yaml)"
+                    )
+                if label not in provides[name]:
+                    raise CovidXrayError(
+                        f"{key}: collection {name!r} has no {label} images (it provides {', '.join(provides[name])})"
                     )
     for label in classes:
         if not roles.get("train", {}).get(label):
             raise CovidXrayError(
                 f"data.sources.train.{label}: no collection trains class {label!r} "
-                f"(allowed: {', '.join(c for c in COLLECTIONS if label in PROVIDES[c])})"
+                f"(allowed: {', '.join(c for c in provides if label in provides[c])})"
             )
         both = set(roles["train"].get(label, [])) & set(roles.get("external", {}).get(label, []))
         if both:
