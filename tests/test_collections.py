@@ -92,14 +92,14 @@ ROLES = [
 
 def test_added_collections_are_curated_trained_on_and_held_out(project):
     """The README's example end to end: two collections added without touching src/."""
-    from covidxray.stages import evaluate, external, split, train
+    from covidxray.stages import external, split, train
 
     cfg = make_cfg(
         [
             "collection=[hospital_a,hospital_b]",
             "experiment=smoke",
             f"data.store_size={SIZE}",
-            "evaluate.bootstrap=100",
+            "evaluate.bootstrap=50",
             f"mlflow.tracking_uri=sqlite:///{project / 'mlruns' / 'mlflow.db'}",
             *ROLES,
         ]
@@ -123,13 +123,14 @@ def test_added_collections_are_curated_trained_on_and_held_out(project):
 
     split.main(cfg)
     train.main(cfg)
-    evaluate.main(cfg)
-    external.main(cfg)
+    external.main(cfg)  # the internal test report (evaluate) is optional to it
     oof = pd.read_csv(project / "reports" / "cv" / "oof.csv")
     assert oof["image_id"].str.startswith("hospital_a-").all()
     m = json.loads((project / "reports" / "external" / "metrics.json").read_text())
     assert set(m["per_source"]["external"]) == {"covid/hospital_b", "normal/hospital_b"}
     assert m["n_external_images"] == 14  # less the near-duplicate of a training image
+    card = (project / "reports" / "model_card.md").read_text()
+    assert "| hospital_b | 15 | Hospital B, 2026 | research use |" in card  # citation and license
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))

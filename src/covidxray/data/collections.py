@@ -32,6 +32,7 @@ CLASSES = ("normal", "pneumonia", "covid")  # every class of every task
 KINDS = ("fetch", "folder", "csv")
 DEFAULT_FINDING = {"covid": "COVID-19", "normal": "No Finding", "pneumonia": "Pneumonia"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+FACTS_FILE = "collections.json"  # in the curated store: per collection, its facts, citation and license
 KEYS = {
     "name",
     "kind",
@@ -353,3 +354,12 @@ def check_chosen_files(conf: Path, overrides) -> None:
                 f"collection {name}: definition file missing: {path} (key collection=[...] of conf/config.yaml, "
                 f"composed into data.collections.{name})"
             )
+
+
+def load_facts(curated: Path) -> dict:
+    """The curated store's per-collection facts ({name: {images, ..., citation, license}}); {} for a
+    store curated before collections were configuration."""
+    import json
+
+    path = Path(curated) / FACTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}

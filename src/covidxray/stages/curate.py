@@ -25,13 +25,12 @@ import pandas as pd
 from covidxray import CovidXrayError
 from covidxray.data import images
 from covidxray.data.audit import audit, audit_markdown
+from covidxray.data.collections import FACTS_FILE
 from covidxray.data.curation import COLUMNS, build_index, decode_records
 from covidxray.data.dedupe import clean_probe, dedupe
 from covidxray.data.listing import list_collections
 from covidxray.infra.outputs import json_safe, replace_dir
 from covidxray.settings import curate_settings
-
-COLLECTIONS_FILE = "collections.json"
 
 
 def curate(s) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame, np.ndarray, dict]:
@@ -93,7 +92,7 @@ def main(cfg) -> None:
         images.save_curated(tmp, pixels, index, list(s.classes))
         np.save(tmp / images.PROBE_IMAGES_FILE, probe_pixels)
         probe.reindex(columns=[c for c in COLUMNS if c != "y"]).to_csv(tmp / images.PROBE_INDEX_FILE, index=False)
-        (tmp / COLLECTIONS_FILE).write_text(json.dumps(report["collections"], indent=2) + "\n")
+        (tmp / FACTS_FILE).write_text(json.dumps(report["collections"], indent=2) + "\n")
         (tmp / "audit.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         (tmp / "audit.md").write_text(audit_markdown(report))
 
