@@ -210,18 +210,24 @@ def test_a_class_the_task_lacks(inputs):
     _fails(
         inputs,
         _definitions(a__labels={"covid": "covid", "normal": "tuberculosis"}),
-        r"^data.collections.hospital_a.labels.normal: maps to 'tuberculosis', not a class \(allowed: normal, "
+        r"^collection hospital_a \(conf/collection/hospital_a.yaml\): data.collections.hospital_a.labels.normal: "
+        r"maps to 'tuberculosis', not a class \(allowed: normal, "
         r"pneumonia, covid, or null",
     )
     _fails(
         inputs,
         _definitions(a__labels={"covid": "pneumonia", "normal": "pneumonia"}),
-        r"^data.collections.hospital_a.labels: provides pneumonia, no class of task binary",
+        r"^collection hospital_a \(conf/collection/hospital_a.yaml\): data.collections.hospital_a.labels: "
+        r"provides pneumonia, no class of task binary",
     )
 
 
 def test_a_duplicate_collection_name(inputs, tmp_path):
-    _fails(inputs, _definitions(b__name="hospital_a"), r"^data.collections.hospital_b.name: is 'hospital_a', not")
+    _fails(
+        inputs,
+        _definitions(b__name="hospital_a"),
+        r"^collection hospital_b \(conf/collection/hospital_b.yaml\): data.collections.hospital_b.name: is ",
+    )
     folder = tmp_path / "conf_collection"
     folder.mkdir()
     (folder / "hospital_a.yaml").write_text(FOLDER_YAML)

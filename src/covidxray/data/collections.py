@@ -227,7 +227,15 @@ def _probe(node, where: str) -> float | None:
 
 
 def parse_collection(key: str, node) -> Collection:
-    """One entry of data.collections, checked; errors name data.collections.<key>.<field>."""
+    """One entry of data.collections, checked; errors name the collection, its file
+    (conf/collection/<key>.yaml) and the key data.collections.<key>.<field>."""
+    try:
+        return _parse(key, node)
+    except CovidXrayError as err:
+        raise CovidXrayError(f"collection {key} (conf/collection/{key}.yaml): {err}") from None
+
+
+def _parse(key: str, node) -> Collection:
     where = f"data.collections.{key}"
     if not hasattr(node, "items"):
         _fail(where, f"must be a collection definition (conf/collection/{key}.yaml), got {node!r}")
@@ -289,7 +297,7 @@ def parse_collections(definitions, task: str | None = None) -> tuple[Collection,
         for c in parsed:
             if not set(c.classes()) & set(wanted):
                 _fail(
-                    f"{c.where}.labels",
+                    f"collection {c.name} (conf/collection/{c.name}.yaml): {c.where}.labels",
                     f"provides {', '.join(c.classes())}, no class of task {task} (its classes: {', '.join(wanted)})",
                 )
     return parsed

@@ -145,9 +145,7 @@ def _roles(c: Collection, table: pd.DataFrame, path: Path) -> dict:
         needed["modality"] = roles.get("modality")
     if c.filter("min_age") is not None or c.filter("max_age") is not None or c.probe_min_age:
         needed["age"] = roles.get("age")
-    for role in ("sex",):
-        if roles.get(role):
-            needed[role] = roles[role]
+    needed.update({r: roles[r] for r in OPTIONAL_ROLES if roles.get(r) and r not in needed})
     for role, col in needed.items():
         cols = [col] if isinstance(col, str) else list(col or [])
         absent = [k for k in cols if k not in table.columns] or ([] if cols else [f"<{role}>"])
