@@ -307,3 +307,19 @@ def test_shipped_definitions_select_what_the_code_did(task):
     assert records.groupby(["source", "label"]).size().to_dict() == per_class
     assert records.groupby("source")["patient_id"].nunique().to_dict() == patients
     assert len(probe) == probes
+
+
+def test_a_csv_collection_filters_by_view_and_age_and_reads_patients(inputs):
+    labels = inputs / "external" / "hospital_b" / "labels.csv"
+    table = pd.read_csv(labels)
+    table["view"] = ["PA", "AP"] * 8
+    table["age"] = [12, 40, 70, None] * 4
+    table.loc[2, "patient_id"] = ""  # blank: the image (img/covid-19/2.png) is its own patient
+    table.to_csv(labels, index=False)
+    definitions = _definitions(b__filters={"views": ["PA"], "min_age": 18})
+    c = C.parse_collections(definitions, "binary")[1]
+    records, probe = list_collections([c], inputs / "raw", inputs / "external", "binary")
+    assert len(records) == 4 and set(records["view"]) == {"PA"} and probe.empty  # PA rows of 70, not of 12
+    assert (records["age"] == 70).all()
+    assert sorted(records["patient_id"]) == ["hospital_b-2", "hospital_b-C6", "hospital_b-N2", "hospital_b-N6"]
+    assert records["finding"].isin(["COVID-19", "No Finding"]).all()

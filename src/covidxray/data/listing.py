@@ -179,12 +179,12 @@ def list_table(c: Collection, raw: Path, external: Path, task: str) -> tuple[pd.
     roles = _roles(c, table, path)
     if table.empty:
         _fail(c, f"{path} lists no images", "path")
-    table = table[_keep(c, table, roles)].reset_index(drop=True)
+    table = table[_keep(c, table, roles)]  # keeps the table's row numbers for the messages
     root = path.parent
     parts = [roles["path"]] if isinstance(roles["path"], str) else list(roles["path"])
     joined = ["/".join(str(v) for v in row) for row in table[parts].itertuples(index=False)]
     files = []
-    for k, rel in enumerate(joined):
+    for k, rel in zip(table.index, joined):
         inside = _inside(root, rel)
         if inside is None:
             _fail(c, f"{path} row {k + 2}: path {rel!r} is outside {root}", f"columns.path ({'/'.join(parts)})")
