@@ -1,4 +1,4 @@
-"""Collections and roles: which (class, collection) pairs train a model and which are its external set.
+"""Roles: which (class, collection) pairs train a model and which are its external set.
 
 The curated store holds every image of every collection; `data.sources` decides, per class, which
 collections train the model (their cv partition for training, their test partition for the
@@ -9,7 +9,9 @@ evaluation time, so `covidxray train experiment=cross_dataset_reverse` needs no 
     data.sources.external: {covid: [radiography], normal: [radiography]}
 
 A (class, collection) pair is never in both roles, and an external image that near-duplicates any
-training-role image (same `dup_group` in the curated index) is dropped from the external set.
+training-role image (same `dup_group` in the curated index) is dropped from the external set. The
+collections themselves, and the classes each provides, are configuration (data.collections, see
+collections.py): a role may name any of them.
 """
 
 from __future__ import annotations
