@@ -102,11 +102,11 @@ def _summary(values: pd.Series) -> dict:
     }
 
 
-def collection_facts(index: pd.DataFrame, images: np.ndarray, described: dict, seed: int, folds: int = 5) -> dict:
+def collection_facts(index: pd.DataFrame, features: dict, described: dict, seed: int, folds: int = 5) -> dict:
     """Per collection ({name: {age_group, kind, citation, license}}): images, patients, images per
     class, original sizes and formats, age groups (per-image ages where known, else the definition's),
-    and how well geometry/format or pixel statistics alone tell it from the other collections."""
-    features = {"geometry_format": geometry_features(index), "pixel_stats": pixel_features(images)}
+    and how well each set of `features` ({name: table}, e.g. geometry/format, pixel statistics)
+    alone tells it from the other collections."""
     facts = {}
     for name, info in described.items():
         mine = (index["source"] == name).to_numpy()
@@ -183,10 +183,8 @@ def audit(
             "format": _counts(rows["orig_format"]),
             "mode": _counts(rows["orig_mode"]),
         }
-    results = {
-        "geometry_format": shortcut_aucs(geometry_features(df), df["y"], df["patient_id"], seed, folds),
-        "pixel_stats": shortcut_aucs(pixel_features(images), df["y"], df["patient_id"], seed, folds),
-    }
+    features = {"geometry_format": geometry_features(df), "pixel_stats": pixel_features(images)}
+    results = {k: shortcut_aucs(f, df["y"], df["patient_id"], seed, folds) for k, f in features.items()}
     aucs = {k: (None if r is None else round(r["auc"], 4)) for k, r in results.items()}
     per_class = {
         k: ({} if r is None or len(classes) < 3 else {classes[int(c)]: round(v, 4) for c, v in r["per_class"].items()})
@@ -236,7 +234,7 @@ def audit(
         "one-vs-rest); a warning when either reaches " + str(SHORTCUT_AUC_WARN),
         "shortcuts": shortcuts,
         "notes": notes,
-        "collections": collection_facts(df, images, described or {}, seed, folds),
+        "collections": collection_facts(df, features, described or {}, seed, folds),
     }
 
 

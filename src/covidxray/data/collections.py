@@ -74,9 +74,6 @@ class Collection:
     def where(self) -> str:
         return f"data.collections.{self.name}"
 
-    def column(self, role: str):
-        return dict(self.columns).get(role)
-
     def filter(self, key: str):
         return dict(self.filters).get(key)
 
