@@ -222,6 +222,11 @@ def test_a_class_the_task_lacks(inputs):
     )
 
 
+def test_a_class_no_chosen_collection_provides(inputs):
+    only_a = {"hospital_a": _definitions(a__labels={"covid": None, "normal": "normal"})["hospital_a"]}
+    _fails(inputs, only_a, r"^data.collections: no collection provides covid \(task binary; chosen: hospital_a\)$")
+
+
 def test_a_duplicate_collection_name(inputs, tmp_path):
     _fails(
         inputs,

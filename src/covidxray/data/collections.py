@@ -297,6 +297,10 @@ def parse_collections(definitions, task: str | None = None) -> tuple[Collection,
                     f"collection {c.name} (conf/collection/{c.name}.yaml): {c.where}.labels",
                     f"provides {', '.join(c.classes())}, no class of task {task} (its classes: {', '.join(wanted)})",
                 )
+        lacking = [k for k in wanted if not any(k in c.classes() for c in parsed)]
+        if lacking:
+            chosen = ", ".join(c.name for c in parsed)
+            _fail("data.collections", f"no collection provides {', '.join(lacking)} (task {task}; chosen: {chosen})")
     return parsed
 
 
