@@ -61,7 +61,7 @@ REMEDIES = {  # name: (overrides trained on the tutorial's collections, override
     "efficientnet_lite0_clahe": both(LITE0 + ["data.normalize=clahe"]),
     "efficientnet_lite0_adult_normals": (LITE0 + ADULT, LITE0 + ADULT_REVERSE),
 }
-CURATE_KEYS = ("data.resize=", "data.store_size=", "data.task=", "data.views=", "data.collections=")
+CURATE_KEYS = ("data.resize=", "data.store_size=", "data.task=", "data.views=", "data.collections", "collection=")
 
 
 def compose(overrides: list[str]):

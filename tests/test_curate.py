@@ -1,7 +1,9 @@
-"""curate.py: selection rules, patient ids, deduplication, the probe set, shortcut AUC, and the stage end to end."""
+"""curate: the shipped collections' selection rules and patient ids, deduplication, the probe set,
+shortcut AUC, and the stage end to end."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,11 +15,21 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from covidxray import CovidXrayError
-from covidxray.stages import curate
 from covidxray.data import audit as A
+from covidxray.data import curation, dedupe, listing
+from covidxray.data.collections import TASKS, parse_collections
 from covidxray.data.images import load_curated
+from covidxray.settings import curate_settings
+from covidxray.stages import curate
 
 SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def shipped(repo_root):
+    """The three shipped collection definitions, as composed into data.collections."""
+    cfg = OmegaConf.load(repo_root / "params.yaml")
+    return {c.name: c for c in parse_collections(cfg.data.collections)}
 
 
 # ---------- selection and patient ids ----------
@@ -34,8 +46,14 @@ SIZE = 32
         ("scan.jpeg", None),
     ],
 )
-def test_patient_id_from_kaggle_name(name, patient):
-    assert curate.patient_id_from_kaggle_name(name) == patient
+def test_kermany_patient_from_the_file_name(shipped, name, patient):
+    if patient is None:
+        with pytest.raises(
+            CovidXrayError, match=r"collection kermany: cannot tell the patient of scan.jpeg .*patient\)"
+        ):
+            listing._patients(shipped["kermany"], [Path(name)], None)
+    else:
+        assert listing._patients(shipped["kermany"], [Path(name)], None) == [patient]
 
 
 @pytest.mark.parametrize(
@@ -53,12 +71,26 @@ def test_patient_id_from_kaggle_name(name, patient):
         ("Lipoid", None, None),
     ],
 )
-def test_collection_label(finding, binary, three):
-    assert curate.collection_label(finding, "binary") == binary
-    assert curate.collection_label(finding, "three_class") == three
+def test_ieee8023_finding_to_class(shipped, finding, binary, three):
+    cls, _, _ = shipped["ieee8023"].classify(finding)
+    assert (cls if cls in TASKS["binary"] else None) == binary
+    assert (cls if cls in TASKS["three_class"] else None) == three
 
 
-def test_select_collection():
+def _metadata(tmp_path, meta: pd.DataFrame) -> Path:
+    (tmp_path / "raw").mkdir()
+    meta.to_csv(tmp_path / "raw" / "metadata.csv", index=False)
+    return tmp_path / "raw"
+
+
+def _select(shipped, raw, views, task):
+    """ieee8023's records and probe from a metadata.csv in raw, with data.views = views."""
+    c = shipped["ieee8023"]
+    c = dataclasses.replace(c, filters=(("modality", ("X-ray",)), ("views", tuple(views))))
+    return listing.list_table(c, raw, raw, task)
+
+
+def test_select_collection(shipped, tmp_path):
     meta = pd.DataFrame(
         {
             "patientid": ["1", "1", "2", "3", "4", "5"],
@@ -71,38 +103,35 @@ def test_select_collection():
             "age": [50, 50, None, 30, 20, 71],
         }
     )
-    binary = curate.select_collection(meta, ["PA"], "binary", raw_dir="raw")
-    assert list(binary["file"]) == ["raw/images/a.jpg", "raw/images/f.jpg"]
+    raw = _metadata(tmp_path, meta)
+    binary, _ = _select(shipped, raw, ["PA"], "binary")
+    assert list(binary["file"]) == [f"{raw.as_posix()}/images/a.jpg", f"{raw.as_posix()}/images/f.jpg"]
     assert list(binary["patient_id"]) == ["ieee8023-1", "ieee8023-5"]
     assert list(binary["sex"]) == ["M", "unknown"]
-    three = curate.select_collection(meta, ["PA", "AP"], "three_class", raw_dir="raw")
+    three, _ = _select(shipped, raw, ["PA", "AP"], "three_class")
     assert list(three["label"]) == ["covid", "covid", "pneumonia", "covid"]
     assert np.isnan(three["age"].iloc[2])
 
 
-def test_check_params_names_key_and_values():
-    ok = dict(
-        task="binary",
-        resize="stretch",
-        store_size=32,
-        phash_distance=4,
-        views=["PA"],
-        collections=["ieee8023", "kermany", "radiography"],
-    )
-    curate.check_params(**ok)
+def test_curate_settings_name_key_and_values(repo_root):
+    ok = OmegaConf.load(repo_root / "params.yaml")
+    settings = curate_settings(ok)
+    assert [c.name for c in settings.collections] == ["ieee8023", "kermany", "radiography"]
     for key, bad, allowed in [
         ("task", "four_class", "binary, three_class"),
         ("resize", "squash", "stretch, pad, crop"),
     ]:
+        cfg = ok.copy()
+        cfg.data[key] = bad
         with pytest.raises(CovidXrayError, match=f"data.{key} must be one of {allowed}"):
-            curate.check_params(**{**ok, key: bad})
-    with pytest.raises(
-        CovidXrayError, match="data.collections must list collections of ieee8023, kermany, radiography"
-    ):
-        curate.check_params(**{**ok, "collections": ["ieee8023", "chexpert"]})
+            curate_settings(cfg)
+    cfg = ok.copy()
+    cfg.data.phash_distance = 65
+    with pytest.raises(CovidXrayError, match="data.phash_distance must be an integer in 0..64"):
+        curate_settings(cfg)
 
 
-def test_select_probe_keeps_adult_other_findings():
+def test_select_probe_keeps_adult_other_findings(shipped, tmp_path):
     meta = pd.DataFrame(
         {
             "patientid": ["1", "2", "3", "4", "5", "6"],
@@ -115,10 +144,11 @@ def test_select_probe_keeps_adult_other_findings():
             "age": [50, 60, 40, None, 30, 12],
         }
     )
-    binary = curate.select_probe(meta, ["PA"], "binary", Path("raw"))
+    raw = _metadata(tmp_path, meta)
+    _, binary = _select(shipped, raw, ["PA"], "binary")
     assert list(binary["finding"]) == ["ARDS", "Streptococcus", "No Finding"]  # not COVID, not AP, not a child
     assert set(binary["label"]) == {"other"} and set(binary["source"]) == {"ieee8023"}
-    three = curate.select_probe(meta, ["PA"], "three_class", Path("raw"))
+    _, three = _select(shipped, raw, ["PA"], "three_class")
     assert list(three["finding"]) == ["ARDS", "No Finding"]  # pneumonia is a class there
 
 
@@ -141,7 +171,7 @@ def _records(tmp_path, specs) -> pd.DataFrame:
             Image.fromarray(pixels).save(path)
         rows.append({"image_id": name, "label": label, "patient_id": patient, "file": str(path)})
     df = pd.DataFrame(rows)
-    decoded = {d["file"]: d for d in curate.decode_files(sorted(set(df["file"])), SIZE, "stretch")}
+    decoded = {d["file"]: d for d in curation.decode_files(sorted(set(df["file"])), SIZE, "stretch")}
     for col in ("sha256", "phash"):
         df[col] = [decoded[f][col] for f in df["file"]]
     return df
@@ -163,7 +193,7 @@ def test_dedupe_exact_near_and_conflicts(tmp_path):
     ]
     records = _records(tmp_path, specs)
     assert c_copy.exists()
-    kept, report = curate.dedupe(records, phash_distance=4)
+    kept, report = dedupe.dedupe(records, phash_distance=4)
     assert sorted(kept["image_id"]) == ["a", "a_near", "b"]
     assert report["exact_duplicates_removed"] == 1
     assert report["cross_class_images_dropped"] == 4
@@ -189,13 +219,13 @@ def test_clean_probe_drops_copies_of_curated_images(tmp_path):
             ("c", c, "other", "p5"),
         ],
     )
-    cleaned, dropped = curate.clean_probe(probe, kept, phash_distance=4)
+    cleaned, dropped = dedupe.clean_probe(probe, kept, phash_distance=4)
     assert sorted(cleaned["image_id"]) == ["b", "c"] and dropped == 1
 
 
 def test_phash_pairs():
-    assert curate.phash_pairs(["ffff000000000000", "ffff000000000001", "0000ffffffffffff"], 1) == [(0, 1)]
-    assert curate.phash_pairs(["00"], 4) == []
+    assert dedupe.phash_pairs(["ffff000000000000", "ffff000000000001", "0000ffffffffffff"], 1) == [(0, 1)]
+    assert dedupe.phash_pairs(["00"], 4) == []
 
 
 # ---------- shortcut AUC ----------
@@ -257,6 +287,8 @@ def _cfg(repo_root, root, out, **data):
     cfg.paths.raw, cfg.paths.external, cfg.paths.curated = str(root / "raw"), str(root / "external"), str(out)
     cfg.data.image_size = cfg.data.store_size = SIZE
     for key, value in data.items():
+        if key == "collections":  # a subset of the shipped definitions, by name
+            value = {name: cfg.data.collections[name] for name in value}
         cfg.data[key] = value
     return cfg
 
@@ -273,7 +305,7 @@ def test_curate_end_to_end(repo_root, small_inputs, tmp_path, task):
     imgs, index, classes = load_curated(out)
     expected = ["normal", "covid"] if task == "binary" else ["normal", "pneumonia", "covid"]
     assert classes == expected
-    assert list(index.columns) == curate.COLUMNS
+    assert list(index.columns) == curation.COLUMNS
     assert imgs.dtype == np.uint8 and imgs.shape == (len(index), SIZE, SIZE)
     assert index["image_id"].is_unique and index["patient_id"].notna().all()
     assert (index["y"] == index["label"].map(expected.index)).all()
@@ -321,7 +353,7 @@ def test_curate_rejects_bad_config_and_leaves_nothing(repo_root, small_inputs, t
     with pytest.raises(CovidXrayError, match=r"data\.resize must be one of stretch, pad, crop"):
         curate.main(_cfg(repo_root, root, out, resize="squash"))
     assert not (tmp_path / "data").exists()
-    with pytest.raises(CovidXrayError, match="metadata missing"):
+    with pytest.raises(CovidXrayError, match=r"collection ieee8023: file missing: .*metadata.csv"):
         curate.main(_cfg(repo_root, tmp_path / "nowhere", out))
     assert not out.exists() and not list(out.parent.glob(".curated*"))
 

@@ -59,6 +59,14 @@ def test_dvc_repro_split_end_to_end(repo_copy):
     index = pd.read_csv(repo_copy / "data/curated/index.csv")
     splits = pd.read_csv(repo_copy / "data/splits.csv")
     assert set(index["label"]) == {"covid", "normal"}
+    # the shipped collection definitions give the curated store of the code before them (commit e33180e)
+    assert index.groupby(["source", "label"]).size().to_dict() == {
+        ("ieee8023", "covid"): 214,
+        ("kermany", "normal"): 449,
+        ("radiography", "covid"): 1185,
+        ("radiography", "normal"): 1187,
+    }
+    assert len(pd.read_csv(repo_copy / "data/curated/probe.csv")) == 76
     assert sorted(splits["image_id"]) == sorted(index["image_id"])
     assert (splits.groupby("patient_id")["partition"].nunique() == 1).all()
 

@@ -6,8 +6,11 @@ import pytest
 
 from covidxray import CovidXrayError
 from covidxray.data import sources
+from covidxray.data.collections import provides
 
 BINARY = ["normal", "covid"]
+# What the shipped collection definitions provide (tests/test_collections.py checks it against conf/).
+PROVIDES = {"ieee8023": ("pneumonia", "covid"), "kermany": ("normal", "pneumonia"), "radiography": ("normal", "covid")}
 DEFAULT = {
     "train": {"covid": ["ieee8023"], "normal": ["kermany"]},
     "external": {"covid": ["radiography"], "normal": ["radiography"]},
@@ -15,9 +18,9 @@ DEFAULT = {
 
 
 def test_default_and_reverse_roles_are_valid():
-    sources.check_roles(DEFAULT, BINARY)
+    sources.check_roles(DEFAULT, BINARY, PROVIDES)
     reverse = {"train": DEFAULT["external"], "external": DEFAULT["train"]}
-    sources.check_roles(reverse, BINARY)
+    sources.check_roles(reverse, BINARY, PROVIDES)
 
 
 @pytest.mark.parametrize(
@@ -32,7 +35,7 @@ def test_default_and_reverse_roles_are_valid():
         ),
         (
             {"train": {"covid": ["chexpert"], "normal": ["kermany"]}},
-            r"data.sources.train.covid: unknown collection 'chexpert' \(allowed: ieee8023, kermany, radiography\)",
+            r"data.sources.train.covid: unknown collection 'chexpert' \(allowed: ieee8023, kermany, radiography; ",
         ),
         ({"train": {"covid": ["kermany"], "normal": ["kermany"]}}, "collection 'kermany' has no covid images"),
         ({"train": {"covid": ["ieee8023"]}}, r"data.sources.train.normal: no collection trains class 'normal'"),
@@ -46,7 +49,7 @@ def test_default_and_reverse_roles_are_valid():
 )
 def test_bad_roles_name_the_key(roles, message):
     with pytest.raises(CovidXrayError, match=message):
-        sources.check_roles(roles, BINARY)
+        sources.check_roles(roles, BINARY, PROVIDES)
 
 
 def _index():
@@ -104,3 +107,21 @@ def test_role_table():
     table = sources.role_table(index, splits, roles)
     assert table["partition"].tolist() == ["cv", "test", "cv", "test", "external", "external", "unused", "unused"]
     assert np.array_equal(table["image_id"], index["image_id"])
+
+
+def test_roles_accept_any_configured_collection(repo_root):
+    """A collection defined in data.collections is a valid source without a code change."""
+    from omegaconf import OmegaConf
+
+    definitions = OmegaConf.load(repo_root / "params.yaml").data.collections
+    assert provides(definitions) == PROVIDES
+    assert provides(definitions, "binary") == {
+        "ieee8023": ("covid",),
+        "kermany": ("normal",),
+        "radiography": ("normal", "covid"),
+    }
+    hospital = {**PROVIDES, "hospital": ("covid", "normal")}
+    roles = {"train": {"covid": ["ieee8023", "hospital"], "normal": ["kermany"]}, "external": {"normal": ["hospital"]}}
+    sources.check_roles(roles, BINARY, hospital)
+    with pytest.raises(CovidXrayError, match="unknown collection 'hospital'"):
+        sources.check_roles(roles, BINARY, PROVIDES)

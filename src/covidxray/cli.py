@@ -128,6 +128,13 @@ def run_stage_with_hydra(stage: str, overrides: list[str]) -> None:
 
     from covidxray.infra.config import conf_dir
 
+    from covidxray.data.collections import check_chosen_files
+
+    try:
+        check_chosen_files(conf_dir(), overrides)  # Hydra's own message for a missing file spans lines
+    except CovidXrayError as err:
+        print(f"covidxray {stage}: error: {err}", file=sys.stderr)
+        sys.exit(1)
     sys.argv = [f"covidxray {stage}", *overrides]
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
@@ -149,6 +156,9 @@ def params_cli(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--out", default="params.yaml")
     args = parser.parse_args(argv)
+    from covidxray.data.collections import check_chosen_files
+
+    check_chosen_files(conf_dir(), args.overrides)
     compose_and_dump(args.out, str(conf_dir()), None, "config", "", args.overrides)
     print(f"wrote {args.out}")
     return 0

@@ -1,8 +1,9 @@
 """The curation audit: what a labelled image set is made of, and what other than disease gives
 its labels away (shortcut AUCs of image geometry/format and of simple pixel statistics).
 
-Used by the curate stage (the whole curated store) and by the external stage (the training set
-and the external set of a model, and its collections within one class).
+Used by the curate stage (the whole curated store, and each collection against the rest) and by
+the external stage (the training set and the external set of a model, and its collections within
+one class).
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from covidxray.data.sources import KERMANY
-
 UNKNOWN = "unknown"
+ADULT_AGE = 18
 SHORTCUT_AUC_WARN = 0.8
 
 
@@ -102,9 +102,63 @@ def _summary(values: pd.Series) -> dict:
     }
 
 
-def audit(index: pd.DataFrame, images: np.ndarray, classes: list[str], seed: int, folds: int = 5) -> dict:
+def collection_facts(index: pd.DataFrame, features: dict, described: dict, seed: int, folds: int = 5) -> dict:
+    """Per collection ({name: {age_group, kind, citation, license}}): images, patients, images per
+    class, original sizes and formats, age groups (per-image ages where known, else the definition's),
+    and how well each set of `features` ({name: table}, e.g. geometry/format, pixel statistics)
+    alone tells it from the other collections."""
+    facts = {}
+    for name, info in described.items():
+        mine = (index["source"] == name).to_numpy()
+        rows, ages = index[mine], index.loc[mine, "age"].astype(float)
+        separable = 0 < mine.sum() < len(index)
+        facts[name] = {
+            "images": int(mine.sum()),
+            "patients": int(rows["patient_id"].nunique()),
+            "classes": _counts(rows["label"]),
+            "width": _summary(rows["orig_width"]) if len(rows) else None,
+            "height": _summary(rows["orig_height"]) if len(rows) else None,
+            "format": _counts(rows["orig_format"]),
+            "mode": _counts(rows["orig_mode"]),
+            "age_group": info.get("age_group"),
+            "ages": {
+                f"adult (>= {ADULT_AGE})": int((ages >= ADULT_AGE).sum()),
+                f"child (< {ADULT_AGE})": int((ages < ADULT_AGE).sum()),
+                UNKNOWN: int(ages.isna().sum()),
+            },
+            "shortcut_auc_vs_rest": {
+                k: (shortcut_auc(f, mine.astype(int), index["patient_id"], seed, folds) if separable else None)
+                for k, f in features.items()
+            },
+            **{k: info.get(k) for k in ("kind", "citation", "license")},
+        }
+    return facts
+
+
+def _collection_notes(df: pd.DataFrame, described: dict) -> list[str]:
+    """Collections whose images carry no age: what their definition says about the patients."""
+    notes = []
+    for name, info in described.items():
+        rows = df[df["source"] == name]
+        if len(rows) and info.get("age_group") and rows["age"].isna().all():
+            notes.append(
+                f"{name} images have no age or sex in their source: the patients are {info['age_group']} "
+                "per the dataset's description, recorded here as unknown"
+            )
+    return notes
+
+
+def audit(
+    index: pd.DataFrame,
+    images: np.ndarray,
+    classes: list[str],
+    seed: int,
+    folds: int = 5,
+    described: dict | None = None,
+) -> dict:
     """What the curated set is made of: counts by class and attribute, original geometry per class,
-    and the shortcut AUCs (label predicted from geometry/format, or from pixel statistics, alone)."""
+    the shortcut AUCs (label predicted from geometry/format, or from pixel statistics, alone) and,
+    for the collections `described` ({name: {age_group, kind, citation, license}}), their facts."""
     df = index.assign(age_band=[age_band(a) for a in index["age"]])
     strata = (
         df.groupby(["label", "source", "view", "sex", "age_band"])
@@ -129,10 +183,8 @@ def audit(index: pd.DataFrame, images: np.ndarray, classes: list[str], seed: int
             "format": _counts(rows["orig_format"]),
             "mode": _counts(rows["orig_mode"]),
         }
-    results = {
-        "geometry_format": shortcut_aucs(geometry_features(df), df["y"], df["patient_id"], seed, folds),
-        "pixel_stats": shortcut_aucs(pixel_features(images), df["y"], df["patient_id"], seed, folds),
-    }
+    features = {"geometry_format": geometry_features(df), "pixel_stats": pixel_features(images)}
+    results = {k: shortcut_aucs(f, df["y"], df["patient_id"], seed, folds) for k, f in features.items()}
     aucs = {k: (None if r is None else round(r["auc"], 4)) for k, r in results.items()}
     per_class = {
         k: ({} if r is None or len(classes) < 3 else {classes[int(c)]: round(v, 4) for c, v in r["per_class"].items()})
@@ -161,12 +213,7 @@ def audit(index: pd.DataFrame, images: np.ndarray, classes: list[str], seed: int
             }
         )
     sources = df.groupby("label")["source"].unique()
-    notes = []
-    if (KERMANY == df["source"]).any():
-        notes.append(
-            "kermany images have no age or sex in their source: the patients are children "
-            "(1-5 years) per the dataset's description, recorded here as unknown"
-        )
+    notes = _collection_notes(df, described or {})
     if len(sources) > 1 and all(len(s) == 1 for s in sources) and len({s[0] for s in sources}) == len(sources):
         notes.append("each class comes from a single source: source and label are fully confounded")
     multi = df.groupby("patient_id")["label"].nunique()
@@ -187,7 +234,43 @@ def audit(index: pd.DataFrame, images: np.ndarray, classes: list[str], seed: int
         "one-vs-rest); a warning when either reaches " + str(SHORTCUT_AUC_WARN),
         "shortcuts": shortcuts,
         "notes": notes,
+        "collections": collection_facts(df, features, described or {}, seed, folds),
     }
+
+
+def collection_markdown(facts: dict) -> list[str]:
+    """Markdown lines: one row per collection (its facts), then each one's citation and license."""
+    if not facts:
+        return []
+    auc = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [
+        "## Collections",
+        "",
+        "| collection | images | patients | classes | width (min/median/max) | formats | ages | "
+        "shortcut AUC vs the rest (geometry / pixels) |",
+        "|---|---:|---:|---|---|---|---|---|",
+    ]
+    for name, f in facts.items():
+        width = "n/a" if not f["width"] else f"{f['width']['min']:g} / {f['width']['median']:g} / {f['width']['max']:g}"
+        ages = ", ".join(f"{k} {v}" for k, v in f["ages"].items() if v)
+        ages = (
+            f"{f['age_group']} (per the source)"
+            if f.get("age_group") and not any(v for k, v in f["ages"].items() if k != UNKNOWN)
+            else ages
+        )
+        lines.append(
+            f"| {name} | {f['images']} | {f['patients']} | "
+            + ", ".join(f"{k} {v}" for k, v in f["classes"].items())
+            + f" | {width} | "
+            + ", ".join(f"{k} {v}" for k, v in f["format"].items())
+            + f" | {ages} | {auc(f['shortcut_auc_vs_rest']['geometry_format'])} / "
+            f"{auc(f['shortcut_auc_vs_rest']['pixel_stats'])} |"
+        )
+    lines += [""] + [
+        f"- **{name}**: {f.get('citation') or 'no citation given'}; license: {f.get('license') or 'not given'}"
+        for name, f in facts.items()
+    ]
+    return lines + [""]
 
 
 def audit_markdown(report: dict) -> str:
@@ -204,7 +287,9 @@ def audit_markdown(report: dict) -> str:
         "|---|---:|---:|",
     ]
     lines += [f"| {c} | {report['per_class'][c]} | {report['patients_per_class'][c]} |" for c in classes]
-    lines += [f"| total | {report['images']} | {report['patients']} |", "", "## By attribute", ""]
+    lines += [f"| total | {report['images']} | {report['patients']} |", ""]
+    lines += collection_markdown(report.get("collections") or {})
+    lines += ["## By attribute", ""]
     for col, per_class in report["by_attribute"].items():
         cells = "; ".join(f"{c}: " + ", ".join(f"{k} {v}" for k, v in per_class[c].items()) for c in classes)
         lines.append(f"- **{col}**: {cells}")

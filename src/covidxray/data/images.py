@@ -5,7 +5,7 @@ Decoding (`read_grayscale`, `resize`, `load_image`) is shared by the curate stag
 
 The curated store (data/curated/) is what every later stage reads:
 - images.npy   uint8 array (N, S, S): grayscale images, row i belongs to row i of index.csv
-- index.csv    one row per image: image_id, label, y, patient_id, source, ... (see curate.py)
+- index.csv    one row per image: image_id, label, y, patient_id, source, ... (see curation.py)
 - classes.json the class names in the order of `y` (the positive class, covid, is last)
 - probe.npy, probe.csv  images of no class of the task (the collection's other findings), same layout
 and the split stage's data/splits.csv (image_id, patient_id, label, partition, fold), which

@@ -1,4 +1,4 @@
-"""Collections and roles: which (class, collection) pairs train a model and which are its external set.
+"""Roles: which (class, collection) pairs train a model and which are its external set.
 
 The curated store holds every image of every collection; `data.sources` decides, per class, which
 collections train the model (their cv partition for training, their test partition for the
@@ -9,7 +9,9 @@ evaluation time, so `covidxray train experiment=cross_dataset_reverse` needs no 
     data.sources.external: {covid: [radiography], normal: [radiography]}
 
 A (class, collection) pair is never in both roles, and an external image that near-duplicates any
-training-role image (same `dup_group` in the curated index) is dropped from the external set.
+training-role image (same `dup_group` in the curated index) is dropped from the external set. The
+collections themselves, and the classes each provides, are configuration (data.collections, see
+collections.py): a role may name any of them.
 """
 
 from __future__ import annotations
@@ -19,12 +21,7 @@ import pandas as pd
 
 from covidxray import CovidXrayError
 
-IEEE8023, KERMANY, RADIOGRAPHY = "ieee8023", "kermany", "radiography"
-COLLECTIONS = (IEEE8023, KERMANY, RADIOGRAPHY)
-# Which classes each collection can provide (pneumonia only in the three_class task).
-PROVIDES = {IEEE8023: ("covid", "pneumonia"), KERMANY: ("normal", "pneumonia"), RADIOGRAPHY: ("covid", "normal")}
 ROLES = ("train", "external")
-TASKS = {"binary": ["normal", "covid"], "three_class": ["normal", "pneumonia", "covid"]}
 BALANCE = ("none", "undersample")
 
 
@@ -38,9 +35,10 @@ def as_roles(sources) -> dict[str, dict[str, list[str]]]:
     return out
 
 
-def check_roles(roles: dict, classes: list[str]) -> None:
+def check_roles(roles: dict, classes: list[str], provides: dict[str, tuple[str, ...]]) -> None:
     """Reject unknown collections or classes, pairs a collection cannot provide, a pair in both
-    roles, and a class of the model that no collection trains; errors name the key."""
+    roles, and a class of the model that no collection trains; errors name the key. `provides` maps
+    each collection of data.collections to its classes (`collections.provides`)."""
     unknown_roles = sorted(set(roles) - set(ROLES))
     if unknown_roles:
         raise CovidXrayError(f"data.sources: unknown role(s) {unknown_roles}; allowed: {', '.join(ROLES)}")
@@ -52,17 +50,20 @@ def check_roles(roles: dict, classes: list[str]) -> None:
                     f"{key}: class {label!r} is not a class of this task (allowed: {', '.join(classes)})"
                 )
             for name in collections:
-                if name not in COLLECTIONS:
-                    raise CovidXrayError(f"{key}: unknown collection {name!r} (allowed: {', '.join(COLLECTIONS)})")
-                if label not in PROVIDES[name]:
+                if name not in provides:
                     raise CovidXrayError(
-                        f"{key}: collection {name!r} has no {label} images (it provides {', '.join(PROVIDES[name])})"
+                        f"{key}: unknown collection {name!r} (allowed: {', '.join(provides)}; a collection is "
+                        "conf/collection/<name>.yaml, named in `collection: [...]` of conf/config.yaml)"
+                    )
+                if label not in provides[name]:
+                    raise CovidXrayError(
+                        f"{key}: collection {name!r} has no {label} images (it provides {', '.join(provides[name])})"
                     )
     for label in classes:
         if not roles.get("train", {}).get(label):
             raise CovidXrayError(
                 f"data.sources.train.{label}: no collection trains class {label!r} "
-                f"(allowed: {', '.join(c for c in COLLECTIONS if label in PROVIDES[c])})"
+                f"(allowed: {', '.join(c for c in provides if label in provides[c])})"
             )
         both = set(roles["train"].get(label, [])) & set(roles.get("external", {}).get(label, []))
         if both:

@@ -110,6 +110,19 @@ def probe_lines(probes: dict) -> list[str]:
     return lines + [""]
 
 
+def data_lines(facts: dict, names) -> list[str]:
+    """Markdown: the collections a model was trained or measured on, with citation and license."""
+    rows = [(n, facts[n]) for n in names if n in facts]
+    if not rows:
+        return []
+    lines = ["## Data", "", "| collection | images | citation | license |", "|---|---:|---|---|"]
+    lines += [
+        f"| {n} | {f.get('images', 'n/a')} | {f.get('citation') or 'n/a'} | {f.get('license') or 'n/a'} |"
+        for n, f in rows
+    ]
+    return lines + [""]
+
+
 def model_card(
     meta: dict,
     roles_line: str,
@@ -120,6 +133,7 @@ def model_card(
     probes: dict,
     dropped: int,
     ci: float,
+    data: list[str] = (),
 ) -> str:
     """reports/model_card.md: the comparison first, then per-source figures, probes and limits."""
     lines = [
@@ -147,6 +161,7 @@ def model_card(
         "## Shortcut probes",
         "",
         *probe_lines(probes),
+        *data,
         "## Details",
         "",
         "- internal test report: [report.md](report.md) (metrics with intervals, ROC, PR, calibration, "

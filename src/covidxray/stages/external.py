@@ -18,6 +18,7 @@ import pandas as pd
 
 from covidxray import CovidXrayError
 from covidxray.data import images, sources
+from covidxray.data.collections import load_facts
 from covidxray.evaluation import card, probes, report
 from covidxray.evaluation.publish import LogTo, publish
 from covidxray.infra.outputs import read_json
@@ -106,7 +107,11 @@ def main(cfg) -> None:
         probe = images.load_probe(curated)
         result["probes"] = run_probes(model, meta, stored, index, roles, test_ids, probe, st.out.assess.seed)
         roles_text, ci = sources.describe(roles), st.out.assess.ci
-        text = card.model_card(meta, roles_text, cv, test, result, result["per_source"], result["probes"], dropped, ci)
+        names = sorted({n for per_class in roles.values() for some in per_class.values() for n in some})
+        data = card.data_lines(load_facts(curated), names)  # citation and license of each collection
+        text = card.model_card(
+            meta, roles_text, cv, test, result, result["per_source"], result["probes"], dropped, ci, data
+        )
         (work / CARD).write_text(text)
         shutil.copy(work / CARD, work / OUT_DIR / CARD)
 

@@ -1,0 +1,330 @@
+"""Collections as configuration: a collection added with one YAML file (a folder per class, or a
+CSV) is curated by the real stage, deduplicated against the others, trained on and held out at
+smoke size; every bad input stops before decoding with one line naming collection, file and key;
+the shipped definitions select what the code selected before (counts from ../shared)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from conftest import BIN, COLLECTION, REPO, SHARED, make_cfg, synthetic_xrays
+from covidxray import CovidXrayError
+from covidxray.data import collections as C
+from covidxray.data.listing import list_collections
+from covidxray.stages import curate
+
+SIZE = 32
+FOLDER_YAML = """\
+# @package data.collections.hospital_a
+name: hospital_a
+kind: folder
+path: hospital_a
+labels: {covid: covid, normal: normal}
+patient:
+  pattern: ['^([a-z]\\d+)-']
+age_group: adults
+citation: Hospital A, 2026
+license: CC BY 4.0
+"""
+CSV_YAML = """\
+# @package data.collections.hospital_b
+name: hospital_b
+kind: csv
+path: hospital_b/labels.csv
+labels: {COVID-19: covid, NORMAL: normal}
+citation: Hospital B, 2026
+license: research use
+"""
+
+
+def _save(path: Path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def write_hospitals(external: Path, seed: int = 0) -> dict:
+    """hospital_a: a folder per class (12 + 12 images, 2 per patient); hospital_b: a CSV of
+    path,label,patient_id (8 + 8 patients), one of whose normals is hospital_a's covid image (a cross-class
+    copy) and another a near-duplicate of a hospital_a normal (a cross-collection near-duplicate)."""
+    rng = np.random.default_rng(seed)
+    a = {label: synthetic_xrays(12, 48, label == "covid", rng) for label in ("covid", "normal")}
+    for label, images in a.items():
+        for k, img in enumerate(images):
+            _save(external / "hospital_a" / label / f"{label[0]}{k // 2:02d}-{k}.png", img)
+    b = {label: synthetic_xrays(8, 48, label == "COVID-19", rng) for label in ("COVID-19", "NORMAL")}
+    b["NORMAL"][0] = a["covid"][0]  # the same image under two classes: dropped everywhere
+    b["NORMAL"][1] = np.clip(a["normal"][3].astype(int) + 3, 0, 255).astype(np.uint8)  # near-duplicate
+    rows = []
+    for label, images in b.items():
+        for k, img in enumerate(images):
+            rel = f"img/{label.lower()}/{k}.png"  # names repeat across folders: ids use the path
+            _save(external / "hospital_b" / rel, img)
+            rows.append({"path": rel, "label": label, "patient_id": f"{label[0]}{k}"})
+    pd.DataFrame(rows).to_csv(external / "hospital_b" / "labels.csv", index=False)
+    return {"a": 24, "b": 16}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A copy of conf/ with two added collection files, as a user adds them, as the working dir."""
+    shutil.copytree(REPO / "conf", tmp_path / "conf")
+    (tmp_path / "conf" / "collection" / "hospital_a.yaml").write_text(FOLDER_YAML)
+    (tmp_path / "conf" / "collection" / "hospital_b.yaml").write_text(CSV_YAML)
+    write_hospitals(tmp_path / "data" / "external")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+ROLES = [
+    "data.sources={train: {covid: [hospital_a], normal: [hospital_a]}, external: {covid: [hospital_b], "
+    "normal: [hospital_b]}}"
+]
+
+
+def test_added_collections_are_curated_trained_on_and_held_out(project):
+    """The README's example end to end: two collections added without touching src/."""
+    from covidxray.stages import external, split, train
+
+    cfg = make_cfg(
+        [
+            "collection=[hospital_a,hospital_b]",
+            "experiment=smoke",
+            f"data.store_size={SIZE}",
+            "evaluate.bootstrap=50",
+            f"mlflow.tracking_uri=sqlite:///{project / 'mlruns' / 'mlflow.db'}",
+            *ROLES,
+        ]
+    )
+    assert list(cfg.data.collections) == ["hospital_a", "hospital_b"]
+    curate.main(cfg)
+    curated = project / "data" / "curated"
+    index = pd.read_csv(curated / "index.csv")
+    assert index.groupby("source").size().to_dict() == {"hospital_a": 23, "hospital_b": 15}  # the copy, dropped
+    audit = json.loads((curated / "audit.json").read_text())
+    assert audit["dedupe"]["cross_class_images_dropped"] == 2
+    near = index[index["dup_group"].duplicated(keep=False)]
+    assert set(near["source"]) == {"hospital_a", "hospital_b"}  # tied across collections
+    assert index.loc[index["source"] == "hospital_a", "patient_id"].str.match(r"hospital_a-[cn]\d\d$").all()
+    assert index["image_id"].is_unique and (index["image_id"].str.startswith("hospital_b-img_")).sum() == 15
+    facts = json.loads((curated / "collections.json").read_text())
+    assert facts["hospital_b"]["images"] == 15 and facts["hospital_b"]["classes"] == {"covid": 8, "normal": 7}
+    assert facts["hospital_a"]["patients"] == 12 and facts["hospital_a"]["license"] == "CC BY 4.0"
+    assert set(facts["hospital_a"]["shortcut_auc_vs_rest"]) == {"geometry_format", "pixel_stats"}
+    assert "| hospital_b | 15 |" in (curated / "audit.md").read_text()
+
+    split.main(cfg)
+    train.main(cfg)
+    external.main(cfg)  # the internal test report (evaluate) is optional to it
+    oof = pd.read_csv(project / "reports" / "cv" / "oof.csv")
+    assert oof["image_id"].str.startswith("hospital_a-").all()
+    m = json.loads((project / "reports" / "external" / "metrics.json").read_text())
+    assert set(m["per_source"]["external"]) == {"covid/hospital_b", "normal/hospital_b"}
+    assert m["n_external_images"] == 14  # less the near-duplicate of a training image
+    card = (project / "reports" / "model_card.md").read_text()
+    assert "| hospital_b | 15 | Hospital B, 2026 | research use |" in card  # citation and license
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+def test_every_preset_accepts_an_added_collection(project, preset):
+    from covidxray.settings import train_settings
+
+    cfg = make_cfg(
+        [f"experiment={preset}", "collection=[ieee8023,kermany,radiography,hospital_a]", "model.weights=none"]
+    )
+    cfg.data.sources.train.covid = [*cfg.data.sources.train.covid, "hospital_a"]
+    assert "hospital_a" in train_settings(cfg).roles["train"]["covid"]
+
+
+def test_provides_is_plain_data_for_every_collection():
+    cfg = make_cfg([])
+    assert C.provides(cfg.data.collections) == {
+        "ieee8023": ("pneumonia", "covid"),
+        "kermany": ("normal", "pneumonia"),
+        "radiography": ("normal", "covid"),
+    }
+    assert C.provides(cfg.data.collections, "binary")["kermany"] == ("normal",)
+    C.check_definition_files(REPO / "conf" / "collection")
+    every = sorted(p.stem for p in (REPO / "conf" / "collection").glob("*.yaml"))
+    assert C.chosen_names(REPO / "conf", [f"collection=[{','.join(every)}]"]) == every
+    assert len(C.parse_collections(make_cfg([f"collection=[{','.join(every)}]"]).data.collections)) == len(every)
+
+
+# ---------- bad input: one line naming collection, file and key; nothing written ----------
+
+
+def _cfg(root: Path, definitions: dict):
+    cfg = OmegaConf.load(REPO / "params.yaml")
+    cfg.paths.raw, cfg.paths.external = str(root / "raw"), str(root / "external")
+    cfg.paths.curated = str(root / "out" / "curated")
+    cfg.data.store_size = SIZE
+    cfg.data.collections = definitions
+    return cfg
+
+
+def _definitions(**changes) -> dict:
+    a, b = (OmegaConf.to_container(OmegaConf.create(y)) for y in (FOLDER_YAML, CSV_YAML))
+    for key, value in changes.items():
+        which, field = key.split("__")
+        ({"a": a, "b": b}[which]).update({field: value})
+    return {"hospital_a": a, "hospital_b": b}
+
+
+def _fails(root: Path, definitions: dict, message: str) -> None:
+    with pytest.raises(CovidXrayError, match=message) as err:
+        curate.main(_cfg(root, definitions))
+    assert "\n" not in str(err.value)
+    assert not (root / "out").exists()
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    write_hospitals(tmp_path / "external")
+    return tmp_path
+
+
+def test_a_label_that_maps_to_no_class(inputs):
+    (inputs / "external" / "hospital_a" / "Covid").mkdir()
+    _fails(
+        inputs,
+        _definitions(),
+        r"^collection hospital_a: .*hospital_a: label 'Covid' maps to no class .* "
+        r"\(key data.collections.hospital_a.labels\)$",
+    )
+    (inputs / "external" / "hospital_a" / "Covid").rmdir()
+    pd.DataFrame({"path": ["img/covid-19/0.png"], "label": ["covid"]}).to_csv(
+        inputs / "external" / "hospital_b" / "labels.csv", index=False
+    )
+    _fails(inputs, _definitions(), r"collection hospital_b: .*labels.csv: label 'covid' maps to no class")
+
+
+def test_a_class_the_task_lacks(inputs):
+    _fails(
+        inputs,
+        _definitions(a__labels={"covid": "covid", "normal": "tuberculosis"}),
+        r"^collection hospital_a \(conf/collection/hospital_a.yaml\): data.collections.hospital_a.labels.normal: "
+        r"maps to 'tuberculosis', not a class \(allowed: normal, "
+        r"pneumonia, covid, or null",
+    )
+    _fails(
+        inputs,
+        _definitions(a__labels={"covid": "pneumonia", "normal": "pneumonia"}),
+        r"^collection hospital_a \(conf/collection/hospital_a.yaml\): data.collections.hospital_a.labels: "
+        r"provides pneumonia, no class of task binary",
+    )
+
+
+def test_a_class_no_chosen_collection_provides(inputs):
+    only_a = {"hospital_a": _definitions(a__labels={"covid": None, "normal": "normal"})["hospital_a"]}
+    _fails(inputs, only_a, r"^data.collections: no collection provides covid \(task binary; chosen: hospital_a\)$")
+
+
+def test_a_duplicate_collection_name(inputs, tmp_path):
+    _fails(
+        inputs,
+        _definitions(b__name="hospital_a"),
+        r"^collection hospital_b \(conf/collection/hospital_b.yaml\): data.collections.hospital_b.name: is ",
+    )
+    folder = tmp_path / "conf_collection"
+    folder.mkdir()
+    (folder / "hospital_a.yaml").write_text(FOLDER_YAML)
+    (folder / "copy_of_a.yaml").write_text(FOLDER_YAML)
+    with pytest.raises(CovidXrayError, match=r"duplicate collection: .*copy_of_a.yaml and .*hospital_a.yaml"):
+        C.check_definition_files(folder)
+
+
+def test_a_csv_with_missing_columns_or_paths_outside_its_folder(inputs):
+    labels = inputs / "external" / "hospital_b" / "labels.csv"
+    table = pd.read_csv(labels)
+    table[["path", "patient_id"]].to_csv(labels, index=False)
+    _fails(
+        inputs,
+        _definitions(),
+        r"^collection hospital_b: .*hospital_b/labels.csv lacks column\(s\) label for label "
+        r"\(key data.collections.hospital_b.columns.label\)$",
+    )
+    table.loc[3, "path"] = "../hospital_a/covid/c00-0.png"
+    table.to_csv(labels, index=False)
+    _fails(inputs, _definitions(), r"labels.csv row 5: path '../hospital_a/covid/c00-0.png' is outside")
+    table.loc[3, "path"] = "img/nothere.png"
+    table.to_csv(labels, index=False)
+    _fails(inputs, _definitions(), r"labels.csv row 5: image missing: .*nothere.png \(key data.collections.hospital_b")
+
+
+def test_a_missing_file_or_folder_and_a_folder_without_images(inputs, tmp_path):
+    _fails(
+        inputs,
+        _definitions(b__path="hospital_b/nothere.csv"),
+        r"^collection hospital_b: file missing: .*nothere.csv \(key data.collections.hospital_b.path\)$",
+    )
+    _fails(inputs, _definitions(a__path="nothere"), r"^collection hospital_a: folder missing: .*nothere")
+    for png in (inputs / "external" / "hospital_a").rglob("*.png"):
+        png.unlink()
+    _fails(inputs, _definitions(), r"^collection hospital_a: no images in .*hospital_a \(expected")
+    done = subprocess.run(
+        [str(BIN / "covidxray"), "curate", "collection=[kermany,nothere]"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "collection nothere: definition file missing: " in done.stderr and "nothere.yaml" in done.stderr
+
+
+# ---------- the shipped definitions select what main's code selected ----------
+
+# Per (collection, class) records listed, patients per collection and probe rows, before decoding,
+# as listed by the code of main before collections moved to conf/ (commit e33180e), on ../shared.
+SHIPPED = {
+    "binary": (
+        {("ieee8023", "covid"): 217, ("kermany", "normal"): 450, ("radiography", "covid"): 1200,
+         ("radiography", "normal"): 1200},
+        {"ieee8023": 146, "kermany": 389, "radiography": 2400},
+        85,
+    ),
+    "three_class": (
+        {("ieee8023", "covid"): 217, ("ieee8023", "pneumonia"): 65, ("kermany", "normal"): 450,
+         ("kermany", "pneumonia"): 200, ("radiography", "covid"): 1200, ("radiography", "normal"): 1200},
+        {"ieee8023": 185, "kermany": 556, "radiography": 2400},
+        20,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("task", sorted(SHIPPED))
+def test_shipped_definitions_select_what_the_code_did(task):
+    if not (COLLECTION / "metadata.csv").is_file() or not (REPO / "data" / "external" / "chest_xray").is_dir():
+        pytest.skip(f"needs ../shared ({SHARED}) and data/external (dvc pull data.dvc)")
+    cfg = make_cfg([f"data.task={task}"])
+    records, probe = list_collections(
+        C.parse_collections(cfg.data.collections, task), COLLECTION, REPO / "data" / "external", task
+    )
+    per_class, patients, probes = SHIPPED[task]
+    assert records.groupby(["source", "label"]).size().to_dict() == per_class
+    assert records.groupby("source")["patient_id"].nunique().to_dict() == patients
+    assert len(probe) == probes
+
+
+def test_a_csv_collection_filters_by_view_and_age_and_reads_patients(inputs):
+    labels = inputs / "external" / "hospital_b" / "labels.csv"
+    table = pd.read_csv(labels)
+    table["view"] = ["PA", "AP"] * 8
+    table["age"] = [12, 40, 70, None] * 4
+    table.loc[2, "patient_id"] = ""  # blank: the image (img/covid-19/2.png) is its own patient
+    table.to_csv(labels, index=False)
+    definitions = _definitions(b__filters={"views": ["PA"], "min_age": 18})
+    c = C.parse_collections(definitions, "binary")[1]
+    records, probe = list_collections([c], inputs / "raw", inputs / "external", "binary")
+    assert len(records) == 4 and set(records["view"]) == {"PA"} and probe.empty  # PA rows of 70, not of 12
+    assert (records["age"] == 70).all()
+    assert sorted(records["patient_id"]) == ["hospital_b-2", "hospital_b-C6", "hospital_b-N2", "hospital_b-N6"]
+    assert records["finding"].isin(["COVID-19", "No Finding"]).all()
