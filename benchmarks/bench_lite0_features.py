@@ -1,21 +1,28 @@
-"""Frozen EfficientNet-Lite0 feature extraction: images/s at 224 px, the way train.py's
-frozen-feature cache runs it (preprocess + backbone in inference mode over a tf.data pipeline of
-uint8 images, batches of train.EVAL_BATCH), and the projected time for 3,000 images (target: under
-3 minutes on the 2-core CPU). Other backbones can run alongside, taking turns within each round so
-that machine load affects all alike.
+"""Frozen EfficientNet-Lite0 feature extraction at 224 px: images/s of today's path beside the fast
+ones, in one run (the engines take turns within each round, so machine load affects all alike),
+with the largest difference in features from the Keras path.
+
+  keras      the extractor's predict over the tf.data pipeline, batches of fitting.EVAL_BATCH
+             (what train did before the feature store; extraction.run_keras)
+  keras_xla  the same with jit_compile=True (XLA on CPU)
+  tflite     the extractor converted by TensorFlow's TFLite converter, run by the TFLite
+             interpreter of the TensorFlow wheel with its XNNPACK delegate (extraction.run_tflite,
+             what the feature store uses), at --tflite-batch images per call
 
     .venv/bin/python benchmarks/bench_lite0_features.py [--images 256] [--size 224] [--repeats 3]
-        [--also mobilenetv2 efficientnetb0]
+    .venv/bin/python benchmarks/bench_lite0_features.py --tiny      # seconds: what make test runs
 
 Weights do not change the timing: the converted ImageNet file is used when the pretrained stage has
-written it, else random weights (weights=none).
+written it, else random weights (weights=none). The CPU model (lscpu) and load average are reported:
+on a shared machine, compare the ratio, not the absolute rates.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
+import subprocess
 import time
 
 from common import REPO, alternating, images
@@ -24,10 +31,8 @@ TARGET_IMAGES = 3000
 
 
 def extractor(name: str, size: int):
-    """preprocess + backbone of the project's model for `name`, as Trainer.features builds it."""
-    import keras
-
-    from covidxray.modeling import efficientnet_lite, models
+    """preprocess + backbone of the project's model for `name` (extraction.feature_extractor)."""
+    from covidxray.modeling import efficientnet_lite, extraction, models
 
     converted = REPO / "models" / "pretrained" / efficientnet_lite.WEIGHTS_FILE
     weights = "imagenet" if name == "efficientnet_lite0" and converted.is_file() else "none"
@@ -38,71 +43,90 @@ def extractor(name: str, size: int):
         "freeze_base": True,
         "head": {"pool_size": 7, "dense_units": 64, "dropout": 0.5},
     }
-    model = models.build_model(cfg, size, 2)
-    preprocess, backbone, _ = models.split_at_backbone(model)
-    inputs = keras.Input(model.input.shape[1:])
-    return keras.Model(inputs, backbone(preprocess(inputs), training=False)), weights
+    return extraction.feature_extractor(models.build_model(cfg, size, 2)), weights
 
 
-def main() -> None:
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+
+
+def engines(model, tflite_batches: list[int], threads: int | None, xla: bool = True):
+    """{engine name: fn(x) -> features}; the TFLite file is converted once here (timed apart)."""
+    import keras
+
+    from covidxray.modeling import extraction
+    from covidxray.modeling.fitting import EVAL_BATCH
+
+    start = time.perf_counter()
+    blob = extraction.convert_tflite(model)
+    convert_s = time.perf_counter() - start
+    fns = {"keras": lambda x: extraction.run_keras(model, x, EVAL_BATCH)}
+    if xla:
+        jit = keras.Model(model.inputs, model.outputs)
+        jit.compile(jit_compile=True)
+        fns["keras_xla"] = lambda x: extraction.run_keras(jit, x, EVAL_BATCH)
+    for b in tflite_batches:
+        fns[f"tflite_b{b}"] = lambda x, b=b: extraction.run_tflite(blob, x, batch=b, threads=threads)
+    return fns, convert_s, len(blob)
+
+
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--curated", default=None)
-    parser.add_argument("--also", nargs="*", default=[], help="other backbones to time alongside")
-    args = parser.parse_args()
+    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--tflite-batch", type=int, nargs="*", default=[1, 8])
+    parser.add_argument("--threads", type=int, default=None, help="TFLite threads (default: the CPUs allowed)")
+    parser.add_argument("--no-xla", action="store_true", help="leave out keras_xla (its compile takes a while)")
+    parser.add_argument("--tiny", action="store_true", help="8 images at 32 px, one round, no XLA (a smoke test)")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.images, args.size, args.repeats, args.tflite_batch, args.no_xla = 8, 32, 1, [4], True
 
-    import os
-
-    from covidxray.stages.train import EVAL_BATCH, make_dataset
+    import numpy as np
 
     x, _, source = images(args.size, args.images, args.curated)
-    runs, weights, cpu = {}, {}, {}
-    for name in ["efficientnet_lite0", *args.also]:
-        model, weights[name] = extractor(name, args.size)
-        runs[name] = _cpu_timed(
-            lambda m=model: m.predict(make_dataset(x, None, None, EVAL_BATCH), verbose=0), cpu.setdefault(name, [])
-        )
-    timings = alternating(runs, args.repeats)
-    cores = min(2, os.cpu_count() or 1)
+    model, weights = extractor(args.model, args.size)
+    fns, convert_s, blob_bytes = engines(model, args.tflite_batch, args.threads, xla=not args.no_xla)
+    outputs = {name: fn(x) for name, fn in fns.items()}  # also the warm-up round
+    timings = alternating({name: (lambda fn=fn: fn(x)) for name, fn in fns.items()}, args.repeats)
+    base = timings["keras"][0]
     results = {
+        "model": args.model,
+        "weights": weights,
         "image_size": args.size,
         "images": len(x),
-        "batch": EVAL_BATCH,
         "source": source,
+        "cpu": cpu_model(),
         "cpus": os.cpu_count(),
+        "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()],
         "repeats": args.repeats,
-        "load_average": os.getloadavg(),
+        "tflite_convert_s (once per key, kept in the feature store)": round(convert_s, 1),
+        "tflite_bytes": blob_bytes,
+        "feature_abs_max": float(np.abs(outputs["keras"]).max()),
     }
     for name, (median, all_s) in timings.items():
-        per_s = len(x) / median
-        cpu_per_image = statistics.median(cpu[name][1:]) / len(x)  # the timed rounds (not the warm-up)
         results[name] = {
-            "weights": weights[name],
             "median_s": round(median, 3),
             "all_s": [round(t, 2) for t in all_s],
-            "images_per_s": round(per_s, 1),
-            f"projected_{TARGET_IMAGES}_images_s": round(TARGET_IMAGES / per_s, 1),
-            # CPU seconds the process spent per image: the load-independent cost; with `cores` free
-            # cores and perfect parallelism, 3,000 images would take TARGET * cpu_per_image / cores
-            "cpu_s_per_image": round(cpu_per_image, 4),
-            f"projected_{TARGET_IMAGES}_images_s_on_{cores}_free_cores": round(
-                TARGET_IMAGES * cpu_per_image / cores, 1
-            ),
+            "images_per_s": round(len(x) / median, 1),
+            "speedup_vs_keras": round(base / median, 2),
+            "max_abs_diff_vs_keras": float(np.abs(outputs[name] - outputs["keras"]).max()),
+            f"projected_{TARGET_IMAGES}_images_s": round(TARGET_IMAGES * median / len(x), 1),
         }
     print(json.dumps(results, indent=2))
-
-
-def _cpu_timed(fn, record: list):
-    """fn, also appending the process CPU time (user + system, all threads) of each call to record."""
-
-    def run():
-        start = time.process_time()
-        fn()
-        record.append(time.process_time() - start)
-
-    return run
+    print(
+        "images/s: "
+        + ", ".join(f"{n} {results[n]['images_per_s']} (x{results[n]['speedup_vs_keras']})" for n in timings)
+        + f" on {results['cpu']}, load {results['load_average_1_5_15']}"
+    )
+    return results
 
 
 if __name__ == "__main__":

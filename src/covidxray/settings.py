@@ -163,6 +163,7 @@ def fit_settings(cfg) -> FitSettings:
         patience=integer(cfg, "train.early_stopping.patience", 0),
         class_weights=choice(cfg, "train.class_weights", CLASS_WEIGHTS),
         distribute=choice(cfg, "train.distribute", DISTRIBUTE),
+        feature_store=None if value(cfg, "paths.features") in (None, "") else str(value(cfg, "paths.features")),
     )
 
 
@@ -357,6 +358,7 @@ def assess_options(cfg) -> AssessOptions:
         seed=integer(cfg, "seed", 0, "an integer >= 0"),
         per_group=integer(cfg, "evaluate.gradcam_per_group", 0),
         n_bins=integer(cfg, "evaluate.calibration_bins", 1),
+        features=text(cfg, "paths.features", optional=True) or None,
     )
 
 

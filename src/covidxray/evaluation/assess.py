@@ -12,6 +12,7 @@ import pandas as pd
 
 from covidxray import CovidXrayError
 from covidxray.evaluation import metrics
+from covidxray.modeling.features import open_store
 from covidxray.modeling.inference import probabilities
 
 
@@ -24,6 +25,7 @@ class AssessOptions:
     seed: int
     per_group: int  # Grad-CAM examples per group (TP, FP, FN)
     n_bins: int  # calibration bins
+    features: str | None = None  # the feature store's folder (paths.features): a frozen backbone's features
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ def assess(model, meta: dict, images: np.ndarray, frame: pd.DataFrame, options: 
     if len(frame) == 0:
         raise CovidXrayError("no images to assess")
     y = frame["label"].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy()
-    probs = probabilities(model, images, len(classes))
+    probs = probabilities(model, images, len(classes), store=open_store(options.features))
     pred = metrics.decide(probs, threshold)
     o = options
     figures = metrics.bootstrap_metrics(y, probs, threshold, frame["patient_id"], o.n_resamples, o.ci, o.seed, o.n_bins)

@@ -22,12 +22,12 @@ FEATURE_LAYER = "head_dense"  # every model of models.build_model has it: the he
 PROBE_FOLDS = 5
 
 
-def same_source_probe(model, meta: dict, images: np.ndarray, frame: pd.DataFrame) -> dict:
+def same_source_probe(model, meta: dict, images: np.ndarray, frame: pd.DataFrame, store=None) -> dict:
     """Share of the probe images (model inputs, rows of `frame` with a `finding`) labelled as the
     positive class at the model's saved threshold, overall and per finding."""
     if len(frame) == 0:
         return {"images": 0, "labelled_covid": None, "share_labelled_covid": None, "per_finding": {}}
-    probs = probabilities(model, images, len(meta["classes"]))
+    probs = probabilities(model, images, len(meta["classes"]), store=store)
     positive = decide(probs, meta["threshold"]) == len(meta["classes"]) - 1
     per_finding = {
         str(f): {"images": int(len(rows)), "share_labelled_covid": float(positive[rows].mean())}
@@ -54,10 +54,16 @@ def shortcut_aucs(frame: pd.DataFrame, stored: np.ndarray, seed: int) -> dict:
     return out
 
 
-def penultimate_features(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """The model's head features (layer `head_dense`) for model inputs (N, S, S) uint8."""
+def penultimate_features(model, images: np.ndarray, batch_size: int = 64, store=None) -> np.ndarray:
+    """The model's head features (layer `head_dense`) for model inputs (N, S, S) uint8; a frozen
+    backbone's features come from the feature store when one is given."""
     import keras
 
+    from covidxray.modeling import extraction
+
+    if store is not None and extraction.is_frozen(model):
+        features = extraction.backbone_features(model, np.asarray(images, dtype=np.uint8), store, label="probe")
+        return extraction.head_outputs(model, features, until=FEATURE_LAYER).reshape(len(images), -1)
     extractor = keras.Model(model.inputs, model.get_layer(FEATURE_LAYER).output)
     x = np.asarray(images, dtype=np.float32)[..., None]
     return np.asarray(extractor.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64).reshape(len(x), -1)
@@ -88,9 +94,9 @@ def collection_auc(features: np.ndarray, collection, groups, seed: int) -> float
     return float(roc_auc_score(y, scores))
 
 
-def feature_collection_aucs(model, images: np.ndarray, frame: pd.DataFrame, seed: int) -> dict:
+def feature_collection_aucs(model, images: np.ndarray, frame: pd.DataFrame, seed: int, store=None) -> dict:
     """Per class with images of two collections in `frame`: {class: {collections, images, auc}}."""
-    features = penultimate_features(model, images)
+    features = penultimate_features(model, images, store=store)
     out = {}
     for label, rows in frame.reset_index(drop=True).groupby("label").indices.items():
         names = sorted(frame["source"].iloc[rows].unique())

@@ -2,14 +2,14 @@
 Trainer that builds, fits and predicts models of one FitSettings on in-memory images.
 
 Frozen-feature cache: with a frozen base and no augmentation, the backbone's output does not
-change during training, so the Trainer computes it once per image (for all folds and the final
-model) and trains only the head on it; the full model then carries the trained head (shared
-layers). TensorFlow is imported inside the functions, so importing this module stays cheap.
+change during training, so the Trainer reads it from the feature store (features.py: computed once
+per image and key, shared by every training, sweep point, evaluation and validation) and trains
+only the head on it; the full model then carries the trained head (shared layers). TensorFlow is
+imported inside the functions, so importing this module stays cheap.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from covidxray.modeling.features import FeatureStore, open_store
 from covidxray.modeling.specs import FitSettings, OptimizerSettings
 from covidxray.modeling.inputs import build_augmenter, class_weights, make_dataset
 
@@ -93,7 +94,9 @@ class FitResult:
 @dataclass
 class Trainer:
     """Builds and trains models of one FitSettings on uint8 images (N, S, S) with class indices
-    y; holds the frozen-feature cache."""
+    y. With a frozen base and no augmentation it trains the head on the backbone's features,
+    read from (or computed into) the feature store `store` (default: settings.feature_store;
+    memory only when that is None) and kept in `cache` for all folds and the final model."""
 
     settings: FitSettings
     images: np.ndarray
@@ -103,7 +106,8 @@ class Trainer:
     cache: dict = field(default_factory=dict)
     verbose: int = 2
     feature_cache: bool = True  # False: always train the full model on images (for comparison)
-    cache_seconds: float = 0.0  # time spent computing cached features
+    cache_seconds: float = 0.0  # time spent obtaining features (store reads and misses)
+    store: FeatureStore | None = None
 
     def __post_init__(self):
         import tensorflow as tf
@@ -113,6 +117,8 @@ class Trainer:
             self.strategy = tf.distribute.MirroredStrategy()
         else:
             self.strategy = tf.distribute.get_strategy()
+        if self.store is None:
+            self.store = open_store(self.settings.feature_store)
 
     @property
     def global_batch(self) -> int:
@@ -139,28 +145,14 @@ class Trainer:
             return models.build_model(self.settings.model.as_config(), self.settings.image_size, self.n_classes)
 
     def features(self, model) -> np.ndarray:
-        """The backbone's output for every image, computed once per distinct backbone."""
-        import keras
+        """The backbone's output for every image: from the feature store, once per distinct backbone."""
+        from covidxray.modeling.extraction import backbone_features, weights_digest
 
-        from covidxray.modeling import models
-
-        preprocess, backbone, _ = models.split_at_backbone(model)
-        digest = hashlib.sha1()
-        for w in backbone.get_weights():
-            digest.update(np.ascontiguousarray(w).tobytes())
-        key = digest.hexdigest()
+        key = weights_digest(model.get_layer("backbone"))
         if key not in self.cache:
-            inputs = keras.Input(model.input.shape[1:])
-            extractor = keras.Model(inputs, backbone(preprocess(inputs), training=False))
             start = time.perf_counter()
-            ds = make_dataset(self.images, None, None, EVAL_BATCH)
-            self.cache[key] = np.asarray(extractor.predict(ds, verbose=0), dtype=np.float32)
-            took = time.perf_counter() - start
-            self.cache_seconds += took
-            print(
-                f"train: frozen-feature cache: backbone run once over {len(self.images)} images "
-                f"-> {self.cache[key].shape[1:]} in {took:.1f}s"
-            )
+            self.cache[key] = backbone_features(model, self.images, self.store, label="train")
+            self.cache_seconds += time.perf_counter() - start
         return self.cache[key]
 
     def phases(self, epochs: list[int]) -> list[tuple[str, int, float]]:
@@ -187,16 +179,8 @@ class Trainer:
         histories, best, start, cache_before = [], [], time.perf_counter(), self.cache_seconds
         for phase, n_epochs, lr in self.phases(epochs):
             done = sum(len(h) for h in histories)
-            frame, best_epoch = self._fit_phase(
-                model,
-                phase,
-                n_epochs,
-                lr,
-                train_idx,
-                val_idx,
-                epoch_logger(run_id, first_epoch=done + 1, prefix=log_prefix),
-                seed_offset=len(histories),
-            )
+            logger = epoch_logger(run_id, first_epoch=done + 1, prefix=log_prefix)
+            frame, best_epoch = self._fit_phase(model, phase, n_epochs, lr, train_idx, val_idx, logger, len(histories))
             frame.insert(0, "epoch", np.arange(done + 1, done + len(frame) + 1))
             histories.append(frame)
             best.append(best_epoch)
@@ -209,46 +193,50 @@ class Trainer:
         run = len(history)
         return FitResult(history[HISTORY_COLUMNS], best, run, seconds, run * len(train_idx))
 
+    def _phase_target(self, model, phase: str):
+        """(inputs, the model to fit, augmenter) of a phase: the head on features, or the whole model."""
+        from covidxray.modeling import models
+
+        if phase == "head":
+            source = self.features(model)
+            with self.strategy.scope():  # Keras fits a model under the strategy it was made in
+                return source, models.split_at_backbone(model)[2], None
+        if phase == "fine_tune":
+            models.set_fine_tune(model, self.settings.model.fine_tune.unfreeze_top)
+        return self.images, model, build_augmenter(self.settings.augment, self.settings.seed)
+
+    def _datasets(self, source: np.ndarray, train_idx, val_idx, augmenter):
+        """(training dataset: shuffled, weighted, augmented; validation dataset or None)."""
+        s, onehot = self.settings, np.eye(self.n_classes, dtype=np.float32)
+        w = class_weights(self.y[train_idx], self.n_classes, s.class_weights)
+        train_ds = make_dataset(
+            source[train_idx], onehot[self.y[train_idx]], w, self.global_batch, True, s.seed, augmenter
+        )
+        if val_idx is None:
+            return train_ds, None
+        return train_ds, make_dataset(source[val_idx], onehot[self.y[val_idx]], None, EVAL_BATCH)
+
     def _fit_phase(
         self, model, phase: str, n_epochs: int, lr: float, train_idx, val_idx, logger, seed_offset: int
     ) -> tuple[pd.DataFrame, int]:
         """One phase of fit: (per-epoch history with its phase, best epoch within the phase)."""
         import keras
 
-        from covidxray.modeling import models
-
-        s, onehot = self.settings, np.eye(self.n_classes, dtype=np.float32)
-        if phase == "head":
-            source, augmenter = self.features(model), None
-            with self.strategy.scope():  # Keras fits a model under the strategy it was made in
-                target = models.split_at_backbone(model)[2]
-        else:
-            source, target, augmenter = self.images, model, build_augmenter(s.augment, s.seed)
-            if phase == "fine_tune":
-                models.set_fine_tune(model, s.model.fine_tune.unfreeze_top)
+        s = self.settings
+        source, target, augmenter = self._phase_target(model, phase)
         keras.utils.set_random_seed(s.seed + seed_offset)
         steps = math.ceil(len(train_idx) / self.global_batch)
         with self.strategy.scope():
-            compile_model(
-                target, make_optimizer(s.optimizer, lr, n_epochs, steps), self.n_classes, s.steps_per_execution
-            )
-        w = class_weights(self.y[train_idx], self.n_classes, s.class_weights)
-        train_ds = make_dataset(
-            source[train_idx],
-            onehot[self.y[train_idx]],
-            w,
-            self.global_batch,
-            shuffle=True,
-            seed=s.seed,
-            augmenter=augmenter,
-        )
-        val_ds = None if val_idx is None else make_dataset(source[val_idx], onehot[self.y[val_idx]], None, EVAL_BATCH)
+            optimizer = make_optimizer(s.optimizer, lr, n_epochs, steps)
+            compile_model(target, optimizer, self.n_classes, s.steps_per_execution)
+        train_ds, val_ds = self._datasets(source, train_idx, val_idx, augmenter)
         callbacks, stopper = [logger], None
         if s.early_stopping and val_idx is not None:
             stopper = keras.callbacks.EarlyStopping(
                 monitor="val_auc", mode="max", patience=s.patience, restore_best_weights=True, verbose=0
             )
             callbacks.append(stopper)
+        # the dataset shuffles (seeded), not fit
         hist = target.fit(
             train_ds,
             validation_data=val_ds,
@@ -256,17 +244,15 @@ class Trainer:
             callbacks=callbacks,
             shuffle=False,
             verbose=self.verbose,
-        )  # the dataset shuffles (seeded)
+        )
         frame = pd.DataFrame(hist.history)
         frame["phase"] = phase
         return frame, int(stopper.best_epoch) + 1 if stopper is not None else len(frame)
 
     def predict(self, model, idx: np.ndarray) -> np.ndarray:
         """Softmax outputs for rows idx (through the cache when the model was trained on it)."""
-        from covidxray.modeling import models
+        from covidxray.modeling.extraction import head_outputs
 
         if self.uses_cache and not self.fine_tunes:
-            head = models.split_at_backbone(model)[2]
-            source = self.features(model)
-            return np.asarray(head.predict(make_dataset(source[idx], None, None, EVAL_BATCH), verbose=0))
+            return head_outputs(model, self.features(model)[idx])
         return np.asarray(model.predict(make_dataset(self.images[idx], None, None, EVAL_BATCH), verbose=0))

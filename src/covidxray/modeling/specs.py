@@ -82,3 +82,4 @@ class FitSettings:
     patience: int
     class_weights: str
     distribute: str
+    feature_store: str | None = None  # the feature store's folder (paths.features); None: memory only

@@ -22,6 +22,7 @@ from covidxray.data.collections import load_facts
 from covidxray.evaluation import card, probes, report
 from covidxray.evaluation.publish import LogTo, publish
 from covidxray.infra.outputs import read_json
+from covidxray.modeling.features import open_store
 from covidxray.modeling.specs import MODEL_FILE
 from covidxray.settings import evaluate_settings
 
@@ -29,19 +30,20 @@ OUT_DIR = "external"
 CARD = "model_card.md"
 
 
-def run_probes(model, meta, stored, index, roles, test_ids, probe, seed: int) -> dict:
-    """The three shortcut probes for this model (see probes.py)."""
+def run_probes(model, meta, stored, index, roles, test_ids, probe, seed: int, store=None) -> dict:
+    """The three shortcut probes for this model (see probes.py); a frozen backbone's features from `store`."""
     external, _ = sources.external_set(index, roles)
     train = sources.in_role(index, roles["train"])
     probe_pixels, probe_frame = probe
     inputs = images.prepare_for(meta, probe_pixels) if len(probe_frame) else probe_pixels
-    same = probes.same_source_probe(model, meta, inputs, probe_frame)
+    same = probes.same_source_probe(model, meta, inputs, probe_frame, store=store)
     aucs = {
         "training set": probes.shortcut_aucs(index[train], stored[train], seed),
         "external set": probes.shortcut_aucs(index[external], stored[external], seed),
     }
     unseen = external | index["image_id"].isin(set(test_ids)).to_numpy()
-    features = probes.feature_collection_aucs(model, images.prepare_for(meta, stored[unseen]), index[unseen], seed)
+    unseen_inputs = images.prepare_for(meta, stored[unseen])
+    features = probes.feature_collection_aucs(model, unseen_inputs, index[unseen], seed, store=store)
     return {"same_source_other_finding": same, "shortcut_auc": aucs, "feature_collection_auc": features}
 
 
@@ -105,7 +107,8 @@ def main(cfg) -> None:
     def probes_and_card(work: Path, result: dict) -> None:
         result["per_source"] = per_source_figures(index, reports, work / OUT_DIR, classes)
         probe = images.load_probe(curated)
-        result["probes"] = run_probes(model, meta, stored, index, roles, test_ids, probe, st.out.assess.seed)
+        store = open_store(st.out.assess.features)
+        result["probes"] = run_probes(model, meta, stored, index, roles, test_ids, probe, st.out.assess.seed, store)
         roles_text, ci = sources.describe(roles), st.out.assess.ci
         names = sorted({n for per_class in roles.values() for some in per_class.values() for n in some})
         data = card.data_lines(load_facts(curated), names)  # citation and license of each collection

@@ -84,6 +84,7 @@ def run(cfg) -> dict:
             epochs = final_epochs(epochs, cv.folds, s.fit.early_stopping)
             model, found = fit_final(trainer, epochs, parent_id)
             metrics.update(found)
+        log_feature_store(trainer)
         meta = model_meta(s, data, metrics["threshold"], parent_id, experiment_id)
         if model is not None:
             meta.update(
@@ -329,6 +330,18 @@ def fit_final(trainer: Trainer, epochs: list[int], parent_id: str):
         f"{result.seconds:.1f}s"
     )
     return model, found
+
+
+def log_feature_store(trainer: Trainer) -> None:
+    """The feature store's hits and misses of this training, on its MLflow run and in the log."""
+    import mlflow
+
+    store = trainer.store
+    if not trainer.uses_cache or store is None:
+        return
+    mlflow.log_params({"features_store": str(store.root), "features_keys": ",".join(sorted(set(store.keys)))})
+    mlflow.log_metrics({"features_hits": store.hits, "features_misses": store.misses})
+    print(f"train: feature store {store.root}: {store.hits} hits, {store.misses} misses")
 
 
 # -- outputs ------------------------------------------------------------------------------------------------

@@ -1,0 +1,246 @@
+"""A model's frozen backbone as a feature extractor, fast on CPU, through the feature store.
+
+`backbone_features(model, images, store)` is the one entry point: the output of the model's
+preprocess + backbone (in inference mode) for uint8 model inputs (N, S, S), read from the store or
+computed and stored. Two engines compute it:
+
+- keras: the extractor's `predict` over the tf.data pipeline (what training did before the store);
+- tflite: the same extractor converted once per key with TensorFlow's own TFLite converter (the
+  converted file is kept in the store) and run by the TFLite interpreter shipped in the
+  TensorFlow wheel, whose XNNPACK delegate runs float CPU kernels several times faster than the
+  Keras graph for a mobile network such as EfficientNet-Lite0 (benchmarks/bench_lite0_features.py).
+  Features agree with Keras's to ~1e-4 (float32 summation order).
+
+The engine is part of the key, and chosen by the model alone (tflite from TFLITE_MIN_SIZE px up
+when the interpreter is available, keras below), so one model always gets the same features,
+whether the store was warm or not. Progress (images/s, ETA) shows on a terminal (tqdm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import sys
+import warnings
+
+import numpy as np
+
+from covidxray.modeling.features import FeatureStore
+
+KERAS_BATCH = 64
+TFLITE_BATCH = 1  # XNNPACK on 2 cores: single images kept both busy at least as well as batches
+TFLITE_MIN_SIZE = 64  # below, conversion costs more than it saves
+TFLITE_FILE = "backbone.tflite"
+
+
+def is_frozen(model) -> bool:
+    """True when the model's backbone is not trainable (its features are fixed)."""
+    from covidxray.modeling import models
+
+    return not models.model_parts(model)[1].trainable
+
+
+def feature_extractor(model):
+    """preprocess + backbone (inference mode) of a model of the structure contract, as a keras Model
+    from raw 0..255 pixels (S, S, 1) to the backbone's feature map."""
+    import keras
+
+    from covidxray.modeling import models
+
+    preprocess, backbone, _ = models.split_at_backbone(model)
+    inputs = keras.Input(tuple(model.input.shape[1:]))
+    return keras.Model(inputs, backbone(preprocess(inputs), training=False), name="feature_extractor")
+
+
+def weights_digest(layer) -> str:
+    """sha256 over the shapes, dtypes and values of a layer's weights, in order."""
+    digest = hashlib.sha256()
+    for w in layer.get_weights():
+        w = np.ascontiguousarray(w)
+        digest.update(f"{w.dtype.str}{w.shape}".encode())
+        digest.update(w.tobytes())
+    return digest.hexdigest()
+
+
+def tflite_available() -> bool:
+    """Whether a TFLite interpreter can be made (TensorFlow's own, or ai_edge_litert's)."""
+    return _interpreter_class() is not None
+
+
+def choose_engine(image_size: int) -> str:
+    return "tflite" if int(image_size) >= TFLITE_MIN_SIZE and tflite_available() else "keras"
+
+
+def feature_key(model, engine: str) -> dict:
+    """Everything besides the pixels that decides the backbone's output."""
+    from covidxray.modeling import models
+
+    preprocess, backbone, _ = models.model_parts(model)
+    return {
+        "model": model.name.removeprefix("covidxray_"),
+        "backbone_weights_sha256": weights_digest(backbone),
+        "preprocess": {"mode": preprocess.mode, "channels": int(preprocess.channels)},
+        "input_shape": [int(d) for d in model.input.shape[1:]],
+        "output_shape": [int(d) for d in backbone.output.shape[1:]],
+        "engine": engine,
+    }
+
+
+def backbone_features(model, images: np.ndarray, store: FeatureStore, engine: str | None = None, label: str = ""):
+    """Backbone features (float32 (N, h, w, c)) of uint8 model inputs (N, S, S) through the store."""
+    engine = engine or choose_engine(model.input.shape[1])
+    key = feature_key(model, engine)
+    extractor = feature_extractor(model)
+    if engine == "tflite":
+        blob = []  # converted on the first miss only
+
+        def compute(x):
+            if not blob:
+                blob.append(store.artifact(key, TFLITE_FILE, lambda: convert_tflite(extractor)))
+            return run_tflite(blob[0], x, label=label)
+    else:
+
+        def compute(x):
+            return run_keras(extractor, x, label=label)
+
+    return store.lookup(key, images, compute, label)
+
+
+def head_outputs(model, features: np.ndarray, until: str | None = None) -> np.ndarray:
+    """The model's head (inference mode) on backbone features: its softmax outputs (N, K), or the
+    output of the head layer named `until` (e.g. the penultimate head_dense)."""
+    import keras
+
+    from covidxray.modeling import models
+
+    _, backbone, head_layers = models.model_parts(model)
+    inputs = keras.Input(tuple(backbone.output.shape[1:]))
+    x = inputs
+    for layer in head_layers:
+        x = layer(x)
+        if layer.name == until:
+            break
+    head = keras.Model(inputs, x)
+    return np.asarray(head.predict(np.asarray(features), batch_size=KERAS_BATCH, verbose=0), dtype=float)
+
+
+# -- engines -----------------------------------------------------------------------------------------
+
+
+def progress(total: int, label: str):
+    """A tqdm bar (images/s, ETA) on a terminal; silent otherwise (logs get one line per step)."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        unit="img",
+        desc=f"features{f' ({label})' if label else ''}",
+        disable=not sys.stderr.isatty(),
+        leave=False,
+        dynamic_ncols=True,
+    )
+
+
+def run_keras(extractor, images: np.ndarray, batch: int = KERAS_BATCH, label: str = "") -> np.ndarray:
+    """The extractor's predict over the tf.data pipeline of uint8 images."""
+    import keras
+
+    from covidxray.modeling.inputs import make_dataset
+
+    bar = progress(len(images), label)
+
+    class Progress(keras.callbacks.Callback):
+        def on_predict_batch_end(self, batch_index, logs=None):
+            bar.update(min(batch, bar.total - bar.n))
+
+    try:
+        out = extractor.predict(make_dataset(images, None, None, batch), verbose=0, callbacks=[Progress()])
+    finally:
+        bar.close()
+    return np.asarray(out, dtype=np.float32)
+
+
+def convert_tflite(extractor) -> bytes:
+    """The extractor as a float32 TFLite flat buffer (TensorFlow's converter; its chatter muted)."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(extractor)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _quiet_stderr():
+        warnings.simplefilter("ignore")
+        return bytes(converter.convert())
+
+
+def _interpreter_class():
+    try:  # the successor package, when installed
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter
+    except ImportError:
+        pass
+    try:
+        import tensorflow as tf
+
+        return tf.lite.Interpreter
+    except (ImportError, AttributeError):
+        return None
+
+
+def cpu_threads() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Mute file descriptor 2 (the interpreter's native "Created XNNPACK delegate" line) for a moment."""
+    try:
+        sys.stderr.flush()
+        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError):  # pragma: no cover - no real stderr
+        yield
+        return
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def tflite_interpreter(blob: bytes, batch: int, threads: int | None = None):
+    """An interpreter (XNNPACK delegate, the default for float models) for inputs of `batch` images."""
+    with warnings.catch_warnings(), _quiet_stderr():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+        interpreter = _interpreter_class()(model_content=blob, num_threads=threads or cpu_threads())
+        inp = interpreter.get_input_details()[0]
+        interpreter.resize_tensor_input(inp["index"], [batch, *inp["shape"][1:]])
+        interpreter.allocate_tensors()  # the delegate is applied here
+    return interpreter
+
+
+def run_tflite(
+    blob: bytes, images: np.ndarray, batch: int = TFLITE_BATCH, threads: int | None = None, label: str = ""
+) -> np.ndarray:
+    """The converted extractor over uint8 images (N, S, S), `batch` images per call."""
+    n, out = len(images), None
+    interpreter = tflite_interpreter(blob, batch, threads)
+    inp, res = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
+    with progress(n, label) as bar:
+        for start in range(0, n, batch):
+            chunk = np.asarray(images[start : start + batch], dtype=np.float32)[..., None]
+            if len(chunk) < batch:
+                interpreter = tflite_interpreter(blob, len(chunk), threads)
+            interpreter.set_tensor(inp, chunk)
+            interpreter.invoke()
+            found = interpreter.get_tensor(res)
+            if out is None:
+                out = np.empty((n, *found.shape[1:]), dtype=np.float32)
+            out[start : start + len(chunk)] = found
+            bar.update(len(chunk))
+    return out if out is not None else np.zeros((0,), np.float32)
