@@ -12,6 +12,7 @@ Default: the tutorial config (VGG16 frozen, 224 px, batch 8, lr 1e-3 inverse-tim
 weights=none (no ImageNet file offline; weights do not change the timing), 100 images x 3 epochs.
 
     .venv/bin/python benchmarks/bench_feature_cache.py [--images 100] [--epochs 3] [overrides...]
+    .venv/bin/python benchmarks/bench_feature_cache.py --tiny     # seconds: what make test runs
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from common import images
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--images", type=int, default=100)
@@ -32,7 +33,11 @@ def main() -> None:
     parser.add_argument("--curated", default=None)
     parser.add_argument("--skip-rotation", action="store_true", help="skip the rotating tutorial run")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of all methods (median reported)")
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="8 images at 32 px, 1 epoch, 1 round (a smoke test)")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.images, args.epochs, args.repeats, args.skip_rotation = 8, 1, 1, True
+        args.overrides = [*args.overrides, "data.image_size=32"]
 
     import keras
     import numpy as np
@@ -54,6 +59,7 @@ def main() -> None:
                 "model.weights=none",
                 "augment=none",
                 "train.early_stopping.enabled=false",
+                "paths.features=",  # memory only: this compares the in-run cache with the tutorial loop
                 f"train.epochs={args.epochs}",
                 *args.overrides,
             ]
@@ -110,6 +116,7 @@ def main() -> None:
         if name != "cached":
             results[f"speedup_vs_{name}"] = results[f"{name}_s"] / results["cached_s"]
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in results.items()}, indent=2))
+    return results
 
 
 if __name__ == "__main__":

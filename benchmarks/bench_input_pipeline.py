@@ -18,6 +18,7 @@ on a 2-core CPU competes with the training step for the same cores.
     .venv/bin/python benchmarks/bench_input_pipeline.py                    # the default model
     .venv/bin/python benchmarks/bench_input_pipeline.py --augment tutorial
     .venv/bin/python benchmarks/bench_input_pipeline.py model=vgg16 model.weights=none --images 96
+    .venv/bin/python benchmarks/bench_input_pipeline.py --tiny     # seconds: what make test runs
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import json
 from common import alternating, images
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="config overrides (default: the project default)")
     parser.add_argument("--images", type=int, default=424, help="images per epoch (a CV fold's training set)")
@@ -36,7 +37,10 @@ def main() -> None:
     parser.add_argument("--augment", default="none", help="augment group option for the pipeline side")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--curated", default=None, help="a curated store to take images from")
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="the smoke model, 16 images, 1 round (a smoke test)")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.images, args.repeats, args.overrides = 16, 1, ["experiment=smoke", *args.overrides]
 
     import keras
     import numpy as np
@@ -116,6 +120,7 @@ def main() -> None:
         f"in-memory tensors {results['fit_in_memory_images_per_s']:.0f} images/s: ratio {results['ratio']:.3f} "
         f"(target >= 0.90); Python step loop: ratio {results['loop_ratio']:.3f}"
     )
+    return results
 
 
 if __name__ == "__main__":

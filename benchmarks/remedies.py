@@ -10,6 +10,8 @@ the saved threshold, and the wall time. Remedies that change curation (resize=pa
 curated store and splits.
 
 usage: .venv/bin/python benchmarks/remedies.py [--only NAME ...] [--folds N] [--out DIR]
+       .venv/bin/python benchmarks/remedies.py --tiny --out DIR [overrides...]   # a smoke test: the
+       default remedy, one direction, the smoke experiment (overrides: e.g. paths.curated=...)
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def prepare_store(overrides: list[str], out: Path) -> list[str]:
     return paths
 
 
-def run_one(name: str, direction: str, overrides: list[str], out: Path, folds: int) -> dict:
+def run_one(name: str, direction: str, overrides: list[str], out: Path, folds: int, extra=()) -> dict:
     """train -> evaluate -> external for one remedy and direction; the figures for the table."""
     import keras
 
@@ -100,7 +102,7 @@ def run_one(name: str, direction: str, overrides: list[str], out: Path, folds: i
         f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}",
         f"cv.folds={folds}",
     ]
-    cfg = compose(overrides + prepare_store(overrides, out) + paths)
+    cfg = compose(overrides + prepare_store(overrides, out) + paths + list(extra))
     start = time.perf_counter()
     for stage in (train, evaluate, external):
         keras.backend.clear_session()
@@ -148,14 +150,20 @@ def main(argv=None) -> int:
     parser.add_argument("--direction", choices=("forward", "reverse", "both"), default="both")
     parser.add_argument("--folds", type=int, default=5, help="CV folds of the 5 split folds to run (2 = quicker)")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "remedies")
+    parser.add_argument("--tiny", action="store_true", help="default remedy, forward, smoke experiment, 2 folds")
+    parser.add_argument("overrides", nargs="*", help="config overrides added to every run")
     args = parser.parse_args(argv)
+    extra = list(args.overrides)
+    if args.tiny:
+        args.only, args.direction, args.folds = ["default"], "forward", 2
+        extra = ["experiment=smoke", "evaluate.bootstrap=20", "evaluate.gradcam_per_group=1", *extra]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.only or list(REMEDIES):
         for direction, overrides in zip(("forward", "reverse"), REMEDIES[name]):
             if args.direction not in ("both", direction):
                 continue
-            rows.append(run_one(name, direction, overrides, args.out, args.folds))
+            rows.append(run_one(name, direction, overrides, args.out, args.folds, extra))
             (args.out / "results.json").write_text(json.dumps(rows, indent=2))
             print(table(rows), file=sys.stderr)
     print(table(rows))

@@ -177,7 +177,7 @@ def test_tflite_features_equal_keras_and_the_converted_file_is_kept(frozen_model
 
 def test_inference_and_probes_through_the_store_match_the_model(frozen_model, tmp_path):
     from covidxray.evaluation.probes import penultimate_features
-    from covidxray.modeling.inference import probabilities
+    from covidxray.modeling.extraction import probabilities
 
     x = images(10, size=32)
     store, _ = store_at(tmp_path)
@@ -219,3 +219,34 @@ def test_trainer_reads_the_store_and_trains_the_same_head(tiny_data, tmp_path):
         probs.append(trainer.predict(model, idx))
     assert trainer.store.hits == len(np.unique(row_ids(data.images))) and trainer.store.misses == 0
     assert np.allclose(probs[0], probs[1], atol=1e-6)
+
+
+def test_training_logs_hits_and_misses_on_its_mlflow_run(tiny_data, tmp_path, capsys):
+    """The first training computes every image's features (misses), the next reads them (hits):
+    both in the log and as MLflow metrics of the training run."""
+    from conftest import make_cfg
+    from mlflow.tracking import MlflowClient
+
+    from covidxray.stages.train import run
+
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    overrides = [
+        "experiment=smoke",
+        "model.freeze_base=true",
+        "cv.final_model=false",
+        f"paths.curated={tiny_data['curated']}",
+        f"paths.splits={tiny_data['splits']}",
+        f"paths.models={tmp_path / 'models'}",
+        f"paths.reports={tmp_path / 'reports'}",
+        f"paths.features={tmp_path / 'features'}",
+        f"mlflow.tracking_uri={uri}",
+    ]
+    found = [run(make_cfg(overrides)) for _ in range(2)]
+    client = MlflowClient(uri)
+    first, second = (client.get_run(r["mlflow_run_id"]).data for r in found)
+    n = first.metrics["features_misses"]
+    assert n > 0 and first.metrics["features_hits"] == 0
+    assert second.metrics["features_hits"] == n and second.metrics["features_misses"] == 0
+    assert second.params["features_store"] == str(tmp_path / "features")
+    assert f"{int(n)} hits, 0 misses" in capsys.readouterr().out
+    assert found[0]["cv_auc_mean"] == found[1]["cv_auc_mean"]

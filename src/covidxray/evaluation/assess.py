@@ -12,7 +12,6 @@ import pandas as pd
 
 from covidxray import CovidXrayError
 from covidxray.evaluation import metrics
-from covidxray.modeling.features import open_store
 from covidxray.modeling.inference import probabilities
 
 
@@ -45,15 +44,18 @@ def check_labels(labels, classes: list[str]) -> None:
         raise CovidXrayError(f"labels unknown to the model: {', '.join(unknown)} (known: {', '.join(classes)})")
 
 
-def assess(model, meta: dict, images: np.ndarray, frame: pd.DataFrame, options: AssessOptions, partition: str):
+def assess(
+    model, meta: dict, images: np.ndarray, frame: pd.DataFrame, options: AssessOptions, partition: str, predict=None
+):
     """Predict `images` (rows of `frame`: label, patient_id, image_id) and measure them at the
-    model's saved threshold: the figures of `partition` with intervals, per class for K > 2."""
+    model's saved threshold: the figures of `partition` with intervals, per class for K > 2.
+    predict(model, images, n_classes) -> probabilities (default inference.probabilities)."""
     classes, threshold = meta["classes"], meta["threshold"]
     check_labels(frame["label"].astype(str), classes)
     if len(frame) == 0:
         raise CovidXrayError("no images to assess")
     y = frame["label"].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy()
-    probs = probabilities(model, images, len(classes), store=open_store(options.features))
+    probs = (predict or probabilities)(model, images, len(classes))
     pred = metrics.decide(probs, threshold)
     o = options
     figures = metrics.bootstrap_metrics(y, probs, threshold, frame["patient_id"], o.n_resamples, o.ci, o.seed, o.n_bins)

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from covidxray.data import audit
-from covidxray.modeling.inference import decide, probabilities
+from covidxray.modeling.extraction import probabilities
+from covidxray.modeling.inference import decide
 
 FEATURE_LAYER = "head_dense"  # every model of models.build_model has it: the head's last hidden layer
 PROBE_FOLDS = 5

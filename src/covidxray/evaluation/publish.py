@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from covidxray.evaluation import figures, metrics
 from covidxray.evaluation.assess import AssessOptions, assess
 from covidxray.evaluation.report import set_report
 from covidxray.infra.outputs import replace_dir
+from covidxray.modeling import extraction
+from covidxray.modeling.features import open_store
 
 OUTPUTS = ("metrics.json", "plots", "figures", "report.md")  # what write_assessment writes
 
@@ -53,7 +56,8 @@ def write_assessment(
     """Assess `images` (rows of `frame`: label, patient_id, image_id) and write metrics.json,
     plots/, figures/ (with Grad-CAM) and report.md into `folder`. Returns the result."""
     context = context or {}
-    found = assess(model, meta, images, frame, options, partition)
+    store = open_store(options.features)  # a frozen backbone's features, computed once per image
+    found = assess(model, meta, images, frame, options, partition, partial(extraction.probabilities, store=store))
     result, y, probs, pred = found.result, found.y, found.probs, found.pred
     result.update(context.get("extra_metrics") or {})
     classes, folder = meta["classes"], Path(folder)

@@ -108,6 +108,20 @@ def backbone_features(model, images: np.ndarray, store: FeatureStore, engine: st
     return store.lookup(key, images, compute, label)
 
 
+def probabilities(model, pixels: np.ndarray, n_classes: int, store: FeatureStore | None = None) -> np.ndarray:
+    """inference.probabilities, with a frozen backbone's features from the store (computed once
+    per image, on the fast engine) when one is given: only the head runs on them."""
+    from covidxray import CovidXrayError
+    from covidxray.modeling import inference
+
+    if store is None or len(pixels) == 0 or not is_frozen(model):
+        return inference.probabilities(model, pixels, n_classes)
+    probs = head_outputs(model, backbone_features(model, np.asarray(pixels, dtype=np.uint8), store))
+    if probs.ndim != 2 or probs.shape[1] != n_classes:
+        raise CovidXrayError(f"the model outputs shape {probs.shape[1:]}, but its metadata names {n_classes} classes")
+    return probs
+
+
 def head_outputs(model, features: np.ndarray, until: str | None = None) -> np.ndarray:
     """The model's head (inference mode) on backbone features: its softmax outputs (N, K), or the
     output of the head layer named `until` (e.g. the penultimate head_dense)."""

@@ -56,20 +56,12 @@ def decode_rows(model_input, meta: dict) -> np.ndarray:
     return prepare_for(meta, np.stack(out)) if out else np.zeros((0, size, size), np.uint8)
 
 
-def probabilities(model, pixels: np.ndarray, n_classes: int, store=None) -> np.ndarray:
-    """Softmax outputs (N, K) for uint8 images (N, S, S), fed as raw 0..255 pixels as in training.
-    With a feature store (features.FeatureStore) and a frozen backbone, the backbone's features
-    come from the store (computed once per image, on the fast engine) and only the head runs."""
+def probabilities(model, pixels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Softmax outputs (N, K) for uint8 images (N, S, S), fed as raw 0..255 pixels as in training."""
     if len(pixels) == 0:
         return np.zeros((0, n_classes))
-    from covidxray.modeling import extraction
-
-    if store is not None and extraction.is_frozen(model):
-        features = extraction.backbone_features(model, np.asarray(pixels, dtype=np.uint8), store)
-        probs = extraction.head_outputs(model, features)
-    else:
-        x = np.asarray(pixels, dtype=np.float32)[..., None]
-        probs = np.asarray(model.predict(x, batch_size=BATCH_SIZE, verbose=0), dtype=float)
+    x = np.asarray(pixels, dtype=np.float32)[..., None]
+    probs = np.asarray(model.predict(x, batch_size=BATCH_SIZE, verbose=0), dtype=float)
     if probs.ndim != 2 or probs.shape[1] != n_classes:
         raise CovidXrayError(f"the model outputs shape {probs.shape[1:]}, but its metadata names {n_classes} classes")
     return probs

@@ -1,0 +1,77 @@
+"""Every benchmark under benchmarks/ runs at tiny size (its --tiny option), so none can rot: each
+is started as a real process, as a user would run it, and must print its results."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.name != "common.py")
+
+
+def run(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_every_benchmark_is_covered():
+    tested = {"bench_feature_cache.py", "bench_input_pipeline.py", "bench_lite0_features.py", "remedies.py"}
+    assert set(BENCHMARKS) == tested, "a new benchmark needs a tiny run here"
+
+
+@pytest.mark.parametrize("name", ["bench_feature_cache.py", "bench_input_pipeline.py"])
+def test_benchmark_runs_tiny(name, tmp_path):
+    done = run([str(ROOT / "benchmarks" / name), "--tiny"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    start = done.stdout.index("{")
+    results, _ = json.JSONDecoder().raw_decode(done.stdout[start:])
+    assert results
+
+
+def test_lite0_benchmark_reports_engines_and_differences(tmp_path):
+    done = run([str(ROOT / "benchmarks" / "bench_lite0_features.py"), "--tiny"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results, _ = json.JSONDecoder().raw_decode(done.stdout[done.stdout.index("{") :])
+    fast = results["tflite_b4"]
+    assert results["keras"]["images_per_s"] > 0 and fast["images_per_s"] > 0
+    assert fast["max_abs_diff_vs_keras"] < 1e-3 * max(1.0, results["feature_abs_max"])
+
+
+def test_remedies_runs_tiny(tiny_data, tmp_path):
+    done = run(
+        [
+            str(ROOT / "benchmarks" / "remedies.py"),
+            "--tiny",
+            "--out",
+            str(tmp_path / "out"),
+            f"paths.curated={tiny_data['curated']}",
+            f"paths.splits={tiny_data['splits']}",
+        ],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| default | forward |" in done.stdout
