@@ -23,6 +23,7 @@ import hashlib
 import io
 import os
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -98,7 +99,7 @@ def backbone_features(model, images: np.ndarray, store: FeatureStore, engine: st
 
         def compute(x):
             if not blob:
-                blob.append(store.artifact(key, TFLITE_FILE, lambda: convert_tflite(extractor)))
+                blob.append(store.artifact(key, TFLITE_FILE, lambda: convert_tflite(extractor, store.log)))
             return run_tflite(blob[0], x, label=label)
     else:
 
@@ -176,14 +177,18 @@ def run_keras(extractor, images: np.ndarray, batch: int = KERAS_BATCH, label: st
     return np.asarray(out, dtype=np.float32)
 
 
-def convert_tflite(extractor) -> bytes:
+def convert_tflite(extractor, log=None) -> bytes:
     """The extractor as a float32 TFLite flat buffer (TensorFlow's converter; its chatter muted)."""
     import tensorflow as tf
 
+    start = time.perf_counter()
     converter = tf.lite.TFLiteConverter.from_keras_model(extractor)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _quiet_stderr():
         warnings.simplefilter("ignore")
-        return bytes(converter.convert())
+        blob = bytes(converter.convert())
+    if log is not None:
+        log(f"features: converted the backbone to TFLite in {time.perf_counter() - start:.1f}s (once per key, kept)")
+    return blob
 
 
 def _interpreter_class():

@@ -113,7 +113,7 @@ class FeatureStore:
         self.hits, self.misses = self.hits + result.hits, self.misses + result.misses
         self.compute_seconds += result.seconds
         self.keys.append(digest)
-        rate = f", computed in {result.seconds:.1f}s ({result.misses / max(result.seconds, 1e-9):.0f} images/s)"
+        rate = f", computed in {result.seconds:.1f}s"
         where = "memory only" if self.root is None else str(self.root / digest)
         self.log(
             f"features{f' ({label})' if label else ''}: {key.get('model', '?')} [{key.get('engine', '?')}] "
