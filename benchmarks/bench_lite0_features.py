@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import time
 
@@ -95,7 +96,18 @@ def main(argv=None) -> dict:
     model, weights = extractor(args.model, args.size)
     fns, convert_s, blob_bytes = engines(model, args.tflite_batch, args.threads, xla=not args.no_xla)
     outputs = {name: fn(x) for name, fn in fns.items()}  # also the warm-up round
-    timings = alternating({name: (lambda fn=fn: fn(x)) for name, fn in fns.items()}, args.repeats)
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+
+    def cpu_timed(name, fn):
+        def run():
+            start = time.process_time()
+            fn(x)
+            cpu[name].append(time.process_time() - start)
+
+        return run
+
+    timings = alternating({name: cpu_timed(name, fn) for name, fn in fns.items()}, args.repeats)
+    cores = min(2, os.cpu_count() or 1)
     base = timings["keras"][0]
     results = {
         "model": args.model,
@@ -112,11 +124,16 @@ def main(argv=None) -> dict:
         "feature_abs_max": float(np.abs(outputs["keras"]).max()),
     }
     for name, (median, all_s) in timings.items():
+        cpu_s = statistics.median(cpu[name][1:] or cpu[name])  # the timed rounds, not the warm-up
         results[name] = {
             "median_s": round(median, 3),
             "all_s": [round(t, 2) for t in all_s],
             "images_per_s": round(len(x) / median, 1),
             "speedup_vs_keras": round(base / median, 2),
+            # CPU seconds (all threads) per image: the load-independent cost; what `cores` free cores
+            # would give with the engine keeping them all busy
+            "cpu_s_per_image": round(cpu_s / len(x), 4),
+            f"images_per_s_on_{cores}_free_cores": round(cores * len(x) / cpu_s, 1),
             "max_abs_diff_vs_keras": float(np.abs(outputs[name] - outputs["keras"]).max()),
             f"projected_{TARGET_IMAGES}_images_s": round(TARGET_IMAGES * median / len(x), 1),
         }
