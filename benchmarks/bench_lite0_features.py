@@ -26,6 +26,8 @@ import statistics
 import subprocess
 import time
 
+import numpy as np
+
 from common import REPO, alternating, images
 
 TARGET_IMAGES = 3000
@@ -75,6 +77,27 @@ def engines(model, tflite_batches: list[int], threads: int | None, xla: bool = T
     return fns, convert_s, len(blob)
 
 
+def per_engine(timings: dict, cpu: dict, outputs: dict, n: int) -> dict:
+    """Per engine: wall median, images/s and the ratio to keras, CPU seconds per image, and the
+    largest difference of its features from keras's."""
+    cores, base, out = min(2, os.cpu_count() or 1), timings["keras"][0], {}
+    for name, (median, all_s) in timings.items():
+        cpu_s = statistics.median(cpu[name][1:] or cpu[name])  # the timed rounds, not the warm-up
+        out[name] = {
+            "median_s": round(median, 3),
+            "all_s": [round(t, 2) for t in all_s],
+            "images_per_s": round(n / median, 1),
+            "speedup_vs_keras": round(base / median, 2),
+            # CPU seconds (all threads) per image: the load-independent cost; what `cores` free cores
+            # would give with the engine keeping them all busy
+            "cpu_s_per_image": round(cpu_s / n, 4),
+            f"images_per_s_on_{cores}_free_cores": round(cores * n / cpu_s, 1),
+            "max_abs_diff_vs_keras": float(np.abs(outputs[name] - outputs["keras"]).max()),
+            f"projected_{TARGET_IMAGES}_images_s": round(TARGET_IMAGES * median / n, 1),
+        }
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=256)
@@ -89,8 +112,6 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.tiny:
         args.images, args.size, args.repeats, args.tflite_batch, args.no_xla = 8, 32, 1, [4], True
-
-    import numpy as np
 
     x, _, source = images(args.size, args.images, args.curated)
     model, weights = extractor(args.model, args.size)
@@ -107,8 +128,6 @@ def main(argv=None) -> dict:
         return run
 
     timings = alternating({name: cpu_timed(name, fn) for name, fn in fns.items()}, args.repeats)
-    cores = min(2, os.cpu_count() or 1)
-    base = timings["keras"][0]
     results = {
         "model": args.model,
         "weights": weights,
@@ -122,21 +141,8 @@ def main(argv=None) -> dict:
         "tflite_convert_s (once per key, kept in the feature store)": round(convert_s, 1),
         "tflite_bytes": blob_bytes,
         "feature_abs_max": float(np.abs(outputs["keras"]).max()),
+        **per_engine(timings, cpu, outputs, len(x)),
     }
-    for name, (median, all_s) in timings.items():
-        cpu_s = statistics.median(cpu[name][1:] or cpu[name])  # the timed rounds, not the warm-up
-        results[name] = {
-            "median_s": round(median, 3),
-            "all_s": [round(t, 2) for t in all_s],
-            "images_per_s": round(len(x) / median, 1),
-            "speedup_vs_keras": round(base / median, 2),
-            # CPU seconds (all threads) per image: the load-independent cost; what `cores` free cores
-            # would give with the engine keeping them all busy
-            "cpu_s_per_image": round(cpu_s / len(x), 4),
-            f"images_per_s_on_{cores}_free_cores": round(cores * len(x) / cpu_s, 1),
-            "max_abs_diff_vs_keras": float(np.abs(outputs[name] - outputs["keras"]).max()),
-            f"projected_{TARGET_IMAGES}_images_s": round(TARGET_IMAGES * median / len(x), 1),
-        }
     print(json.dumps(results, indent=2))
     print(
         "images/s: "
