@@ -25,8 +25,13 @@ def _write_outputs(root: Path, cv_auc: float) -> None:
     cv, plots = root / "reports" / "cv", root / "reports" / "plots"
     for folder in (cv, plots, root / "models"):
         folder.mkdir(parents=True, exist_ok=True)
+    from covidxray.evaluation.metrics import headline
+
     (cv / "metrics.json").write_text(json.dumps({"cv_auc_mean": cv_auc, "threshold": 0.5}))
+    (cv / "headline.json").write_text(json.dumps(headline(1059, cv_auc, auc_sd=0.0123, threshold=0.348)))
     (root / "reports" / "metrics.json").write_text(json.dumps({"test": {"auc": 0.75}}))
+    shown = dict(auc_low=0.7412, auc_high=0.7803, sensitivity=0.9942, specificity=0.0091, threshold=0.3483)
+    (root / "reports" / "headline.json").write_text(json.dumps(headline(133, 0.75, **shown)))
     (root / "reports" / "report.md").write_text("# card\n")
     (root / "models" / "model.keras").write_bytes(b"model")
     rows = [
@@ -47,6 +52,9 @@ def _write_outputs(root: Path, cv_auc: float) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         figures.write_plots(folder, frame, y, probs, (probs[:, 1] >= 0.5).astype(int), ["normal", "covid"], 5)
     (root / "reports" / "external" / "metrics.json").write_text(json.dumps({"external": {"auc": 0.6}}))
+    (root / "reports" / "external" / "headline.json").write_text(
+        json.dumps(headline(2369, 0.6, **shown, probe_covid=0.8313))
+    )
 
 
 def _dvc_json(args: list[str], cwd: Path):
@@ -60,19 +68,30 @@ def test_metrics_are_committed_so_a_fresh_clone_diffs_them(repo_copy, tmp_path):
     status = _sh(["git", "status", "--porcelain", "--untracked-files=all"], repo_copy).split("\n")
     # what git takes of the outputs written above (new, or changed where the checkout had them)
     taken = sorted(line[3:] for line in status if line[3:].startswith(("reports/", "models/")))
-    assert taken == ["reports/cv/metrics.json", "reports/external/metrics.json", "reports/metrics.json"]
+    assert taken == [
+        "reports/cv/headline.json",
+        "reports/cv/metrics.json",
+        "reports/external/headline.json",
+        "reports/external/metrics.json",
+        "reports/headline.json",
+        "reports/metrics.json",
+    ]
     _sh([*GIT, "add", "-A"], repo_copy)
     _sh([*GIT, "commit", "-qm", "metrics"], repo_copy)
 
     clone = tmp_path / "clone"
     _sh(["git", "clone", "-q", str(repo_copy), str(clone)], tmp_path)
     shown = _dvc_json(["metrics", "show"], clone)[""]["data"]  # "": the workspace
-    assert shown["reports/cv/metrics.json"]["data"]["cv_auc_mean"] == 0.81
-    assert shown["reports/metrics.json"]["data"]["test"]["auc"] == 0.75
-    assert shown["reports/external/metrics.json"]["data"]["external"]["auc"] == 0.6
-    (clone / "reports" / "cv" / "metrics.json").write_text(json.dumps({"cv_auc_mean": 0.85, "threshold": 0.5}))
+    assert sorted(shown) == ["reports/cv/headline.json", "reports/external/headline.json", "reports/headline.json"]
+    assert shown["reports/cv/headline.json"]["data"]["auc"] == 0.81
+    assert shown["reports/headline.json"]["data"]["auc"] == 0.75
+    assert shown["reports/external/headline.json"]["data"]["auc"] == 0.6
+    # one row per stage, a few shared columns: the table fits a 120-column terminal
+    table = subprocess.run([str(BIN / "dvc"), "metrics", "show"], cwd=clone, capture_output=True, text=True).stdout
+    assert len(table.splitlines()) == 4 and max(map(len, table.splitlines())) <= 120, table
+    (clone / "reports" / "cv" / "headline.json").write_text(json.dumps({"n": 1059, "auc": 0.85}))
     diff = _dvc_json(["metrics", "diff"], clone)
-    change = diff["reports/cv/metrics.json"]["cv_auc_mean"]
+    change = diff["reports/cv/headline.json"]["auc"]
     assert (change["old"], change["new"]) == (0.81, 0.85)
 
 

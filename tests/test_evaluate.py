@@ -14,6 +14,7 @@ import yaml
 
 from conftest import REPO, make_cfg
 from covidxray import CovidXrayError
+from covidxray.modeling.models import read_meta
 
 OOF_THRESHOLD = 0.3  # what the synthetic oof.csv below gives (Youden): not what test rows would give
 _BUILT: dict = {}
@@ -63,7 +64,7 @@ def trained_model(root: Path, tiny_data: dict) -> dict:
         "tracking_uri": f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
     }
     train.main(make_cfg(overrides(dirs)))
-    meta = json.loads((dirs["models"] / "model.json").read_text())
+    meta = read_meta(dirs["models"] / "model.keras")
     dirs.update(run_id=meta["mlflow_run_id"], classes=meta["classes"], meta=meta)
     _BUILT["dirs"] = dirs
     return dirs

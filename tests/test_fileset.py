@@ -102,6 +102,25 @@ def test_killed_writer_leaves_old_or_new_set(point, outcome, tmp_path):
     )
 
 
+def test_a_stale_journal_is_discarded_not_applied_over_a_restore(tmp_path, capsys):
+    """Killed after its first move; then the destination is restored (as `dvc checkout` does):
+    the journal's files no longer match it, so a reader discards it instead of pairing the new
+    x.txt's neighbours with the restored one."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    for path in (a / "x.txt", a / "y.txt", b / "z.txt", a / "gone.txt"):
+        path.write_text("old")
+    _kill_at("installing", [sys.executable, "-c", WRITER, str(a), str(b)], tmp_path / "paused", cwd=tmp_path)
+    assert (a / "x.txt").read_text() == "new" and (a / "y.txt").read_text() == "old"  # one move done
+    (a / "x.txt").write_text("restored")
+    fileset.finish_pending(a)
+    assert [(a / n).read_text() for n in ("x.txt", "y.txt")] == ["restored", "old"]
+    assert (b / "z.txt").read_text() == "old" and (a / "gone.txt").exists()
+    assert "discarded a stale install journal" in capsys.readouterr().err
+    assert not list(a.glob(".install-*")) and not list(b.glob(".install-*"))
+
+
 # -- the train stage, killed while installing its outputs -------------------------------------------------
 
 

@@ -1,5 +1,10 @@
 """Interrupted work: Ctrl-C on a training ends in one line, exit 130 and its MLflow runs KILLED;
-runs a SIGKILL left RUNNING are recognised (host/pid tags) and ended by the next run."""
+runs a SIGKILL left RUNNING are recognised (host/pid tags) and ended by the next run.
+
+The children get SIGINT's default disposition themselves (a shell's background job, such as
+`make test &`, starts its children with SIGINT ignored, and Python keeps an ignored SIGINT
+ignored), and every child's process group is killed when its test ends, passed or failed.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,27 @@ from conftest import BIN, REPO, clean_env
 EXPERIMENT = "covid-xray"
 
 
-def start_training(tiny_data, tmp_path: Path) -> tuple[subprocess.Popen, str]:
+def default_sigint() -> None:
+    """preexec_fn: SIGINT back to its default in the child, whatever the test runner inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def children():
+    """Popen objects a test starts (each in its own session); their process groups are killed at
+    the end of the test, so a failed assertion never leaves an endless training running."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=60)
+
+
+def start_training(tiny_data, tmp_path: Path, children: list) -> tuple[subprocess.Popen, str]:
     """`covidxray train` (smoke, endless epochs) in its own process group, logging to a new store."""
     store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     argv = [
@@ -38,7 +63,9 @@ def start_training(tiny_data, tmp_path: Path) -> tuple[subprocess.Popen, str]:
         stdout=open(tmp_path / "stdout", "wb"),
         stderr=open(tmp_path / "stderr", "wb"),
         start_new_session=True,
+        preexec_fn=default_sigint,
     )
+    children.append(proc)
     return proc, store
 
 
@@ -75,8 +102,8 @@ def wait_for_fold_run(proc: subprocess.Popen, tmp_path: Path, timeout: float = 1
     pytest.fail("training did not reach its first fold in time")
 
 
-def test_ctrl_c_ends_in_one_line_exit_130_and_killed_runs(tiny_data, tmp_path):
-    proc, store = start_training(tiny_data, tmp_path)
+def test_ctrl_c_ends_in_one_line_exit_130_and_killed_runs(tiny_data, tmp_path, children):
+    proc, store = start_training(tiny_data, tmp_path, children)
     wait_for_fold_run(proc, tmp_path)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     assert proc.wait(timeout=120) == 130, (tmp_path / "stderr").read_text()[-2000:]
@@ -89,12 +116,12 @@ def test_ctrl_c_ends_in_one_line_exit_130_and_killed_runs(tiny_data, tmp_path):
     assert all(r.data.tags["covidxray.killed"].startswith("interrupted") for r in found)
 
 
-def test_runs_left_running_by_sigkill_are_ended_by_the_next_run(tiny_data, tmp_path):
+def test_runs_left_running_by_sigkill_are_ended_by_the_next_run(tiny_data, tmp_path, children):
     import mlflow
 
     from covidxray.infra import tracking
 
-    proc, store = start_training(tiny_data, tmp_path)
+    proc, store = start_training(tiny_data, tmp_path, children)
     wait_for_fold_run(proc, tmp_path)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
@@ -128,7 +155,7 @@ def test_process_alive_tells_a_reused_pid_apart():
     assert not process_alive(child.pid)
 
 
-def test_ctrl_c_on_a_tool_command(tiny_data, collection_dir, tmp_path_factory, tmp_path):
+def test_ctrl_c_on_a_tool_command(tiny_data, collection_dir, tmp_path_factory, tmp_path, children):
     """Any covidxray command: predict over the mirror's X-rays, interrupted while it works."""
     from test_evaluate import trained_model
 
@@ -141,7 +168,9 @@ def test_ctrl_c_on_a_tool_command(tiny_data, collection_dir, tmp_path_factory, t
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=default_sigint,
     )
+    children.append(proc)
     time.sleep(4.0)
     assert proc.poll() is None
     os.killpg(proc.pid, signal.SIGINT)

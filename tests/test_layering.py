@@ -129,6 +129,13 @@ def test_dvc_deps_follow_the_imports():
     import yaml
 
     stages = yaml.safe_load((PACKAGE.parents[1] / "dvc.yaml").read_text())["stages"]
+    wrong = []
     for name, stage in stages.items():
         declared = {d for d in stage["deps"] if d.startswith("src/")}
-        assert declared == imported_files(f"covidxray.stages.{name}"), name
+        imported = imported_files(f"covidxray.stages.{name}")
+        wrong += [f"dvc.yaml: stage '{name}' must list `- {path}` in its deps" for path in sorted(imported - declared)]
+        wrong += [
+            f"dvc.yaml: stage '{name}' lists `- {path}`, which it does not import"
+            for path in sorted(declared - imported)
+        ]
+    assert not wrong, "\n" + "\n".join(wrong)

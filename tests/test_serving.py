@@ -36,11 +36,18 @@ def expected(tiny, gray: np.ndarray) -> dict:
     model, meta = models.load_model(tiny["models"])
     pixels = images.prepare_for(meta, images.resize(gray, meta["store_size"], meta["resize"])[None])
     p = float(probabilities(model, pixels, len(meta["classes"]))[0, -1])
-    return {"p_covid": p, "label": "covid" if p >= meta["threshold"] else "normal", "threshold": meta["threshold"]}
+    return {
+        "p_covid": p,
+        "label": "covid" if p >= meta["threshold"] else "normal",
+        "threshold": meta["threshold"],
+        "model_version": str(meta["registered_version"]),
+        "model_run_id": meta["mlflow_run_id"],
+    }
 
 
 def check_answer(row: dict, want: dict) -> None:
-    assert set(row) == {"p_covid", "p_normal", "label", "threshold"}
+    assert set(row) == {"p_covid", "p_normal", "label", "threshold", "model_name", "model_version", "model_run_id"}
+    assert (row["model_version"], row["model_run_id"]) == (want["model_version"], want["model_run_id"])
     assert 0.0 <= row["p_covid"] <= 1.0 and abs(row["p_covid"] + row["p_normal"] - 1.0) < 1e-5
     assert row["label"] == ("covid" if row["p_covid"] >= row["threshold"] else "normal")
     assert row["threshold"] == pytest.approx(want["threshold"], abs=1e-12)
@@ -90,6 +97,10 @@ def test_scoring_server_answers_an_xray(tiny, xray, tmp_path):
         assert status == 200, answer
         check_answer(answer["predictions"][0], expected(tiny, small))
         check_answer(answer["predictions"][1], expected(tiny, gray))
+        status, answer = post_json(  # pixels pass the same X-ray checks as files
+            server.url + "/invocations", {"dataframe_split": {"columns": ["pixels"], "data": [[[[200]]]]}}
+        )
+        assert status == 400 and "too small for a chest X-ray: row 0" in answer["message"], answer
 
         status, answer = post_json(
             server.url + "/invocations",

@@ -72,7 +72,10 @@ def test_smoke_training_end_to_end(trained):
     training = ~splits["image_id"].str.startswith("radiography-")  # the default external collection
     assert sorted(oof["image_id"]) == sorted(splits.loc[(splits["partition"] == "cv") & training, "image_id"])
     assert np.allclose(oof[["p_normal", "p_covid"]].sum(axis=1), 1.0, atol=1e-5)
-    meta = json.loads((models_dir / "model.json").read_text())
+    from covidxray.modeling.models import RUN_KEYS, read_meta
+
+    meta = read_meta(models_dir / "model.keras")  # model.json with model.run.json (run, version)
+    assert not set(RUN_KEYS) & set(json.loads((models_dir / "model.json").read_text()))  # same every run
     assert meta["threshold"] == choose_threshold(oof["label"] == "covid", oof["p_covid"], "youden")
     assert meta["classes"] == ["normal", "covid"] and meta["image_size"] == 32
     assert meta["resize"] == cfg.data.resize and meta["threshold_method"] == "youden"
@@ -128,13 +131,35 @@ def test_smoke_training_end_to_end(trained):
     assert info.signature is not None and info.saved_input_example_info is not None
     pyfunc = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.registered_model}/1")
     out = pyfunc.predict(pd.DataFrame({"image": [png_bytes(img) for img in x]}))
-    assert list(out.columns) == ["p_covid", "p_normal", "label", "threshold"]
+    assert list(out.columns) == [
+        "p_covid",
+        "p_normal",
+        "label",
+        "threshold",
+        "model_name",
+        "model_version",
+        "model_run_id",
+    ]
+    assert out["model_version"].tolist() == ["1"] * 4 and (out["model_run_id"] == meta["mlflow_run_id"]).all()
     assert np.allclose(out["p_covid"], p[:, 1], atol=1e-6) and (out["threshold"] == meta["threshold"]).all()
     assert out["label"].tolist() == np.where(p[:, 1] >= meta["threshold"], "covid", "normal").tolist()
 
-    # Run as the pipeline runs it (not a Hydra app): registered, and the alias champion points at it.
+    # Run as the pipeline runs it (not a Hydra app): registered, installed, described; the smoke
+    # config is not the committed default, so @champion does not move (test_registry.py).
     assert parent.info.run_name == "pipeline (small_cnn-cv2)"
-    assert str(client.get_model_version_by_alias(cfg.mlflow.registered_model, "champion").version) == "1"
+    version = client.get_model_version(cfg.mlflow.registered_model, "1")
+    assert version.tags["covidxray.installed"] == "true" and "Research use only" in version.description
+    assert "champion" not in client.get_registered_model(cfg.mlflow.registered_model).aliases
+    # Provenance written after the install: the md5 of what this run read and wrote, as DVC computes it.
+    from covidxray.infra.tracking import dvc_md5
+
+    for path in (models_dir / "model.keras", cv_dir / "metrics.json", root / "reports" / "cv" / "oof.csv"):
+        assert tags[f"dvc.md5:{path.resolve().as_posix()}"] == dvc_md5(path), path
+    assert not any(k.startswith("data_version.dvc.lock") for k in tags)  # no stale tags of a previous run
+    headline = json.loads((cv_dir / "headline.json").read_text())
+    assert set(headline) <= {"n", "auc", "auc_sd", "sens", "spec", "threshold"} and headline["n"] == len(oof)
+    assert not any(t in key for key in metrics for t in ("seconds", "wall_s", "images_per_s", "cache_s"))
+    assert "cv_seconds" in parent.data.metrics  # timings live in MLflow only
 
 
 def test_hydra_multirun_makes_one_parent_run_per_job(tiny_data, tmp_path):
@@ -178,7 +203,9 @@ def test_hydra_multirun_makes_one_parent_run_per_job(tiny_data, tmp_path):
         "smoke model.head.dense_units=8 (small_cnn-cv2)",
     ]
     for job in ("0", "1"):
-        meta = json.loads((tmp_path / "sweep" / job / "models" / "model.json").read_text())
+        from covidxray.modeling.models import read_meta
+
+        meta = read_meta(tmp_path / "sweep" / job / "models" / "model.keras")
         assert meta["registered_version"] is None and meta["model_uri"].startswith(("runs:/", "models:/m-"))
 
 

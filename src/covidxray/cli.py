@@ -11,7 +11,6 @@ predict, validate, manifest in covidxray/tools/, and params) take ordinary optio
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import re
 import signal
@@ -19,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow's retracing notices fill stage logs without telling a user anything actionable.
-logging.getLogger("tensorflow").setLevel(logging.ERROR)
+from covidxray.infra import quiet  # noqa: E402 - before anything imports TensorFlow
+
+quiet.install()  # TensorFlow/absl start-up notices: a one-line error stays one line
 
 from omegaconf import OmegaConf  # noqa: E402
 
@@ -32,6 +31,7 @@ TOOLS = {
     "predict": "covidxray.tools.predict:predict_cli",
     "validate": "covidxray.tools.validate:validate_cli",
     "manifest": "covidxray.tools.manifest:manifest_cli",
+    "promote": "covidxray.tools.promote:promote_cli",
     "params": "covidxray.cli:params_cli",
 }
 USAGE = f"""usage: covidxray STAGE [--params FILE | HYDRA_OVERRIDES... [-m]]

@@ -26,6 +26,27 @@ FOLD_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "loss", "best_e
 OOF_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "pr_auc", "brier", "ece")
 
 
+def headline(
+    n_images: int, auc, *, auc_low=None, auc_high=None, sensitivity=None, specificity=None, threshold=None, **extra
+) -> dict:
+    """The figures a metrics file for `dvc metrics show` holds, under keys shared by every stage's
+    headline.json so that the table is one row per stage and a few columns wide: n, auc (with
+    auc_lo/auc_hi, its interval, or auc_sd, the spread over CV folds), sens and spec at the
+    model's threshold, threshold; `extra` adds a stage's own (short keys). Missing values are left out."""
+    found = {
+        "n": n_images,
+        "auc": auc,
+        "auc_lo": auc_low,
+        "auc_hi": auc_high,
+        **{k: v for k, v in extra.items() if k == "auc_sd"},
+        "sens": sensitivity,
+        "spec": specificity,
+        "threshold": threshold,
+        **{k: v for k, v in extra.items() if k != "auc_sd"},
+    }
+    return {k: (round(float(v), 4) if k != "n" else int(v)) for k, v in found.items() if v is not None}
+
+
 def training_metric_names() -> tuple[str, ...]:
     """The metrics a training run reports (metrics.json, the parent MLflow run, sweep objectives)."""
     names = [f"cv_{m}_{s}" for m in FOLD_METRICS for s in ("mean", "std")]

@@ -26,7 +26,7 @@ from covidxray.infra.outputs import replace_dir
 from covidxray.modeling import extraction
 from covidxray.modeling.features import open_store
 
-OUTPUTS = ("metrics.json", "plots", "figures", "report.md")  # what write_assessment writes
+OUTPUTS = ("metrics.json", "headline.json", "plots", "figures", "report.md")  # what publish writes
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,25 @@ def write_assessment(
     text = classification_report(y, pred, labels=labels, target_names=classes, digits=3, zero_division=0)
     (folder / "report.md").write_text(set_report(result, meta, text, partition, context))
     return result
+
+
+def write_headline(folder: Path, result: dict, partition: str) -> dict:
+    """headline.json: the few figures of metrics.json that `dvc metrics show` lists, under the keys
+    every stage shares (metrics.headline); with probes, the share of the same-source probe called covid."""
+    m = result[partition]
+    probe = ((result.get("probes") or {}).get("same_source_other_finding") or {}).get("share_labelled_covid")
+    found = metrics.headline(
+        result[f"n_{partition}_images"],
+        m["auc"],
+        auc_low=m.get("auc_ci_low"),
+        auc_high=m.get("auc_ci_high"),
+        sensitivity=m.get("sensitivity"),
+        specificity=m.get("specificity"),
+        threshold=result.get("threshold"),
+        **({"probe_covid": probe} if probe is not None else {}),
+    )
+    (Path(folder) / "headline.json").write_text(json.dumps(found, indent=2) + "\n")
+    return found
 
 
 def log_to_mlflow(out_dir: Path, result: dict, to: LogTo) -> str:
@@ -157,6 +176,7 @@ def publish(
         if extend is not None:
             extend(work, result)
             (folder / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_headline(folder, result, partition)
         if log is not None:
             result["mlflow_run_id"] = log_to_mlflow(folder, result, log)
         return result

@@ -11,12 +11,20 @@ a mixture: models/model.keras always beside its own model.json and reports/cv/.
 
 Each staging folder is named `.install-<token>` and holds an `owner` file its writer keeps
 locked (fcntl) while alive; a folder whose lock is free belongs to a dead writer.
+
+The journal records the sha256 of every file it moves. Before a journal left by a dead writer is
+carried out, each move is checked: its file still staged with that digest, or already in place
+with it. A journal whose files no longer match (the destination was restored meanwhile, e.g. by
+`dvc checkout`, or a staged file was damaged) is stale: it is discarded with its staging folders,
+never applied, so it cannot pair one run's model.keras with another run's model.json.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
+import sys
 import os
 import shutil
 import tempfile
@@ -59,10 +67,53 @@ def _sync(path: Path) -> None:
             os.fsync(handle.fileno())
 
 
-def _apply(journal: Path) -> None:
-    """Carry out a journal's moves (each at most once: a move already done is skipped), then
-    drop the journal and the staging folders it names."""
+def _digest(path: Path) -> str | None:
+    """sha256 of a file's bytes, None if it is not a file."""
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def stale_moves(journal: Path) -> list[str]:
+    """The destinations of a journal's moves that can no longer be carried out as recorded: the
+    file is neither still staged with its digest nor already in place with it (empty: valid)."""
     base = journal.parent
+    entry = json.loads(journal.read_text())
+    digests = entry.get("sha256") or {}
+    stale = []
+    for src, dst in entry["moves"]:
+        if src is None or src not in digests:
+            continue
+        if _digest(base / src) != digests[src] and _digest(base / dst) != digests[src]:
+            stale.append(os.path.normpath(base / dst))
+    return stale
+
+
+def _discard(journal: Path, stale: list[str]) -> None:
+    """Drop a stale journal and its staging folders, saying so on stderr."""
+    base = journal.parent
+    entry = json.loads(journal.read_text())
+    print(
+        f"warning: discarded a stale install journal {journal}: {', '.join(stale[:3])} changed since it was written",
+        file=sys.stderr,
+    )
+    journal.unlink()
+    for folder in entry["staging"]:  # normalised first: "a/.install-x/../../b/.install-x" needs a/.install-x
+        shutil.rmtree(os.path.normpath(base / folder), ignore_errors=True)
+
+
+def _apply(journal: Path, check: bool = False) -> None:
+    """Carry out a journal's moves (each at most once: a move already done is skipped), then
+    drop the journal and the staging folders it names. With `check` (a journal of a dead
+    writer), a stale journal (stale_moves) is discarded instead."""
+    base = journal.parent
+    stale = stale_moves(journal) if check else []
+    if stale:
+        return _discard(journal, stale)
     entry = json.loads(journal.read_text())
     moved = 0
     for src, dst in entry["moves"]:
@@ -74,8 +125,8 @@ def _apply(journal: Path) -> None:
             if moved == 1:
                 _pause("installing")
     journal.unlink()
-    for folder in entry["staging"]:
-        shutil.rmtree(base / folder, ignore_errors=True)
+    for folder in entry["staging"]:  # normalised first: "a/.install-x/../../b/.install-x" needs a/.install-x
+        shutil.rmtree(os.path.normpath(base / folder), ignore_errors=True)
 
 
 def finish_pending(folder: Path) -> None:
@@ -89,7 +140,7 @@ def finish_pending(folder: Path) -> None:
             continue
         try:
             if (staging / JOURNAL).is_file():
-                _apply(staging / JOURNAL)
+                _apply(staging / JOURNAL, check=True)
         finally:
             owner.close()
 
@@ -144,7 +195,8 @@ def _commit(staging: list[Path], folders: list[Path], remove: list[Path]) -> Non
     for path in staging:
         _sync(path)
     _pause("staged")
-    entry = {"moves": moves, "staging": [os.path.relpath(p, base) for p in staging]}
+    digests = {src: _digest(base / src) for src, _ in moves if src is not None and (base / src).is_file()}
+    entry = {"moves": moves, "staging": [os.path.relpath(p, base) for p in staging], "sha256": digests}
     draft = base / (JOURNAL + ".draft")
     with open(draft, "w") as handle:
         handle.write(json.dumps(entry, indent=1))

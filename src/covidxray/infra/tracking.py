@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 from covidxray.infra.outputs import process_alive, process_start
@@ -81,7 +82,8 @@ def flatten_params(cfg, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _git(args: list[str], cwd: Path) -> str | None:
+def git_output(args: list[str], cwd: Path) -> str | None:
+    """`git ARGS` run in cwd: its stripped output, or None where git fails (no repository, no git)."""
     import subprocess
 
     try:
@@ -94,10 +96,10 @@ def _git(args: list[str], cwd: Path) -> str | None:
 def git_tags(cwd: Path | None = None) -> dict[str, str]:
     """The code version: commit and whether the work tree differs from it (tracked files)."""
     cwd = Path(cwd or Path.cwd())
-    commit = _git(["rev-parse", "HEAD"], cwd)
+    commit = git_output(["rev-parse", "HEAD"], cwd)
     if commit is None:
         return {"git_commit": "unknown"}
-    status = _git(["status", "--porcelain", "--untracked-files=no"], cwd)
+    status = git_output(["status", "--porcelain", "--untracked-files=no"], cwd)
     return {
         "git_commit": commit,
         "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
@@ -106,7 +108,9 @@ def git_tags(cwd: Path | None = None) -> dict[str, str]:
 
 
 def data_version_tags(root: Path | None = None) -> dict[str, str]:
-    """The data version: the md5s that data.dvc and dvc.lock record (where those files exist)."""
+    """The pinned data version: the md5s the *.dvc files (data.dvc) record. What a run actually
+    read and wrote is tagged after it by content_tags (dvc.lock, read at the start, would describe
+    the previous run)."""
     import yaml
 
     root = Path(root or Path.cwd())
@@ -119,16 +123,45 @@ def data_version_tags(root: Path | None = None) -> dict[str, str]:
         for out in doc.get("outs") or []:
             if out.get("md5"):
                 tags[f"data_version.{dvc_file.name}:{out.get('path')}"] = str(out["md5"])
-    lock = root / "dvc.lock"
-    if lock.is_file():
+    return tags
+
+
+def dvc_md5(path: Path) -> str:
+    """The md5 DVC records for a file (of its bytes) or a folder (of its sorted listing of
+    {"md5", "relpath"} entries as JSON, suffixed ".dir"), as in dvc.lock."""
+    import hashlib
+    import json
+
+    path = Path(path)
+    if path.is_file():
+        digest = hashlib.md5()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    entries = [
+        {"md5": dvc_md5(item), "relpath": item.relative_to(path).as_posix()}
+        for item in sorted(path.rglob("*"))
+        if item.is_file()
+    ]
+    entries.sort(key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
+
+
+def content_tags(paths, root: Path | None = None) -> dict[str, str]:
+    """`dvc.md5:<path>` tags (path relative to root, the working directory) for each existing file
+    or folder: the exact data and outputs of a run, written after it installed them."""
+    root = Path(root or Path.cwd()).resolve()
+    tags = {}
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            continue
         try:
-            doc = yaml.safe_load(lock.read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            doc = {}
-        for stage, body in (doc.get("stages") or {}).items():
-            for out in (body or {}).get("outs") or []:
-                if out.get("md5"):
-                    tags[f"data_version.dvc.lock:{stage}:{out.get('path')}"] = str(out["md5"])
+            name = path.resolve().relative_to(root).as_posix()
+        except ValueError:
+            name = path.resolve().as_posix()
+        tags[f"dvc.md5:{name}"] = dvc_md5(path)
     return tags
 
 
@@ -187,11 +220,20 @@ def run_name(base: str) -> str:
 
 
 def configure_exclusive(configured_uri: str | None, experiment: str) -> str:
-    """`configure`, holding a lock file beside a local SQLite store while it runs: parallel sweep
-    jobs (joblib launcher) would otherwise race to create the store's tables or the experiment."""
-    uri = tracking_uri(configured_uri)
-    if not uri.startswith("sqlite:///"):
+    """`configure`, holding the store's lock (store_lock) while it runs: parallel sweep jobs
+    (joblib launcher) would otherwise race to create the store's tables or the experiment."""
+    with store_lock(configured_uri):
         return configure(configured_uri, experiment)
+
+
+@contextmanager
+def store_lock(configured_uri: str | None = None):
+    """An exclusive lock file beside a local SQLite store (a server needs none): held while
+    creating what parallel jobs would race for (tables, experiments, the next model version)."""
+    uri = tracking_uri(configured_uri or mlflow_uri())
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
     import fcntl
 
     db = Path(uri.removeprefix("sqlite:///"))
@@ -199,9 +241,17 @@ def configure_exclusive(configured_uri: str | None, experiment: str) -> str:
     with open(db.with_name(db.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return configure(configured_uri, experiment)
+            yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def mlflow_uri() -> str | None:
+    """The tracking URI MLflow is set to in this process, if mlflow is imported."""
+    import sys
+
+    mlflow = sys.modules.get("mlflow")
+    return mlflow.get_tracking_uri() if mlflow is not None else None
 
 
 # -- runs that ended abnormally -------------------------------------------------------------------

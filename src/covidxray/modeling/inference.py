@@ -16,11 +16,13 @@ import pandas as pd
 from covidxray import CovidXrayError
 
 BATCH_SIZE = 32
+# Which model answered, from its metadata (model.json / the logged model): columns of every answer.
+IDENTITY = {"model_name": "registered_model", "model_version": "registered_version", "model_run_id": "mlflow_run_id"}
 
 
 def _row_pixels(image, pixels, row: int) -> np.ndarray:
     """The 2-D uint8 grayscale image of one input row (`image` bytes or base64, or `pixels`)."""
-    from covidxray.data.images import decode_grayscale
+    from covidxray.data.images import check_xray, decode_grayscale
 
     given = [v is not None and not (isinstance(v, float) and np.isnan(v)) for v in (image, pixels)]
     if given[0] == given[1]:
@@ -40,7 +42,9 @@ def _row_pixels(image, pixels, row: int) -> np.ndarray:
         raise CovidXrayError(f"row {row}: pixels must be a non-empty 2-D grayscale array, got shape {array.shape}")
     if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
         raise CovidXrayError(f"row {row}: pixels must lie in 0..255")
-    return np.rint(array).astype(np.uint8)
+    gray = np.rint(array).astype(np.uint8)
+    check_xray(gray, f"row {row} (pixels)")  # the same limits as a decoded file
+    return gray
 
 
 def decode_rows(model_input, meta: dict) -> np.ndarray:
@@ -77,9 +81,17 @@ def decide(probs: np.ndarray, threshold: float) -> np.ndarray:
     return np.where(probs[:, -1] >= threshold, probs.shape[1] - 1, other)
 
 
+def describe_model(meta: dict) -> str:
+    """Which model answered, in words: registered name and version, and its MLflow run."""
+    name, version, run = (meta.get(IDENTITY[k]) for k in ("model_name", "model_version", "model_run_id"))
+    said = f"model {name} version {version}" if name and version else f"model {meta.get('model', 'unregistered')}"
+    return said + (f", run {run}" if run else "")
+
+
 def predictions(model, meta: dict, pixels: np.ndarray) -> pd.DataFrame:
     """Per image: p_<class> (the positive class, last in meta["classes"], first), the label at
-    meta["threshold"], and the threshold."""
+    meta["threshold"], the threshold, and the model that answered (IDENTITY: registered name,
+    version and MLflow run; empty where the model was never registered or tracked)."""
     classes = list(meta["classes"])
     probs = probabilities(model, pixels, len(classes))
     table = pd.DataFrame({f"p_{classes[-1]}": probs[:, -1]})
@@ -88,6 +100,8 @@ def predictions(model, meta: dict, pixels: np.ndarray) -> pd.DataFrame:
     labels = np.asarray(classes, dtype=object)[decide(probs, meta["threshold"])] if len(probs) else []
     table["label"] = pd.Series(labels, dtype=object)
     table["threshold"] = float(meta["threshold"])
+    for column, key in IDENTITY.items():
+        table[column] = "" if meta.get(key) is None else str(meta[key])
     return table
 
 

@@ -27,6 +27,7 @@ cached *_notop.h5, or `backbone.save_weights`).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import zipfile
@@ -40,7 +41,7 @@ from covidxray import CovidXrayError
 from covidxray.modeling import efficientnet_lite
 from covidxray.infra import fileset
 from covidxray.infra.outputs import read_json
-from covidxray.modeling.specs import META_FILE, MODEL_FILE  # noqa: F401 - the saved pair's names, for models' users
+from covidxray.modeling.specs import META_FILE, MODEL_FILE, RUN_FILE, RUN_KEYS  # noqa: F401 - the saved files' names
 from covidxray.modeling.backbones import (  # noqa: F401 - the catalogue, re-exported for models' users
     BACKBONES,
     DEFAULT_FILTERS,
@@ -345,14 +346,66 @@ def load(path) -> keras.Model:
 # -- saved models and their metadata ----------------------------------------------------------------
 
 
+KNOWN_CLASSES = (("normal", "covid"), ("normal", "pneumonia", "covid"))  # the tasks' classes, covid last
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the zip format's earliest date: what every saved archive member carries
+SAVED_DATE = "1980-01-01@00:00:00"  # metadata.json's date_saved, fixed: the file's bytes follow its weights
+
+
+def save(model: keras.Model, path) -> Path:
+    """Save a .keras model with no time stamps inside (Keras writes the save time into
+    metadata.json and every zip member's date): the same weights give the same bytes, so DVC and
+    git see a rerun as unchanged."""
+    path = Path(path)
+    model.save(path)
+    members = []
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            data = archive.read(info)
+            if info.filename == "metadata.json":
+                found = json.loads(data)
+                found["date_saved"] = SAVED_DATE
+                data = json.dumps(found).encode()
+            members.append((info.filename, info.compress_type, data))
+    draft = path.with_name(f".{path.name}.draft")
+    with zipfile.ZipFile(draft, "w") as archive:
+        for name, compress_type, data in members:
+            info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
+            info.compress_type = compress_type
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, data)
+    os.replace(draft, path)
+    return path
+
+
+def _meta_fail(source: str, key: str, expected: str, got) -> None:
+    raise CovidXrayError(f"{source}: model metadata field {key} must be {expected}, got {got!r}")
+
+
 def check_meta(meta: dict, source: str) -> dict:
-    """The model metadata predictions need (classes, image_size, resize, threshold), checked."""
+    """The model metadata predictions need, checked field by field with one-line errors: classes
+    (a known task's, covid last), image_size and store_size (integers >= 8), resize, normalize,
+    crop_border, and threshold (a finite number in [0, 1])."""
+    import math
+
+    if not isinstance(meta, dict):
+        raise CovidXrayError(f"{source}: model metadata must be a JSON object, got {type(meta).__name__}")
     missing = [k for k in ("classes", "image_size", "threshold") if meta.get(k) is None]
     if missing:
         raise CovidXrayError(f"{source}: model metadata lacks {', '.join(missing)}")
-    classes = [str(c) for c in meta["classes"]]
-    if len(classes) < 2:
-        raise CovidXrayError(f"{source}: model metadata needs at least two classes, got {classes}")
+    classes = meta["classes"]
+    if not isinstance(classes, list) or tuple(classes) not in KNOWN_CLASSES:
+        _meta_fail(source, "classes", " or ".join(str(list(c)) for c in KNOWN_CLASSES), classes)
+    threshold = meta["threshold"]
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        _meta_fail(source, "threshold", "a finite number in [0, 1]", threshold)
+    if not 0.0 <= threshold <= 1.0:
+        _meta_fail(source, "threshold", "a finite number in [0, 1]", threshold)
+    for key in ("image_size", "store_size"):
+        size = meta.get(key)
+        if (key == "image_size" or size is not None) and (
+            isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 4096
+        ):
+            _meta_fail(source, key, "an integer number of pixels in [8, 4096]", size)
     from covidxray.data.images import input_spec
 
     try:  # models saved before store_size/normalize/crop_border existed: plain resize to image_size
@@ -365,7 +418,7 @@ def check_meta(meta: dict, source: str) -> dict:
         )
     except CovidXrayError as err:
         raise CovidXrayError(f"{source}: {err}") from None
-    return {**meta, **spec, "classes": classes, "threshold": float(meta["threshold"])}
+    return {**meta, **spec, "classes": [str(c) for c in classes], "threshold": float(threshold)}
 
 
 def load_model(path: Path):
@@ -403,7 +456,24 @@ def _load_pair(path: Path):
     """model.keras and its model.json, each checked."""
     if not path.is_file():
         raise CovidXrayError(f"model not found: {path} (run `dvc repro train`)")
+    meta = check_meta(read_meta(path), str(path.with_name(META_FILE)))  # before the model: fails fast
+    return load(path), meta
+
+
+def read_meta(path: Path) -> dict:
+    """model.json beside models/model.keras (unchecked), with the run and registry fields of
+    model.run.json where that file belongs to this model.keras (its model_md5 matches: after a
+    `dvc checkout` of another revision it does not, and the model's run is then unknown here)."""
+    path = Path(path)
     meta_path = path.with_name(META_FILE)
     if not meta_path.is_file():
         raise CovidXrayError(f"model metadata not found: {meta_path} (written by the train stage)")
-    return load(path), check_meta(read_json(meta_path), str(meta_path))
+    meta = read_json(meta_path)
+    run_path = path.with_name(RUN_FILE)
+    run = read_json(run_path, required=False)
+    if isinstance(meta, dict) and isinstance(run, dict) and run.get("model_md5") and path.is_file():
+        from covidxray.infra.tracking import dvc_md5
+
+        if run["model_md5"] == dvc_md5(path):
+            meta.update({k: run[k] for k in RUN_KEYS if k in run})
+    return meta

@@ -7,7 +7,8 @@ two-line entry file ("models from code", no pickle). Input: a DataFrame with one
 either `image` (the encoded file: PNG, JPEG, ...; base64 in the scoring server's JSON) or `pixels`
 (a 2-D grayscale array of integers 0..255). Every image goes through training's input steps
 (images.decode_grayscale, images.resize to the store size, images.prepare). Output per row:
-p_<class> (covid first), the label at the saved threshold, and that threshold (inference.py, as `covidxray predict`).
+p_<class> (covid first), the label at the saved threshold, that threshold, and which model answered
+(model_name, model_version, model_run_id; inference.py, as `covidxray predict`).
 """
 
 from __future__ import annotations
@@ -23,14 +24,18 @@ import numpy as np
 import pandas as pd
 
 from covidxray import CovidXrayError
-from covidxray.modeling.inference import decode_rows, png_bytes, predictions
+from covidxray.modeling.inference import IDENTITY, decode_rows, png_bytes, predictions
 
 MODEL_ARTIFACT = "model"
 META_ARTIFACT = "meta"
 ENTRY = '''"""MLflow models-from-code entry: the covid-xray detector (see covidxray.serving.pyfunc)."""
-import mlflow
+from covidxray.infra import quiet
 
-from covidxray.serving.pyfunc import CovidXrayModel
+quiet.install()  # before TensorFlow loads in the serving process
+
+import mlflow  # noqa: E402
+
+from covidxray.serving.pyfunc import CovidXrayModel  # noqa: E402
 
 mlflow.models.set_model(CovidXrayModel())
 '''
@@ -67,7 +72,10 @@ def signature(classes: list[str]):
         [ColSpec("binary", "image", required=False), ColSpec(Array(Array("long")), "pixels", required=False)]
     )
     outputs = [ColSpec("double", f"p_{name}") for name in [classes[-1], *classes[:-1]]]
-    return ModelSignature(inputs, Schema([*outputs, ColSpec("string", "label"), ColSpec("double", "threshold")]))
+    identity = [ColSpec("string", column) for column in IDENTITY]
+    return ModelSignature(
+        inputs, Schema([*outputs, ColSpec("string", "label"), ColSpec("double", "threshold"), *identity])
+    )
 
 
 # -- logging ------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from covidxray.data import images, sources
 from covidxray.evaluation import metrics, report
 from covidxray.evaluation.publish import LogTo, publish
 from covidxray.infra.outputs import read_json
-from covidxray.modeling.specs import MODEL_FILE
+from covidxray.modeling.specs import MODEL_FILE, RUN_KEYS
 from covidxray.settings import evaluate_settings
 
 # -- data -------------------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def main(cfg) -> None:
     log = LogTo(st.out.tracking_uri, st.out.experiment, run_id=meta.get("mlflow_run_id"), run_name="evaluate")
     result = publish(
         model,
-        meta,
+        {k: v for k, v in meta.items() if k not in RUN_KEYS},  # the reports (DVC outputs) name no run
         images.prepare_for(meta, stored),
         frame,
         st.out.reports,

@@ -12,6 +12,7 @@ prefix. Everything is built in a temporary folder and moved into place at the en
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +24,8 @@ from covidxray.evaluation import card, probes, report
 from covidxray.evaluation.publish import LogTo, publish
 from covidxray.infra.outputs import read_json
 from covidxray.modeling.features import open_store
-from covidxray.modeling.specs import MODEL_FILE
+from covidxray.modeling.specs import MODEL_FILE, RUN_KEYS
+from covidxray.serving import registry
 from covidxray.settings import evaluate_settings
 
 OUT_DIR = "external"
@@ -104,11 +106,16 @@ def main(cfg) -> None:
         "extra_metrics": {"external_near_duplicates_dropped": dropped},
     }
 
+    started = time.perf_counter()
+    print(f"external: measuring the model on {len(frame)} images ({held_out})")
+
     def probes_and_card(work: Path, result: dict) -> None:
+        print(f"external: measured ({time.perf_counter() - started:.0f} s); running the shortcut probes")
         result["per_source"] = per_source_figures(index, reports, work / OUT_DIR, classes)
         probe = images.load_probe(curated)
         store = open_store(st.out.assess.features)
         result["probes"] = run_probes(model, meta, stored, index, roles, test_ids, probe, st.out.assess.seed, store)
+        print(f"external: probes done ({time.perf_counter() - started:.0f} s)")
         roles_text, ci = sources.describe(roles), st.out.assess.ci
         names = sorted({n for per_class in roles.values() for some in per_class.values() for n in some})
         data = card.data_lines(load_facts(curated), names)  # citation and license of each collection
@@ -128,7 +135,7 @@ def main(cfg) -> None:
     )
     result = publish(
         model,
-        meta,
+        {k: v for k, v in meta.items() if k not in RUN_KEYS},  # the reports (DVC outputs) name no run
         images.prepare_for(meta, stored[mask]),
         frame,
         reports,
@@ -140,6 +147,12 @@ def main(cfg) -> None:
         names=(OUT_DIR, CARD),
         subfolder=OUT_DIR,
         extend=probes_and_card,
+    )
+    e = result["external"]
+    registry.add_figures(  # the registered version's description carries its external figure
+        meta.get("registered_model"),
+        meta.get("registered_version"),
+        {f"external AUC ({held_out})": f"{e['auc']:.3f} [{e['auc_ci_low']:.3f}, {e['auc_ci_high']:.3f}]"},
     )
     print(
         f"external: {len(frame)} images ({held_out}): {report.headline(result['external'])} at threshold "

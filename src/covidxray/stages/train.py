@@ -10,10 +10,12 @@ partition is never read here. `run` is the recipe; the fitting itself is fitting
 Outputs (DVC: paths.models and paths.reports/cv; as a Hydra app: the job's output directory),
 installed together (fileset): a reader sees all old files or all new ones, also after a kill.
   models/model.keras       the final model (models.py layout; loads after `import covidxray.modeling.models`)
-  models/model.json        classes, image_size, resize, threshold, threshold_method, model, MLflow ids
+  models/model.json        classes, image_size, resize, threshold, threshold_method, model (the same every run)
+  models/model.run.json    MLflow run and registry version, md5 of model.keras (not a DVC output)
   reports/cv/oof.csv       image_id, patient_id, label, y, fold, p_<class>...
   reports/cv/folds.csv     per fold: auc, accuracy, sensitivity, specificity, loss, best_epoch, ...
   reports/cv/metrics.json  cv_<metric>_mean/_std over folds, oof_<metric> at the threshold, threshold
+  reports/cv/headline.json the few figures `dvc metrics show` lists (keys shared with the test and external ones)
   reports/cv/history.csv   fold, epoch, loss, val_loss, accuracy, val_accuracy, auc, val_auc, phase
 
 MLflow: one parent run (resolved config as params, aggregate metrics, code/data/run tags, the
@@ -21,7 +23,9 @@ config as an artifact, the final model) with one nested run per fold (per-epoch 
 confusion matrix and training-curve figures). The run name says what differs: the experiment
 preset and the overrides. The final model is registered (mlflow.registered_model) when the
 pipeline runs the stage (`--params`: dvc repro, dvc exp run), or from anywhere with
-mlflow.register=true, and the pipeline's latest version gets the alias `champion`.
+mlflow.register=true; only the committed default pipeline moves the alias `champion`
+(serving.registry). After the install, the run is tagged with the md5 (as DVC computes it) of
+every file it read and wrote (`dvc.md5:<path>`).
 `main` returns the value of `optimized_metric` (default cv_auc_mean) for Hydra sweepers.
 """
 
@@ -40,6 +44,7 @@ import pandas as pd
 from covidxray import CovidXrayError
 from covidxray import settings
 from covidxray.infra import config, fileset, tracking
+from covidxray.serving import registry
 from covidxray.settings import TrainSettings
 from covidxray.infra.outputs import json_safe
 from covidxray.modeling.fitting import Trainer
@@ -51,10 +56,11 @@ from covidxray.evaluation.metrics import (
     decide,
     finite_metrics,
     fold_metrics,
+    headline,
 )
 from covidxray.evaluation.figures import confusion_figure, training_curves_figure
 
-CHAMPION = "champion"  # the registry alias of the pipeline's latest model
+TIMINGS = ("wall_s", "images_per_s", "seconds", "cache_s")  # key parts of timings: MLflow only, never a file
 
 
 # -- the stage --------------------------------------------------------------------------------------
@@ -93,15 +99,36 @@ def run(cfg) -> dict:
                 **({"fine_tune_epochs": epochs[1]} if trainer.fine_tunes else {}),
             )
         metrics["train_seconds"] = time.perf_counter() - wall
-        write_outputs(models_dir, cv_dir, cv, oof, metrics, model, meta)
-        if pipeline and meta.get("registered_version"):
-            crown(meta["registered_model"], meta["registered_version"])
+        written = write_outputs(models_dir, cv_dir, cv, oof, metrics, model, meta)
+        import mlflow  # the hashes of what this run read and installed, as DVC computes them
+
+        mlflow.set_tags(tracking.content_tags([s.curated, s.splits, *pretrained_file(s), *written]))
+        if meta.get("registered_version"):
+            crown_if_intended(meta["registered_model"], meta["registered_version"], pipeline)
     print(
-        f"train: wrote {cv_dir}/{{oof.csv,folds.csv,metrics.json,history.csv}}"
+        f"train: wrote {cv_dir}/{{oof.csv,folds.csv,metrics.json,headline.json,history.csv}}"
         + (f" and {models_dir}/model.{{keras,json}}" if model is not None else "")
         + f"; MLflow run {parent_id} ({metrics['train_seconds']:.0f}s)"
     )
     return {**metrics, "mlflow_run_id": parent_id, "registered_version": meta.get("registered_version")}
+
+
+def pretrained_file(s: TrainSettings) -> list[Path]:
+    """The ImageNet weights file training read, where it read one."""
+    path = s.fit.model.imagenet_file
+    return [Path(path)] if s.fit.model.weights == "imagenet" and path and Path(path).is_file() else []
+
+
+def crown_if_intended(name: str, version: str, pipeline: bool) -> None:
+    """The installed version is marked so; @champion moves to it only for the committed default
+    pipeline (`dvc repro` of the committed params, conf and code): experiments, presets and
+    command-line runs leave it where it is (`covidxray promote VERSION` moves it on purpose)."""
+    registry.mark_installed(name, version)
+    intended, why = registry.committed_default() if pipeline else (False, "not run by the pipeline (dvc repro)")
+    if intended:
+        registry.crown(name, version)
+    else:
+        print(f"train: {name} version {version} registered; @{registry.CHAMPION} unchanged ({why})")
 
 
 def main(cfg) -> float:
@@ -384,24 +411,55 @@ def write_outputs(
     """Write reports/cv/* and (with a final model) model.keras and model.json into staging
     folders, log them to the MLflow run, then install them together (fileset). Without a final
     model, an earlier model.keras/model.json goes in the same switch: it would not match these
-    CV results. train_seconds goes to the run too."""
+    CV results. Timings (TIMINGS) go to the run only, so that a rerun writes the same bytes: the
+    files hold figures, metrics.json all of them, headline.json the few `dvc metrics show` lists.
+    Returns the installed files."""
     import mlflow
 
+    from covidxray.modeling import models
     from covidxray.modeling.models import META_FILE, MODEL_FILE
 
-    remove = [] if model is not None else [models_dir / MODEL_FILE, models_dir / META_FILE]
+    timings = {k: v for k, v in metrics.items() if any(t in k for t in TIMINGS)}
+    same_every_run = {k: v for k, v in meta.items() if k not in models.RUN_KEYS}
+    figures = {k: v for k, v in metrics.items() if k not in timings}
+    n_images = int(len(oof))
+    remove = [] if model is not None else [models_dir / name for name in (MODEL_FILE, META_FILE, models.RUN_FILE)]
     with fileset.install_together([models_dir, cv_dir], remove=remove) as (new_models, new_cv):
         oof.to_csv(new_cv / "oof.csv", index=False)
         cv.history.to_csv(new_cv / "history.csv", index=False)
-        cv.folds.to_csv(new_cv / "folds.csv", index=False)
-        (new_cv / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2, sort_keys=True) + "\n")
-        for name in ("oof.csv", "folds.csv", "metrics.json", "history.csv"):
+        cv.folds.drop(columns=[c for c in cv.folds if any(t in c for t in TIMINGS)]).to_csv(
+            new_cv / "folds.csv", index=False
+        )
+        (new_cv / "metrics.json").write_text(json.dumps(json_safe(figures), indent=2, sort_keys=True) + "\n")
+        (new_cv / "headline.json").write_text(json.dumps(json_safe(cv_headline(figures, n_images)), indent=2) + "\n")
+        for name in CV_FILES:
             mlflow.log_artifact(str(new_cv / name), "cv")
         if model is not None:
-            model.save(new_models / MODEL_FILE)
-            (new_models / META_FILE).write_text(json.dumps(json_safe(meta), indent=2) + "\n")
+            models.save(model, new_models / MODEL_FILE)
+            (new_models / META_FILE).write_text(json.dumps(json_safe(same_every_run), indent=2) + "\n")
+            run = {k: meta.get(k) for k in models.RUN_KEYS} | {"model_md5": tracking.dvc_md5(new_models / MODEL_FILE)}
+            (new_models / models.RUN_FILE).write_text(json.dumps(json_safe(run), indent=2) + "\n")
             mlflow.log_artifact(str(new_models / META_FILE))
-        mlflow.log_metrics(finite_metrics({"train_seconds": metrics["train_seconds"]}))
+            mlflow.log_artifact(str(new_models / models.RUN_FILE))
+        mlflow.log_metrics(finite_metrics(timings))
+    written = [cv_dir / name for name in CV_FILES]
+    return written + ([models_dir / MODEL_FILE, models_dir / META_FILE] if model is not None else [])
+
+
+CV_FILES = ("oof.csv", "folds.csv", "metrics.json", "headline.json", "history.csv")
+
+
+def cv_headline(figures: dict, n_images: int) -> dict:
+    """The CV's headline figures under the keys every headline.json shares (metrics.headline):
+    mean fold AUC with its spread, OOF sensitivity and specificity at the chosen threshold."""
+    return headline(
+        n_images,
+        figures["cv_auc_mean"],
+        sensitivity=figures.get("oof_sensitivity"),
+        specificity=figures.get("oof_specificity"),
+        threshold=figures.get("threshold"),
+        auc_sd=figures.get("cv_auc_std"),
+    )
 
 
 # -- MLflow ---------------------------------------------------------------------------------------------
@@ -416,7 +474,7 @@ def parent_run(cfg, model_name: str, n_folds: int):
 
     tags = {
         **tracking.git_tags(),
-        **tracking.data_version_tags(),
+        **tracking.data_version_tags(),  # the pinned inputs (data.dvc); what this run read: content_tags
         **tracking.context_tags(),
         "stage": "train",
         "model": model_name,
@@ -449,36 +507,12 @@ def log_fold_figures(history: pd.DataFrame, y: np.ndarray, probs: np.ndarray, cl
 
 
 def register(model, meta: dict, images: np.ndarray, registered_model: str | None) -> dict:
-    """Log the final model to the run, registered as `registered_model` (None: not registered),
-    its version tagged with what predictions need. Returns model.json's registry fields."""
-    from mlflow.tracking import MlflowClient
-
-    mlflow_meta = {k: v for k, v in meta.items() if k not in ("mlflow_run_id", "mlflow_experiment_id")}
-    info = _log_final_model(model, mlflow_meta, images.astype(np.float32)[..., None], registered_model)
-    version = getattr(info, "registered_model_version", None)
-    if version:
-        client = MlflowClient()
-        for key in ("threshold", "threshold_method", "image_size", "resize"):
-            client.set_model_version_tag(registered_model, str(version), key, str(meta[key]))
-        client.set_model_version_tag(registered_model, str(version), "classes", json.dumps(meta["classes"]))
-        print(f"train: registered {registered_model} version {version}")
-    return {
-        "registered_model": registered_model if version else None,
-        "registered_version": version,
-        "model_uri": f"models:/{registered_model}/{version}" if version else info.model_uri,
-    }
+    """Log the final model to the run as a servable pyfunc model (serving.pyfunc), registered as
+    `registered_model` (None: not registered; serving.registry). Returns model.json's registry fields."""
+    return registry.register(model, meta, images.astype(np.float32)[..., None], registered_model, _log_final_model)
 
 
-def crown(registered_model: str, version) -> None:
-    """Point the registry alias `champion` at this version: the pipeline's latest model, now
-    installed in models/ (`models:/NAME@champion`)."""
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient().set_registered_model_alias(registered_model, CHAMPION, str(version))
-    print(f"train: {registered_model} version {version} is now @{CHAMPION}")
-
-
-def _log_final_model(model, meta: dict, example: np.ndarray, registered: str | None):
+def _log_final_model(model, meta: dict, registered: str | None, example: np.ndarray):
     """Log the final model as a servable MLflow pyfunc model (serving/pyfunc.py: images in, p(covid) and
     the label at the saved threshold out) and register it; returns the ModelInfo."""
     from covidxray.serving import pyfunc as serving

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from covidxray.modeling.inference import describe_model
 from covidxray.serving.loading import check_model_path, missing_files
 
 
@@ -95,5 +96,7 @@ def predict_cli(argv: list[str]) -> int:
         shown = table[["path", covid, "label"] + (["gradcam"] if "gradcam" in table else [])].copy()
         shown[covid] = shown[covid].map(lambda v: f"{v:.4f}")
         print(shown.to_string(index=False))
-        print(f"(label: {meta['classes'][-1]} iff {covid} >= threshold {meta['threshold']:.4f})")
+        print(
+            f"(label: {meta['classes'][-1]} iff {covid} >= threshold {meta['threshold']:.4f}; {describe_model(meta)})"
+        )
     return 1 if failed else 0

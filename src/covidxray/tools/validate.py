@@ -21,6 +21,7 @@ from covidxray.evaluation.publish import LogTo, publish
 from covidxray.evaluation.report import headline
 from covidxray.infra.config import compose
 from covidxray.infra.outputs import check_replaceable
+from covidxray.modeling.inference import IDENTITY, describe_model
 from covidxray.serving.loading import check_model_path
 from covidxray.settings import validate_settings
 
@@ -135,11 +136,12 @@ def validate(
         "extra_metrics": {"n_skipped_files": len(skipped)},
     }
     tags = {"covidxray.stage": "validate", "external_set": str(set_path), "model_uri": str(model_spec)}
-    if meta.get("mlflow_run_id"):
-        tags["model_run_id"] = str(meta["mlflow_run_id"])
+    for tag, key in IDENTITY.items():  # which model was validated: name, version, run
+        if meta.get(key):
+            tags[tag] = str(meta[key])
     to = LogTo(tracking_uri, experiment, tags=tags, run_name=f"validate-{name}", artifact_path="validation")
     frame = frame.assign(path=frame["path"].astype(str))
-    return publish(
+    result = publish(
         model,
         meta,
         pixels,
@@ -153,6 +155,7 @@ def validate(
         names=None,
         owned=True,
     )
+    return {**result, "model": describe_model(meta)}
 
 
 def validate_cli(argv: list[str]) -> int:
@@ -189,7 +192,7 @@ def validate_cli(argv: list[str]) -> int:
     )
     print(
         f"validate: {result['n_external_images']} images ({result['n_external_patients']} patients): "
-        f"{headline(result['external'])}; wrote {out}"
+        f"{headline(result['external'])} ({result['model']}); wrote {out}"
         + (f"; MLflow run {result['mlflow_run_id']}" if result.get("mlflow_run_id") else "")
     )
     return 1 if result.get("n_skipped_files") else 0
