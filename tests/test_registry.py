@@ -89,6 +89,8 @@ def test_only_the_committed_default_pipeline_is_intended(tmp_path, monkeypatch):
     _git(repo, "add", ".")
     _git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "x")
     assert registry.committed_default(repo) == (True, "")
+    assert registry.committed_default(repo, params={"seed": 42}) == (True, "")
+    assert registry.committed_default(repo, params={"seed": 7})[0] is False  # another config, same tree
     (repo / "dvc.lock").write_text("b\n")  # the pipeline's own outputs change while it runs
     assert registry.committed_default(repo) == (True, "")
     (repo / "params.yaml").write_text("seed: 1\n")  # dvc exp run -S ... rewrites params.yaml

@@ -29,9 +29,10 @@ MODEL_DESCRIPTION = (
 COMMITTED_INPUTS = ("params.yaml", "conf", "src", "dvc.yaml", "data.dvc", "manifests", "pyproject.toml")
 
 
-def committed_default(root: Path | None = None) -> tuple[bool, str]:
+def committed_default(root: Path | None = None, params: dict | None = None) -> tuple[bool, str]:
     """(whether this process is the committed default pipeline, why not): run by DVC outside an
-    experiment, in a git work tree whose model-deciding inputs (COMMITTED_INPUTS) match HEAD."""
+    experiment, in a git work tree whose model-deciding inputs (COMMITTED_INPUTS) match HEAD, on
+    the parameters of the committed params.yaml (`params`: the resolved config the run used)."""
     from covidxray.infra.tracking import git_output
 
     if os.environ.get("DVC_EXP_NAME") or os.environ.get("DVC_EXP_BASELINE_REV"):
@@ -44,6 +45,15 @@ def committed_default(root: Path | None = None) -> tuple[bool, str]:
     if changed:
         files = sorted(set(changed.splitlines()))
         return False, f"uncommitted changes to {', '.join(files[:5])}{' ...' if len(files) > 5 else ''}"
+    if params is not None:
+        import yaml
+
+        try:
+            committed = yaml.safe_load((root / "params.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            committed = None
+        if committed != params:
+            return False, "its parameters are not those of the committed params.yaml"
     return True, ""
 
 

@@ -104,7 +104,7 @@ def run(cfg) -> dict:
 
         mlflow.set_tags(tracking.content_tags([s.curated, s.splits, *pretrained_file(s), *written]))
         if meta.get("registered_version"):
-            crown_if_intended(meta["registered_model"], meta["registered_version"], pipeline)
+            crown_if_intended(meta["registered_model"], meta["registered_version"], pipeline, cfg)
     print(
         f"train: wrote {cv_dir}/{{oof.csv,folds.csv,metrics.json,headline.json,history.csv}}"
         + (f" and {models_dir}/model.{{keras,json}}" if model is not None else "")
@@ -119,12 +119,15 @@ def pretrained_file(s: TrainSettings) -> list[Path]:
     return [Path(path)] if s.fit.model.weights == "imagenet" and path and Path(path).is_file() else []
 
 
-def crown_if_intended(name: str, version: str, pipeline: bool) -> None:
+def crown_if_intended(name: str, version: str, pipeline: bool, cfg) -> None:
     """The installed version is marked so; @champion moves to it only for the committed default
     pipeline (`dvc repro` of the committed params, conf and code): experiments, presets and
     command-line runs leave it where it is (`covidxray promote VERSION` moves it on purpose)."""
     registry.mark_installed(name, version)
-    intended, why = registry.committed_default() if pipeline else (False, "not run by the pipeline (dvc repro)")
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.to_container(cfg, resolve=True)
+    intended, why = registry.committed_default(params=params) if pipeline else (False, "not run by dvc repro")
     if intended:
         registry.crown(name, version)
     else:
