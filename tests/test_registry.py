@@ -126,6 +126,7 @@ def test_saved_models_carry_no_time_stamps(tmp_path):
     with zipfile.ZipFile(tmp_path / "a.keras") as archive:
         assert {info.date_time for info in archive.infolist()} == {models.ZIP_DATE}
         assert json.loads(archive.read("metadata.json"))["date_saved"] == models.SAVED_DATE
+        assert b'"shared_object_id": 1' in archive.read("config.json")  # not a memory address
     assert models.load(tmp_path / "a.keras").count_params() == model.count_params()
 
 

@@ -365,6 +365,8 @@ def save(model: keras.Model, path) -> Path:
                 found = json.loads(data)
                 found["date_saved"] = SAVED_DATE
                 data = json.dumps(found).encode()
+            elif info.filename == "config.json":
+                data = _renumber_shared_objects(data)
             members.append((info.filename, info.compress_type, data))
     draft = path.with_name(f".{path.name}.draft")
     with zipfile.ZipFile(draft, "w") as archive:
@@ -375,6 +377,20 @@ def save(model: keras.Model, path) -> Path:
             archive.writestr(info, data)
     os.replace(draft, path)
     return path
+
+
+def _renumber_shared_objects(config: bytes) -> bytes:
+    """Keras names objects shared between layers (a dtype policy) by their Python id(), a memory
+    address that differs on every run: number them 1, 2, ... in order of appearance instead (the
+    same id, the same number, so the sharing is kept)."""
+    import re
+
+    numbers: dict[bytes, bytes] = {}
+
+    def number(match):
+        return b'"shared_object_id": ' + numbers.setdefault(match.group(1), str(len(numbers) + 1).encode())
+
+    return re.sub(rb'"shared_object_id": (\d+)', number, config)
 
 
 def _meta_fail(source: str, key: str, expected: str, got) -> None:
