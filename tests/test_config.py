@@ -100,6 +100,18 @@ def test_params_yaml_is_the_composed_defaults(tmp_path):
     )
 
 
+def test_model_and_report_outputs_persist_while_their_stage_runs():
+    """DVC deletes a stage's outputs before running it unless they persist: the stages that
+    install their outputs together (train, evaluate, external) keep the previous ones until then,
+    so a failed or killed `dvc repro` leaves a usable model and reports."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name in ("train", "evaluate", "external"):
+        entries = [e for kind in ("outs", "metrics", "plots") for e in stages[name].get(kind) or []]
+        loose = [e if isinstance(e, str) else next(iter(e)) for e in entries]
+        loose = [path for path, e in zip(loose, entries) if not (isinstance(e, dict) and e[path].get("persist"))]
+        assert not loose, f"dvc.yaml: stage '{name}' must mark these outputs `persist: true`: {loose}"
+
+
 def test_dvc_train_stage_matches_what_train_reads_and_writes():
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]
     params = yaml.safe_load((REPO / "params.yaml").read_text())
