@@ -185,7 +185,7 @@ def test_hydra_multirun_makes_one_parent_run_per_job(tiny_data, tmp_path):
 def test_final_model_trains_the_cv_median_best_epoch():
     """With early stopping, the final model (no validation fold to stop on) trains the median of
     the folds' best epochs, rounded up and at least 1, per phase; without, the configured epochs."""
-    from covidxray.stages.train import final_epochs
+    from covidxray.modeling.training import final_epochs
 
     folds = pd.DataFrame({"best_epoch": [3.0, 7.0, 4.0]})
     assert final_epochs([25, 0], folds, early_stopping=True) == [4, 0]
@@ -200,7 +200,7 @@ def test_frozen_feature_cache_gives_the_same_model(tiny_data):
     """Training the head on cached backbone features == training the full model on images."""
     from covidxray.settings import train_settings
     from covidxray.modeling.fitting import Trainer
-    from covidxray.stages.train import load_cv_data
+    from covidxray.modeling.training import load_cv_data
 
     s = train_settings(
         make_cfg(
@@ -277,7 +277,7 @@ def test_learning_rate_schedules():
 def test_mirrored_strategy_runs_as_one_replica_on_cpu(tiny_data, tmp_path):
     from covidxray.settings import train_settings
     from covidxray.modeling.fitting import Trainer
-    from covidxray.stages.train import load_cv_data
+    from covidxray.modeling.training import load_cv_data
 
     s = train_settings(
         make_cfg(
