@@ -1,0 +1,144 @@
+"""loco stage: leave-one-collection-out, the shortcut probes, and the model card.
+
+For each held-out group of `loco.groups` (default: every group that can be held out while each
+class keeps a training collection), the recipe of the train stage is trained again on the
+remaining collections and measured on the group (evaluation/loco.py): AUC with patient-bootstrap
+intervals beside the shortcut baseline of the same images, sensitivity and specificity at the
+transferred threshold and at a threshold calibrated on K labelled images of the group, and per
+collection. The mean and worst group are the recipe's estimate at a site it never saw.
+
+The final model (models/model.keras, trained on every training collection) gets the shortcut
+probes (probes.py), and reports/model_card.md leads with the LOCO figures, then the internal ones.
+
+Outputs (installed together at the end; a reader sees all old files or all new ones):
+  reports/loco/metrics.json     the headline (DVC metrics): loco_<figure>_mean/_worst, per group
+  reports/loco/details.json     every figure: intervals, per collection, calibration draws, probes
+  reports/loco/predictions.csv  group, image_id, role (train | held_out), label, source, score
+  reports/loco/plots/roc.csv    group, fpr, tpr (one ROC curve per held-out group)
+  reports/loco/report.md        and reports/model_card.md
+MLflow: the headline as loco_* metrics on the recipe's training run (model.json's mlflow_run_id).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from covidxray import CovidXrayError, settings
+from covidxray.data import images as imgs
+from covidxray.data import sources
+from covidxray.evaluation import card, loco, probes
+from covidxray.evaluation import metrics as M
+from covidxray.evaluation import report as R
+from covidxray.infra.outputs import json_safe, scratch_dir
+from covidxray.modeling.models import MODEL_FILE, load_model
+
+OUT_DIR = "loco"
+CARD = "model_card.md"
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file of an earlier stage, or None when it is absent."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def internal_reports(reports: Path, index: pd.DataFrame, classes: list[str]) -> tuple[dict | None, dict | None, dict]:
+    """(CV metrics with the out-of-fold image count, internal test metrics, internal test figures
+    per collection) from what train and evaluate wrote."""
+    cv, test = read_json(reports / "cv" / "metrics.json"), read_json(reports / "metrics.json")
+    if cv is not None and (reports / "cv" / "oof.csv").is_file():
+        cv["n_cv_images"] = int(len(pd.read_csv(reports / "cv" / "oof.csv")))
+    per_collection = {}
+    confusion = reports / "plots" / "confusion.csv"
+    if confusion.is_file():
+        rows = pd.read_csv(confusion, dtype={"image_id": str}).merge(
+            index[["image_id", "label", "source"]], on="image_id"
+        )
+        per_collection = probes.per_source(rows, rows["predicted"], classes)
+    return cv, test, per_collection
+
+
+def run_probes(model, meta, stored, index, roles, test_ids, probe, seed: int) -> dict:
+    """The shortcut probes of the final model: the same-source probe, the training set's shortcut
+    AUCs, and whether its features tell the collections apart within a class (internal test)."""
+    train = sources.in_role(index, roles["train"])
+    probe_pixels, probe_frame = probe
+    inputs = imgs.prepare_for(meta, probe_pixels) if len(probe_frame) else probe_pixels
+    same = probes.same_source_probe(model, meta, inputs, probe_frame)
+    aucs = {"training set": probes.shortcut_aucs(index[train], stored[train], seed)}
+    unseen = index["image_id"].isin(set(test_ids)).to_numpy()
+    features = probes.feature_collection_aucs(model, imgs.prepare_for(meta, stored[unseen]), index[unseen], seed)
+    return {"same_source_other_finding": same, "shortcut_auc": aucs, "feature_collection_auc": features}
+
+
+def roc_table(predictions: pd.DataFrame, positive: str) -> pd.DataFrame:
+    """group, fpr, tpr: the ROC curve of each held-out group that has both classes."""
+    parts = []
+    for name, rows in predictions[predictions["role"] == "held_out"].groupby("group", sort=False):
+        y = (rows["label"] == positive).to_numpy()
+        if 0 < y.sum() < len(y):
+            roc = M.curves(y, rows["score"].to_numpy())["roc"]
+            parts.append(roc[["fpr", "tpr"]].assign(group=name))
+    return pd.concat(parts, ignore_index=True)[["group", "fpr", "tpr"]] if parts else pd.DataFrame()
+
+
+def write_outputs(out: Path, result: dict, extra: dict, report_md: str, positive: str) -> dict:
+    """metrics.json (the headline), details.json, predictions.csv, plots/roc.csv, report.md."""
+    (out / "plots").mkdir(parents=True)
+    found = json_safe(loco.headline(result))
+    (out / "metrics.json").write_text(json.dumps(found, indent=2, sort_keys=True) + "\n")
+    details = {k: v for k, v in result.items() if k != "predictions"}
+    (out / "details.json").write_text(json.dumps(json_safe({**details, **extra}), indent=2) + "\n")
+    result["predictions"].to_csv(out / "predictions.csv", index=False)
+    roc_table(result["predictions"], positive).to_csv(out / "plots" / "roc.csv", index=False)
+    (out / "report.md").write_text(report_md)
+    return found
+
+
+def main(cfg) -> dict:
+    """Stage entry: LOCO of the configured recipe, the final model's probes, the model card."""
+    s = settings.loco_settings(cfg)  # every key checked before anything is read or trained
+    t, ev = s.train, cfg.evaluate
+    model, meta = load_model(t.models / MODEL_FILE)
+    stored, index, classes = imgs.load_curated(t.curated)
+    if list(classes) != meta["classes"]:
+        raise CovidXrayError(f"the model's classes {meta['classes']} differ from the curated data's {classes}")
+    roles = sources.model_roles(meta.get("sources"), cfg.data.get("sources"))
+    result = loco.run(t.curated, t.splits, s.recipe, s.spec, s.seed, classes)
+    cv, test, internal = internal_reports(t.reports, index, classes)
+    confusion = t.reports / "plots" / "confusion.csv"
+    test_ids = pd.read_csv(confusion, dtype={"image_id": str})["image_id"] if confusion.is_file() else []
+    found_probes = run_probes(model, meta, stored, index, roles, set(test_ids), imgs.load_probe(t.curated), s.seed)
+    k = s.spec.calibration_k
+    with scratch_dir(t.reports, "loco") as tmp:
+        card_md = card.model_card(meta, sources.describe(roles), result, cv, test, internal, found_probes, k, ev.ci)
+        headline = write_outputs(
+            tmp / OUT_DIR,
+            result,
+            {"internal_test_per_collection": internal, "probes": found_probes},
+            card.loco_report(result, k, float(ev.ci)),
+            classes[-1],
+        )
+        (tmp / CARD).write_text(card_md)
+        run_id = R.log_to_mlflow(
+            tmp / OUT_DIR,
+            headline,
+            t.tracking_uri,
+            t.experiment,
+            run_id=meta.get("mlflow_run_id"),
+            run_name="loco",
+            artifact_path="loco",
+            metric_prefix="loco_",
+        )
+        R.install(tmp, t.reports, names=(OUT_DIR, CARD))
+    summary = result["summary"]
+    print(
+        f"loco: {len(result['groups'])} held-out group(s): AUC mean {R.fmt(summary['loco_auc_mean'])}, worst "
+        f"{R.fmt(summary['loco_auc_worst'])}; margin over the shortcut baseline: worst "
+        f"{R.fmt(summary['loco_margin_worst'])}; {result['seconds']:.0f}s; wrote {t.reports}/{OUT_DIR} and "
+        f"{t.reports}/{CARD}; MLflow run {run_id}"
+    )
+    return headline
