@@ -22,7 +22,9 @@ confusion matrix and training-curve figures). The run name says what differs: th
 preset and the overrides. The final model is registered (mlflow.registered_model) when the
 pipeline runs the stage (`--params`: dvc repro, dvc exp run), or from anywhere with
 mlflow.register=true, and the pipeline's latest version gets the alias `champion`.
-`main` returns the value of `optimized_metric` (default cv_auc_mean) for Hydra sweepers.
+`main` returns the value of `optimized_metric` (default cv_auc_mean) for Hydra sweepers; a
+`loco_*` figure (e.g. loco_auc_mean) runs leave-one-collection-out after the CV (evaluation/loco.py)
+and returns its estimate: model selection on how the recipe does at collections it never saw.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def run(cfg) -> dict:
     """Cross-validate, pick the threshold, train and register the final model, write the outputs.
     Returns the metrics (as in metrics.json) plus run ids."""
     s = settings.train_settings(cfg)  # every key checked before anything is read (or TensorFlow loads)
+    by_loco = settings.loco_settings(cfg) if s.optimized_metric.startswith("loco_") else None
     data = load_cv_data(s.curated, s.splits, s.inputs, s.roles, s.balance, s.fit.seed, s.cv_folds, s.task)
     trainer = make_trainer(s.fit, data, s.deterministic)
     models_dir, cv_dir = output_dirs(s.models, s.reports)
@@ -78,6 +81,8 @@ def run(cfg) -> dict:
         metrics.update(threshold_on_oof(oof, data.classes, s.threshold, s.target_sensitivity))
         metrics.update(cv_seconds=time.perf_counter() - wall, feature_cache_s=trainer.cache_seconds)
         log_cv(metrics, s.threshold)
+        if by_loco is not None:  # model selection on the leave-one-collection-out estimate
+            metrics.update(loco_estimate(by_loco))
         model = None
         if s.final_model:
             epochs = final_epochs(epochs, cv.folds, s.fit.early_stopping)
@@ -107,7 +112,8 @@ def main(cfg) -> float:
     """Stage entry (DVC, Hydra app or sweep): returns cfg.optimized_metric (default cv_auc_mean)
     for Hydra sweepers such as Optuna."""
     result = run(cfg)  # checks the config (optimized_metric included) first
-    return float(result[str(cfg.get("optimized_metric") or settings.DEFAULT_OPTIMIZED_METRIC)])
+    found = result[str(cfg.get("optimized_metric") or settings.DEFAULT_OPTIMIZED_METRIC)]
+    return float("nan") if found is None else float(found)  # None: no held-out group has the figure
 
 
 # -- cross-validation -----------------------------------------------------------------------------
@@ -205,6 +211,17 @@ def log_cv(metrics: dict, method: str) -> None:
         f"{metrics['oof_auc']:.4f}, threshold ({method}) {metrics['threshold']:.4f}: sensitivity "
         f"{metrics['oof_sensitivity']:.3f}, specificity {metrics['oof_specificity']:.3f}"
     )
+
+
+def loco_estimate(ls: settings.LocoSettings) -> dict:
+    """The recipe's leave-one-collection-out headline (loco_* figures), logged on the active run."""
+    import mlflow
+
+    from covidxray.evaluation import loco
+
+    found = loco.headline(loco.run(ls.train.curated, ls.train.splits, ls.recipe, ls.spec, ls.seed))
+    mlflow.log_metrics(finite_metrics(found))
+    return found
 
 
 # -- the final model ------------------------------------------------------------------------------
