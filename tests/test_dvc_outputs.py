@@ -43,10 +43,13 @@ def _write_outputs(root: Path, cv_auc: float) -> None:
     probs = np.clip(np.c_[1 - y * 0.6, y * 0.6] + rng.uniform(0, 0.4, (40, 1)), 0, 1)
     probs /= probs.sum(axis=1, keepdims=True)
     frame = pd.DataFrame({"image_id": [f"i{i}" for i in range(40)]})
-    for folder in (plots, root / "reports" / "external" / "plots"):  # evaluate's and external's
-        folder.mkdir(parents=True, exist_ok=True)
-        figures.write_plots(folder, frame, y, probs, (probs[:, 1] >= 0.5).astype(int), ["normal", "covid"], 5)
-    (root / "reports" / "external" / "metrics.json").write_text(json.dumps({"external": {"auc": 0.6}}))
+    plots.mkdir(parents=True, exist_ok=True)
+    figures.write_plots(plots, frame, y, probs, (probs[:, 1] >= 0.5).astype(int), ["normal", "covid"], 5)
+    loco = root / "reports" / "loco"
+    (loco / "plots").mkdir(parents=True, exist_ok=True)
+    roc = pd.DataFrame({"group": ["radiography"] * 3 + ["ieee8023+kermany"] * 3, "fpr": [0, 0.5, 1] * 2})
+    roc.assign(tpr=[0, 0.8, 1, 0, 0.6, 1]).to_csv(loco / "plots" / "roc.csv", index=False)
+    (loco / "metrics.json").write_text(json.dumps({"loco_auc_mean": 0.6, "loco_auc_worst": 0.5}))
 
 
 def _dvc_json(args: list[str], cwd: Path):
@@ -60,7 +63,7 @@ def test_metrics_are_committed_so_a_fresh_clone_diffs_them(repo_copy, tmp_path):
     status = _sh(["git", "status", "--porcelain", "--untracked-files=all"], repo_copy).split("\n")
     # what git takes of the outputs written above (new, or changed where the checkout had them)
     taken = sorted(line[3:] for line in status if line[3:].startswith(("reports/", "models/")))
-    assert taken == ["reports/cv/metrics.json", "reports/external/metrics.json", "reports/metrics.json"]
+    assert taken == ["reports/cv/metrics.json", "reports/loco/metrics.json", "reports/metrics.json"]
     _sh([*GIT, "add", "-A"], repo_copy)
     _sh([*GIT, "commit", "-qm", "metrics"], repo_copy)
 
@@ -69,7 +72,7 @@ def test_metrics_are_committed_so_a_fresh_clone_diffs_them(repo_copy, tmp_path):
     shown = _dvc_json(["metrics", "show"], clone)[""]["data"]  # "": the workspace
     assert shown["reports/cv/metrics.json"]["data"]["cv_auc_mean"] == 0.81
     assert shown["reports/metrics.json"]["data"]["test"]["auc"] == 0.75
-    assert shown["reports/external/metrics.json"]["data"]["external"]["auc"] == 0.6
+    assert shown["reports/loco/metrics.json"]["data"]["loco_auc_mean"] == 0.6
     (clone / "reports" / "cv" / "metrics.json").write_text(json.dumps({"cv_auc_mean": 0.85, "threshold": 0.5}))
     diff = _dvc_json(["metrics", "diff"], clone)
     change = diff["reports/cv/metrics.json"]["cv_auc_mean"]
@@ -93,3 +96,6 @@ def test_plots_are_drawn_unsmoothed_and_history_by_fold(repo_copy):  # noqa: F81
     assert (history["encoding"]["x"]["field"], history["encoding"]["y"]["field"]) == ("epoch", "val_auc")
     assert {p["fold"] for p in history["data"]["values"]} == {"0", "1", "final"}
     assert "isValid(datum['val_auc'])" in history["transform"][0]["filter"]  # the final model: no val curve
+    loco = specs["reports/loco/plots/roc.csv"]  # one ROC curve per held-out group
+    assert loco["encoding"]["color"]["field"] == "group"
+    assert {p["group"] for p in loco["data"]["values"]} == {"radiography", "ieee8023+kermany"}

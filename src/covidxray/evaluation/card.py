@@ -167,9 +167,13 @@ def loco_notes(result: dict, k: int, ci: float) -> list[str]:
     ]
 
 
+def held_out_per_collection(result: dict) -> dict:
+    """{"held out <group>": its figures per (class, collection)} for per_source_table."""
+    return {f"held out {n}": g.get("per_collection", {}) for n, g in result["groups"].items()}
+
+
 def loco_report(result: dict, k: int, ci: float) -> str:
     """reports/loco/report.md: the LOCO table, its notes and the figures per collection."""
-    per_collection = {f"held out {n}": g.get("per_collection", {}) for n, g in result["groups"].items()}
     lines = [
         "# Leave-one-collection-out",
         "",
@@ -178,7 +182,7 @@ def loco_report(result: dict, k: int, ci: float) -> str:
         "",
         "## Per collection, at the transferred threshold",
         "",
-        *per_source_table(per_collection),
+        *per_source_table(held_out_per_collection(result)),
         "",
         f"LOCO took {result['seconds']:.0f}s (backbone features: {result.get('feature_cache_s', 0):.0f}s).",
         "",
@@ -199,7 +203,6 @@ def model_card(
     data: list[str] = (),
 ) -> str:
     """reports/model_card.md: LOCO first, then internal figures, per collection, probes and limits."""
-    groups = {f"held out {n}": g.get("per_collection", {}) for n, g in loco["groups"].items()}
     lines = [
         "# COVID-19 chest X-ray classifier: model card",
         "",
@@ -229,7 +232,7 @@ def model_card(
         "",
         "## Per collection",
         "",
-        *per_source_table({"internal test": internal, **groups}),
+        *per_source_table({"internal test": internal, **held_out_per_collection(loco)}),
         "",
         "## Shortcut probes of the final model",
         "",
