@@ -18,7 +18,7 @@ from covidxray import CovidXrayError
 from covidxray.data import collections, sources
 from covidxray.data.images import INPUT_KEYS, input_spec
 from covidxray.evaluation.assess import AssessOptions
-from covidxray.evaluation import loco
+from covidxray.modeling import heldout
 from covidxray.evaluation.metrics import THRESHOLD_METHODS, training_metric_names
 from covidxray.infra.config import choice, fail, flag, integer, number, text, value
 from covidxray.modeling import backbones
@@ -253,8 +253,8 @@ def train_settings(cfg) -> TrainSettings:
     if register not in (None, "auto", True, False):
         fail("mlflow.register", "auto (only the pipeline, run with --params, registers), true or false", register)
     wanted = value(cfg, "optimized_metric")
-    if wanted is not None and wanted not in training_metric_names() + loco.metric_names():
-        fail("optimized_metric", f"one of {', '.join(training_metric_names() + loco.metric_names())}", wanted)
+    if wanted is not None and wanted not in training_metric_names() + heldout.metric_names():
+        fail("optimized_metric", f"one of {', '.join(training_metric_names() + heldout.metric_names())}", wanted)
     paths = {key: Path(text(cfg, f"paths.{key}")) for key in ("curated", "splits", "models", "reports")}
     return TrainSettings(
         fit=fit,
@@ -411,6 +411,8 @@ def validate_settings(cfg) -> Reporting:
     """What `covidxray validate` reads from the configuration (its options override evaluate.bootstrap
     and seed before the check)."""
     return reporting(cfg)
+
+
 # -- leave-one-collection-out (the loco stage, and train when optimized_metric is a loco_ figure) --
 
 
@@ -420,33 +422,36 @@ class LocoSettings:
     train settings) and how the groups are chosen and measured."""
 
     train: TrainSettings
-    recipe: loco.Recipe
-    spec: loco.LocoSpec
+    recipe: heldout.Recipe
+    spec: heldout.LocoSpec
     seed: int
+    out: Reporting  # the MLflow store and experiment the figures are logged to
 
 
-def loco_spec(cfg, roles: dict, classes) -> loco.LocoSpec:
+def loco_spec(cfg, roles: dict, classes) -> heldout.LocoSpec:
     """The checked `loco` group (groups against `data.sources`) and evaluate's bootstrap."""
     from omegaconf import OmegaConf
 
     found = value(cfg, "loco.groups")
     found = OmegaConf.to_container(found) if OmegaConf.is_config(found) else found
     groups = (
-        loco.default_groups(roles, classes) if found in (None, "auto") else loco.check_groups(found, roles, classes)
+        heldout.default_groups(roles, classes)
+        if found in (None, "auto")
+        else heldout.check_groups(found, roles, classes)
     )
     if not groups:
         fail("loco.groups", "auto with a collection that can be held out, or a list of groups of collections", found)
-    return loco.LocoSpec(
+    return heldout.LocoSpec(
         groups=groups,
-        provides=loco.collections_of(roles),
+        provides=heldout.collections_of(roles),
         calibration_k=integer(cfg, "loco.calibration.k", 2, "an integer >= 2 (labelled images, half of each class)"),
         calibration_draws=integer(cfg, "loco.calibration.draws", 1),
         calibration_method=choice(cfg, "loco.calibration.method", THRESHOLD_METHODS),
         calibration_target=number(
             cfg, "loco.calibration.target_sensitivity", 0.0, 1.0, True, False, "a number in (0, 1]"
         ),
-        n_resamples=integer(cfg, "evaluate.bootstrap", 1),
-        ci=number(cfg, "evaluate.ci", 0.0, 1.0, True, True, "a number in (0, 1)"),
+        n_resamples=assess_options(cfg).n_resamples,
+        ci=assess_options(cfg).ci,
     )
 
 
@@ -454,7 +459,7 @@ def loco_settings(cfg) -> LocoSettings:
     """Check the train settings and the `loco` group before anything is read or trained."""
     train = train_settings(cfg)
     spec = loco_spec(cfg, train.roles, TASKS[train.task])
-    recipe = loco.Recipe(
+    recipe = heldout.Recipe(
         fit=train.fit,
         inputs=train.inputs,
         train_roles=train.roles["train"],
@@ -464,4 +469,4 @@ def loco_settings(cfg) -> LocoSettings:
         target_sensitivity=train.target_sensitivity,
         deterministic=train.deterministic,
     )
-    return LocoSettings(train=train, recipe=recipe, spec=spec, seed=train.fit.seed)
+    return LocoSettings(train=train, recipe=recipe, spec=spec, seed=train.fit.seed, out=reporting(cfg))

@@ -30,25 +30,21 @@ from covidxray import CovidXrayError, settings
 from covidxray.data import images as imgs
 from covidxray.data import sources
 from covidxray.evaluation import card, loco, probes
-from covidxray.evaluation import metrics as M
-from covidxray.evaluation import report as R
-from covidxray.infra.outputs import json_safe, scratch_dir
-from covidxray.modeling.models import MODEL_FILE, load_model
+from covidxray.evaluation.metrics import curves
+from covidxray.evaluation.publish import LogTo, log_to_mlflow
+from covidxray.evaluation.report import fmt
+from covidxray.infra.outputs import json_safe, read_json, replace_dir
+from covidxray.modeling.specs import MODEL_FILE
 
 OUT_DIR = "loco"
 CARD = "model_card.md"
 
 
-def read_json(path: Path) -> dict | None:
-    """A JSON file of an earlier stage, or None when it is absent."""
-    path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def internal_reports(reports: Path, index: pd.DataFrame, classes: list[str]) -> tuple[dict | None, dict | None, dict]:
     """(CV metrics with the out-of-fold image count, internal test metrics, internal test figures
     per collection) from what train and evaluate wrote."""
-    cv, test = read_json(reports / "cv" / "metrics.json"), read_json(reports / "metrics.json")
+    cv = read_json(reports / "cv" / "metrics.json", required=False)
+    test = read_json(reports / "metrics.json", required=False)
     if cv is not None and (reports / "cv" / "oof.csv").is_file():
         cv["n_cv_images"] = int(len(pd.read_csv(reports / "cv" / "oof.csv")))
     per_collection = {}
@@ -80,7 +76,7 @@ def roc_table(predictions: pd.DataFrame, positive: str) -> pd.DataFrame:
     for name, rows in predictions[predictions["role"] == "held_out"].groupby("group", sort=False):
         y = (rows["label"] == positive).to_numpy()
         if 0 < y.sum() < len(y):
-            roc = M.curves(y, rows["score"].to_numpy())["roc"]
+            roc = curves(y, rows["score"].to_numpy())["roc"]
             parts.append(roc[["fpr", "tpr"]].assign(group=name))
     return pd.concat(parts, ignore_index=True)[["group", "fpr", "tpr"]] if parts else pd.DataFrame()
 
@@ -101,44 +97,35 @@ def write_outputs(out: Path, result: dict, extra: dict, report_md: str, positive
 def main(cfg) -> dict:
     """Stage entry: LOCO of the configured recipe, the final model's probes, the model card."""
     s = settings.loco_settings(cfg)  # every key checked before anything is read or trained
-    t, ev = s.train, cfg.evaluate
+    from covidxray.modeling.models import load_model
+
+    t, out = s.train, s.out
     model, meta = load_model(t.models / MODEL_FILE)
     stored, index, classes = imgs.load_curated(t.curated)
     if list(classes) != meta["classes"]:
         raise CovidXrayError(f"the model's classes {meta['classes']} differ from the curated data's {classes}")
-    roles = sources.model_roles(meta.get("sources"), cfg.data.get("sources"))
+    roles = sources.model_roles(meta.get("sources"), t.roles)
     result = loco.run(t.curated, t.splits, s.recipe, s.spec, s.seed, classes)
     cv, test, internal = internal_reports(t.reports, index, classes)
     confusion = t.reports / "plots" / "confusion.csv"
     test_ids = pd.read_csv(confusion, dtype={"image_id": str})["image_id"] if confusion.is_file() else []
     found_probes = run_probes(model, meta, stored, index, roles, set(test_ids), imgs.load_probe(t.curated), s.seed)
-    k = s.spec.calibration_k
-    with scratch_dir(t.reports, "loco") as tmp:
-        card_md = card.model_card(meta, sources.describe(roles), result, cv, test, internal, found_probes, k, ev.ci)
-        headline = write_outputs(
-            tmp / OUT_DIR,
-            result,
-            {"internal_test_per_collection": internal, "probes": found_probes},
-            card.loco_report(result, k, float(ev.ci)),
-            classes[-1],
-        )
-        (tmp / CARD).write_text(card_md)
-        run_id = R.log_to_mlflow(
-            tmp / OUT_DIR,
-            headline,
-            t.tracking_uri,
-            t.experiment,
-            run_id=meta.get("mlflow_run_id"),
-            run_name="loco",
-            artifact_path="loco",
-            metric_prefix="loco_",
-        )
-        R.install(tmp, t.reports, names=(OUT_DIR, CARD))
+    k, ci = s.spec.calibration_k, s.spec.ci
+    log = LogTo(out.tracking_uri, out.experiment, meta.get("mlflow_run_id"), "loco", artifact_path="loco")
+
+    def write(work: Path) -> tuple[dict, str]:
+        card_md = card.model_card(meta, sources.describe(roles), result, cv, test, internal, found_probes, k, ci)
+        extra = {"internal_test_per_collection": internal, "probes": found_probes}
+        headline = write_outputs(work / OUT_DIR, result, extra, card.loco_report(result, k, ci), classes[-1])
+        (work / CARD).write_text(card_md)
+        return headline, log_to_mlflow(work / OUT_DIR, headline, log)
+
+    headline, run_id = replace_dir(t.reports, write, by="loco", names=(OUT_DIR, CARD))
     summary = result["summary"]
     print(
-        f"loco: {len(result['groups'])} held-out group(s): AUC mean {R.fmt(summary['loco_auc_mean'])}, worst "
-        f"{R.fmt(summary['loco_auc_worst'])}; margin over the shortcut baseline: worst "
-        f"{R.fmt(summary['loco_margin_worst'])}; {result['seconds']:.0f}s; wrote {t.reports}/{OUT_DIR} and "
+        f"loco: {len(result['groups'])} held-out group(s): AUC mean {fmt(summary['loco_auc_mean'])}, worst "
+        f"{fmt(summary['loco_auc_worst'])}; margin over the shortcut baseline: worst "
+        f"{fmt(summary['loco_margin_worst'])}; {result['seconds']:.0f}s; wrote {t.reports}/{OUT_DIR} and "
         f"{t.reports}/{CARD}; MLflow run {run_id}"
     )
     return headline

@@ -27,9 +27,11 @@ from covidxray import CovidXrayError
 from covidxray.evaluation.calibration import MIN_PER_CLASS, operating_point, site_threshold
 from covidxray.evaluation.metrics import THRESHOLD_METHODS
 from covidxray.infra.outputs import check_replaceable, json_safe, replace_dir
+from covidxray.evaluation.assess import check_labels
 from covidxray.modeling.inference import predictions
-from covidxray.modeling.models import META_FILE, MODEL_FILE
-from covidxray.tools.predict import check_labels, load_images, read_external, resolve_model
+from covidxray.modeling.specs import META_FILE, MODEL_FILE
+from covidxray.serving.loading import load_images, resolve_model
+from covidxray.tools.validate import read_external
 
 
 def check_counts(labels, classes: list[str], where) -> dict[str, int]:
