@@ -52,7 +52,7 @@ def scores_of(site, folder) -> dict[str, float]:
     """p(covid) per file, as predict computes it with the original model."""
     from covidxray.modeling.inference import predictions
     from covidxray.modeling.models import load_model
-    from covidxray.tools.predict import load_images
+    from covidxray.serving.loading import load_images
 
     model, meta = load_model(site["model"])
     paths = sorted(folder.rglob("*.png"))

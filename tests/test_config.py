@@ -230,8 +230,10 @@ STAGE_BAD = [
     ("evaluate", ["evaluate.bootstrap=0"], "evaluate.bootstrap"),
     ("evaluate", ["evaluate.calibration_bins=0"], "evaluate.calibration_bins"),
     ("evaluate", ["evaluate.gradcam_per_group=-1"], "evaluate.gradcam_per_group"),
-    ("external", ["evaluate.ci=0"], "evaluate.ci"),
-    ("external", ["mlflow.experiment=null"], "mlflow.experiment"),
+    ("loco", ["evaluate.ci=0"], "evaluate.ci"),
+    ("loco", ["mlflow.experiment=null"], "mlflow.experiment"),
+    ("loco", ["loco.calibration.k=1"], "loco.calibration.k"),
+    ("loco", ["loco.calibration.method=f1"], "loco.calibration.method"),
 ]
 
 
