@@ -114,7 +114,8 @@ def main(cfg) -> dict:
     log = LogTo(out.tracking_uri, out.experiment, meta.get("mlflow_run_id"), "loco", artifact_path="loco")
 
     def write(work: Path) -> tuple[dict, str]:
-        card_md = card.model_card(meta, sources.describe(roles), result, cv, test, internal, found_probes, k, ci)
+        named = sources.describe({role: per_class for role, per_class in roles.items() if any(per_class.values())})
+        card_md = card.model_card(meta, named, result, cv, test, internal, found_probes, k, ci)
         extra = {"internal_test_per_collection": internal, "probes": found_probes}
         headline = write_outputs(work / OUT_DIR, result, extra, card.loco_report(result, k, ci), classes[-1])
         (work / CARD).write_text(card_md)
