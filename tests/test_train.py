@@ -329,6 +329,8 @@ def test_three_classes_covid_last(tmp_path):
         [
             "experiment=smoke",
             "data=three_class",
+            "data.sources.train.covid=[ieee8023]",  # the synthetic store has no radiography images
+            "data.sources.train.normal=[kermany]",
             "cv.final_model=false",
             f"paths.curated={tmp_path / 'curated'}",
             f"paths.splits={tmp_path / 'splits.csv'}",
