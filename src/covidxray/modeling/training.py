@@ -46,11 +46,11 @@ def load_cv_data(
     balanced as asked, joined with their folds (the first `folds`, or all), as model inputs
     (`inputs`: images.input_spec); the test partition and the external collections are dropped
     here and never seen by training. With `task`, the curated classes must be that task's."""
-    from covidxray.data import sources
+    from covidxray.data import collections, sources
     from covidxray.data.images import load_curated, load_splits, prepare, with_splits
 
     images, index, classes = load_curated(curated)
-    if task is not None and list(classes) != list(sources.TASKS[task]):
+    if task is not None and list(classes) != list(collections.TASKS[task]):
         raise CovidXrayError(
             f"data.task={task} but the curated data in {curated} holds the classes {', '.join(classes)}: "
             f"re-run curate (`dvc repro curate`) or set data.task to the task it was curated for"

@@ -29,6 +29,7 @@ import pandas as pd
 from covidxray import CovidXrayError, settings
 from covidxray.data import images as imgs
 from covidxray.data import sources
+from covidxray.data.collections import load_facts
 from covidxray.evaluation import card, loco, probes
 from covidxray.evaluation.metrics import curves
 from covidxray.evaluation.publish import LogTo, log_to_mlflow
@@ -115,7 +116,9 @@ def main(cfg) -> dict:
 
     def write(work: Path) -> tuple[dict, str]:
         named = sources.describe({role: per_class for role, per_class in roles.items() if any(per_class.values())})
-        card_md = card.model_card(meta, named, result, cv, test, internal, found_probes, k, ci)
+        names = sorted({n for per_class in roles.values() for some in per_class.values() for n in some})
+        data = card.data_lines(load_facts(t.curated), names)  # citation and license of each collection
+        card_md = card.model_card(meta, named, result, cv, test, internal, found_probes, k, ci, data)
         extra = {"internal_test_per_collection": internal, "probes": found_probes}
         headline = write_outputs(work / OUT_DIR, result, extra, card.loco_report(result, k, ci), classes[-1])
         (work / CARD).write_text(card_md)
