@@ -67,7 +67,9 @@ def run_probes(model, meta, stored, index, roles, test_ids, probe, seed: int) ->
     same = probes.same_source_probe(model, meta, inputs, probe_frame)
     aucs = {"training set": probes.shortcut_aucs(index[train], stored[train], seed)}
     unseen = index["image_id"].isin(set(test_ids)).to_numpy()
-    features = probes.feature_collection_aucs(model, imgs.prepare_for(meta, stored[unseen]), index[unseen], seed)
+    features = {}  # without evaluate's internal test there are no unseen images to probe
+    if unseen.any():
+        features = probes.feature_collection_aucs(model, imgs.prepare_for(meta, stored[unseen]), index[unseen], seed)
     return {"same_source_other_finding": same, "shortcut_auc": aucs, "feature_collection_auc": features}
 
 
