@@ -1,17 +1,16 @@
-"""Remedies for the source shortcut, measured in both directions (run by hand; the table goes in
-conf/experiment/default.yaml and the README).
+"""Recipes judged by leave-one-collection-out (run by hand; the table goes in the README and
+conf/experiment/default.yaml).
 
-For each remedy (Hydra overrides) and each direction (the default roles: trained on the tutorial's
-collections, external = radiography; reverse: trained on radiography, external = ieee8023 +
-Kermany), runs train -> evaluate -> external with the real stages into
-outputs/remedies/<remedy>/<direction>/ (its own MLflow store), then prints one markdown table:
-internal CV AUC, internal test AUC, external AUC [95% CI], external sensitivity and specificity at
-the saved threshold, and the wall time. Remedies that change curation (resize=pad) get their own
-curated store and splits.
+For each recipe (Hydra overrides: the default trained on every collection, the tutorial's pair,
+remedies for the shortcuts), runs the loco library (evaluation/loco.py, what the loco stage runs)
+on the pipeline's curated store and prints one markdown table: per held-out group, AUC [95% CI],
+the shortcut baseline and the margin, specificity at the transferred threshold and at a threshold
+calibrated on K images of the group, then the mean and worst AUC and the wall time. Recipes that
+change curation (resize=pad) get their own curated store and splits.
 
-usage: .venv/bin/python benchmarks/remedies.py [--only NAME ...] [--folds N] [--out DIR]
+usage: .venv/bin/python benchmarks/remedies.py [--only NAME ...] [--folds N] [--out DIR] [OVERRIDE ...]
        .venv/bin/python benchmarks/remedies.py --tiny --out DIR [overrides...]   # a smoke test: the
-       default remedy, one direction, the smoke experiment (overrides: e.g. paths.curated=...)
+       default recipe, the smoke experiment, 2 folds (overrides: e.g. paths.curated=...)
 """
 
 from __future__ import annotations
@@ -19,49 +18,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-REVERSE = [
-    "data.sources.train.covid=[radiography]",
-    "data.sources.train.normal=[radiography]",
-    "data.sources.external.covid=[ieee8023]",
-    "data.sources.external.normal=[kermany]",
-]
-ADULT = [
-    "data.sources.train.covid=[ieee8023]",
-    "data.sources.train.normal=[radiography]",
-    "data.sources.external.covid=[radiography]",
-    "data.sources.external.normal=[kermany]",
-]
-ADULT_REVERSE = [
-    "data.sources.train.covid=[radiography]",
-    "data.sources.train.normal=[kermany]",
-    "data.sources.external.covid=[ieee8023]",
-    "data.sources.external.normal=[radiography]",
-]
-LITE0 = ["model=efficientnet_lite0", "data.image_size=224"]
-
-
-def both(extra: list[str]) -> tuple[list[str], list[str]]:
-    """A remedy's overrides in the default direction and in the reverse one."""
-    return extra, extra + REVERSE
-
-
-REMEDIES = {  # name: (overrides trained on the tutorial's collections, overrides trained on radiography)
-    "default": both([]),
-    "clahe": both(["data.normalize=clahe"]),
-    "equalize": both(["data.normalize=equalize"]),
-    "crop_border_0.1": both(["data.crop_border=0.1"]),
-    "resize_pad": both(["data.resize=pad"]),
-    "augment_standard": both(["augment=standard"]),
-    "image_size_64": both(["data.image_size=64"]),
-    "adult_normals": (ADULT, ADULT_REVERSE),
-    "efficientnet_lite0": both(LITE0),
-    "efficientnet_lite0_crop_border_0.1": both(LITE0 + ["data.crop_border=0.1"]),
-    "efficientnet_lite0_clahe": both(LITE0 + ["data.normalize=clahe"]),
-    "efficientnet_lite0_adult_normals": (LITE0 + ADULT, LITE0 + ADULT_REVERSE),
+TUTORIAL = ["experiment=tutorial_sources"]
+REVERSE = ["experiment=cross_dataset_reverse"]
+ADULT = ["experiment=adult_normals"]
+REMEDIES = {  # name: overrides of the project default (EfficientNet-Lite0, 224 px, border cut, every collection)
+    "default": [],
+    "tutorial_sources": TUTORIAL,
+    "cross_dataset_reverse": REVERSE,
+    "adult_normals": ADULT,
+    "crop_border_0": ["data.crop_border=0"],
+    "clahe": ["data.normalize=clahe"],
+    "equalize": ["data.normalize=equalize"],
+    "resize_pad": ["data.resize=pad"],
+    "undersample": ["data.balance=undersample"],
 }
 CURATE_KEYS = ("data.resize=", "data.store_size=", "data.task=", "data.views=", "data.collections", "collection=")
 
@@ -89,38 +61,15 @@ def prepare_store(overrides: list[str], out: Path) -> list[str]:
     return paths
 
 
-def run_one(name: str, direction: str, overrides: list[str], out: Path, folds: int, extra=()) -> dict:
-    """train -> evaluate -> external for one remedy and direction; the figures for the table."""
-    import keras
+def run_one(name: str, overrides: list[str], out: Path, folds: int) -> dict:
+    """Leave-one-collection-out of one recipe; the figures for the table."""
+    from covidxray import settings
+    from covidxray.evaluation import loco
 
-    from covidxray.stages import evaluate, external, train
-
-    run_dir = out / name / direction
-    paths = [
-        f"paths.models={run_dir / 'models'}",
-        f"paths.reports={run_dir / 'reports'}",
-        f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}",
-        f"cv.folds={folds}",
-    ]
-    cfg = compose(overrides + prepare_store(overrides, out) + paths + list(extra))
-    start = time.perf_counter()
-    for stage in (train, evaluate, external):
-        keras.backend.clear_session()
-        stage.main(cfg)
-    reports = run_dir / "reports"
-    cv = json.loads((reports / "cv" / "metrics.json").read_text())
-    test = json.loads((reports / "metrics.json").read_text())["test"]
-    ext = json.loads((reports / "external" / "metrics.json").read_text())
-    return {
-        "remedy": name,
-        "direction": direction,
-        "cv_auc": cv["cv_auc_mean"],
-        "test_auc": test["auc"],
-        "external": ext["external"],
-        "n_external": ext["n_external_images"],
-        "same_source": ext["probes"]["same_source_other_finding"].get("share_labelled_covid"),
-        "minutes": (time.perf_counter() - start) / 60,
-    }
+    cfg = compose(overrides + prepare_store(overrides, out) + [f"cv.folds={folds}"])
+    s = settings.loco_settings(cfg)
+    result = loco.run(s.train.curated, s.train.splits, s.recipe, s.spec, s.seed)
+    return {"recipe": name, "groups": result["groups"], **result["summary"], "minutes": result["seconds"] / 60}
 
 
 def fmt(v) -> str:
@@ -129,43 +78,48 @@ def fmt(v) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| remedy | direction | CV AUC | test AUC | external AUC [95% CI] | ext. sens | ext. spec | "
-        "same-source other findings called covid | min |",
+        "| recipe | held out | AUC [95% CI] | shortcut baseline | margin | spec. transferred | spec. calibrated "
+        "(K) | LOCO mean / worst AUC | min |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        e = r["external"]
-        lines.append(
-            f"| {r['remedy']} | {r['direction']} | {fmt(r['cv_auc'])} | {fmt(r['test_auc'])} | "
-            f"{fmt(e.get('auc'))} [{fmt(e.get('auc_ci_low'))}, {fmt(e.get('auc_ci_high'))}] | "
-            f"{fmt(e.get('sensitivity'))} | {fmt(e.get('specificity'))} | {fmt(r['same_source'])} | "
-            f"{r['minutes']:.1f} |"
-        )
+        for i, (group, g) in enumerate(r["groups"].items()):
+            cal = g.get("calibrated") or {}
+            calibrated = (
+                "n/a" if not cal else f"{fmt(cal['specificity_mean'])} ± {fmt(cal['specificity_sd'])} ({cal['k']})"
+            )
+            auc = f"{fmt(g.get('auc'))} [{fmt(g.get('auc_ci_low'))}, {fmt(g.get('auc_ci_high'))}]"
+            first = i == 0
+            lines.append(
+                f"| {r['recipe'] if first else ''} | {group} | {auc if g.get('auc') is not None else g.get('note')} | "
+                f"{fmt(g.get('shortcut_auc'))} | {fmt(g.get('margin'))} | {fmt(g.get('specificity'))} | {calibrated} | "
+                + (
+                    f"{fmt(r['loco_auc_mean'])} / {fmt(r['loco_auc_worst'])} | {r['minutes']:.1f} |"
+                    if first
+                    else " | |"
+                )
+            )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="*", choices=sorted(REMEDIES), help="remedies to run (default: all)")
-    parser.add_argument("--direction", choices=("forward", "reverse", "both"), default="both")
-    parser.add_argument("--folds", type=int, default=5, help="CV folds of the 5 split folds to run (2 = quicker)")
+    parser.add_argument("--only", nargs="*", choices=sorted(REMEDIES), help="recipes to run (default: all)")
+    parser.add_argument("--folds", type=int, default=5, help="CV folds of the 5 split folds per group (2 = quicker)")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "remedies")
-    parser.add_argument("--tiny", action="store_true", help="default remedy, forward, smoke experiment, 2 folds")
-    parser.add_argument("overrides", nargs="*", help="config overrides added to every run")
+    parser.add_argument("--tiny", action="store_true", help="the default recipe, smoke experiment, 2 folds")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every recipe, e.g. paths.curated=DIR")
     args = parser.parse_args(argv)
-    extra = list(args.overrides)
     if args.tiny:
-        args.only, args.direction, args.folds = ["default"], "forward", 2
-        extra = ["experiment=smoke", "evaluate.bootstrap=20", "evaluate.gradcam_per_group=1", *extra]
+        args.only, args.folds = ["default"], 2
+        small = ["evaluate.bootstrap=20", "loco.calibration.k=6", "loco.calibration.draws=3"]
+        args.overrides = ["experiment=smoke", *small, *args.overrides]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.only or list(REMEDIES):
-        for direction, overrides in zip(("forward", "reverse"), REMEDIES[name]):
-            if args.direction not in ("both", direction):
-                continue
-            rows.append(run_one(name, direction, overrides, args.out, args.folds, extra))
-            (args.out / "results.json").write_text(json.dumps(rows, indent=2))
-            print(table(rows), file=sys.stderr)
+        rows.append(run_one(name, REMEDIES[name] + args.overrides, args.out, args.folds))
+        (args.out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
+        print(table(rows), file=sys.stderr)
     print(table(rows))
     return 0
 

@@ -74,4 +74,4 @@ def test_remedies_runs_tiny(tiny_data, tmp_path):
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| default | forward |" in done.stdout
+    assert "| default | radiography |" in done.stdout and "| ieee8023+kermany |" in done.stdout

@@ -92,7 +92,7 @@ ROLES = [
 
 def test_added_collections_are_curated_trained_on_and_held_out(project):
     """The README's example end to end: two collections added without touching src/."""
-    from covidxray.stages import external, split, train
+    from covidxray.stages import loco, split, train
 
     cfg = make_cfg(
         [
@@ -123,12 +123,18 @@ def test_added_collections_are_curated_trained_on_and_held_out(project):
 
     split.main(cfg)
     train.main(cfg)
-    external.main(cfg)  # the internal test report (evaluate) is optional to it
+    loco.main(cfg)  # the internal test report (evaluate) is optional to it
     oof = pd.read_csv(project / "reports" / "cv" / "oof.csv")
     assert oof["image_id"].str.startswith("hospital_a-").all()
-    m = json.loads((project / "reports" / "external" / "metrics.json").read_text())
-    assert set(m["per_source"]["external"]) == {"covid/hospital_b", "normal/hospital_b"}
-    assert m["n_external_images"] == 14  # less the near-duplicate of a training image
+    details = json.loads((project / "reports" / "loco" / "details.json").read_text())
+    assert list(details["groups"]) == ["hospital_b"]  # held out by leave-one-collection-out, trained on hospital_a
+    held = details["groups"]["hospital_b"]
+    assert set(held["per_collection"]) == {"covid/hospital_b", "normal/hospital_b"}
+    # every hospital_b image, less a near-duplicate of an image it was trained on (the cv partition)
+    assert held["n_images"] + held["dropped_shared_with_training"] == 15
+    roles = pd.read_csv(project / "reports" / "loco" / "predictions.csv")
+    trained, measured = roles[roles.role == "train"], roles[roles.role == "held_out"]
+    assert len(measured) == held["n_images"] and not set(trained.dup_group) & set(measured.dup_group)
     card = (project / "reports" / "model_card.md").read_text()
     assert "| hospital_b | 15 | Hospital B, 2026 | research use |" in card  # citation and license
 

@@ -58,16 +58,15 @@ def _hydra_cfg(overrides):
 
 def test_optuna_search_composes_with_its_sweeper():
     from covidxray.settings import train_settings
-    from covidxray.evaluation.metrics import training_metric_names as metric_names
 
     cfg = _hydra_cfg(["hparams_search=optuna"])
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper")
     assert sweeper.direction == "maximize"
     assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
-    assert {"optimizer.lr", "model", "augment"} <= set(sweeper.params)
+    assert {"optimizer.lr", "augment", "data.crop_border"} <= set(sweeper.params)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
-    assert cfg.optimized_metric in metric_names()
+    assert cfg.optimized_metric == "loco_auc_mean"  # model selection on leave-one-collection-out (checked below)
     for key, spec in sweeper.params.items():  # every value the search can pick is a valid config
         if key in ("model", "augment"):
             for option in spec.removeprefix("choice(").removesuffix(")").split(","):
@@ -243,8 +242,10 @@ STAGE_BAD = [
     ("evaluate", ["evaluate.bootstrap=0"], "evaluate.bootstrap"),
     ("evaluate", ["evaluate.calibration_bins=0"], "evaluate.calibration_bins"),
     ("evaluate", ["evaluate.gradcam_per_group=-1"], "evaluate.gradcam_per_group"),
-    ("external", ["evaluate.ci=0"], "evaluate.ci"),
-    ("external", ["mlflow.experiment=null"], "mlflow.experiment"),
+    ("loco", ["evaluate.ci=0"], "evaluate.ci"),
+    ("loco", ["mlflow.experiment=null"], "mlflow.experiment"),
+    ("loco", ["loco.calibration.k=1"], "loco.calibration.k"),
+    ("loco", ["loco.calibration.method=f1"], "loco.calibration.method"),
 ]
 
 

@@ -48,13 +48,14 @@ def _write_outputs(root: Path, cv_auc: float) -> None:
     probs = np.clip(np.c_[1 - y * 0.6, y * 0.6] + rng.uniform(0, 0.4, (40, 1)), 0, 1)
     probs /= probs.sum(axis=1, keepdims=True)
     frame = pd.DataFrame({"image_id": [f"i{i}" for i in range(40)]})
-    for folder in (plots, root / "reports" / "external" / "plots"):  # evaluate's and external's
-        folder.mkdir(parents=True, exist_ok=True)
-        figures.write_plots(folder, frame, y, probs, (probs[:, 1] >= 0.5).astype(int), ["normal", "covid"], 5)
-    (root / "reports" / "external" / "metrics.json").write_text(json.dumps({"external": {"auc": 0.6}}))
-    (root / "reports" / "external" / "headline.json").write_text(
-        json.dumps(headline(2369, 0.6, **shown, probe_covid=0.8313))
-    )
+    plots.mkdir(parents=True, exist_ok=True)
+    figures.write_plots(plots, frame, y, probs, (probs[:, 1] >= 0.5).astype(int), ["normal", "covid"], 5)
+    loco = root / "reports" / "loco"
+    (loco / "plots").mkdir(parents=True, exist_ok=True)
+    roc = pd.DataFrame({"group": ["radiography"] * 3 + ["ieee8023+kermany"] * 3, "fpr": [0, 0.5, 1] * 2})
+    roc.assign(tpr=[0, 0.8, 1, 0, 0.6, 1]).to_csv(loco / "plots" / "roc.csv", index=False)
+    (loco / "metrics.json").write_text(json.dumps({"loco_auc_mean": 0.6, "loco_auc_worst": 0.5}))
+    (loco / "headline.json").write_text(json.dumps(headline(3023, 0.6, auc_worst=0.5, spec_cal=0.3148)))
 
 
 def _dvc_json(args: list[str], cwd: Path):
@@ -71,9 +72,9 @@ def test_metrics_are_committed_so_a_fresh_clone_diffs_them(repo_copy, tmp_path):
     assert taken == [
         "reports/cv/headline.json",
         "reports/cv/metrics.json",
-        "reports/external/headline.json",
-        "reports/external/metrics.json",
         "reports/headline.json",
+        "reports/loco/headline.json",
+        "reports/loco/metrics.json",
         "reports/metrics.json",
     ]
     _sh([*GIT, "add", "-A"], repo_copy)
@@ -82,10 +83,10 @@ def test_metrics_are_committed_so_a_fresh_clone_diffs_them(repo_copy, tmp_path):
     clone = tmp_path / "clone"
     _sh(["git", "clone", "-q", str(repo_copy), str(clone)], tmp_path)
     shown = _dvc_json(["metrics", "show"], clone)[""]["data"]  # "": the workspace
-    assert sorted(shown) == ["reports/cv/headline.json", "reports/external/headline.json", "reports/headline.json"]
+    assert sorted(shown) == ["reports/cv/headline.json", "reports/headline.json", "reports/loco/headline.json"]
     assert shown["reports/cv/headline.json"]["data"]["auc"] == 0.81
     assert shown["reports/headline.json"]["data"]["auc"] == 0.75
-    assert shown["reports/external/headline.json"]["data"]["auc"] == 0.6
+    assert shown["reports/loco/headline.json"]["data"]["auc"] == 0.6
     # one row per stage, a few shared columns: the table fits a 120-column terminal
     table = subprocess.run([str(BIN / "dvc"), "metrics", "show"], cwd=clone, capture_output=True, text=True).stdout
     assert len(table.splitlines()) == 4 and max(map(len, table.splitlines())) <= 120, table
@@ -112,3 +113,6 @@ def test_plots_are_drawn_unsmoothed_and_history_by_fold(repo_copy):  # noqa: F81
     assert (history["encoding"]["x"]["field"], history["encoding"]["y"]["field"]) == ("epoch", "val_auc")
     assert {p["fold"] for p in history["data"]["values"]} == {"0", "1", "final"}
     assert "isValid(datum['val_auc'])" in history["transform"][0]["filter"]  # the final model: no val curve
+    loco = specs["reports/loco/plots/roc.csv"]  # one ROC curve per held-out group
+    assert loco["encoding"]["color"]["field"] == "group"
+    assert {p["group"] for p in loco["data"]["values"]} == {"radiography", "ieee8023+kermany"}

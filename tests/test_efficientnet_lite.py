@@ -251,7 +251,7 @@ def test_fine_tunes_the_top_layers_only(tiny_data, converted):
     from covidxray.modeling import models
     from covidxray.settings import train_settings
     from covidxray.modeling.fitting import Trainer
-    from covidxray.stages.train import load_cv_data
+    from covidxray.modeling.training import load_cv_data
 
     s = train_settings(
         make_cfg(

@@ -69,8 +69,8 @@ def test_smoke_training_end_to_end(trained):
     splits = pd.read_csv(cfg.paths.splits, dtype={"image_id": str})
     oof = pd.read_csv(cv_dir / "oof.csv", dtype={"image_id": str, "patient_id": str})
     assert list(oof.columns) == ["image_id", "patient_id", "label", "y", "fold", "p_normal", "p_covid"]
-    training = ~splits["image_id"].str.startswith("radiography-")  # the default external collection
-    assert sorted(oof["image_id"]) == sorted(splits.loc[(splits["partition"] == "cv") & training, "image_id"])
+    # the default trains on every collection: the cv partition of all of them
+    assert sorted(oof["image_id"]) == sorted(splits.loc[splits["partition"] == "cv", "image_id"])
     assert np.allclose(oof[["p_normal", "p_covid"]].sum(axis=1), 1.0, atol=1e-5)
     from covidxray.modeling.models import RUN_KEYS, read_meta
 
@@ -212,7 +212,7 @@ def test_hydra_multirun_makes_one_parent_run_per_job(tiny_data, tmp_path):
 def test_final_model_trains_the_cv_median_best_epoch():
     """With early stopping, the final model (no validation fold to stop on) trains the median of
     the folds' best epochs, rounded up and at least 1, per phase; without, the configured epochs."""
-    from covidxray.stages.train import final_epochs
+    from covidxray.modeling.training import final_epochs
 
     folds = pd.DataFrame({"best_epoch": [3.0, 7.0, 4.0]})
     assert final_epochs([25, 0], folds, early_stopping=True) == [4, 0]
@@ -227,7 +227,7 @@ def test_frozen_feature_cache_gives_the_same_model(tiny_data):
     """Training the head on cached backbone features == training the full model on images."""
     from covidxray.settings import train_settings
     from covidxray.modeling.fitting import Trainer
-    from covidxray.stages.train import load_cv_data
+    from covidxray.modeling.training import load_cv_data
 
     s = train_settings(
         make_cfg(
@@ -304,7 +304,7 @@ def test_learning_rate_schedules():
 def test_mirrored_strategy_runs_as_one_replica_on_cpu(tiny_data, tmp_path):
     from covidxray.settings import train_settings
     from covidxray.modeling.fitting import Trainer
-    from covidxray.stages.train import load_cv_data
+    from covidxray.modeling.training import load_cv_data
 
     s = train_settings(
         make_cfg(
@@ -356,6 +356,8 @@ def test_three_classes_covid_last(tmp_path):
         [
             "experiment=smoke",
             "data=three_class",
+            "data.sources.train.covid=[ieee8023]",  # the synthetic store has no radiography images
+            "data.sources.train.normal=[kermany]",
             "cv.final_model=false",
             f"paths.curated={tmp_path / 'curated'}",
             f"paths.splits={tmp_path / 'splits.csv'}",

@@ -1,10 +1,10 @@
 """The `covidxray` command: one subcommand per pipeline stage, plus tools.
 
-Stages (STAGES: pretrained, fetch, curate, split, train, evaluate, external; one module each in
+Stages (STAGES: pretrained, fetch, curate, split, train, evaluate, loco; one module each in
 covidxray/stages/, as in dvc.yaml) are Hydra apps composed from conf/, so they take overrides and
 `-m` sweeps: `covidxray train -m model=vgg16,mobilenetv2 optimizer.lr=1e-3,1e-4`. DVC runs them as
 `covidxray STAGE --params params.yaml`, reading the composed parameters instead. Tools (TOOLS:
-predict, validate, manifest in covidxray/tools/, and params) take ordinary options; see
+predict, validate, calibrate, manifest in covidxray/tools/, and params) take ordinary options; see
 `covidxray TOOL --help`.
 """
 
@@ -26,10 +26,11 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from covidxray import CovidXrayError  # noqa: E402
 
-STAGES = ("pretrained", "fetch", "curate", "split", "train", "evaluate", "external")
+STAGES = ("pretrained", "fetch", "curate", "split", "train", "evaluate", "loco")
 TOOLS = {
     "predict": "covidxray.tools.predict:predict_cli",
     "validate": "covidxray.tools.validate:validate_cli",
+    "calibrate": "covidxray.tools.calibrate:calibrate_cli",
     "manifest": "covidxray.tools.manifest:manifest_cli",
     "promote": "covidxray.tools.promote:promote_cli",
     "params": "covidxray.cli:params_cli",

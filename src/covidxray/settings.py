@@ -2,7 +2,7 @@
 
 No TensorFlow is imported here, so a bad value is reported in a second or two, before any model
 code loads. One function per stage (`pretrained_settings`, `fetch_settings`, `split_settings`,
-`train_settings`, `evaluate_settings` for evaluate and external) and one for `covidxray validate`
+`train_settings`, `evaluate_settings` for evaluate) and one for `covidxray validate`
 checks each key it reads; library functions take these values, never the whole config. Errors
 are one line naming the key, what is allowed, and what was given.
 """
@@ -18,6 +18,7 @@ from covidxray import CovidXrayError
 from covidxray.data import collections, sources
 from covidxray.data.images import INPUT_KEYS, input_spec
 from covidxray.evaluation.assess import AssessOptions
+from covidxray.modeling import heldout
 from covidxray.evaluation.metrics import THRESHOLD_METHODS, training_metric_names
 from covidxray.infra.config import choice, fail, flag, integer, number, text, value
 from covidxray.modeling import backbones
@@ -252,8 +253,8 @@ def train_settings(cfg) -> TrainSettings:
     if register not in (None, "auto", True, False):
         fail("mlflow.register", "auto (only the pipeline, run with --params, registers), true or false", register)
     wanted = value(cfg, "optimized_metric")
-    if wanted is not None and wanted not in training_metric_names():
-        fail("optimized_metric", f"one of {', '.join(training_metric_names())}", wanted)
+    if wanted is not None and wanted not in training_metric_names() + heldout.metric_names():
+        fail("optimized_metric", f"one of {', '.join(training_metric_names() + heldout.metric_names())}", wanted)
     paths = {key: Path(text(cfg, f"paths.{key}")) for key in ("curated", "splits", "models", "reports")}
     return TrainSettings(
         fit=fit,
@@ -365,7 +366,7 @@ def assess_options(cfg) -> AssessOptions:
 @dataclass(frozen=True)
 class Reporting:
     """How an assessed set is measured and where it goes: the `evaluate` group, the reports folder
-    and the MLflow store and experiment (shared by evaluate, external and validate)."""
+    and the MLflow store and experiment (shared by evaluate and validate)."""
 
     assess: AssessOptions
     reports: Path
@@ -384,7 +385,7 @@ def reporting(cfg) -> Reporting:
 
 @dataclass(frozen=True)
 class EvaluateSettings:
-    """What the evaluate and external stages read."""
+    """What the evaluate stage reads."""
 
     out: Reporting
     sources: dict | None  # data.sources as roles; None: the model's own
@@ -410,3 +411,62 @@ def validate_settings(cfg) -> Reporting:
     """What `covidxray validate` reads from the configuration (its options override evaluate.bootstrap
     and seed before the check)."""
     return reporting(cfg)
+
+
+# -- leave-one-collection-out (the loco stage, and train when optimized_metric is a loco_ figure) --
+
+
+@dataclass(frozen=True)
+class LocoSettings:
+    """Everything the loco stage reads, checked: the recipe it repeats per held-out group (the
+    train settings) and how the groups are chosen and measured."""
+
+    train: TrainSettings
+    recipe: heldout.Recipe
+    spec: heldout.LocoSpec
+    seed: int
+    out: Reporting  # the MLflow store and experiment the figures are logged to
+
+
+def loco_spec(cfg, roles: dict, classes) -> heldout.LocoSpec:
+    """The checked `loco` group (groups against `data.sources`) and evaluate's bootstrap."""
+    from omegaconf import OmegaConf
+
+    found = value(cfg, "loco.groups")
+    found = OmegaConf.to_container(found) if OmegaConf.is_config(found) else found
+    groups = (
+        heldout.default_groups(roles, classes)
+        if found in (None, "auto")
+        else heldout.check_groups(found, roles, classes)
+    )
+    if not groups:
+        fail("loco.groups", "auto with a collection that can be held out, or a list of groups of collections", found)
+    return heldout.LocoSpec(
+        groups=groups,
+        provides=heldout.collections_of(roles),
+        calibration_k=integer(cfg, "loco.calibration.k", 2, "an integer >= 2 (labelled images, half of each class)"),
+        calibration_draws=integer(cfg, "loco.calibration.draws", 1),
+        calibration_method=choice(cfg, "loco.calibration.method", THRESHOLD_METHODS),
+        calibration_target=number(
+            cfg, "loco.calibration.target_sensitivity", 0.0, 1.0, True, False, "a number in (0, 1]"
+        ),
+        n_resamples=assess_options(cfg).n_resamples,
+        ci=assess_options(cfg).ci,
+    )
+
+
+def loco_settings(cfg) -> LocoSettings:
+    """Check the train settings and the `loco` group before anything is read or trained."""
+    train = train_settings(cfg)
+    spec = loco_spec(cfg, train.roles, TASKS[train.task])
+    recipe = heldout.Recipe(
+        fit=train.fit,
+        inputs=train.inputs,
+        train_roles=train.roles["train"],
+        balance=train.balance,
+        folds=train.cv_folds,
+        threshold=train.threshold,
+        target_sensitivity=train.target_sensitivity,
+        deterministic=train.deterministic,
+    )
+    return LocoSettings(train=train, recipe=recipe, spec=spec, seed=train.fit.seed, out=reporting(cfg))

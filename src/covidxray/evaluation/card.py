@@ -1,9 +1,11 @@
-"""The model card (reports/model_card.md): what a model does on collections it never saw, first.
+"""The model card (reports/model_card.md): how the recipe does at a site it never saw, first.
 
-It opens with one table, internal cross-validation, internal test and external set side by side
-with the gap, then the figures per source (sensitivity per covid collection, specificity per
-other collection) and the shortcut probes, and points to the detailed internal test report
-(reports/report.md) and external report (reports/external/report.md).
+It opens with the leave-one-collection-out (LOCO) table: per held-out group, AUC beside the
+shortcut baseline of the same images and the margin, sensitivity and specificity at the
+transferred threshold and at a threshold calibrated on K labelled images of the site; then the
+mean and the worst group. Internal figures (CV, internal test, per collection) follow, then the
+shortcut probes of the final model. The LOCO report (reports/loco/report.md) is the same table
+with the details.
 """
 
 from __future__ import annotations
@@ -19,16 +21,11 @@ def _cell(figures: dict, key: str) -> str:
     return fmt(value) if lo is None or hi is None else f"{fmt(value)} [{fmt(lo)}, {fmt(hi)}]"
 
 
-def _gap(external: dict, test: dict, key: str) -> str:
-    a, b = external.get(key), test.get(key)
-    return "n/a" if a is None or b is None else f"{a - b:+.3f}"
-
-
-def comparison_table(cv: dict | None, test: dict | None, external: dict, ci: float) -> list[str]:
-    """Markdown: internal CV (mean ± sd over folds; out-of-fold sensitivity/specificity), internal
-    test and external figures with intervals, and external minus internal test."""
+def internal_table(cv: dict | None, test: dict | None) -> list[str]:
+    """Markdown: internal CV (mean ± sd over folds; out-of-fold sensitivity/specificity) and the
+    internal test (held-out patients of the training collections) with intervals."""
     cv, test = cv or {}, test or {}
-    t, e = test.get("test", {}), external.get("external", {})
+    t = test.get("test", {})
     lines = ["| set | images | ROC AUC | sensitivity | specificity |", "|---|---:|---|---|---|"]
     if cv:
         auc = f"{fmt(cv.get('cv_auc_mean'))} ± {fmt(cv.get('cv_auc_std'))}"
@@ -40,18 +37,6 @@ def comparison_table(cv: dict | None, test: dict | None, external: dict, ci: flo
         lines.append(
             f"| internal test | {test.get('n_test_images')} | " + " | ".join(_cell(t, k) for k in HEADLINE) + " |"
         )
-    lines.append(
-        f"| **external** | {external.get('n_external_images')} | "
-        + " | ".join(f"**{_cell(e, k)}**" for k in HEADLINE)
-        + " |"
-    )
-    if t:
-        lines.append("| gap (external - internal test) | | " + " | ".join(_gap(e, t, k) for k in HEADLINE) + " |")
-    lines += [
-        "",
-        f"Intervals: {ci:.0%} patient-bootstrap. Sensitivity and specificity at the saved threshold "
-        f"{fmt(external.get('threshold'))}, chosen on the out-of-fold CV predictions.",
-    ]
     return lines
 
 
@@ -123,50 +108,141 @@ def data_lines(facts: dict, names) -> list[str]:
     return lines + [""]
 
 
+def _pm(mean, sd) -> str:
+    return "n/a" if mean is None else f"{mean:.3f} ± {sd:.3f}"
+
+
+def loco_table(result: dict, k: int) -> list[str]:
+    """Markdown: one row per held-out group, then mean and worst."""
+    lines = [
+        "| held out | trained on | images | ROC AUC [CI] | shortcut baseline | margin | sensitivity / specificity "
+        f"at the transferred threshold | sensitivity / specificity calibrated on {k} site images |",
+        "|---|---|---:|---|---|---|---|---|",
+    ]
+    for name, g in result["groups"].items():
+        cal = g.get("calibrated") or {}
+        calibrated = (
+            f"{_pm(cal.get('sensitivity_mean'), cal.get('sensitivity_sd'))} / "
+            f"{_pm(cal.get('specificity_mean'), cal.get('specificity_sd'))}"
+            if cal
+            else "n/a"
+        )
+        auc = _cell(g, "auc") if g.get("auc") is not None else f"n/a ({g.get('note', 'one class')})"
+        margin = "n/a" if g.get("margin") is None else f"{g['margin']:+.3f}"
+        lines.append(
+            f"| {name} | {g['trained_on'].removeprefix('train ')} | {g['n_images']} | {auc} | "
+            f"{fmt(g.get('shortcut_auc'))} | {margin} | {fmt(g.get('sensitivity'))} / {fmt(g.get('specificity'))} "
+            f"| {calibrated} |"
+        )
+    s = result["summary"]
+    for what in ("mean", "worst"):
+        lines.append(
+            f"| **{what}** | | | **{fmt(s.get(f'loco_auc_{what}'))}** | | {fmt(s.get(f'loco_margin_{what}'))} | "
+            f"– / {fmt(s.get(f'loco_specificity_{what}'))} | {fmt(s.get(f'loco_calibrated_sensitivity_{what}'))} / "
+            f"{fmt(s.get(f'loco_calibrated_specificity_{what}'))} |"
+        )
+    return lines
+
+
+def loco_notes(result: dict, k: int, ci: float) -> list[str]:
+    """What the LOCO table's columns mean."""
+    cal = next((g["calibrated"] for g in result["groups"].values() if g.get("calibrated")), None)
+    how = (
+        "Youden's J"
+        if cal is None or cal["method"] == "youden"
+        else f"the highest threshold reaching sensitivity {cal['target_sensitivity']:g}"
+    )
+    draws = cal["draws"] if cal else "n/a"
+    return [
+        "",
+        "Each row: the recipe trained on the other collections (cross-validated threshold and epochs, as the "
+        "train stage does) and measured on every image of the held-out collections, less those sharing a patient "
+        "or a near-duplicate group with a training image. Shortcut baseline: the better of the geometry/format "
+        "and pixel-statistics AUCs on the same images (a cross-validated decision tree on features unrelated to "
+        f"disease); margin = AUC minus baseline. Intervals: {ci:.0%} patient bootstrap. Transferred threshold: "
+        f"chosen on the training collections' out-of-fold predictions. Calibrated: {k} labelled images of the "
+        f"held-out site ({k // 2} per class) set the threshold by {how}, measured on the site's other images, "
+        f"mean ± sd over {draws} draws (`covidxray calibrate` does this for a hospital). A one-class group has no "
+        "AUC: it reports its sensitivity or specificity only.",
+    ]
+
+
+def held_out_per_collection(result: dict) -> dict:
+    """{"held out <group>": its figures per (class, collection)} for per_source_table."""
+    return {f"held out {n}": g.get("per_collection", {}) for n, g in result["groups"].items()}
+
+
+def loco_report(result: dict, k: int, ci: float) -> str:
+    """reports/loco/report.md: the LOCO table, its notes and the figures per collection."""
+    lines = [
+        "# Leave-one-collection-out",
+        "",
+        *loco_table(result, k),
+        *loco_notes(result, k, ci),
+        "",
+        "## Per collection, at the transferred threshold",
+        "",
+        *per_source_table(held_out_per_collection(result)),
+        "",
+        f"LOCO took {result['seconds']:.0f}s (backbone features: {result.get('feature_cache_s', 0):.0f}s).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def model_card(
     meta: dict,
     roles_line: str,
+    loco: dict,
     cv: dict | None,
     test: dict | None,
-    external: dict,
-    per_source: dict,
+    internal: dict,
     probes: dict,
-    dropped: int,
+    k: int,
     ci: float,
     data: list[str] = (),
 ) -> str:
-    """reports/model_card.md: the comparison first, then per-source figures, probes and limits."""
+    """reports/model_card.md: LOCO first, then internal figures, per collection, probes and limits."""
     lines = [
         "# COVID-19 chest X-ray classifier: model card",
         "",
         "**A research tool, not a diagnostic device.** Do not use it for clinical decisions.",
         "",
         f"Model `{meta.get('model', 'n/a')}`, {meta['image_size']} px, classes {', '.join(meta['classes'])}; "
-        f"collections: {roles_line}.",
+        f"collections: {roles_line}; threshold {fmt(meta.get('threshold'))} ({meta.get('threshold_method')}"
+        + (", site-calibrated" if meta.get("site_calibration") else "")
+        + ").",
         "",
-        "## Internal vs external: the headline",
+        "## At a site it never saw: leave-one-collection-out",
         "",
-        "The external set is collections the model never saw in training; only its figures say something "
-        "about other hospitals. Internal figures come from held-out patients of the training collections and "
-        "include whatever tells those collections apart.",
+        "Only these figures say something about other hospitals. Each held-out collection plays a hospital the "
+        "recipe never saw; the model shipped is the same recipe trained on every collection.",
         "",
-        *comparison_table(cv, test, external, ci),
+        *loco_table(loco, k),
+        *loco_notes(loco, k, ci),
         "",
-        f"External images that near-duplicate a training image were dropped: {dropped}.",
+        "A threshold chosen at one site does not carry to another: set it on a few labelled local images with "
+        "`covidxray calibrate SET --model models/model.keras --out DIR`.",
         "",
-        "## Per source",
+        "## Internal figures (held-out patients of the training collections)",
         "",
-        *per_source_table(per_source),
+        "They include whatever tells the training collections apart, and say little about other sites.",
         "",
-        "## Shortcut probes",
+        *internal_table(cv, test),
+        "",
+        "## Per collection",
+        "",
+        *per_source_table({"internal test": internal, **held_out_per_collection(loco)}),
+        "",
+        "## Shortcut probes of the final model",
         "",
         *probe_lines(probes),
         *data,
         "## Details",
         "",
+        "- leave-one-collection-out: [loco/report.md](loco/report.md), loco/details.json",
         "- internal test report: [report.md](report.md) (metrics with intervals, ROC, PR, calibration, "
         "Grad-CAM, the curation audit's warnings)",
-        "- external report: [external/report.md](external/report.md) (the same figures on the external set)",
         "- curation audit: data/curated/audit.md",
         "",
     ]

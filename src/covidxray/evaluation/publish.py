@@ -1,4 +1,4 @@
-"""The one ending of the evaluate and external stages and of `covidxray validate`: assess a set,
+"""The one ending of the evaluate stage and of `covidxray validate`: assess a set,
 draw its plots and figures, write its report, log it to MLflow and install it, all or nothing.
 
     publish(...)  =  assess -> plots/ + figures/ -> report.md + metrics.json -> MLflow -> install

@@ -4,7 +4,7 @@ Writes into reports/ (paths.reports) only its own outputs: metrics.json (DVC met
 plots/*.csv (DVC plots), figures/*.png and report.md; reports/cv/ belongs to the train stage.
 Everything is built in a temporary folder and moved into place at the end, so a failure leaves
 the previous reports untouched. Measuring, figures, logging and installing are evaluation.publish,
-shared with the external stage and `covidxray validate`, so every set gets exactly the same figures.
+shared with `covidxray validate`, so every set gets exactly the same figures.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ installed together (fileset): a reader sees all old files or all new ones, also 
   reports/cv/oof.csv       image_id, patient_id, label, y, fold, p_<class>...
   reports/cv/folds.csv     per fold: auc, accuracy, sensitivity, specificity, loss, best_epoch, ...
   reports/cv/metrics.json  cv_<metric>_mean/_std over folds, oof_<metric> at the threshold, threshold
-  reports/cv/headline.json the few figures `dvc metrics show` lists (keys shared with the test and external ones)
+  reports/cv/headline.json the few figures `dvc metrics show` lists (keys shared with the test and LOCO ones)
   reports/cv/history.csv   fold, epoch, loss, val_loss, accuracy, val_accuracy, auc, val_auc, phase
 
 MLflow: one parent run (resolved config as params, aggregate metrics, code/data/run tags, the
@@ -26,13 +26,14 @@ pipeline runs the stage (`--params`: dvc repro, dvc exp run), or from anywhere w
 mlflow.register=true; only the committed default pipeline moves the alias `champion`
 (serving.registry). After the install, the run is tagged with the md5 (as DVC computes it) of
 every file it read and wrote (`dvc.md5:<path>`).
-`main` returns the value of `optimized_metric` (default cv_auc_mean) for Hydra sweepers.
+`main` returns the value of `optimized_metric` (default cv_auc_mean) for Hydra sweepers; a
+`loco_*` figure (e.g. loco_auc_mean) runs leave-one-collection-out after the CV (evaluation/loco.py)
+and returns its estimate: model selection on how the recipe does at collections it never saw.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,13 +42,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidxray import CovidXrayError
 from covidxray import settings
 from covidxray.infra import config, fileset, tracking
 from covidxray.serving import registry
 from covidxray.settings import TrainSettings
 from covidxray.infra.outputs import json_safe
 from covidxray.modeling.fitting import Trainer
+from covidxray.modeling.training import CVData, final_epochs, load_cv_data, make_trainer
 from covidxray.evaluation.metrics import (
     FOLD_METRICS,
     OOF_METRICS,
@@ -70,8 +71,9 @@ def run(cfg) -> dict:
     """Cross-validate, pick the threshold, train and register the final model, write the outputs.
     Returns the metrics (as in metrics.json) plus run ids."""
     s = settings.train_settings(cfg)  # every key checked before anything is read (or TensorFlow loads)
+    by_loco = settings.loco_settings(cfg) if s.optimized_metric.startswith("loco_") else None
     data = load_cv_data(s.curated, s.splits, s.inputs, s.roles, s.balance, s.fit.seed, s.cv_folds, s.task)
-    trainer = make_trainer(s, data)
+    trainer = make_trainer(s.fit, data, s.deterministic)
     models_dir, cv_dir = output_dirs(s.models, s.reports)
     pipeline = config.hydra_output_dir() is None  # run on params.yaml by DVC, not as a Hydra app
     register_as = s.registered_model if (pipeline if s.register is None else s.register) else None
@@ -85,6 +87,8 @@ def run(cfg) -> dict:
         metrics.update(threshold_on_oof(oof, data.classes, s.threshold, s.target_sensitivity))
         metrics.update(cv_seconds=time.perf_counter() - wall, feature_cache_s=trainer.cache_seconds)
         log_cv(metrics, s.threshold)
+        if by_loco is not None:  # model selection on the leave-one-collection-out estimate
+            metrics.update(loco_estimate(by_loco))
         model = None
         if s.final_model:
             epochs = final_epochs(epochs, cv.folds, s.fit.early_stopping)
@@ -138,94 +142,8 @@ def main(cfg) -> float:
     """Stage entry (DVC, Hydra app or sweep): returns cfg.optimized_metric (default cv_auc_mean)
     for Hydra sweepers such as Optuna."""
     result = run(cfg)  # checks the config (optimized_metric included) first
-    return float(result[str(cfg.get("optimized_metric") or settings.DEFAULT_OPTIMIZED_METRIC)])
-
-
-# -- data -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CVData:
-    """The non-test images (uint8 (N, S, S)) with their rows, classes, and fold numbers."""
-
-    images: np.ndarray
-    rows: pd.DataFrame  # image_id, patient_id, label, y, fold
-    classes: list[str]
-    folds: list[int]
-    store_size: int  # the side of the curated images they were made from (what prediction resizes to first)
-
-    @property
-    def y(self) -> np.ndarray:
-        return self.rows["y"].to_numpy().astype(int)
-
-
-def load_cv_data(
-    curated: Path,
-    splits: Path,
-    inputs: dict,
-    roles: dict,
-    balance: str = "none",
-    seed: int = 0,
-    folds: int | None = None,
-    task: str | None = None,
-) -> CVData:
-    """The curated images of the CV partition of the training collections (`roles["train"]`),
-    balanced as asked, joined with their folds (the first `folds`, or all), as model inputs
-    (`inputs`: images.input_spec); the test partition and the external collections are dropped
-    here and never seen by training. With `task`, the curated classes must be that task's."""
-    from covidxray.data import sources
-    from covidxray.data.images import load_curated, load_splits, prepare, with_splits
-
-    images, index, classes = load_curated(curated)
-    if task is not None and list(classes) != list(settings.TASKS[task]):
-        raise CovidXrayError(
-            f"data.task={task} but the curated data in {curated} holds the classes {', '.join(classes)}: "
-            f"re-run curate (`dvc repro curate`) or set data.task to the task it was curated for"
-        )
-    sources.check_present({"train": roles["train"]}, index, curated)
-    joined = with_splits(index[["image_id", "patient_id", "label", "y", "source"]], load_splits(splits), splits)
-    chosen = joined[(joined["partition"] == "cv").to_numpy() & sources.in_role(joined, roles["train"])]
-    keep = sources.balance(chosen, balance, seed).index.to_numpy()
-    rows = joined.iloc[keep].drop(columns=["partition", "source"]).reset_index(drop=True)
-    rows["fold"] = rows["fold"].astype(int)
-    found = sorted(rows["fold"].unique().tolist())
-    if len(found) < 2 or found != list(range(len(found))):
-        raise CovidXrayError(f"{splits}: CV folds must be 0..K-1 with K >= 2, found {found}")
-    if folds is not None:
-        if folds > len(found):
-            config.fail("cv.folds", f"all or an integer in [2, {len(found)}] (the folds in {splits})", folds)
-        found = found[:folds]
-    y = rows["y"].to_numpy()
-    if len(classes) < 2 or y.min() < 0 or y.max() >= len(classes):
-        raise CovidXrayError(f"curated labels y must index the classes {classes}")
-    for k in found:
-        present = set(rows.loc[rows["fold"] == k, "y"])
-        if len(present) < 2:
-            raise CovidXrayError(f"CV fold {k} holds only class {sorted(present)}: cannot validate on it")
-    pixels = prepare(images[keep], inputs["image_size"], inputs["normalize"], inputs["crop_border"])
-    return CVData(pixels, rows, list(classes), found, int(images.shape[1]))
-
-
-def make_trainer(s: TrainSettings, data: CVData) -> Trainer:
-    """The Trainer of these settings, after the checks that need TensorFlow: the ImageNet file
-    (fail now, not after the first fold, when offline), op determinism when asked for."""
-    import tensorflow as tf
-
-    from covidxray.modeling import models
-
-    model = s.fit.model
-    if model.weights == "imagenet":
-        models.build_backbone(model.name, s.fit.image_size, "imagenet", imagenet_file=model.imagenet_file)
-    if s.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    trainer = Trainer(s.fit, data.images, data.y, len(data.classes))
-    print(
-        f"train: {model.name} ({model.weights}, {'frozen' if model.freeze_base else 'trainable'} base), "
-        f"{len(data.images)} CV images at {s.fit.image_size} px, folds {data.folds}, augment "
-        f"{s.fit.augment.name}, feature cache {'on' if trainer.uses_cache else 'off'}, "
-        f"{trainer.strategy.num_replicas_in_sync} replica(s)"
-    )
-    return trainer
+    found = result[str(cfg.get("optimized_metric") or settings.DEFAULT_OPTIMIZED_METRIC)]
+    return float("nan") if found is None else float(found)  # None: no held-out group has the figure
 
 
 # -- cross-validation -----------------------------------------------------------------------------
@@ -325,19 +243,18 @@ def log_cv(metrics: dict, method: str) -> None:
     )
 
 
+def loco_estimate(ls: settings.LocoSettings) -> dict:
+    """The recipe's leave-one-collection-out headline (loco_* figures), logged on the active run."""
+    import mlflow
+
+    from covidxray.evaluation import loco
+
+    found = loco.headline(loco.run(ls.train.curated, ls.train.splits, ls.recipe, ls.spec, ls.seed))
+    mlflow.log_metrics(finite_metrics(found))
+    return found
+
+
 # -- the final model ------------------------------------------------------------------------------
-
-
-def final_epochs(configured: list[int], folds: pd.DataFrame, early_stopping: bool) -> list[int]:
-    """The final model's epochs per phase: with early stopping, the CV's median best epoch
-    (rounded up, at least 1; likewise for fine-tuning), since it has no validation fold to stop
-    on; without, the configured ones."""
-    epochs = list(configured)
-    if early_stopping:
-        epochs[0] = max(1, int(math.ceil(np.median(folds["best_epoch"]))))
-        if "best_epoch_fine_tune" in folds:
-            epochs[1] = max(1, int(math.ceil(np.median(folds["best_epoch_fine_tune"]))))
-    return epochs
 
 
 def fit_final(trainer: Trainer, epochs: list[int], parent_id: str):

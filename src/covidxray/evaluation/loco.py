@@ -1,0 +1,257 @@
+"""Leave-one-collection-out (LOCO): how a training recipe does at a site it never saw.
+
+For each held-out group (a set of collections), the recipe is trained again on the remaining
+training collections (their cv partition, cross-validated for the threshold and the epoch count,
+then one final fit, exactly as the train stage does) and measured on every image of the group,
+less any image sharing a patient or a near-duplicate group (`dup_group`) with a training image.
+This is the leave-one-domain-out protocol of domain generalization (DomainBed, Gulrajani &
+Lopez-Paz 2021): a recipe is judged by the mean and the worst group, and model selection on that
+figure never lets a held-out collection tune its own score.
+
+Each group reports AUC with patient-bootstrap intervals beside the shortcut baseline (the audit's
+geometry/format and pixel-statistics AUCs on the same images; the model's margin is its AUC minus
+the better of the two), sensitivity and specificity at the transferred threshold (chosen on the
+training collections' out-of-fold predictions) and at thresholds calibrated on K labelled images
+of the group (calibration.py), and the figures per collection. A group with one class has no AUC:
+it reports the sensitivity or the specificity only, and says so. Scores are covid vs the rest.
+
+One Trainer holds the images of every group, so a frozen backbone's features are computed once
+for all groups and folds (fitting.Trainer's feature cache).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+
+from covidxray import CovidXrayError
+from covidxray.data import sources
+from covidxray.evaluation import calibration
+from covidxray.evaluation import metrics as M
+from covidxray.modeling.heldout import (
+    HEADLINE,
+    SUMMARY,
+    LocoSpec,
+    Recipe,
+    group_name,
+    held_pairs,
+    metric_key,
+    remaining,
+)
+
+# -- measuring ------------------------------------------------------------------------------------
+
+
+def shortcut_baseline(frame: pd.DataFrame, stored: np.ndarray, seed: int) -> dict:
+    """The shortcut AUCs of a held-out set (geometry/format, pixel statistics: the curation
+    audit's cross-validated decision tree) and the better of the two, `auc` (None for one class)."""
+    from covidxray.evaluation import probes  # imports Keras: not at module level (settings.py imports this)
+
+    aucs = probes.shortcut_aucs(frame, stored, seed)
+    found = [v for v in aucs.values() if v is not None]
+    return {**aucs, "auc": max(found) if found else None}
+
+
+def one_class_figure(positive: np.ndarray, called: np.ndarray, patients, n_resamples: int, ci: float, seed: int):
+    """(name, value, low, high): sensitivity (all covid) or specificity (none), patient-bootstrap interval."""
+    right = called if positive.all() else ~called
+    weights = M.patient_bootstrap_weights(patients, n_resamples, seed)
+    boot = weights @ right.astype(float) / weights.sum(axis=1)
+    alpha = (1.0 - ci) / 2.0
+    lo, hi = np.quantile(boot, [alpha, 1.0 - alpha])
+    return ("sensitivity" if positive.all() else "specificity"), float(right.mean()), float(lo), float(hi)
+
+
+def measure(frame: pd.DataFrame, stored, scores, threshold: float, classes, spec: LocoSpec, seed: int) -> dict:
+    """A held-out group's figures from its covid scores (see the module docstring)."""
+    from covidxray.evaluation import probes
+
+    positive = (frame["label"].astype(str) == classes[-1]).to_numpy()
+    called = scores >= threshold
+    out: dict = {"classes_present": sorted(frame["label"].astype(str).unique().tolist())}
+    predicted = np.where(called, classes[-1], "other")
+    out["per_collection"] = probes.per_source(frame, predicted, classes)
+    if positive.all() or not positive.any():
+        name, value, lo, hi = one_class_figure(positive, called, frame["patient_id"], spec.n_resamples, spec.ci, seed)
+        out.update({name: value, f"{name}_ci_low": lo, f"{name}_ci_high": hi})
+        out["note"] = f"one class only ({out['classes_present'][0]}): {name} only, no AUC and no calibration"
+        return out
+    probs = np.column_stack([1.0 - scores, scores])
+    figs = M.bootstrap_metrics(
+        positive.astype(int), probs, threshold, frame["patient_id"], spec.n_resamples, spec.ci, seed
+    )
+    for key in ("auc", "sensitivity", "specificity", "pr_auc"):
+        out.update({k: figs[k] for k in (key, f"{key}_ci_low", f"{key}_ci_high")})
+    baseline = shortcut_baseline(frame, stored, seed)
+    out["shortcut"] = baseline
+    out["shortcut_auc"] = baseline["auc"]
+    out["margin"] = None if baseline["auc"] is None or out["auc"] is None else out["auc"] - baseline["auc"]
+    drawn = calibration.calibration_draws(
+        positive,
+        scores,
+        frame["patient_id"],
+        spec.calibration_k,
+        spec.calibration_draws,
+        spec.calibration_method,
+        spec.calibration_target,
+        seed,
+    )
+    out["calibrated"] = drawn
+    if drawn is not None:
+        out["calibrated_sensitivity"] = drawn["sensitivity_mean"]
+        out["calibrated_specificity"] = drawn["specificity_mean"]
+    return out
+
+
+def summarise(groups: dict) -> dict:
+    """loco_<figure>_mean and _worst (lowest) over the groups that have the figure."""
+    out = {}
+    for m in SUMMARY:
+        values = [g[m] for g in groups.values() if g.get(m) is not None]
+        out[f"loco_{m}_mean"] = float(np.mean(values)) if values else None
+        out[f"loco_{m}_worst"] = float(np.min(values)) if values else None
+    return out
+
+
+def headline(result: dict) -> dict:
+    """The few figures for DVC metrics and MLflow: the summary, then per group HEADLINE."""
+    out = {k: v for k, v in result["summary"].items()}
+    for name, g in result["groups"].items():
+        for m in HEADLINE:
+            if g.get(m) is not None:
+                out[f"loco_{metric_key(name)}_{m}"] = g[m]
+    return out
+
+
+# -- the recipe, per held-out group ------------------------------------------------------------------
+
+
+def fit_recipe(trainer, idx: np.ndarray, fold_of: np.ndarray, positive: np.ndarray, recipe: Recipe):
+    """The train stage's recipe on rows `idx` of the trainer: CV over their folds for the
+    out-of-fold threshold and the epoch count, then the final model on all of them.
+    Returns (final model, threshold, {"oof_auc", "epochs"})."""
+    import keras
+
+    from covidxray.modeling.training import final_epochs
+
+    folds = sorted(np.unique(fold_of[idx]).tolist())[: recipe.folds or None]
+    epochs = [recipe.fit.epochs, recipe.fit.model.fine_tune.epochs if trainer.fine_tunes else 0]
+    oof_idx, oof_scores, best = [], [], []
+    for k in folds:
+        val, train = idx[fold_of[idx] == k], idx[fold_of[idx] != k]
+        model = trainer.new_model()
+        fitted = trainer.fit(model, train, val, epochs)
+        oof_idx.append(val)
+        oof_scores.append(trainer.predict(model, val)[:, -1])
+        best.append(dict(zip(("best_epoch", "best_epoch_fine_tune"), map(float, fitted.best_epochs))))
+        del model
+        keras.backend.clear_session()
+    oof_idx, oof_scores = np.concatenate(oof_idx), np.concatenate(oof_scores)
+    threshold = M.choose_threshold(positive[oof_idx], oof_scores, recipe.threshold, recipe.target_sensitivity)
+    epochs = final_epochs(epochs, pd.DataFrame(best), recipe.fit.early_stopping)
+    model = trainer.new_model()
+    trainer.fit(model, idx, None, epochs)
+    oof = M.classification_metrics(positive[oof_idx].astype(int), np.column_stack([1 - oof_scores, oof_scores]), 0.5)
+    return model, threshold, {"oof_auc": M._num(oof["auc"][0]), "epochs": epochs[: 1 + trainer.fine_tunes]}
+
+
+def group_rows(rows: pd.DataFrame, group, recipe: Recipe, provides: dict, seed: int):
+    """(training row positions, held-out row positions, held-out images dropped for sharing a
+    patient or dup_group with a training image)."""
+    left = remaining(recipe.train_roles, group)
+    train_mask = (rows["partition"] == "cv").to_numpy() & sources.in_role(rows, left)
+    train = sources.balance(rows[train_mask], recipe.balance, seed)
+    train_idx = rows.index.get_indexer(train.index)
+    held_mask = sources.in_role(rows, held_pairs(group, provides))
+    shared = rows["patient_id"].isin(set(train["patient_id"])) | rows["dup_group"].isin(set(train["dup_group"]))
+    clash = held_mask & shared.to_numpy()
+    return train_idx, np.flatnonzero(held_mask & ~clash), int(clash.sum())
+
+
+def load_rows(curated, splits, provides: dict, classes_wanted=None):
+    """(stored images, rows: index joined with partition and fold, classes) of every
+    (class, collection) pair LOCO can train on or hold out."""
+    from covidxray.data.images import load_curated, load_splits, with_splits
+
+    images, index, classes = load_curated(curated)
+    if classes_wanted is not None and list(classes) != list(classes_wanted):
+        raise CovidXrayError(f"the curated data in {curated} holds the classes {classes}, not {list(classes_wanted)}")
+    pairs = held_pairs(list(provides), provides)
+    sources.check_present({"train": pairs}, index, curated)
+    if "dup_group" not in index.columns:
+        index = index.assign(dup_group=index["image_id"])
+    joined = with_splits(index, load_splits(splits), splits)
+    keep = np.flatnonzero(sources.in_role(joined, pairs))
+    rows = joined.iloc[keep].reset_index(drop=True)
+    rows["fold"] = pd.to_numeric(rows["fold"], errors="coerce").fillna(-1).astype(int)
+    return images[keep], rows, list(classes)
+
+
+def run(curated, splits, recipe: Recipe, spec: LocoSpec, seed: int, classes_wanted=None) -> dict:
+    """LOCO over spec.groups: {"groups": {name: figures}, "summary": mean/worst, "seconds"}."""
+    from covidxray.data.images import prepare
+    from covidxray.modeling.training import CVData, make_trainer
+
+    start = time.perf_counter()
+    stored, rows, classes = load_rows(curated, splits, spec.provides, classes_wanted)
+    pixels = prepare(stored, recipe.inputs["image_size"], recipe.inputs["normalize"], recipe.inputs["crop_border"])
+    data = CVData(pixels, rows, classes, [], int(stored.shape[1]))
+    trainer = make_trainer(recipe.fit, data, recipe.deterministic, log_prefix="loco")
+    trainer.verbose = 0
+    positive = (rows["label"].astype(str) == classes[-1]).to_numpy()
+    fold_of = rows["fold"].to_numpy()
+    groups, predictions = {}, []
+    for group in spec.groups:
+        name, t0 = group_name(group), time.perf_counter()
+        train_idx, held_idx, dropped = group_rows(rows, group, recipe, spec.provides, seed)
+        model, threshold, info = fit_recipe(trainer, train_idx, fold_of, positive, recipe)
+        scores = trainer.predict(model, held_idx)[:, -1].astype(np.float64)
+        frame = rows.iloc[held_idx].reset_index(drop=True)
+        found = measure(frame, stored[held_idx], scores, threshold, classes, spec, seed)
+        trained_on = remaining(recipe.train_roles, group)
+        groups[name] = {
+            "held_out": list(group),
+            "trained_on": sources.describe({"train": trained_on}),
+            "n_train_images": int(len(train_idx)),
+            "n_images": int(len(held_idx)),
+            "n_patients": int(frame["patient_id"].nunique()),
+            "dropped_shared_with_training": dropped,
+            "threshold": float(threshold),
+            **info,
+            **found,
+            "seconds": time.perf_counter() - t0,
+        }
+        predictions.append(role_rows(name, rows, train_idx, held_idx, scores))
+        print(f"loco: held out {name}: {_line(groups[name])} ({groups[name]['seconds']:.0f}s)")
+        import keras
+
+        del model
+        keras.backend.clear_session()
+    return {
+        "groups": groups,
+        "summary": summarise(groups),
+        "seconds": time.perf_counter() - start,
+        "feature_cache_s": trainer.cache_seconds,
+        "predictions": pd.concat(predictions, ignore_index=True),
+    }
+
+
+def role_rows(name: str, rows: pd.DataFrame, train_idx, held_idx, scores) -> pd.DataFrame:
+    """group, image_id, role (train | held_out), label, source, patient_id, dup_group, score (held out)."""
+    cols = ["image_id", "label", "source", "patient_id", "dup_group"]
+    train = rows.iloc[train_idx][cols].assign(role="train", score=float("nan"))
+    held = rows.iloc[held_idx][cols].assign(role="held_out", score=scores)
+    return pd.concat([train, held], ignore_index=True).assign(group=name)[["group", "role", *cols, "score"]]
+
+
+def _line(g: dict) -> str:
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    if g.get("auc") is None:
+        return g.get("note", "")
+    return (
+        f"{g['n_images']} images, AUC {fmt(g['auc'])} (shortcut baseline {fmt(g.get('shortcut_auc'))}), "
+        f"specificity {fmt(g.get('specificity'))} at the transferred threshold, "
+        f"{fmt(g.get('calibrated_specificity'))} calibrated"
+    )

@@ -1,0 +1,153 @@
+"""loco stage: leave-one-collection-out, the shortcut probes, and the model card.
+
+For each held-out group of `loco.groups` (default: every group that can be held out while each
+class keeps a training collection), the recipe of the train stage is trained again on the
+remaining collections and measured on the group (evaluation/loco.py): AUC with patient-bootstrap
+intervals beside the shortcut baseline of the same images, sensitivity and specificity at the
+transferred threshold and at a threshold calibrated on K labelled images of the group, and per
+collection. The mean and worst group are the recipe's estimate at a site it never saw.
+
+The final model (models/model.keras, trained on every training collection) gets the shortcut
+probes (probes.py), and reports/model_card.md leads with the LOCO figures, then the internal ones.
+
+Outputs (installed together at the end; a reader sees all old files or all new ones):
+  reports/loco/headline.json    DVC metrics: n held out, mean and worst AUC, calibrated specificity
+  reports/loco/metrics.json     loco_<figure>_mean/_worst, per group (committed, not a DVC metric)
+  reports/loco/details.json     every figure: intervals, per collection, calibration draws, probes
+  reports/loco/predictions.csv  group, image_id, role (train | held_out), label, source, score
+  reports/loco/plots/roc.csv    group, fpr, tpr (one ROC curve per held-out group)
+  reports/loco/report.md        and reports/model_card.md
+MLflow: the headline as loco_* metrics on the recipe's training run (model.json's mlflow_run_id).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from covidxray import CovidXrayError, settings
+from covidxray.data import images as imgs
+from covidxray.data import sources
+from covidxray.data.collections import load_facts
+from covidxray.evaluation import card, loco, probes
+from covidxray.evaluation.metrics import curves, headline
+from covidxray.evaluation.publish import LogTo, log_to_mlflow
+from covidxray.evaluation.report import fmt
+from covidxray.infra.outputs import json_safe, read_json, replace_dir
+from covidxray.modeling.specs import MODEL_FILE
+from covidxray.serving import registry
+
+OUT_DIR = "loco"
+CARD = "model_card.md"
+
+
+def internal_reports(reports: Path, index: pd.DataFrame, classes: list[str]) -> tuple[dict | None, dict | None, dict]:
+    """(CV metrics with the out-of-fold image count, internal test metrics, internal test figures
+    per collection) from what train and evaluate wrote."""
+    cv = read_json(reports / "cv" / "metrics.json", required=False)
+    test = read_json(reports / "metrics.json", required=False)
+    if cv is not None and (reports / "cv" / "oof.csv").is_file():
+        cv["n_cv_images"] = int(len(pd.read_csv(reports / "cv" / "oof.csv")))
+    per_collection = {}
+    confusion = reports / "plots" / "confusion.csv"
+    if confusion.is_file():
+        rows = pd.read_csv(confusion, dtype={"image_id": str}).merge(
+            index[["image_id", "label", "source"]], on="image_id"
+        )
+        per_collection = probes.per_source(rows, rows["predicted"], classes)
+    return cv, test, per_collection
+
+
+def run_probes(model, meta, stored, index, roles, test_ids, probe, seed: int) -> dict:
+    """The shortcut probes of the final model: the same-source probe, the training set's shortcut
+    AUCs, and whether its features tell the collections apart within a class (internal test)."""
+    train = sources.in_role(index, roles["train"])
+    probe_pixels, probe_frame = probe
+    inputs = imgs.prepare_for(meta, probe_pixels) if len(probe_frame) else probe_pixels
+    same = probes.same_source_probe(model, meta, inputs, probe_frame)
+    aucs = {"training set": probes.shortcut_aucs(index[train], stored[train], seed)}
+    unseen = index["image_id"].isin(set(test_ids)).to_numpy()
+    features = {}  # without evaluate's internal test there are no unseen images to probe
+    if unseen.any():
+        features = probes.feature_collection_aucs(model, imgs.prepare_for(meta, stored[unseen]), index[unseen], seed)
+    return {"same_source_other_finding": same, "shortcut_auc": aucs, "feature_collection_auc": features}
+
+
+def roc_table(predictions: pd.DataFrame, positive: str) -> pd.DataFrame:
+    """group, fpr, tpr: the ROC curve of each held-out group that has both classes."""
+    parts = []
+    for name, rows in predictions[predictions["role"] == "held_out"].groupby("group", sort=False):
+        y = (rows["label"] == positive).to_numpy()
+        if 0 < y.sum() < len(y):
+            roc = curves(y, rows["score"].to_numpy())["roc"]
+            parts.append(roc[["fpr", "tpr"]].assign(group=name))
+    return pd.concat(parts, ignore_index=True)[["group", "fpr", "tpr"]] if parts else pd.DataFrame()
+
+
+def write_outputs(out: Path, result: dict, extra: dict, report_md: str, positive: str) -> dict:
+    """headline.json (DVC metrics: the columns every stage shares), metrics.json (mean, worst and
+    per group), details.json, predictions.csv, plots/roc.csv, report.md."""
+    (out / "plots").mkdir(parents=True)
+    found = json_safe(loco.headline(result))
+    (out / "metrics.json").write_text(json.dumps(found, indent=2, sort_keys=True) + "\n")
+    summary, n = result["summary"], sum(g["n_images"] for g in result["groups"].values())
+    shown = headline(
+        n,
+        summary["loco_auc_mean"],
+        auc_worst=summary["loco_auc_worst"],
+        spec_cal=summary["loco_calibrated_specificity_mean"],
+    )
+    (out / "headline.json").write_text(json.dumps(shown, indent=2) + "\n")
+    details = {k: v for k, v in result.items() if k != "predictions"}
+    (out / "details.json").write_text(json.dumps(json_safe({**details, **extra}), indent=2) + "\n")
+    result["predictions"].to_csv(out / "predictions.csv", index=False)
+    roc_table(result["predictions"], positive).to_csv(out / "plots" / "roc.csv", index=False)
+    (out / "report.md").write_text(report_md)
+    return found
+
+
+def main(cfg) -> dict:
+    """Stage entry: LOCO of the configured recipe, the final model's probes, the model card."""
+    s = settings.loco_settings(cfg)  # every key checked before anything is read or trained
+    from covidxray.modeling.models import load_model
+
+    t, out = s.train, s.out
+    model, meta = load_model(t.models / MODEL_FILE)
+    stored, index, classes = imgs.load_curated(t.curated)
+    if list(classes) != meta["classes"]:
+        raise CovidXrayError(f"the model's classes {meta['classes']} differ from the curated data's {classes}")
+    roles = sources.model_roles(meta.get("sources"), t.roles)
+    result = loco.run(t.curated, t.splits, s.recipe, s.spec, s.seed, classes)
+    cv, test, internal = internal_reports(t.reports, index, classes)
+    confusion = t.reports / "plots" / "confusion.csv"
+    test_ids = pd.read_csv(confusion, dtype={"image_id": str})["image_id"] if confusion.is_file() else []
+    found_probes = run_probes(model, meta, stored, index, roles, set(test_ids), imgs.load_probe(t.curated), s.seed)
+    k, ci = s.spec.calibration_k, s.spec.ci
+    log = LogTo(out.tracking_uri, out.experiment, meta.get("mlflow_run_id"), "loco", artifact_path="loco")
+
+    def write(work: Path) -> tuple[dict, str]:
+        named = sources.describe({role: per_class for role, per_class in roles.items() if any(per_class.values())})
+        names = sorted({n for per_class in roles.values() for some in per_class.values() for n in some})
+        data = card.data_lines(load_facts(t.curated), names)  # citation and license of each collection
+        card_md = card.model_card(meta, named, result, cv, test, internal, found_probes, k, ci, data)
+        extra = {"internal_test_per_collection": internal, "probes": found_probes}
+        found = write_outputs(work / OUT_DIR, result, extra, card.loco_report(result, k, ci), classes[-1])
+        (work / CARD).write_text(card_md)
+        return found, log_to_mlflow(work / OUT_DIR, found, log)
+
+    found, run_id = replace_dir(t.reports, write, by="loco", names=(OUT_DIR, CARD))
+    summary = result["summary"]
+    registry.add_figures(  # the registered version's description carries its generalization estimate
+        meta.get("registered_model"),
+        meta.get("registered_version"),
+        {"LOCO AUC (mean, worst)": f"{fmt(summary['loco_auc_mean'])}, {fmt(summary['loco_auc_worst'])}"},
+    )
+    print(
+        f"loco: {len(result['groups'])} held-out group(s): AUC mean {fmt(summary['loco_auc_mean'])}, worst "
+        f"{fmt(summary['loco_auc_worst'])}; margin over the shortcut baseline: worst "
+        f"{fmt(summary['loco_margin_worst'])}; {result['seconds']:.0f}s; wrote {t.reports}/{OUT_DIR} and "
+        f"{t.reports}/{CARD}; MLflow run {run_id}"
+    )
+    return found

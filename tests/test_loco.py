@@ -1,0 +1,378 @@
+"""Leave-one-collection-out and the shortcut probes: constructed cases with known answers (probes,
+the shortcut baseline, site calibration draws, held-out groups), and the loco stage end to end on
+the smoke recipe (real training per group, real MLflow store) with its model card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import make_cfg
+from covidxray import CovidXrayError
+from covidxray.evaluation import calibration, card, loco, probes
+from covidxray.modeling import heldout
+from test_evaluate import overrides, trained_model
+
+META = {"classes": ["normal", "covid"], "threshold": 0.5, "image_size": 16}
+
+
+def brightness_model(size: int = 16, slope: float = 0.2, center: float = 100.0):
+    """A real Keras model with set weights: p(covid) = sigmoid(2 * slope * (mean intensity - center)),
+    its `head_dense` feature being the mean intensity."""
+    import keras
+
+    inputs = keras.Input((size, size, 1))
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    x = keras.layers.Dense(1, name="head_dense")(x)
+    outputs = keras.layers.Dense(2, activation="softmax", name="predictions")(x)
+    model = keras.Model(inputs, outputs)
+    model.get_layer("head_dense").set_weights([np.ones((1, 1)), np.zeros(1)])
+    model.get_layer("predictions").set_weights(
+        [np.array([[-slope, slope]]), np.array([slope * center, -slope * center])]
+    )
+    return model
+
+
+def flat_images(levels) -> np.ndarray:
+    return np.stack([np.full((16, 16), v, np.uint8) for v in levels])
+
+
+def test_same_source_probe_counts_what_the_model_calls_covid():
+    model = brightness_model()
+    frame = pd.DataFrame({"finding": ["ARDS", "ARDS", "Streptococcus", "No Finding"]})
+    result = probes.same_source_probe(model, META, flat_images([200, 50, 180, 20]), frame)
+    assert result["images"] == 4 and result["labelled_covid"] == 2 and result["share_labelled_covid"] == 0.5
+    assert result["per_finding"]["ARDS"] == {"images": 2, "share_labelled_covid": 0.5}
+    assert result["per_finding"]["Streptococcus"]["share_labelled_covid"] == 1.0
+    assert (
+        probes.same_source_probe(model, META, np.zeros((0, 16, 16), np.uint8), frame.iloc[:0])["share_labelled_covid"]
+        is None
+    )
+
+
+def test_feature_collection_auc_separable_and_not():
+    model = brightness_model()
+    rng = np.random.default_rng(0)
+    n = 40
+    bright, dark = rng.integers(150, 200, n), rng.integers(30, 80, n)
+    mixed_a, mixed_b = rng.integers(30, 200, n), rng.integers(30, 200, n)
+    frame = pd.DataFrame(
+        {
+            "label": ["normal"] * (2 * n) + ["covid"] * (2 * n),
+            "source": (["kermany"] * n + ["radiography"] * n) * 2,
+            "patient_id": [f"p{i}" for i in range(4 * n)],
+        }
+    )
+    images = flat_images(np.concatenate([bright, dark, mixed_a, mixed_b]))
+    result = probes.feature_collection_aucs(model, images, frame, seed=0)
+    assert result["normal"]["collections"] == ["kermany", "radiography"] and result["normal"]["images"] == 2 * n
+    assert result["normal"]["auc"] > 0.99  # the feature (brightness) tells the collections apart
+    assert 0.25 < result["covid"]["auc"] < 0.75  # same brightness distribution: chance
+
+
+def test_shortcut_aucs_of_a_set_and_per_source():
+    rng = np.random.default_rng(1)
+    n = 30
+    frame = pd.DataFrame(
+        {
+            "label": ["normal"] * n + ["covid"] * n,
+            "patient_id": [f"p{i}" for i in range(2 * n)],
+            "orig_width": [512] * n + list(rng.integers(800, 3000, n)),
+            "orig_height": [512] * n + [1000] * n,
+            "orig_format": ["JPEG"] * n + ["PNG"] * n,
+            "orig_mode": ["L"] * (2 * n),
+        }
+    )
+    stored = rng.integers(0, 256, (2 * n, 16, 16)).astype(np.uint8)
+    aucs = probes.shortcut_aucs(frame, stored, seed=0)
+    assert aucs["geometry_format"] > 0.95 and 0.2 < aucs["pixel_stats"] < 0.8
+
+    rows = pd.DataFrame(
+        {
+            "label": ["covid", "covid", "covid", "normal", "normal"],
+            "source": ["ieee8023", "ieee8023", "radiography", "kermany", "kermany"],
+        }
+    )
+    table = probes.per_source(rows, ["covid", "normal", "covid", "covid", "normal"], ["normal", "covid"])
+    assert table == {
+        "covid/ieee8023": {"images": 2, "sensitivity": 0.5},
+        "covid/radiography": {"images": 1, "sensitivity": 1.0},
+        "normal/kermany": {"images": 2, "specificity": 0.5},
+    }
+
+
+# ---------- held-out groups, the shortcut baseline, calibration draws ----------
+
+DEFAULT_ROLES = {"train": {"covid": ["ieee8023", "radiography"], "normal": ["kermany", "radiography"]}}
+CLASSES = ["normal", "covid"]
+
+
+def test_default_groups_follow_the_training_collections():
+    assert heldout.default_groups(DEFAULT_ROLES, CLASSES) == (("radiography",), ("ieee8023", "kermany"))
+    tutorial = {
+        "train": {"covid": ["ieee8023"], "normal": ["kermany"]},
+        "external": {"covid": ["radiography"], "normal": ["radiography"]},
+    }
+    assert heldout.default_groups(tutorial, CLASSES) == (("radiography",),)  # the pair itself cannot be held out
+    adult = {
+        "train": {"covid": ["ieee8023"], "normal": ["radiography"]},
+        "external": {"covid": ["radiography"], "normal": ["kermany"]},
+    }
+    assert heldout.default_groups(adult, CLASSES) == (("kermany",),)  # a one-class group, the only one possible
+    site = {"train": {"covid": ["ieee8023", "radiography", "h1"], "normal": ["kermany", "radiography", "h1"]}}
+    assert heldout.default_groups(site, CLASSES) == (("h1",), ("radiography",), ("ieee8023", "kermany"))
+
+
+@pytest.mark.parametrize(
+    "groups, message",
+    [
+        ("[[radiography],[chexpert]]", r"loco.groups\[1\]: unknown collection 'chexpert' \(allowed: ieee8023, kermany"),
+        ("[[kermany,kermany]]", r"loco.groups\[0\]: names kermany twice \(allowed: each of ieee8023"),
+        ("[[ieee8023,radiography]]", r"loco.groups\[0\]=\['ieee8023', 'radiography'\]: .*leaves class covid with no"),
+        ("[]", r"loco.groups: a non-empty list"),
+    ],
+)
+def test_bad_groups_fail_before_training(groups, message):
+    from covidxray.settings import loco_settings
+
+    with pytest.raises(CovidXrayError, match=message):
+        loco_settings(make_cfg([f"loco.groups={groups}"]))
+    assert loco_settings(make_cfg(["loco.groups=[[ieee8023],[kermany]]"])).spec.groups == (("ieee8023",), ("kermany",))
+
+
+def test_shortcut_baseline_on_a_known_case():
+    """Covid images are brighter, geometry is the same for all: pixel statistics separate the
+    classes perfectly, geometry not at all; the baseline is the better of the two."""
+    rng = np.random.default_rng(0)
+    n = 30
+    frame = pd.DataFrame(
+        {
+            "label": ["normal"] * n + ["covid"] * n,
+            "patient_id": [f"p{i}" for i in range(2 * n)],
+            "orig_width": 512,
+            "orig_height": 512,
+            "orig_format": "PNG",
+            "orig_mode": "L",
+        }
+    )
+    stored = np.concatenate([rng.integers(20, 60, (n, 16, 16)), rng.integers(180, 220, (n, 16, 16))]).astype(np.uint8)
+    found = loco.shortcut_baseline(frame, stored, seed=0)
+    assert found["pixel_stats"] == pytest.approx(1.0) and found["geometry_format"] == pytest.approx(0.5)
+    assert found["auc"] == pytest.approx(1.0)
+    assert loco.shortcut_baseline(frame.iloc[:n], stored[:n], 0)["auc"] is None  # one class: no baseline
+
+
+def test_calibration_draws_on_a_known_case():
+    """Scores separate the classes perfectly but sit far above the transferred threshold (0.5:
+    specificity 0): any K balanced images calibrate a threshold between the classes (Youden's
+    first maximum: the lowest drawn positive), so every other negative is called negative."""
+    positive = np.array([True] * 40 + [False] * 40)
+    scores = np.concatenate([np.linspace(0.95, 0.99, 40), np.linspace(0.80, 0.90, 40)])
+    patients = [f"p{i}" for i in range(80)]
+    assert calibration.operating_point(positive, scores, 0.5) == {"sensitivity": 1.0, "specificity": 0.0}
+    found = calibration.calibration_draws(positive, scores, patients, 20, 10, "youden", 0.9, seed=0)
+    assert found["specificity_mean"] == 1.0 and found["specificity_sd"] == 0.0 and found["draws"] == 10
+    assert 0.8 < found["sensitivity_mean"] <= 1.0 and 0.95 <= found["threshold_mean"] < 0.97
+    assert calibration.calibration_draws(positive[:45], scores[:45], patients[:45], 20, 3, "youden", 0.9, 0) is None
+    with pytest.raises(CovidXrayError, match="4 positive image"):
+        calibration.site_threshold(positive[36:], scores[36:], "youden", 0.9)
+
+
+# ---------- the stage end to end ----------
+
+LOCO = ["loco.calibration.k=6", "loco.calibration.draws=5"]
+
+
+@pytest.fixture(scope="module")
+def loco_run(tmp_path_factory, tiny_data):
+    """evaluate then loco on the smoke recipe (trained on every collection); one radiography image
+    is made a near-duplicate of a training image (same dup_group), another shares a training
+    image's patient, and a small probe set is added to the curated store."""
+    from covidxray.stages import evaluate, loco as stage
+
+    tiny = trained_model(tmp_path_factory.mktemp("trained"), tiny_data)
+    root = tmp_path_factory.mktemp("loco")
+    curated, reports = root / "curated", root / "reports"
+    shutil.copytree(tiny["curated"], curated)
+    shutil.copytree(tiny["reports"], reports)
+    index = pd.read_csv(curated / "index.csv")
+    splits = pd.read_csv(tiny["splits"])
+    cv_covid = splits[(splits.partition == "cv") & splits.image_id.str.match(r"^covid-")].image_id.tolist()
+    at = {i: index.index[index["image_id"] == i][0] for i in ("radiography-covid-000", "radiography-normal-000")}
+    index.loc[at["radiography-covid-000"], "dup_group"] = cv_covid[0]  # near-duplicates a training image
+    index.loc[at["radiography-normal-000"], "patient_id"] = index.loc[index.image_id == cv_covid[1], "patient_id"].iloc[
+        0
+    ]
+    index.to_csv(curated / "index.csv", index=False)
+    rng = np.random.default_rng(5)
+    np.save(curated / "probe.npy", rng.integers(0, 256, (6, 32, 32)).astype(np.uint8))
+    pd.DataFrame(
+        {
+            "image_id": [f"ieee8023-o{i}" for i in range(6)],
+            "finding": ["ARDS"] * 3 + ["Klebsiella"] * 3,
+            "patient_id": [f"ieee8023-q{i}" for i in range(6)],
+            "label": "other",
+            "source": "ieee8023",
+        }
+    ).to_csv(curated / "probe.csv", index=False)
+    cfg = make_cfg(overrides({**tiny, "curated": curated}, reports, LOCO))
+    evaluate.main(cfg)
+    headline = stage.main(cfg)
+    return {
+        "tiny": tiny,
+        "cfg": cfg,
+        "reports": reports,
+        "curated": curated,
+        "splits": splits,
+        "headline": headline,
+        "metrics": json.loads((reports / "loco" / "metrics.json").read_text()),
+        "details": json.loads((reports / "loco" / "details.json").read_text()),
+        "predictions": pd.read_csv(reports / "loco" / "predictions.csv"),
+    }
+
+
+def test_each_group_trains_on_the_others_and_is_measured_on_itself(loco_run):
+    pred, splits = loco_run["predictions"], loco_run["splits"].set_index("image_id")
+    assert list(pred.groupby("group", sort=False).groups) == ["radiography", "ieee8023+kermany"]
+    for group, held_sources in (("radiography", {"radiography"}), ("ieee8023+kermany", {"ieee8023", "kermany"})):
+        rows = pred[pred.group == group]
+        train, held = rows[rows.role == "train"], rows[rows.role == "held_out"]
+        assert set(held.source) == held_sources and not set(train.source) & held_sources
+        assert (splits.loc[train.image_id, "partition"] == "cv").all()  # the recipe's own training images
+        assert not set(train.patient_id) & set(held.patient_id)  # no patient in both roles
+        assert not set(train.dup_group) & set(held.dup_group)  # nor a near-duplicate group
+        assert held.score.between(0, 1).all() and train.score.isna().all()
+    held = pred[(pred.group == "radiography") & (pred.role == "held_out")]
+    assert len(held) == 18 and loco_run["details"]["groups"]["radiography"]["dropped_shared_with_training"] == 2
+    moved = splits.loc[["radiography-covid-000", "radiography-normal-000"], "partition"] == "cv"
+    dropped = loco_run["details"]["groups"]["ieee8023+kermany"]["dropped_shared_with_training"]
+    assert dropped == int(moved.sum())  # the ieee8023 images they share with are dropped where they train
+    assert len(pred[(pred.group == "ieee8023+kermany") & (pred.role == "held_out")]) == 60 - dropped
+
+
+def test_loco_metrics_are_the_headline_with_baselines(loco_run):
+    m, details = loco_run["metrics"], loco_run["details"]
+    assert m == loco_run["headline"]
+    for key in ("loco_auc_mean", "loco_auc_worst", "loco_margin_worst", "loco_calibrated_specificity_mean"):
+        assert key in m
+    for name in ("radiography", "ieee8023-kermany"):
+        for figure in ("auc", "shortcut_auc", "margin", "sensitivity", "specificity"):
+            assert f"loco_{name}_{figure}" in m
+        g = details["groups"][name.replace("-", "+")]
+        assert g["margin"] == pytest.approx(g["auc"] - g["shortcut_auc"])
+        assert g["auc_ci_low"] <= g["auc"] <= g["auc_ci_high"]
+        assert g["calibrated"]["k"] == 6 and g["calibrated"]["draws"] == 5
+    assert m["loco_auc_worst"] == pytest.approx(min(details["groups"][g]["auc"] for g in details["groups"]))
+    per = details["groups"]["ieee8023+kermany"]["per_collection"]
+    assert set(per) == {"covid/ieee8023", "normal/kermany"} and "sensitivity" in per["covid/ieee8023"]
+    assert set(details["internal_test_per_collection"]) == {
+        "covid/ieee8023",
+        "normal/kermany",
+        "covid/radiography",
+        "normal/radiography",
+    }
+    assert details["probes"]["same_source_other_finding"]["images"] == 6
+    roc = pd.read_csv(loco_run["reports"] / "loco" / "plots" / "roc.csv")
+    assert set(roc["group"]) == {"radiography", "ieee8023+kermany"}
+    assert not list(loco_run["reports"].glob(".loco-*"))
+
+
+def test_model_card_leads_with_loco(loco_run):
+    text = (loco_run["reports"] / "model_card.md").read_text()
+    lead = text.index("## At a site it never saw: leave-one-collection-out")
+    assert lead < text.index("## Internal figures") < text.index("## Per collection") < text.index("## Shortcut probes")
+    table = text[lead : text.index("## Internal figures")]
+    for row in ("| radiography |", "| ieee8023+kermany |", "| **mean** |", "| **worst** |", "shortcut baseline"):
+        assert row in table, row
+    assert "calibrated on 6 site images" in table
+    assert (loco_run["reports"] / "loco" / "report.md").read_text().startswith("# Leave-one-collection-out")
+
+
+def test_loco_logged_on_the_training_run(loco_run):
+    import mlflow
+
+    tiny = loco_run["tiny"]
+    mlflow.set_tracking_uri(tiny["tracking_uri"])
+    run = mlflow.get_run(tiny["run_id"])
+    assert run.data.metrics["loco_auc_mean"] == pytest.approx(loco_run["metrics"]["loco_auc_mean"])
+    assert "loco_radiography_shortcut_auc" in run.data.metrics
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(tiny["run_id"], "loco")}
+    assert {"loco/metrics.json", "loco/report.md", "loco/details.json"} <= names
+
+
+def test_a_one_class_group_reports_sensitivity_only(tiny_data):
+    from covidxray.settings import loco_settings
+
+    s = loco_settings(make_cfg(["experiment=smoke", "loco.groups=[[ieee8023]]", "evaluate.bootstrap=50", *LOCO]))
+    result = loco.run(tiny_data["curated"], tiny_data["splits"], s.recipe, s.spec, s.seed)
+    g = result["groups"]["ieee8023"]
+    assert g["classes_present"] == ["covid"] and "sensitivity" in g and "auc" not in g and "specificity" not in g
+    assert "one class only (covid): sensitivity only" in g["note"]
+    assert result["summary"]["loco_auc_mean"] is None
+    assert card.loco_table(result, 6)[2].startswith("| ieee8023 | covid: radiography; normal: kermany, radiography |")
+
+
+def test_presets_compose():
+    reverse = make_cfg(["experiment=cross_dataset_reverse"])
+    assert dict(reverse.data.sources.train) == {"covid": ["radiography"], "normal": ["radiography"]}
+    assert dict(reverse.data.sources.external) == {"covid": ["ieee8023"], "normal": ["kermany"]}
+    tutorial = make_cfg(["experiment=tutorial_sources"])
+    assert dict(tutorial.data.sources.train) == {"covid": ["ieee8023"], "normal": ["kermany"]}
+    default = make_cfg([])
+    assert dict(default.data.sources.train) == {
+        "covid": ["ieee8023", "radiography"],
+        "normal": ["kermany", "radiography"],
+    }
+
+
+def test_training_with_a_collection_in_both_roles_fails_fast():
+    from covidxray.settings import train_settings
+
+    with pytest.raises(CovidXrayError, match=r"\['kermany'\] are in both roles for class 'normal'"):
+        train_settings(make_cfg(["experiment=tutorial_sources", "data.sources.external.normal=[kermany]"]))
+    with pytest.raises(CovidXrayError, match="data.sources.train.covid: unknown collection 'chexpert'"):
+        train_settings(make_cfg(["data.sources.train.covid=[chexpert]"]))
+
+
+def test_an_optuna_sweep_selects_on_the_loco_mean(tiny_data, tmp_path):
+    """`hparams_search=optuna` (objective loco_auc_mean) at smoke size, 2 trials: each trial's
+    return value is its leave-one-collection-out mean AUC, logged on its run, and the study's best
+    value is the best of them."""
+    import os
+    import subprocess
+
+    import yaml
+
+    from conftest import BIN, REPO
+
+    sweep, store = tmp_path / "sweep", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = subprocess.run(
+        [
+            str(BIN / "covidxray"),
+            "train",
+            "hparams_search=optuna",
+            "experiment=smoke",
+            "hydra.sweeper.n_trials=2",
+            "loco.groups=[[radiography]]",  # one group keeps it short; the mean is then that group's AUC
+            "evaluate.bootstrap=50",
+            *LOCO,
+            f"paths.curated={tiny_data['curated']}",
+            f"paths.splits={tiny_data['splits']}",
+            f"mlflow.tracking_uri={store}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},  # no earlier test's store
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    values = [json.loads((sweep / job / "reports" / "cv" / "metrics.json").read_text()) for job in ("0", "1")]
+    assert all(v["loco_auc_mean"] == v["loco_radiography_auc"] and "loco_radiography_shortcut_auc" in v for v in values)
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_value"]
+    assert best == pytest.approx(max(v["loco_auc_mean"] for v in values))
