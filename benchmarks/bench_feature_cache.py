@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
 
     from covidxray.modeling import models
     from covidxray.infra.config import compose
-    from covidxray.settings import fit_settings
+    from covidxray.settings.train import fit_settings
     from covidxray.modeling.fitting import Trainer, compile_model, make_optimizer
 
     fit = fit_settings(

@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
 
     from covidxray.modeling import models
     from covidxray.infra.config import compose
-    from covidxray.settings import fit_settings
+    from covidxray.settings.train import fit_settings
     from covidxray.modeling.fitting import compile_model, make_optimizer
     from covidxray.modeling.inputs import build_augmenter, class_weights, make_dataset
 

@@ -63,11 +63,11 @@ def prepare_store(overrides: list[str], out: Path) -> list[str]:
 
 def run_one(name: str, overrides: list[str], out: Path, folds: int) -> dict:
     """Leave-one-collection-out of one recipe; the figures for the table."""
-    from covidxray import settings
+    from covidxray.settings.loco import loco_settings
     from covidxray.evaluation import loco
 
     cfg = compose(overrides + prepare_store(overrides, out) + [f"cv.folds={folds}"])
-    s = settings.loco_settings(cfg)
+    s = loco_settings(cfg)
     result = loco.run(s.train.curated, s.train.splits, s.recipe, s.spec, s.seed)
     return {"recipe": name, "groups": result["groups"], **result["summary"], "minutes": result["seconds"] / 60}
 

@@ -141,7 +141,7 @@ def test_added_collections_are_curated_trained_on_and_held_out(project):
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
 def test_every_preset_accepts_an_added_collection(project, preset):
-    from covidxray.settings import train_settings
+    from covidxray.settings.train import train_settings
 
     cfg = make_cfg(
         [f"experiment={preset}", "collection=[ieee8023,kermany,radiography,hospital_a]", "model.weights=none"]

@@ -19,7 +19,7 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml")
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_passes_the_checks(group, option):
-    from covidxray.settings import train_settings
+    from covidxray.settings.train import train_settings
 
     cfg = make_cfg([f"{group}={option}"])
     train_settings(cfg)
@@ -57,7 +57,7 @@ def _hydra_cfg(overrides):
 
 
 def test_optuna_search_composes_with_its_sweeper():
-    from covidxray.settings import train_settings
+    from covidxray.settings.train import train_settings
 
     cfg = _hydra_cfg(["hparams_search=optuna"])
     sweeper = cfg.hydra.sweeper
@@ -101,10 +101,10 @@ def test_params_yaml_is_the_composed_defaults(tmp_path):
 
 def test_model_and_report_outputs_persist_while_their_stage_runs():
     """DVC deletes a stage's outputs before running it unless they persist: the stages that
-    install their outputs together (train, evaluate, external) keep the previous ones until then,
+    install their outputs together (train, evaluate, loco) keep the previous ones until then,
     so a failed or killed `dvc repro` leaves a usable model and reports."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    for name in ("train", "evaluate", "external"):
+    for name in ("train", "evaluate", "loco"):
         entries = [e for kind in ("outs", "metrics", "plots") for e in stages[name].get(kind) or []]
         loose = [e if isinstance(e, str) else next(iter(e)) for e in entries]
         loose = [path for path, e in zip(loose, entries) if not (isinstance(e, dict) and e[path].get("persist"))]

@@ -19,7 +19,7 @@ from covidxray.data import audit as A
 from covidxray.data import curation, dedupe, listing
 from covidxray.data.collections import TASKS, parse_collections
 from covidxray.data.images import load_curated
-from covidxray.settings import curate_settings
+from covidxray.settings.curate import curate_settings
 from covidxray.stages import curate
 
 SIZE = 32

@@ -249,7 +249,7 @@ def test_fine_tunes_the_top_layers_only(tiny_data, converted):
     """After the head phase (on cached features), fine_tune.unfreeze_top layers of the base train
     on images; the rest, and every BatchNormalization layer, keep their ImageNet weights."""
     from covidxray.modeling import models
-    from covidxray.settings import train_settings
+    from covidxray.settings.train import train_settings
     from covidxray.modeling.fitting import Trainer
     from covidxray.modeling.training import load_cv_data
 

@@ -194,7 +194,7 @@ def test_trainer_reads_the_store_and_trains_the_same_head(tiny_data, tmp_path):
     from conftest import make_cfg
 
     from covidxray.modeling.fitting import Trainer
-    from covidxray.settings import train_settings
+    from covidxray.settings.train import train_settings
     from covidxray.stages.train import load_cv_data
 
     s = train_settings(

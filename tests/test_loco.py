@@ -137,7 +137,7 @@ def test_default_groups_follow_the_training_collections():
     ],
 )
 def test_bad_groups_fail_before_training(groups, message):
-    from covidxray.settings import loco_settings
+    from covidxray.settings.loco import loco_settings
 
     with pytest.raises(CovidXrayError, match=message):
         loco_settings(make_cfg([f"loco.groups={groups}"]))
@@ -305,7 +305,7 @@ def test_loco_logged_on_the_training_run(loco_run):
 
 
 def test_a_one_class_group_reports_sensitivity_only(tiny_data):
-    from covidxray.settings import loco_settings
+    from covidxray.settings.loco import loco_settings
 
     s = loco_settings(make_cfg(["experiment=smoke", "loco.groups=[[ieee8023]]", "evaluate.bootstrap=50", *LOCO]))
     result = loco.run(tiny_data["curated"], tiny_data["splits"], s.recipe, s.spec, s.seed)
@@ -330,7 +330,7 @@ def test_presets_compose():
 
 
 def test_training_with_a_collection_in_both_roles_fails_fast():
-    from covidxray.settings import train_settings
+    from covidxray.settings.train import train_settings
 
     with pytest.raises(CovidXrayError, match=r"\['kermany'\] are in both roles for class 'normal'"):
         train_settings(make_cfg(["experiment=tutorial_sources", "data.sources.external.normal=[kermany]"]))

@@ -225,7 +225,7 @@ def test_final_model_trains_the_cv_median_best_epoch():
 
 def test_frozen_feature_cache_gives_the_same_model(tiny_data):
     """Training the head on cached backbone features == training the full model on images."""
-    from covidxray.settings import train_settings
+    from covidxray.settings.train import train_settings
     from covidxray.modeling.fitting import Trainer
     from covidxray.modeling.training import load_cv_data
 
@@ -256,7 +256,7 @@ def test_frozen_feature_cache_gives_the_same_model(tiny_data):
 
 
 def test_augmentation_runs_in_the_input_pipeline_for_training_only(tiny_data):
-    from covidxray.settings import augment_settings
+    from covidxray.settings.train import augment_settings
     from covidxray.modeling.inputs import build_augmenter, make_dataset
 
     cfg = make_cfg(["augment=standard"])
@@ -285,7 +285,7 @@ def test_augmentation_runs_in_the_input_pipeline_for_training_only(tiny_data):
 
 
 def test_learning_rate_schedules():
-    from covidxray.settings import fit_settings
+    from covidxray.settings.train import fit_settings
     from covidxray.modeling.fitting import make_optimizer, make_schedule
 
     tutorial = make_schedule(
@@ -302,7 +302,7 @@ def test_learning_rate_schedules():
 
 
 def test_mirrored_strategy_runs_as_one_replica_on_cpu(tiny_data, tmp_path):
-    from covidxray.settings import train_settings
+    from covidxray.settings.train import train_settings
     from covidxray.modeling.fitting import Trainer
     from covidxray.modeling.training import load_cv_data
 

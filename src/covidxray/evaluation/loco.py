@@ -47,7 +47,7 @@ from covidxray.modeling.heldout import (
 def shortcut_baseline(frame: pd.DataFrame, stored: np.ndarray, seed: int) -> dict:
     """The shortcut AUCs of a held-out set (geometry/format, pixel statistics: the curation
     audit's cross-validated decision tree) and the better of the two, `auc` (None for one class)."""
-    from covidxray.evaluation import probes  # imports Keras: not at module level (settings.py imports this)
+    from covidxray.evaluation import probes  # imports Keras: not at module level (settings/loco.py imports this)
 
     aucs = probes.shortcut_aucs(frame, stored, seed)
     found = [v for v in aucs.values() if v is not None]

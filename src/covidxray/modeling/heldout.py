@@ -1,4 +1,4 @@
-"""Leave-one-collection-out's plain values, read by settings.py without loading any model code:
+"""Leave-one-collection-out's plain values, read by settings/loco.py without loading any model code:
 the held-out groups (which collections, checked against `data.sources`), the recipe LOCO repeats
 per group, how each group is measured, and the names of the figures a sweep may optimize.
 evaluation/loco.py runs it.

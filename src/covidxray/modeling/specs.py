@@ -1,4 +1,4 @@
-"""What one model is built and fitted from: frozen values that settings.py checks and builds from
+"""What one model is built and fitted from: frozen values that settings/train.py checks and builds from
 the `model`, `optimizer`, `augment` and `train` groups, and that models, inputs and fitting read."""
 
 from __future__ import annotations

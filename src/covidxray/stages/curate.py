@@ -30,7 +30,7 @@ from covidxray.data.curation import COLUMNS, build_index, decode_records
 from covidxray.data.dedupe import clean_probe, dedupe
 from covidxray.data.listing import list_collections
 from covidxray.infra.outputs import json_safe, replace_dir
-from covidxray.settings import curate_settings
+from covidxray.settings.curate import curate_settings
 
 
 def curate(s) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame, np.ndarray, dict]:

@@ -20,7 +20,7 @@ from covidxray.evaluation import metrics, report
 from covidxray.evaluation.publish import LogTo, publish
 from covidxray.infra.outputs import read_json
 from covidxray.modeling.specs import MODEL_FILE, RUN_KEYS
-from covidxray.settings import evaluate_settings
+from covidxray.settings.evaluate import evaluate_settings
 
 # -- data -------------------------------------------------------------------------------------------
 

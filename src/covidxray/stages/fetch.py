@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from covidxray.data.download import check_manifest, fetch_dataset, find_mirror, mib, read_manifest, resolve_source
-from covidxray.settings import fetch_settings
+from covidxray.settings.fetch import fetch_settings
 
 
 def main(cfg) -> None:

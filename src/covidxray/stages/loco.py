@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from covidxray import CovidXrayError, settings
+from covidxray import CovidXrayError
 from covidxray.data import images as imgs
 from covidxray.data import sources
 from covidxray.data.collections import load_facts
@@ -38,6 +38,7 @@ from covidxray.evaluation.report import fmt
 from covidxray.infra.outputs import json_safe, read_json, replace_dir
 from covidxray.modeling.specs import MODEL_FILE
 from covidxray.serving import registry
+from covidxray.settings.loco import loco_settings
 
 OUT_DIR = "loco"
 CARD = "model_card.md"
@@ -110,7 +111,7 @@ def write_outputs(out: Path, result: dict, extra: dict, report_md: str, positive
 
 def main(cfg) -> dict:
     """Stage entry: LOCO of the configured recipe, the final model's probes, the model card."""
-    s = settings.loco_settings(cfg)  # every key checked before anything is read or trained
+    s = loco_settings(cfg)  # every key checked before anything is read or trained
     from covidxray.modeling.models import load_model
 
     t, out = s.train, s.out

@@ -10,7 +10,7 @@ pin, the code or the path changes.
 
 from __future__ import annotations
 
-from covidxray.settings import pretrained_settings
+from covidxray.settings.pretrained import pretrained_settings
 
 
 def main(cfg) -> None:

@@ -16,7 +16,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from covidxray import CovidXrayError
 from covidxray.data.images import INDEX_FILE
 from covidxray.infra.outputs import replace_dir
-from covidxray.settings import split_settings
+from covidxray.settings.split import split_settings
 
 COLUMNS = ["image_id", "patient_id", "label", "partition", "fold"]
 

@@ -42,10 +42,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidxray import settings
 from covidxray.infra import config, fileset, tracking
 from covidxray.serving import registry
-from covidxray.settings import TrainSettings
+from covidxray.settings.loco import LocoSettings, loco_settings
+from covidxray.settings.train import DEFAULT_OPTIMIZED_METRIC, TrainSettings, train_settings
 from covidxray.infra.outputs import json_safe
 from covidxray.modeling.fitting import Trainer
 from covidxray.modeling.training import CVData, final_epochs, load_cv_data, make_trainer
@@ -70,8 +70,8 @@ TIMINGS = ("wall_s", "images_per_s", "seconds", "cache_s")  # key parts of timin
 def run(cfg) -> dict:
     """Cross-validate, pick the threshold, train and register the final model, write the outputs.
     Returns the metrics (as in metrics.json) plus run ids."""
-    s = settings.train_settings(cfg)  # every key checked before anything is read (or TensorFlow loads)
-    by_loco = settings.loco_settings(cfg) if s.optimized_metric.startswith("loco_") else None
+    s = train_settings(cfg)  # every key checked before anything is read (or TensorFlow loads)
+    by_loco = loco_settings(cfg) if s.optimized_metric.startswith("loco_") else None
     data = load_cv_data(s.curated, s.splits, s.inputs, s.roles, s.balance, s.fit.seed, s.cv_folds, s.task)
     trainer = make_trainer(s.fit, data, s.deterministic)
     models_dir, cv_dir = output_dirs(s.models, s.reports)
@@ -142,7 +142,7 @@ def main(cfg) -> float:
     """Stage entry (DVC, Hydra app or sweep): returns cfg.optimized_metric (default cv_auc_mean)
     for Hydra sweepers such as Optuna."""
     result = run(cfg)  # checks the config (optimized_metric included) first
-    found = result[str(cfg.get("optimized_metric") or settings.DEFAULT_OPTIMIZED_METRIC)]
+    found = result[str(cfg.get("optimized_metric") or DEFAULT_OPTIMIZED_METRIC)]
     return float("nan") if found is None else float(found)  # None: no held-out group has the figure
 
 
@@ -243,7 +243,7 @@ def log_cv(metrics: dict, method: str) -> None:
     )
 
 
-def loco_estimate(ls: settings.LocoSettings) -> dict:
+def loco_estimate(ls: LocoSettings) -> dict:
     """The recipe's leave-one-collection-out headline (loco_* figures), logged on the active run."""
     import mlflow
 

@@ -23,7 +23,7 @@ from covidxray.infra.config import compose
 from covidxray.infra.outputs import check_replaceable
 from covidxray.modeling.inference import IDENTITY, describe_model
 from covidxray.serving.loading import check_model_path
-from covidxray.settings import validate_settings
+from covidxray.settings.evaluate import validate_settings
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 

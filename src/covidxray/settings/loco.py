@@ -1,0 +1,71 @@
+"""Leave-one-collection-out's settings: the loco stage, and train when optimized_metric is a loco_ figure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from covidxray.modeling import heldout
+from covidxray.evaluation.metrics import THRESHOLD_METHODS
+from covidxray.infra.config import choice, fail, integer, number, value
+
+from covidxray.settings.evaluate import assess_options, reporting, Reporting
+from covidxray.settings.train import TASKS, TrainSettings, train_settings
+
+
+# -- leave-one-collection-out (the loco stage, and train when optimized_metric is a loco_ figure) --
+
+
+@dataclass(frozen=True)
+class LocoSettings:
+    """Everything the loco stage reads, checked: the recipe it repeats per held-out group (the
+    train settings) and how the groups are chosen and measured."""
+
+    train: TrainSettings
+    recipe: heldout.Recipe
+    spec: heldout.LocoSpec
+    seed: int
+    out: Reporting  # the MLflow store and experiment the figures are logged to
+
+
+def loco_spec(cfg, roles: dict, classes) -> heldout.LocoSpec:
+    """The checked `loco` group (groups against `data.sources`) and evaluate's bootstrap."""
+    from omegaconf import OmegaConf
+
+    found = value(cfg, "loco.groups")
+    found = OmegaConf.to_container(found) if OmegaConf.is_config(found) else found
+    groups = (
+        heldout.default_groups(roles, classes)
+        if found in (None, "auto")
+        else heldout.check_groups(found, roles, classes)
+    )
+    if not groups:
+        fail("loco.groups", "auto with a collection that can be held out, or a list of groups of collections", found)
+    return heldout.LocoSpec(
+        groups=groups,
+        provides=heldout.collections_of(roles),
+        calibration_k=integer(cfg, "loco.calibration.k", 2, "an integer >= 2 (labelled images, half of each class)"),
+        calibration_draws=integer(cfg, "loco.calibration.draws", 1),
+        calibration_method=choice(cfg, "loco.calibration.method", THRESHOLD_METHODS),
+        calibration_target=number(
+            cfg, "loco.calibration.target_sensitivity", 0.0, 1.0, True, False, "a number in (0, 1]"
+        ),
+        n_resamples=assess_options(cfg).n_resamples,
+        ci=assess_options(cfg).ci,
+    )
+
+
+def loco_settings(cfg) -> LocoSettings:
+    """Check the train settings and the `loco` group before anything is read or trained."""
+    train = train_settings(cfg)
+    spec = loco_spec(cfg, train.roles, TASKS[train.task])
+    recipe = heldout.Recipe(
+        fit=train.fit,
+        inputs=train.inputs,
+        train_roles=train.roles["train"],
+        balance=train.balance,
+        folds=train.cv_folds,
+        threshold=train.threshold,
+        target_sensitivity=train.target_sensitivity,
+        deterministic=train.deterministic,
+    )
+    return LocoSettings(train=train, recipe=recipe, spec=spec, seed=train.fit.seed, out=reporting(cfg))
