@@ -55,7 +55,7 @@ def _write_outputs(root: Path, cv_auc: float) -> None:
     roc = pd.DataFrame({"group": ["radiography"] * 3 + ["ieee8023+kermany"] * 3, "fpr": [0, 0.5, 1] * 2})
     roc.assign(tpr=[0, 0.8, 1, 0, 0.6, 1]).to_csv(loco / "plots" / "roc.csv", index=False)
     (loco / "metrics.json").write_text(json.dumps({"loco_auc_mean": 0.6, "loco_auc_worst": 0.5}))
-    (loco / "headline.json").write_text(json.dumps(headline(3023, 0.6, auc_worst=0.5, spec_cal=0.3148)))
+    (loco / "headline.json").write_text(json.dumps(headline(3023, 0.6, auc_min=0.6487, spec_cal=0.3148)))
 
 
 def _dvc_json(args: list[str], cwd: Path):

@@ -11,7 +11,7 @@ The final model (models/model.keras, trained on every training collection) gets 
 probes (probes.py), and reports/model_card.md leads with the LOCO figures, then the internal ones.
 
 Outputs (installed together at the end; a reader sees all old files or all new ones):
-  reports/loco/headline.json    DVC metrics: n held out, mean and worst AUC, calibrated specificity
+  reports/loco/headline.json    DVC metrics: n held out, AUC mean (auc) and worst (auc_min), calibrated specificity
   reports/loco/metrics.json     loco_<figure>_mean/_worst, per group (committed, not a DVC metric)
   reports/loco/details.json     every figure: intervals, per collection, calibration draws, probes
   reports/loco/predictions.csv  group, image_id, role (train | held_out), label, source, score
@@ -97,7 +97,7 @@ def write_outputs(out: Path, result: dict, extra: dict, report_md: str, positive
     shown = headline(
         n,
         summary["loco_auc_mean"],
-        auc_worst=summary["loco_auc_worst"],
+        auc_min=summary["loco_auc_worst"],  # the worst group (auc is the mean)
         spec_cal=summary["loco_calibrated_specificity_mean"],
     )
     (out / "headline.json").write_text(json.dumps(shown, indent=2) + "\n")
