@@ -302,6 +302,9 @@ def test_loco_logged_on_the_training_run(loco_run):
     assert "loco_radiography_shortcut_auc" in run.data.metrics
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(tiny["run_id"], "loco")}
     assert {"loco/metrics.json", "loco/report.md", "loco/details.json"} <= names
+    assert run.data.metrics["loco_seconds"] > 0  # timings go to MLflow, never into the DVC outputs
+    assert "seconds" not in (loco_run["reports"] / "loco" / "details.json").read_text()
+    assert "took" not in (loco_run["reports"] / "loco" / "report.md").read_text()
 
 
 def test_a_one_class_group_reports_sensitivity_only(tiny_data):

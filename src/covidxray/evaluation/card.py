@@ -184,8 +184,6 @@ def loco_report(result: dict, k: int, ci: float) -> str:
         "",
         *per_source_table(held_out_per_collection(result)),
         "",
-        f"LOCO took {result['seconds']:.0f}s (backbone features: {result.get('feature_cache_s', 0):.0f}s).",
-        "",
     ]
     return "\n".join(lines)
 

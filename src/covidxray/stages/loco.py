@@ -40,6 +40,8 @@ from covidxray.modeling.specs import MODEL_FILE
 from covidxray.serving import registry
 from covidxray.settings.loco import loco_settings
 
+TIMINGS = ("seconds", "feature_cache_s")  # vary run to run: logged to MLflow, never in a DVC output
+
 OUT_DIR = "loco"
 CARD = "model_card.md"
 
@@ -101,7 +103,8 @@ def write_outputs(out: Path, result: dict, extra: dict, report_md: str, positive
         spec_cal=summary["loco_calibrated_specificity_mean"],
     )
     (out / "headline.json").write_text(json.dumps(shown, indent=2) + "\n")
-    details = {k: v for k, v in result.items() if k != "predictions"}
+    details = {k: v for k, v in result.items() if k not in ("predictions", *TIMINGS)}  # timings: MLflow only
+    details["groups"] = {name: {k: v for k, v in g.items() if k not in TIMINGS} for name, g in result["groups"].items()}
     (out / "details.json").write_text(json.dumps(json_safe({**details, **extra}), indent=2) + "\n")
     result["predictions"].to_csv(out / "predictions.csv", index=False)
     roc_table(result["predictions"], positive).to_csv(out / "plots" / "roc.csv", index=False)
@@ -136,7 +139,8 @@ def main(cfg) -> dict:
         extra = {"internal_test_per_collection": internal, "probes": found_probes}
         found = write_outputs(work / OUT_DIR, result, extra, card.loco_report(result, k, ci), classes[-1])
         (work / CARD).write_text(card_md)
-        return found, log_to_mlflow(work / OUT_DIR, found, log)
+        timings = {f"loco_{k}": result[k] for k in TIMINGS if k in result}
+        return found, log_to_mlflow(work / OUT_DIR, {**found, **timings}, log)
 
     found, run_id = replace_dir(t.reports, write, by="loco", names=(OUT_DIR, CARD))
     summary = result["summary"]
