@@ -2,7 +2,7 @@
 its labels away (shortcut AUCs of image geometry/format and of simple pixel statistics).
 
 Used by the curate stage (the whole curated store, and each collection against the rest) and by
-the external stage (the training set and the external set of a model, and its collections within
+the loco stage (the training set and the external set of a model, and its collections within
 one class).
 """
 

@@ -6,7 +6,7 @@ or `covidxray promote VERSION`. Every version is tagged `covidxray.installed`: "
 registered (inside its training run), "true" once its run installed the model files in models/,
 so a version of a run that failed or was killed in between stays "false" and is never promoted
 (`promote` refuses it). The registered model and each version carry a description: research use,
-and the headline figures as they become known (CV at training, external from the external stage).
+and the headline figures as they become known (CV at training, LOCO from the loco stage).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ collections (data/dedupe.py), and writes an audit (audit.json, audit.md) of what
 of, per collection too, and whether something other than disease (image geometry, format) gives
 the label away. A collection's rows of no class of the task (its `probe`: the COVID-19 image
 collection's non-COVID adult X-rays) are kept apart as probe.npy/probe.csv, the same-source
-probe of the external stage. Which collections train a model and which are its external set is
+probe of the loco stage. Which collections train a model and which are its external set is
 decided later (`data.sources`), so a model can be trained in either direction without curating
 again. Outputs: images.npy, index.csv, classes.json (see images.py), probe.npy, probe.csv,
 collections.json (per-collection facts, citation and license), audit.json, audit.md.

@@ -3,7 +3,7 @@
 
 The set (a folder of class sub-folders, or a CSV), the report folder and the model path are checked
 before TensorFlow loads. The measuring, figures, logging and installing are evaluation.publish's,
-shared with the evaluate and external stages, so every set gets exactly the same report.
+shared with the evaluate stage, so every set gets exactly the same report.
 """
 
 from __future__ import annotations
