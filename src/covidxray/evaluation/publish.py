@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -157,28 +156,20 @@ def publish(
     context: dict | None = None,
     log: LogTo | None = None,
     names=OUTPUTS,
-    subfolder: str = "",
     owned: bool = False,
-    extend: Callable[[Path, dict], None] | None = None,
 ) -> dict:
     """Assess a set and install its report (write_assessment) into `dest`, logged to MLflow when
     `log` is given; returns the result, with `mlflow_run_id` when logged.
 
     names: the entries of `dest` replaced (None: `dest` whole; see outputs.replace_dir), built in
-    a scratch folder whose `subfolder` holds the report. extend(work, result): adds to the result
-    and to the scratch folder before metrics.json is rewritten and logged (external's probes and
-    model card). by, owned: as replace_dir's.
+    a scratch folder. by, owned: as replace_dir's.
     """
 
     def write(work: Path) -> dict:
-        folder = work / subfolder
-        result = write_assessment(model, meta, images, frame, folder, options, partition, context)
-        if extend is not None:
-            extend(work, result)
-            (folder / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        write_headline(folder, result, partition)
+        result = write_assessment(model, meta, images, frame, work, options, partition, context)
+        write_headline(work, result, partition)
         if log is not None:
-            result["mlflow_run_id"] = log_to_mlflow(folder, result, log)
+            result["mlflow_run_id"] = log_to_mlflow(work, result, log)
         return result
 
     return replace_dir(dest, write, by=by, names=names, owned=owned)
