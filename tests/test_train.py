@@ -223,11 +223,14 @@ def test_final_model_trains_the_cv_median_best_epoch():
     assert final_epochs([25, 5], fine_tuned, early_stopping=False) == [25, 5]
 
 
-def test_frozen_feature_cache_gives_the_same_model(tiny_data):
-    """Training the head on cached backbone features == training the full model on images."""
-    from covidxray.settings.train import train_settings
+def test_heads_trained_on_cached_features_are_the_full_models_heads(tiny_data):
+    """With a frozen base the folds' heads train together on cached features (heads.py); the full
+    model then carries its fold's head: it predicts on images what the head predicts on features.
+    Without the cache the same recipe trains the full models with Keras's fit."""
+    from covidxray.modeling import heads
     from covidxray.modeling.fitting import Trainer
     from covidxray.modeling.training import load_cv_data
+    from covidxray.settings.train import train_settings
 
     s = train_settings(
         make_cfg(
@@ -242,17 +245,22 @@ def test_frozen_feature_cache_gives_the_same_model(tiny_data):
         )
     )
     data = load_cv_data(s.curated, s.splits, s.inputs, s.roles)
-    train_idx = np.flatnonzero(data.rows["fold"].to_numpy() != 0)
-    val_idx = np.flatnonzero(data.rows["fold"].to_numpy() == 0)
-    probs = {}
+    fold = data.rows["fold"].to_numpy()
+    splits = [(np.flatnonzero(fold != k), np.flatnonzero(fold == k)) for k in (0, 1)]
     for cached in (True, False):
         trainer = Trainer(s.fit, data.images, data.y, len(data.classes), verbose=0, feature_cache=cached)
-        assert trainer.uses_cache is cached
+        assert (trainer.stacked_head(trainer.new_model()) is not None) is cached
+        fitted = trainer.cross_validate(splits, [2, 0], labels=[0, 1])
+        assert [r.history["phase"].iloc[0] for _, r in fitted] == ["head" if cached else "train"] * 2
+        assert all(len(r.history) == 2 and list(r.history["fold"]) == [k] * 2 for k, (_, r) in enumerate(fitted))
         model = trainer.new_model()
-        trainer.fit(model, train_idx, val_idx, [2, 0])
-        assert (len(trainer.cache) == 1) is cached
-        probs[cached] = model.predict(data.images[val_idx].astype(np.float32)[..., None], verbose=0)
-    assert np.allclose(probs[True], probs[False], atol=1e-5)
+        trainer.fit(model, splits[0][0], splits[0][1], [2, 0])
+        on_images = model.predict(data.images[splits[0][1]].astype(np.float32)[..., None], verbose=0)
+        assert np.allclose(on_images, fitted[0][0], atol=1e-5)  # the fold's model, trained again alike
+        if cached:
+            pooled = trainer.pooled_features(model)
+            weights = [w for name in ("head_dense", "predictions") for w in model.get_layer(name).get_weights()]
+            assert np.allclose(heads.head_probs(weights, pooled[splits[0][1]]), on_images, atol=1e-5)
 
 
 def test_augmentation_runs_in_the_input_pipeline_for_training_only(tiny_data):

@@ -132,23 +132,15 @@ def fit_recipe(trainer, idx: np.ndarray, fold_of: np.ndarray, positive: np.ndarr
     """The train stage's recipe on rows `idx` of the trainer: CV over their folds for the
     out-of-fold threshold and the epoch count, then the final model on all of them.
     Returns (final model, threshold, {"oof_auc", "epochs"})."""
-    import keras
-
     from covidxray.modeling.training import final_epochs
 
     folds = sorted(np.unique(fold_of[idx]).tolist())[: recipe.folds or None]
     epochs = [recipe.fit.epochs, recipe.fit.model.fine_tune.epochs if trainer.fine_tunes else 0]
-    oof_idx, oof_scores, best = [], [], []
-    for k in folds:
-        val, train = idx[fold_of[idx] == k], idx[fold_of[idx] != k]
-        model = trainer.new_model()
-        fitted = trainer.fit(model, train, val, epochs)
-        oof_idx.append(val)
-        oof_scores.append(trainer.predict(model, val)[:, -1])
-        best.append(dict(zip(("best_epoch", "best_epoch_fine_tune"), map(float, fitted.best_epochs))))
-        del model
-        keras.backend.clear_session()
-    oof_idx, oof_scores = np.concatenate(oof_idx), np.concatenate(oof_scores)
+    splits = [(idx[fold_of[idx] != k], idx[fold_of[idx] == k]) for k in folds]
+    fitted = trainer.cross_validate(splits, epochs, labels=folds)
+    oof_idx = np.concatenate([val for _, val in splits])
+    oof_scores = np.concatenate([probs[:, -1] for probs, _ in fitted])
+    best = [dict(zip(("best_epoch", "best_epoch_fine_tune"), map(float, r.best_epochs))) for _, r in fitted]
     threshold = M.choose_threshold(positive[oof_idx], oof_scores, recipe.threshold, recipe.target_sensitivity)
     epochs = final_epochs(epochs, pd.DataFrame(best), recipe.fit.early_stopping)
     model = trainer.new_model()

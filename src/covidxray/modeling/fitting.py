@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from covidxray.modeling import heads
 from covidxray.modeling.features import FeatureStore, open_store
 from covidxray.modeling.specs import FitSettings, OptimizerSettings
 from covidxray.modeling.inputs import build_augmenter, class_weights, make_dataset
@@ -80,6 +81,24 @@ def epoch_logger(run_id: str | None, first_epoch: int = 1, prefix: str = ""):
                 MlflowClient().log_batch(run_id, metrics=metrics)
 
     return EpochLogger()
+
+
+def log_history(run_id: str | None, history: pd.DataFrame, prefix: str = "") -> None:
+    """A finished training's per-epoch figures to one MLflow run (step = epoch), in one call."""
+    if run_id is None:
+        return
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    stamp, names = int(time.time() * 1000), [c for c in HISTORY_COLUMNS if c not in ("fold", "epoch", "phase")]
+    metrics = [
+        Metric(f"{prefix}{name}", float(row[name]), stamp, int(row["epoch"]))
+        for _, row in history.iterrows()
+        for name in names
+        if name in row and math.isfinite(float(row[name]))
+    ]
+    if metrics:
+        MlflowClient().log_batch(run_id, metrics=metrics)
 
 
 @dataclass
@@ -155,6 +174,75 @@ class Trainer:
             self.cache_seconds += time.perf_counter() - start
         return self.cache[key]
 
+    def pooled_features(self, model) -> np.ndarray:
+        """features() through the model's pooling and flatten layers: (N, D), what the head's
+        trainable layers see."""
+        from covidxray.modeling.extraction import weights_digest
+
+        key = ("pooled", weights_digest(model.get_layer("backbone")), model.get_layer("head_pool").pool_size)
+        if key not in self.cache:
+            self.cache[key] = heads.pooled(model, self.features(model))
+        return self.cache[key]
+
+    def stacked_head(self, model) -> heads.HeadShape | None:
+        """The head's shape when it trains on pooled features with the other heads of a
+        cross-validation (heads.py): frozen base, no augmentation, no fine-tuning, the standard
+        head. None: the model trains with Keras's fit."""
+        if not self.uses_cache or self.fine_tunes:
+            return None
+        return heads.head_shape(model)
+
+    def cross_validate(self, splits: list, epochs: list[int], labels=None, run_ids=None) -> list:
+        """One model per (train rows, validation rows) of `splits`: [(softmax outputs on its
+        validation rows, FitResult)]. Heads on cached features train together (heads.py), other
+        models one after the other. Per-epoch figures go to run_ids[k] when given."""
+        import keras
+
+        labels = list(range(len(splits))) if labels is None else list(labels)
+        run_ids = run_ids or [None] * len(splits)
+        model = self.new_model()
+        shape = self.stacked_head(model)
+        if shape is not None:
+            fits, results = self._fit_heads(model, shape, splits, epochs[0], labels)
+            x = self.pooled_features(model)
+            for result, run_id in zip(results, run_ids, strict=True):
+                log_history(run_id, result.history)
+            return [(heads.head_probs(f.weights, x[val]), r) for f, r, (_, val) in zip(fits, results, splits)]
+        out = []
+        for k, ((train, val), label, run_id) in enumerate(zip(splits, labels, run_ids, strict=True)):
+            model = model if k == 0 else self.new_model()
+            result = self.fit(model, train, val, epochs, run_id=run_id, fold_label=label)
+            out.append((self.predict(model, val), result))
+            del model
+            keras.backend.clear_session()  # free the fold's graphs; the next model is re-seeded
+        return out
+
+    def _fit_heads(self, model, shape: heads.HeadShape, splits: list, n_epochs: int, labels: list):
+        """heads.fit_heads on the pooled features with this recipe: ([HeadFit], [FitResult]);
+        each result's seconds are its share of the joint training."""
+        s, start = self.settings, time.perf_counter()
+        x = self.pooled_features(model)
+        cache_seconds = self.cache_seconds
+        fits = heads.fit_heads(
+            x,
+            self.y,
+            splits,
+            shape,
+            epochs=n_epochs,
+            batch_size=self.global_batch,
+            sample_weight=[class_weights(self.y[train], self.n_classes, s.class_weights) for train, _ in splits],
+            make_optimizer=lambda steps: make_optimizer(s.optimizer, s.optimizer.lr, n_epochs, steps),
+            seed=s.seed,
+            patience=s.patience if s.early_stopping else None,
+        )
+        seconds = (time.perf_counter() - start - (self.cache_seconds - cache_seconds)) / len(splits)
+        results = []
+        for fit, (train, _), label in zip(fits, splits, labels, strict=True):
+            history = fit.history.assign(phase="head", fold=label)
+            history = history.reindex(columns=HISTORY_COLUMNS)
+            results.append(FitResult(history, [fit.best_epoch], len(history), seconds, len(history) * len(train)))
+        return fits, results
+
     def phases(self, epochs: list[int]) -> list[tuple[str, int, float]]:
         """(phase, epochs, learning rate): the head on cached features or the whole model, then,
         when fine-tuning, epochs[1] more with the top of the base unfrozen."""
@@ -175,7 +263,14 @@ class Trainer:
         log_prefix: str = "",
     ) -> FitResult:
         """Train model on rows train_idx (validating on val_idx if given, with early stopping when
-        it is on) phase by phase; the history has one row per epoch, numbered across phases."""
+        it is on) phase by phase; the history has one row per epoch, numbered across phases.
+        A standard head on cached features trains as heads.py does (see cross_validate)."""
+        shape = self.stacked_head(model)
+        if shape is not None:
+            fits, results = self._fit_heads(model, shape, [(train_idx, val_idx)], epochs[0], [fold_label])
+            heads.set_head(model, fits[0].weights)
+            log_history(run_id, results[0].history, log_prefix)
+            return results[0]
         histories, best, start, cache_before = [], [], time.perf_counter(), self.cache_seconds
         for phase, n_epochs, lr in self.phases(epochs):
             done = sum(len(h) for h in histories)

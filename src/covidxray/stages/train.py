@@ -157,49 +157,53 @@ class CVResult:
 
 
 def cross_validate(trainer: Trainer, data: CVData, epochs: list[int], parent_id: str) -> CVResult:
-    """Train and validate one model per CV fold; collect the out-of-fold predictions."""
+    """Train and validate one model per CV fold (trainer.cross_validate), each recorded in its
+    nested MLflow run; collect the out-of-fold predictions."""
     oof = np.full((len(data.y), len(data.classes)), np.nan)
-    rows, histories = [], []
-    for k in data.folds:
-        in_fold = data.rows["fold"].to_numpy() == k
-        val_idx, train_idx = np.flatnonzero(in_fold), np.flatnonzero(~in_fold)  # train: all other folds
-        oof[val_idx], found, history = train_fold(trainer, data, k, train_idx, val_idx, epochs, parent_id)
-        rows.append({"fold": k, **found})
-        histories.append(history)
-    return CVResult(oof, pd.DataFrame(rows), pd.concat(histories, ignore_index=True))
+    fold = data.rows["fold"].to_numpy()
+    splits = [(np.flatnonzero(fold != k), np.flatnonzero(fold == k)) for k in data.folds]  # train: all other folds
+    run_ids = [fold_run(k, parent_id, len(train), len(val)) for k, (train, val) in zip(data.folds, splits)]
+    fitted = trainer.cross_validate(splits, epochs, labels=data.folds, run_ids=run_ids)
+    rows = []
+    for k, (_, val), run_id, (probs, result) in zip(data.folds, splits, run_ids, fitted, strict=True):
+        oof[val] = probs
+        rows.append({"fold": k, **record_fold(k, run_id, data.y[val], probs, result, data.classes)})
+    return CVResult(oof, pd.DataFrame(rows), pd.concat([r.history for _, r in fitted], ignore_index=True))
 
 
-def train_fold(trainer: Trainer, data: CVData, k: int, train_idx, val_idx, epochs: list[int], parent_id: str):
-    """One fold in its nested MLflow run: (validation softmax outputs, the fold's figures, history)."""
-    import keras
+def fold_run(k: int, parent_id: str, n_train: int, n_val: int) -> str:
+    """A fold's nested MLflow run (made before training, so per-epoch figures can go to it)."""
     import mlflow
 
     with mlflow.start_run(
         run_name=f"fold-{k}", nested=True, tags={"fold": str(k), "parent_run": parent_id, "stage": "train"}
     ) as child:
-        mlflow.log_params({"fold": k, "n_train": len(train_idx), "n_val": len(val_idx)})
-        model = trainer.new_model()
-        result = trainer.fit(model, train_idx, val_idx, epochs, run_id=child.info.run_id, fold_label=k)
-        probs = trainer.predict(model, val_idx)
-        found = fold_metrics(data.y[val_idx], probs)
-        found.update(
-            best_epoch=float(result.best_epochs[0]),
-            wall_s=result.seconds,
-            images_per_s=result.images_seen / max(result.seconds, 1e-9),
-            epochs_run=float(result.epochs_run),
-        )
-        if len(result.best_epochs) > 1:
-            found["best_epoch_fine_tune"] = float(result.best_epochs[1])
-        # the fold's figures at its restored best weights (per-epoch curves are loss, val_auc...)
+        mlflow.log_params({"fold": k, "n_train": n_train, "n_val": n_val})
+        return child.info.run_id
+
+
+def record_fold(k: int, run_id: str, y: np.ndarray, probs: np.ndarray, result, classes: list[str]) -> dict:
+    """A fold's figures at its restored best weights, on its MLflow run with its confusion matrix and
+    training curves (per-epoch curves are loss, val_auc...), and a line to the log."""
+    import mlflow
+
+    found = fold_metrics(y, probs)
+    found.update(
+        best_epoch=float(result.best_epochs[0]),
+        wall_s=result.seconds,
+        images_per_s=result.images_seen / max(result.seconds, 1e-9),
+        epochs_run=float(result.epochs_run),
+    )
+    if len(result.best_epochs) > 1:
+        found["best_epoch_fine_tune"] = float(result.best_epochs[1])
+    with mlflow.start_run(run_id=run_id, nested=True):
         mlflow.log_metrics(finite_metrics({f"fold_{m}": v for m, v in found.items()}))
-        log_fold_figures(result.history, data.y[val_idx], probs, data.classes, f"fold {k}")
+        log_fold_figures(result.history, y, probs, classes, f"fold {k}")
     print(
         f"train: fold {k}: AUC {found['auc']:.4f}, accuracy {found['accuracy']:.4f}, best epoch "
         f"{result.best_epochs}, {result.seconds:.1f}s, {found['images_per_s']:.0f} images/s"
     )
-    del model
-    keras.backend.clear_session()  # free the fold's graphs; the next model is re-seeded
-    return probs, found, result.history
+    return found
 
 
 def summarise_folds(folds: pd.DataFrame) -> dict[str, float]:

@@ -1,0 +1,238 @@
+"""The head of many models trained at once on fixed backbone features.
+
+With a frozen backbone and no augmentation the backbone's output never changes, so the K heads of
+a cross-validation (and the final model's) are small independent networks on the same feature
+table: their weights are stacked along a first axis and each optimizer step updates all K in one
+TensorFlow call. Per step, each head gets its own batch from its own rows, its own dropout mask
+and its own sample weights, drawn from its own random stream; Adam acts elementwise, so the heads
+do not interact: a head trained with others is the head trained alone. On a 2-core CPU a
+step costs about as much for five heads as for one, and far less than a step of Keras's `fit`
+(benchmarks/bench_head_sweep.py).
+
+The recipe is the train stage's: the model's head (pooling, Dense + ReLU, Dropout, Dense +
+softmax), Adam at the configured learning-rate schedule, batches of `batch_size` rows drawn
+without replacement and reshuffled every epoch (seeded), class-weighted cross-entropy, and early
+stopping on the validation AUC with the best epoch's weights restored (keras.callbacks.EarlyStopping's
+rule). An epoch is ceil(largest head's rows / batch_size) steps; a head with fewer rows tops its
+last batches up with rows of its next shuffle. Training figures (loss, accuracy, AUC) are over the
+epoch's own predictions, as Keras reports them; validation figures at the epoch's end.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+EPSILON = 1e-7  # Keras's clip for cross-entropy of probabilities
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    """A head's trainable part after pooling: Dense(units, ReLU), Dropout(dropout), Dense(classes)."""
+
+    units: int
+    dropout: float
+    n_classes: int
+
+
+@dataclass
+class HeadFit:
+    """One trained head: its weights [kernel, bias, kernel, bias] (the best epoch's, when early
+    stopping), its history (epoch, loss, accuracy, auc, val_loss, val_accuracy, val_auc) and the
+    best epoch (1-based)."""
+
+    weights: list[np.ndarray]
+    history: pd.DataFrame
+    best_epoch: int
+
+
+def head_shape(model) -> HeadShape | None:
+    """The HeadShape of a model of the structure contract (models.py), or None when its head is
+    not the standard one (then it trains with Keras's fit)."""
+    from covidxray.modeling import models
+
+    layers = models.model_parts(model)[2]
+    names = [layer.name for layer in layers]
+    if names != ["head_pool", "head_flatten", "head_dense", "head_dropout", "predictions"]:
+        return None
+    dense, dropout, out = layers[2], layers[3], layers[4]
+    if dense.activation.__name__ != "relu" or out.activation.__name__ != "softmax":
+        return None
+    return HeadShape(int(dense.units), float(dropout.rate), int(out.units))
+
+
+def pooled(model, features: np.ndarray, batch: int = 256) -> np.ndarray:
+    """The model's parameter-free head layers (pooling, flatten) on backbone features: (N, D)."""
+    from covidxray.modeling import models
+
+    pool, flatten = models.model_parts(model)[2][:2]
+    parts = [np.asarray(flatten(pool(features[i : i + batch]))) for i in range(0, len(features), batch)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def set_head(model, weights: list[np.ndarray]) -> None:
+    """Put a trained head's weights into the model's head_dense and predictions layers."""
+    model.get_layer("head_dense").set_weights(weights[:2])
+    model.get_layer("predictions").set_weights(weights[2:])
+
+
+def head_probs(weights: list[np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Softmax outputs of a trained head on pooled features (inference: no dropout)."""
+    w1, b1, w2, b2 = weights
+    logits = np.maximum(np.asarray(x, np.float32) @ w1 + b1, 0.0) @ w2 + b2
+    logits -= logits.max(axis=1, keepdims=True)
+    e = np.exp(logits)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def figures(y: np.ndarray, probs: np.ndarray, n_classes: int) -> tuple[float, float, float]:
+    """(cross-entropy, accuracy, AUC) of softmax outputs: AUC macro over the classes one-vs-rest
+    (Keras's AUC(multi_label=True)); NaN when a class is absent."""
+    from sklearn.metrics import roc_auc_score
+
+    p = np.clip(probs, EPSILON, 1 - EPSILON)
+    loss = float(-np.mean(np.log(p[np.arange(len(y)), y])))
+    accuracy = float(np.mean(probs.argmax(axis=1) == y))
+    onehot = np.eye(n_classes)[y]
+    if onehot.min(axis=0).max() == 1 or onehot.max(axis=0).min() == 0:
+        return loss, accuracy, float("nan")
+    return loss, accuracy, float(roc_auc_score(onehot, probs, average="macro"))
+
+
+def batches(rows: list[np.ndarray], batch_size: int, rngs: list[np.random.Generator]) -> np.ndarray:
+    """One epoch's row indices (steps, K, batch_size): head k's rows shuffled by rngs[k], topped up
+    from a second shuffle to the longest head's whole batches."""
+    steps = max(math.ceil(len(r) / batch_size) for r in rows)
+    out = np.empty((steps, len(rows), batch_size), dtype=np.int32)
+    for k, (r, rng) in enumerate(zip(rows, rngs, strict=True)):
+        order = rng.permutation(r)
+        while len(order) < steps * batch_size:
+            order = np.concatenate([order, rng.permutation(r)])
+        out[:, k, :] = order[: steps * batch_size].reshape(steps, batch_size)
+    return out
+
+
+def dropout_scale(shape: tuple, rate: float, rngs: list[np.random.Generator]) -> np.ndarray:
+    """Inverted-dropout multipliers (steps, K, batch, units): 0 or 1 / (1 - rate), head k's from rngs[k]."""
+    keep = np.stack([rng.random((shape[0], *shape[2:])) >= rate for rng in rngs], axis=1)
+    return keep.astype(np.float32) / np.float32(1.0 - rate)
+
+
+def fit_heads(
+    x: np.ndarray,
+    y: np.ndarray,
+    splits: list[tuple[np.ndarray, np.ndarray | None]],
+    shape: HeadShape,
+    *,
+    epochs: int,
+    batch_size: int,
+    sample_weight: list[np.ndarray],
+    make_optimizer,
+    seed: int,
+    patience: int | None = None,
+) -> list[HeadFit]:
+    """Train one head per (train rows, validation rows or None) of `splits` on pooled features x
+    (N, D) with class indices y, all at once, from the same seeded initial weights.
+    sample_weight[k]: the weights of split k's training rows; make_optimizer(steps_per_epoch): a
+    Keras optimizer; patience: early stopping on each head's validation AUC (None: off)."""
+    import tensorflow as tf
+
+    variables = initial_weights(len(splits), x.shape[1], shape, seed)
+    optimizer = make_optimizer(max(math.ceil(len(train) / batch_size) for train, _ in splits))
+    optimizer.build(variables)
+    epoch_fn = _epoch_function(variables, optimizer)
+    weights = np.zeros((len(splits), len(x)), np.float32)
+    for k, (train, _) in enumerate(splits):
+        weights[k, train] = sample_weight[k]
+    onehot = np.eye(shape.n_classes, dtype=np.float32)[y]
+    tensors = [tf.constant(np.asarray(x, np.float32)), tf.constant(onehot), tf.constant(weights)]
+    # a head's random stream follows from its training rows, not from its place among the heads
+    rngs = [np.random.default_rng([seed, zlib.crc32(np.asarray(t, np.int64).tobytes())]) for t, _ in splits]
+    tracks = [_Track(patience if val is not None else None) for _, val in splits]
+    for epoch in range(1, int(epochs) + 1):
+        idx = batches([train for train, _ in splits], batch_size, rngs)
+        scale = dropout_scale((*idx.shape, shape.units), shape.dropout, rngs)
+        probs, losses = (t.numpy() for t in epoch_fn(*tensors, tf.constant(idx), tf.constant(scale)))
+        current = [v.numpy() for v in variables]
+        for k, (_, val) in enumerate(splits):
+            if not tracks[k].stopped:
+                row = {"epoch": epoch, "loss": float(losses[:, k].mean())}
+                fit = figures(y[idx[:, k].ravel()], probs[:, k].reshape(-1, shape.n_classes), shape.n_classes)
+                row.update(accuracy=fit[1], auc=fit[2])
+                if val is not None:
+                    found = figures(y[val], head_probs([w[k] for w in current], x[val]), shape.n_classes)
+                    row.update(val_loss=found[0], val_accuracy=found[1], val_auc=found[2])
+                tracks[k].update(row, [w[k].copy() for w in current])
+        if all(t.stopped for t in tracks):
+            break
+    return [t.result() for t in tracks]
+
+
+def initial_weights(n_heads: int, d: int, shape: HeadShape, seed: int) -> list:
+    """The heads' stacked weights as Keras variables, every head starting from the same seeded
+    draw (Keras Dense's defaults: Glorot-uniform kernels, zero biases)."""
+    import keras
+
+    init = keras.initializers.GlorotUniform(seed=seed)
+    first = [init((d, shape.units)), np.zeros(shape.units), init((shape.units, shape.n_classes))]
+    first.append(np.zeros(shape.n_classes))
+    return [keras.Variable(np.repeat(np.asarray(w, np.float32)[None], n_heads, axis=0)) for w in first]
+
+
+class _Track:
+    """One head's history and early stopping (keras.callbacks.EarlyStopping's rule: stop when
+    `patience` epochs in a row did not beat the best validation AUC; keep the best epoch's weights)."""
+
+    def __init__(self, patience: int | None):
+        self.patience, self.rows, self.stopped = patience, [], False
+        self.best, self.best_epoch, self.wait, self.weights = -np.inf, 0, 0, None
+
+    def update(self, row: dict, weights: list[np.ndarray]) -> None:
+        self.rows.append(row)
+        if self.patience is None:
+            self.weights, self.best_epoch = weights, row["epoch"]
+            return
+        if self.weights is None:
+            self.weights, self.best_epoch = weights, row["epoch"]
+        self.wait += 1
+        if row["val_auc"] > self.best:
+            self.best, self.best_epoch, self.weights, self.wait = row["val_auc"], row["epoch"], weights, 0
+        elif self.wait >= self.patience and row["epoch"] > 1:
+            self.stopped = True
+
+    def result(self) -> HeadFit:
+        return HeadFit(self.weights, pd.DataFrame(self.rows), int(self.best_epoch))
+
+
+def _epoch_function(variables, optimizer):
+    """A tf.function running one epoch of steps for all heads; returns the softmax outputs of each
+    step (steps, K, B, C) and each head's loss per step (steps, K)."""
+    import tensorflow as tf
+
+    w1, b1, w2, b2 = variables
+
+    @tf.function(jit_compile=True)  # XLA: one fused program per epoch, ~2.5x faster on CPU
+    def epoch(x, onehot, sample_weight, idx, dropout_scale):
+        steps, batch = tf.shape(idx)[0], tf.cast(tf.shape(idx)[2], tf.float32)
+        probs = tf.TensorArray(tf.float32, size=steps)
+        losses = tf.TensorArray(tf.float32, size=steps)
+        for s in tf.range(steps):
+            rows = idx[s]
+            with tf.GradientTape() as tape:
+                h = tf.nn.relu(tf.einsum("kbd,kdh->kbh", tf.gather(x, rows), w1) + b1[:, None, :])
+                h = h * dropout_scale[s]
+                p = tf.nn.softmax(tf.einsum("kbh,khc->kbc", h, w2) + b2[:, None, :])
+                log_p = tf.math.log(tf.clip_by_value(p, EPSILON, 1 - EPSILON))
+                ce = -tf.reduce_sum(tf.gather(onehot, rows) * log_p, axis=-1)
+                per_head = tf.reduce_sum(ce * tf.gather(sample_weight, rows, batch_dims=1), axis=1) / batch
+                loss = tf.reduce_sum(per_head)
+            optimizer.apply(tape.gradient(loss, variables), variables)
+            probs = probs.write(s, p)
+            losses = losses.write(s, per_head)
+        return probs.stack(), losses.stack()
+
+    return epoch
