@@ -259,8 +259,7 @@ def test_heads_trained_on_cached_features_are_the_full_models_heads(tiny_data):
         assert np.allclose(on_images, fitted[0][0], atol=1e-5)  # the fold's model, trained again alike
         if cached:
             pooled = trainer.pooled_features(model)
-            weights = [w for name in ("head_dense", "predictions") for w in model.get_layer(name).get_weights()]
-            assert np.allclose(heads.head_probs(weights, pooled[splits[0][1]]), on_images, atol=1e-5)
+            assert np.allclose(heads.head_probs(heads.head_weights(model), pooled[splits[0][1]]), on_images, atol=1e-5)
 
 
 def test_augmentation_runs_in_the_input_pipeline_for_training_only(tiny_data):

@@ -1,8 +1,10 @@
 """A model's frozen backbone as a feature extractor, fast on CPU, through the feature store.
 
-`backbone_features(model, images, store)` is the one entry point: the output of the model's
+`backbone_features(model, images, store)` is the entry point: the output of the model's
 preprocess + backbone (in inference mode) for uint8 model inputs (N, S, S), read from the store or
-computed and stored. Two engines compute it:
+computed and stored. `pooled_features` keeps, under a key of its own, that output through the
+head's pooling and flatten: the small table the head's trainable layers (heads.py) read. Two
+engines compute the maps:
 
 - keras: the extractor's `predict` over the tf.data pipeline (what training did before the store);
 - tflite: the same extractor converted once per key with TensorFlow's own TFLite converter (the
@@ -109,6 +111,21 @@ def backbone_features(model, images: np.ndarray, store: FeatureStore, engine: st
     return store.lookup(key, images, compute, label)
 
 
+def pooled_features(model, images: np.ndarray, store: FeatureStore, label: str = "") -> np.ndarray:
+    """backbone_features through the model's pooling and flatten (heads.pooled): the (N, D) table
+    the head's trainable layers see, kept in the store under the backbone's key plus the pooling
+    (a fiftieth of the maps' size for a 7x7 map); maps are read or computed for its misses only."""
+    from covidxray.modeling import heads
+
+    engine = choose_engine(model.input.shape[1])
+    key = {**feature_key(model, engine), "head_pool": [int(p) for p in model.get_layer("head_pool").pool_size]}
+
+    def compute(x):
+        return heads.pooled(model, backbone_features(model, x, store, engine, label))
+
+    return store.lookup(key, images, compute, label)
+
+
 def probabilities(model, pixels: np.ndarray, n_classes: int, store: FeatureStore | None = None) -> np.ndarray:
     """inference.probabilities, with a frozen backbone's features from the store (computed once
     per image, on the fast engine) when one is given: only the head runs on them."""
@@ -117,7 +134,13 @@ def probabilities(model, pixels: np.ndarray, n_classes: int, store: FeatureStore
 
     if store is None or len(pixels) == 0 or not is_frozen(model):
         return inference.probabilities(model, pixels, n_classes)
-    probs = head_outputs(model, backbone_features(model, np.asarray(pixels, dtype=np.uint8), store))
+    from covidxray.modeling import heads
+
+    pixels = np.asarray(pixels, dtype=np.uint8)
+    if heads.head_shape(model) is not None:  # the standard head: on the (small) pooled table
+        probs = heads.head_probs(heads.head_weights(model), pooled_features(model, pixels, store))
+    else:
+        probs = head_outputs(model, backbone_features(model, pixels, store))
     if probs.ndim != 2 or probs.shape[1] != n_classes:
         raise CovidXrayError(f"the model outputs shape {probs.shape[1:]}, but its metadata names {n_classes} classes")
     return probs

@@ -115,8 +115,9 @@ class FeatureStore:
         self.keys.append(digest)
         rate = f", computed in {result.seconds:.1f}s"
         where = "memory only" if self.root is None else str(self.root / digest)
+        pooled = ", pooled {}x{}".format(*key["head_pool"]) if key.get("head_pool") else ""
         self.log(
-            f"features{f' ({label})' if label else ''}: {key.get('model', '?')} [{key.get('engine', '?')}] "
+            f"features{f' ({label})' if label else ''}: {key.get('model', '?')} [{key.get('engine', '?')}{pooled}] "
             f"{n} images: {result.hits} hits, {result.misses} misses{rate if result.misses else ''}; {where}"
         )
 

@@ -175,13 +175,15 @@ class Trainer:
         return self.cache[key]
 
     def pooled_features(self, model) -> np.ndarray:
-        """features() through the model's pooling and flatten layers: (N, D), what the head's
-        trainable layers see."""
-        from covidxray.modeling.extraction import weights_digest
+        """features() through the model's pooling and flatten layers, (N, D): what the head's
+        trainable layers see; from the feature store, which keeps this table too."""
+        from covidxray.modeling.extraction import pooled_features, weights_digest
 
         key = ("pooled", weights_digest(model.get_layer("backbone")), model.get_layer("head_pool").pool_size)
         if key not in self.cache:
-            self.cache[key] = heads.pooled(model, self.features(model))
+            start = time.perf_counter()
+            self.cache[key] = pooled_features(model, self.images, self.store, label="train")
+            self.cache_seconds += time.perf_counter() - start
         return self.cache[key]
 
     def stacked_head(self, model) -> heads.HeadShape | None:
@@ -220,9 +222,8 @@ class Trainer:
     def _fit_heads(self, model, shape: heads.HeadShape, splits: list, n_epochs: int, labels: list):
         """heads.fit_heads on the pooled features with this recipe: ([HeadFit], [FitResult]);
         each result's seconds are its share of the joint training."""
-        s, start = self.settings, time.perf_counter()
-        x = self.pooled_features(model)
-        cache_seconds = self.cache_seconds
+        s, x = self.settings, self.pooled_features(model)
+        start = time.perf_counter()
         fits = heads.fit_heads(
             x,
             self.y,
@@ -235,7 +236,7 @@ class Trainer:
             seed=s.seed,
             patience=s.patience if s.early_stopping else None,
         )
-        seconds = (time.perf_counter() - start - (self.cache_seconds - cache_seconds)) / len(splits)
+        seconds = (time.perf_counter() - start) / len(splits)
         results = []
         for fit, (train, _), label in zip(fits, splits, labels, strict=True):
             history = fit.history.assign(phase="head", fold=label)
@@ -348,6 +349,8 @@ class Trainer:
         """Softmax outputs for rows idx (through the cache when the model was trained on it)."""
         from covidxray.modeling.extraction import head_outputs
 
+        if self.stacked_head(model) is not None:
+            return heads.head_probs(heads.head_weights(model), self.pooled_features(model)[idx])
         if self.uses_cache and not self.fine_tunes:
             return head_outputs(model, self.features(model)[idx])
         return np.asarray(model.predict(make_dataset(self.images[idx], None, None, EVAL_BATCH), verbose=0))

@@ -80,6 +80,11 @@ def set_head(model, weights: list[np.ndarray]) -> None:
     model.get_layer("predictions").set_weights(weights[2:])
 
 
+def head_weights(model) -> list[np.ndarray]:
+    """The model's trained head weights [kernel, bias, kernel, bias] (head_dense, predictions)."""
+    return [w for name in ("head_dense", "predictions") for w in model.get_layer(name).get_weights()]
+
+
 def head_probs(weights: list[np.ndarray], x: np.ndarray) -> np.ndarray:
     """Softmax outputs of a trained head on pooled features (inference: no dropout)."""
     w1, b1, w2, b2 = weights
