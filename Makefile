@@ -13,11 +13,12 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 setup: $(STAMP)
 
-# Reinstall only when the pinned stack or the package metadata changes.
+# Reinstall only when the pinned stack or the package metadata changes. --no-compile: Python
+# compiles only the modules it imports, when first imported (44 s instead of 1 min 59 s here).
 $(STAMP): constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-compile -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 data: setup
