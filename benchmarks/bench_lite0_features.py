@@ -23,12 +23,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import time
 
 import numpy as np
 
-from common import REPO, alternating, images
+from common import REPO, alternating, cpu_model, images
 
 TARGET_IMAGES = 3000
 
@@ -47,14 +46,6 @@ def extractor(name: str, size: int):
         "head": {"pool_size": 7, "dense_units": 64, "dropout": 0.5},
     }
     return extraction.feature_extractor(models.build_model(cfg, size, 2)), weights
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return "unknown"
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
 
 
 def engines(model, tflite_batches: list[int], threads: int | None, xla: bool = True):

@@ -1,9 +1,10 @@
-"""Shared by the benchmarks: images to time on, and a median-of-repeats timer."""
+"""Shared by the benchmarks: images to time on, the CPU model, and a median-of-repeats timer."""
 
 from __future__ import annotations
 
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,15 @@ def images(size: int, n: int, curated: str | None = None, seed: int = 0):
                 return np.ascontiguousarray(x[pick]), index["y"].to_numpy()[pick].astype(int) % 2, str(path)
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, size=(n, size, size), dtype=np.uint8), rng.integers(0, 2, n), "synthetic"
+
+
+def cpu_model() -> str:
+    """lscpu's "Model name" (the CPU the times were measured on)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
 
 
 def timed(fn, repeats: int) -> tuple[float, list[float]]:

@@ -39,7 +39,13 @@ def run(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedP
 
 
 def test_every_benchmark_is_covered():
-    tested = {"bench_feature_cache.py", "bench_input_pipeline.py", "bench_lite0_features.py", "remedies.py"}
+    tested = {
+        "bench_feature_cache.py",
+        "bench_head_sweep.py",
+        "bench_input_pipeline.py",
+        "bench_lite0_features.py",
+        "remedies.py",
+    }
     assert set(BENCHMARKS) == tested, "a new benchmark needs a tiny run here"
 
 
@@ -59,6 +65,22 @@ def test_lite0_benchmark_reports_engines_and_differences(tmp_path):
     fast = results["tflite_b4"]
     assert results["keras"]["images_per_s"] > 0 and fast["images_per_s"] > 0
     assert fast["max_abs_diff_vs_keras"] < 1e-3 * max(1.0, results["feature_abs_max"])
+
+
+def test_head_sweep_benchmark_times_each_point(tmp_path):
+    """Two points of a real `covidxray train -m` over a cold feature store: the first job fills
+    it, the second reads it; both timed, both with their CV AUC."""
+    done = run([str(ROOT / "benchmarks" / "bench_head_sweep.py"), "--tiny"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    results, _ = json.JSONDecoder().raw_decode(done.stdout[done.stdout.index("{") :])
+    assert results["points"] == results["points_expected"] == 2 and results["total_wall_s"] > 0
+    assert [r["job"] for r in results["per_point"]] == [0, 1]
+    assert all(r["seconds"] > 0 and 0 <= r["cv_auc_mean"] <= 1 for r in results["per_point"])
+    first, second = results["per_point"]
+    assert first["misses"] > 0 and second["misses"] == 0 and second["hits"] > 0
+    assert not results["store_warm"] and results["warm_job"] is None
+    assert list(tmp_path.iterdir()) == []  # MLflow, sweep folders, data: in the benchmark's own temporary folder
+    assert "head sweep: 2 points in" in done.stdout
 
 
 def test_remedies_runs_tiny(tiny_data, tmp_path):
