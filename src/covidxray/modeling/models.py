@@ -206,6 +206,16 @@ def build_backbone(
     return keras.Model(base.input, base.output, name="backbone")
 
 
+def check_imagenet(name: str, image_size: int, imagenet_file: str | None = None) -> None:
+    """Fail now, with the advice, when a backbone's ImageNet weights cannot be had: the converted
+    file of a backbone built here (its presence), else Keras's cache or download (by building it)."""
+    spec = BACKBONES.get(name)
+    if spec is not None and spec.built_here:
+        _converted_imagenet_file(name, imagenet_file)
+    else:
+        build_backbone(name, image_size, "imagenet", imagenet_file=imagenet_file)
+
+
 def _converted_imagenet_file(name: str, path: str | None) -> str:
     """The ImageNet weights the `pretrained` stage converted for `name`: a clear error if absent."""
     if not path or not Path(path).is_file():

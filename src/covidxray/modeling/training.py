@@ -88,7 +88,7 @@ def make_trainer(fit: FitSettings, data: CVData, deterministic: bool = False, lo
 
     model = fit.model
     if model.weights == "imagenet":
-        models.build_backbone(model.name, fit.image_size, "imagenet", imagenet_file=model.imagenet_file)
+        models.check_imagenet(model.name, fit.image_size, model.imagenet_file)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
     trainer = Trainer(fit, data.images, data.y, len(data.classes))
