@@ -107,7 +107,7 @@ def test_smoke_training_end_to_end(trained):
     assert any(k.startswith("data_version.") for k in tags)
     assert tags["runner"] in ("python", "dvc")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"config.yaml", "model.json", "cv"} <= artifacts
+    assert {"config.yaml", "model.json", "cv", "training_curves.png"} <= artifacts  # every fold's curves
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 2
     for child in children:
@@ -116,7 +116,7 @@ def test_smoke_training_end_to_end(trained):
         for key in ("loss", "val_loss", "accuracy", "val_accuracy", "auc"):
             assert len(client.get_metric_history(child.info.run_id, key)) == 2, key
         files = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert {"confusion_matrix.png", "training_curves.png"} <= files
+        assert "confusion_matrix.png" in files
 
     # The registered model is a pyfunc model: image bytes in, p(covid) and the label at the saved
     # threshold out, the same as the .keras file in models/ (serving tests: test_serving.py).

@@ -54,15 +54,19 @@ def confusion_figure(matrix: np.ndarray, classes: list[str], title: str, xlabel:
 
 
 def training_curves_figure(history: pd.DataFrame, title: str):
-    """Loss, accuracy and AUC per epoch (train, and validation where there is one) side by side."""
+    """Loss, accuracy and AUC per epoch side by side: train (solid) and validation (dashed, where
+    there is one), a colour per fold when the history holds several."""
     fig, axes = pyplot().subplots(1, 3, figsize=(12, 3.5))
+    groups = list(history.groupby("fold", sort=False)) if "fold" in history else [("", history)]
     for ax, metric in zip(axes, ("loss", "accuracy", "auc")):
-        ax.plot(history["epoch"], history[metric], "o-", label="train")
-        if history[f"val_{metric}"].notna().any():
-            ax.plot(history["epoch"], history[f"val_{metric}"], "o-", label="validation")
+        for i, (fold, part) in enumerate(groups):
+            name = f"fold {fold} " if len(groups) > 1 else ""
+            ax.plot(part["epoch"], part[metric], "-", color=f"C{i}", label=f"{name}train")
+            if part[f"val_{metric}"].notna().any():
+                ax.plot(part["epoch"], part[f"val_{metric}"], "--", color=f"C{i}", label=f"{name}validation")
         ax.set_xlabel("epoch")
         ax.set_title(metric)
-        ax.legend()
+    axes[-1].legend(fontsize="small")
     fig.suptitle(f"{title}: training curves")
     fig.tight_layout()
     return fig

@@ -194,26 +194,28 @@ class Trainer:
             return None
         return heads.head_shape(model)
 
-    def cross_validate(self, splits: list, epochs: list[int], labels=None, run_ids=None) -> list:
+    def cross_validate(self, splits: list, epochs: list[int], labels=None, open_run=None) -> list:
         """One model per (train rows, validation rows) of `splits`: [(softmax outputs on its
         validation rows, FitResult)]. Heads on cached features train together (heads.py), other
-        models one after the other. Per-epoch figures go to run_ids[k] when given."""
+        models one after the other. open_run(label), when given, is called as a fold starts and
+        returns the run its per-epoch figures go to."""
         import keras
 
         labels = list(range(len(splits))) if labels is None else list(labels)
-        run_ids = run_ids or [None] * len(splits)
+        open_run = open_run or (lambda label: None)
         model = self.new_model()
         shape = self.stacked_head(model)
         if shape is not None:
+            run_ids = [open_run(label) for label in labels]
             fits, results = self._fit_heads(model, shape, splits, epochs[0], labels)
             x = self.pooled_features(model)
             for result, run_id in zip(results, run_ids, strict=True):
                 log_history(run_id, result.history)
             return [(heads.head_probs(f.weights, x[val]), r) for f, r, (_, val) in zip(fits, results, splits)]
         out = []
-        for k, ((train, val), label, run_id) in enumerate(zip(splits, labels, run_ids, strict=True)):
+        for k, ((train, val), label) in enumerate(zip(splits, labels, strict=True)):
             model = model if k == 0 else self.new_model()
-            result = self.fit(model, train, val, epochs, run_id=run_id, fold_label=label)
+            result = self.fit(model, train, val, epochs, run_id=open_run(label), fold_label=label)
             out.append((self.predict(model, val), result))
             del model
             keras.backend.clear_session()  # free the fold's graphs; the next model is re-seeded

@@ -19,9 +19,9 @@ installed together (fileset): a reader sees all old files or all new ones, also 
   reports/cv/history.csv   fold, epoch, loss, val_loss, accuracy, val_accuracy, auc, val_auc, phase
 
 MLflow: one parent run (resolved config as params, aggregate metrics, code/data/run tags, the
-config as an artifact, the final model) with one nested run per fold (per-epoch curves,
-confusion matrix and training-curve figures). The run name says what differs: the experiment
-preset and the overrides. The final model is registered (mlflow.registered_model) when the
+config as an artifact, every fold's training curves in one figure, the final model) with one
+nested run per fold (per-epoch curves as metrics, confusion matrix figure). The run name says
+what differs: the experiment preset and the overrides. The final model is registered (mlflow.registered_model) when the
 pipeline runs the stage (`--params`: dvc repro, dvc exp run), or from anywhere with
 mlflow.register=true; only the committed default pipeline moves the alias `champion`
 (serving.registry). After the install, the run is tagged with the md5 (as DVC computes it) of
@@ -162,29 +162,40 @@ def cross_validate(trainer: Trainer, data: CVData, epochs: list[int], parent_id:
     oof = np.full((len(data.y), len(data.classes)), np.nan)
     fold = data.rows["fold"].to_numpy()
     splits = [(np.flatnonzero(fold != k), np.flatnonzero(fold == k)) for k in data.folds]  # train: all other folds
-    run_ids = [fold_run(k, parent_id, len(train), len(val)) for k, (train, val) in zip(data.folds, splits)]
-    fitted = trainer.cross_validate(splits, epochs, labels=data.folds, run_ids=run_ids)
+    run_ids: dict = {}
+
+    def open_run(k) -> str:
+        run_ids[k] = fold_run(k, parent_id, *map(len, splits[data.folds.index(k)]))
+        return run_ids[k]
+
+    fitted = trainer.cross_validate(splits, epochs, labels=data.folds, open_run=open_run)
     rows = []
-    for k, (_, val), run_id, (probs, result) in zip(data.folds, splits, run_ids, fitted, strict=True):
+    for k, (_, val), (probs, result) in zip(data.folds, splits, fitted, strict=True):
         oof[val] = probs
-        rows.append({"fold": k, **record_fold(k, run_id, data.y[val], probs, result, data.classes)})
-    return CVResult(oof, pd.DataFrame(rows), pd.concat([r.history for _, r in fitted], ignore_index=True))
+        rows.append({"fold": k, **record_fold(k, run_ids[k], data.y[val], probs, result, data.classes)})
+    history = pd.concat([r.history for _, r in fitted], ignore_index=True)
+    log_figure(training_curves_figure(history, f"{len(splits)}-fold CV"), "training_curves.png")
+    return CVResult(oof, pd.DataFrame(rows), history)
 
 
 def fold_run(k: int, parent_id: str, n_train: int, n_val: int) -> str:
-    """A fold's nested MLflow run (made before training, so per-epoch figures can go to it)."""
+    """A fold's nested MLflow run, opened as the fold starts and left RUNNING (record_fold ends
+    it), so an interrupt or a kill finds it open and ends it as KILLED."""
     import mlflow
 
-    with mlflow.start_run(
-        run_name=f"fold-{k}", nested=True, tags={"fold": str(k), "parent_run": parent_id, "stage": "train"}
-    ) as child:
-        mlflow.log_params({"fold": k, "n_train": n_train, "n_val": n_val})
-        return child.info.run_id
+    from mlflow.entities import Param
+
+    client = mlflow.MlflowClient()
+    tags = {"mlflow.parentRunId": parent_id, "fold": str(k), "parent_run": parent_id, "stage": "train"}
+    run = client.create_run(client.get_run(parent_id).info.experiment_id, tags=tags, run_name=f"fold-{k}")
+    params = {"fold": k, "n_train": n_train, "n_val": n_val}
+    client.log_batch(run.info.run_id, params=[Param(key, str(value)) for key, value in params.items()])
+    return run.info.run_id
 
 
 def record_fold(k: int, run_id: str, y: np.ndarray, probs: np.ndarray, result, classes: list[str]) -> dict:
-    """A fold's figures at its restored best weights, on its MLflow run with its confusion matrix and
-    training curves (per-epoch curves are loss, val_auc...), and a line to the log."""
+    """A fold's figures at its restored best weights, on its MLflow run with its confusion matrix
+    (its per-epoch curves are metrics there: loss, val_auc...), and a line to the log."""
     import mlflow
 
     found = fold_metrics(y, probs)
@@ -198,7 +209,7 @@ def record_fold(k: int, run_id: str, y: np.ndarray, probs: np.ndarray, result, c
         found["best_epoch_fine_tune"] = float(result.best_epochs[1])
     with mlflow.start_run(run_id=run_id, nested=True):
         mlflow.log_metrics(finite_metrics({f"fold_{m}": v for m, v in found.items()}))
-        log_fold_figures(result.history, y, probs, classes, f"fold {k}")
+        log_confusion(y, probs, classes, f"fold {k}")
     print(
         f"train: fold {k}: AUC {found['auc']:.4f}, accuracy {found['accuracy']:.4f}, best epoch "
         f"{result.best_epochs}, {result.seconds:.1f}s, {found['images_per_s']:.0f} images/s"
@@ -410,24 +421,23 @@ def parent_run(cfg, model_name: str, n_folds: int):
         yield parent.info.run_id
 
 
-def log_fold_figures(history: pd.DataFrame, y: np.ndarray, probs: np.ndarray, classes: list[str], title: str):
-    """A fold's confusion matrix (at p >= 0.5) and training curves, as figures of the active run."""
+def log_figure(fig, name: str) -> None:
+    """A figure to the active MLflow run, then closed."""
     import mlflow
 
     from covidxray.evaluation.figures import pyplot
 
+    mlflow.log_figure(fig, name)
+    pyplot().close(fig)
+
+
+def log_confusion(y: np.ndarray, probs: np.ndarray, classes: list[str], title: str) -> None:
+    """A fold's confusion matrix (at p >= 0.5) as a figure of the active run."""
     k = len(classes)
     cm = np.zeros((k, k), dtype=int)
     np.add.at(cm, (y, decide(probs, 0.5)), 1)
-    for name, fig in (
-        (
-            "confusion_matrix.png",
-            confusion_figure(cm, classes, f"{title}: confusion matrix", xlabel="predicted (covid iff p >= 0.5)"),
-        ),
-        ("training_curves.png", training_curves_figure(history, title)),
-    ):
-        mlflow.log_figure(fig, name)
-        pyplot().close(fig)
+    xlabel = "predicted (covid iff p >= 0.5)"
+    log_figure(confusion_figure(cm, classes, f"{title}: confusion matrix", xlabel=xlabel), "confusion_matrix.png")
 
 
 def register(model, meta: dict, images: np.ndarray, registered_model: str | None) -> dict:
