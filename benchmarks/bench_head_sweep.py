@@ -53,7 +53,7 @@ TINY_SETTINGS = [
     "train.early_stopping.enabled=false",
 ]
 JOB_LINE = re.compile(r"#(\d+) : (.*)$")
-STORE_LINE = re.compile(r"feature.*?(\d+) hits?, (\d+) miss")
+STORE_LINE = re.compile(r"feature store .*: (\d+) hits?, (\d+) miss")  # the stage's total per job
 
 
 def points(grid: list[str]) -> int:
