@@ -113,7 +113,7 @@ class FeatureStore:
         self.hits, self.misses = self.hits + result.hits, self.misses + result.misses
         self.compute_seconds += result.seconds
         self.keys.append(digest)
-        rate = f", computed in {result.seconds:.1f}s"
+        rate = f", computed in {result.seconds:.1f}s ({result.misses / max(result.seconds, 1e-9):.0f} images/s)"
         where = "memory only" if self.root is None else str(self.root / digest)
         pooled = ", pooled {}x{}".format(*key["head_pool"]) if key.get("head_pool") else ""
         self.log(
