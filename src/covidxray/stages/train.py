@@ -162,10 +162,11 @@ def cross_validate(trainer: Trainer, data: CVData, epochs: list[int], parent_id:
     oof = np.full((len(data.y), len(data.classes)), np.nan)
     fold = data.rows["fold"].to_numpy()
     splits = [(np.flatnonzero(fold != k), np.flatnonzero(fold == k)) for k in data.folds]  # train: all other folds
-    run_ids: dict = {}
+    sizes = {k: (len(train), len(val)) for k, (train, val) in zip(data.folds, splits)}
+    run_ids: dict = {}  # fold -> its run, opened by the trainer as the fold starts
 
     def open_run(k) -> str:
-        run_ids[k] = fold_run(k, parent_id, *map(len, splits[data.folds.index(k)]))
+        run_ids[k] = fold_run(k, parent_id, *sizes[k])
         return run_ids[k]
 
     fitted = trainer.cross_validate(splits, epochs, labels=data.folds, open_run=open_run)
@@ -182,12 +183,13 @@ def fold_run(k: int, parent_id: str, n_train: int, n_val: int) -> str:
     """A fold's nested MLflow run, opened as the fold starts and left RUNNING (record_fold ends
     it), so an interrupt or a kill finds it open and ends it as KILLED."""
     import mlflow
-
     from mlflow.entities import Param
+    from mlflow.tracking.context.registry import resolve_tags  # what mlflow.start_run adds: user, source, git
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     client = mlflow.MlflowClient()
-    tags = {"mlflow.parentRunId": parent_id, "fold": str(k), "parent_run": parent_id, "stage": "train"}
-    run = client.create_run(client.get_run(parent_id).info.experiment_id, tags=tags, run_name=f"fold-{k}")
+    tags = resolve_tags({MLFLOW_PARENT_RUN_ID: parent_id, "fold": str(k), "parent_run": parent_id, "stage": "train"})
+    run = client.create_run(mlflow.active_run().info.experiment_id, tags=tags, run_name=f"fold-{k}")
     params = {"fold": k, "n_train": n_train, "n_val": n_val}
     client.log_batch(run.info.run_id, params=[Param(key, str(value)) for key, value in params.items()])
     return run.info.run_id
