@@ -6,7 +6,7 @@ image in every epoch:
   tutorial      ImageDataGenerator(rotation_range=15).flow(float array, batch_size=8) + model.fit,
                 the full model (frozen VGG16 base + head), every image every epoch
   tutorial-noaug the same loop without rotation (equal work to the cached run: no augmentation)
-  cached        covidxray.modeling.fitting.Trainer on the tutorial config with augment=none (cache on)
+  cached        covidxray.training.trainer.Trainer on the tutorial config with augment=none (cache on)
 
 Default: the tutorial config (VGG16 frozen, 224 px, batch 8, lr 1e-3 inverse-time decay) with
 weights=none (no ImageNet file offline; weights do not change the timing), 100 images x 3 epochs.
@@ -47,10 +47,10 @@ def main(argv=None) -> dict:
     except ImportError:  # pragma: no cover
         from tensorflow.keras.preprocessing.image import ImageDataGenerator
 
-    from covidxray.modeling import models
+    from covidxray.networks import builders
     from covidxray.infra.config import compose
     from covidxray.settings.train import fit_settings
-    from covidxray.modeling.fitting import Trainer, compile_model, make_optimizer
+    from covidxray.training.trainer import Trainer, compile_model, make_optimizer
 
     fit = fit_settings(
         compose(
@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     def tutorial(rotation: float) -> float:
         """The tutorial: float array in memory, ImageDataGenerator.flow, model.fit with steps_per_epoch."""
         keras.utils.set_random_seed(0)
-        model = models.build_model(fit.model.as_config(), size, 2)
+        model = builders.build_model(fit.model.as_config(), size, 2)
         compile_model(model, make_optimizer(fit.optimizer, fit.optimizer.lr, epochs, n // batch), 2)
         train_x = x.astype(np.float32)[..., None]
         aug = ImageDataGenerator(rotation_range=rotation, fill_mode="nearest")

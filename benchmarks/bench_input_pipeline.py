@@ -46,11 +46,11 @@ def main(argv=None) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from covidxray.modeling import models
+    from covidxray.networks import builders
     from covidxray.infra.config import compose
     from covidxray.settings.train import fit_settings
-    from covidxray.modeling.fitting import compile_model, make_optimizer
-    from covidxray.modeling.inputs import build_augmenter, class_weights, make_dataset
+    from covidxray.training.trainer import compile_model, make_optimizer
+    from covidxray.training.inputs import build_augmenter, class_weights, make_dataset
 
     fit = fit_settings(
         compose([*args.overrides, f"augment={args.augment}"] + ([f"data.image_size={args.size}"] if args.size else []))
@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     onehot = np.eye(2, dtype=np.float32)[y]
     w = class_weights(y, 2, fit.class_weights)
     keras.utils.set_random_seed(0)
-    model = models.build_model(fit.model.as_config(), size, 2)
+    model = builders.build_model(fit.model.as_config(), size, 2)
     spe = fit.steps_per_execution
     compile_model(model, make_optimizer(fit.optimizer, fit.optimizer.lr, 10, steps), 2, spe)
 

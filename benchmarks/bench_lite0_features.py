@@ -34,7 +34,9 @@ TARGET_IMAGES = 3000
 
 def extractor(name: str, size: int):
     """preprocess + backbone of the project's model for `name` (extraction.feature_extractor)."""
-    from covidxray.modeling import efficientnet_lite, extraction, models
+    from covidxray.networks import efficientnet_lite
+    from covidxray.training import extraction
+    from covidxray.networks import builders
 
     converted = REPO / "models" / "pretrained" / efficientnet_lite.WEIGHTS_FILE
     weights = "imagenet" if name == "efficientnet_lite0" and converted.is_file() else "none"
@@ -45,15 +47,15 @@ def extractor(name: str, size: int):
         "freeze_base": True,
         "head": {"pool_size": 7, "dense_units": 64, "dropout": 0.5},
     }
-    return extraction.feature_extractor(models.build_model(cfg, size, 2)), weights
+    return extraction.feature_extractor(builders.build_model(cfg, size, 2)), weights
 
 
 def engines(model, tflite_batches: list[int], threads: int | None, xla: bool = True):
     """{engine name: fn(x) -> features}; the TFLite file is converted once here (timed apart)."""
     import keras
 
-    from covidxray.modeling import extraction
-    from covidxray.modeling.fitting import EVAL_BATCH
+    from covidxray.training import extraction
+    from covidxray.training.trainer import EVAL_BATCH
 
     start = time.perf_counter()
     blob = extraction.convert_tflite(model)

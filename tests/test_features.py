@@ -1,4 +1,4 @@
-"""The feature store (modeling/features.py) and the fast backbone path (modeling/extraction.py):
+"""The feature store (training/feature_store.py) and the fast backbone path (training/extraction.py):
 computed once per key, hits and misses counted, bad entries named in one line and recomputed, a
 full disk leaves nothing half-written; TFLite features equal Keras's; Trainer, inference and the
 probes give the same figures through the store as without it."""
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covidxray.modeling.features import FeatureStore, key_digest, open_store, row_ids
+from covidxray.training.feature_store import FeatureStore, key_digest, open_store, row_ids
 
 KEY = {"model": "toy", "engine": "numpy", "backbone_weights_sha256": "0" * 64}
 
@@ -112,7 +112,7 @@ def test_a_full_disk_leaves_nothing_half_written(tmp_path):
         import numpy as np
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_features import KEY, images, toy_features
-        from covidxray.modeling.features import FeatureStore
+        from covidxray.training.feature_store import FeatureStore
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
         x = images(40, size=32)
@@ -140,7 +140,7 @@ def test_open_store_checks_its_folder(tmp_path):
 
 @pytest.fixture(scope="module")
 def frozen_model():
-    from covidxray.modeling import models
+    from covidxray.networks import builders
 
     cfg = {
         "name": "small_cnn",
@@ -152,11 +152,11 @@ def frozen_model():
     import keras
 
     keras.utils.set_random_seed(0)
-    return models.build_model(cfg, 32, 2)
+    return builders.build_model(cfg, 32, 2)
 
 
 def test_tflite_features_equal_keras_and_the_converted_file_is_kept(frozen_model, tmp_path):
-    from covidxray.modeling import extraction
+    from covidxray.training import extraction
 
     x = images(12, size=32)
     store, lines = store_at(tmp_path)
@@ -177,7 +177,7 @@ def test_tflite_features_equal_keras_and_the_converted_file_is_kept(frozen_model
 
 def test_inference_and_probes_through_the_store_match_the_model(frozen_model, tmp_path):
     from covidxray.evaluation.probes import penultimate_features
-    from covidxray.modeling.extraction import probabilities
+    from covidxray.training.extraction import probabilities
 
     x = images(10, size=32)
     store, _ = store_at(tmp_path)
@@ -194,7 +194,7 @@ def test_trainer_reads_the_store_and_trains_the_same_head(tiny_data, tmp_path):
     fits the same model as the first."""
     from conftest import make_cfg
 
-    from covidxray.modeling.fitting import Trainer
+    from covidxray.training.trainer import Trainer
     from covidxray.settings.train import train_settings
     from covidxray.stages.train import load_cv_data
 

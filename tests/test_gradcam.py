@@ -7,7 +7,7 @@ from covidxray.evaluation import gradcam
 
 
 def _model(name: str, size: int, **model_cfg):
-    from covidxray.modeling.models import build_model
+    from covidxray.networks.builders import build_model
 
     cfg = {
         "name": name,

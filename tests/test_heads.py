@@ -1,16 +1,16 @@
-"""Heads trained together on fixed features (modeling/heads.py): each is the head trained alone,
+"""Heads trained together on fixed features (training/stacked_heads.py): each is the head trained alone,
 early stopping keeps the best epoch's weights, and the heads learn."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from covidxray.modeling import heads
-from covidxray.modeling.fitting import make_optimizer
-from covidxray.modeling.inputs import class_weights
-from covidxray.modeling.specs import OptimizerSettings
+from covidxray.training import stacked_heads
+from covidxray.training.trainer import make_optimizer
+from covidxray.training.inputs import class_weights
+from covidxray.training.specs import OptimizerSettings
 
-SHAPE = heads.HeadShape(units=8, dropout=0.5, n_classes=2)
+SHAPE = stacked_heads.HeadShape(units=8, dropout=0.5, n_classes=2)
 
 
 def data(n=240, d=16, signal=1.0, seed=0):
@@ -22,7 +22,7 @@ def data(n=240, d=16, signal=1.0, seed=0):
 
 def fit(x, y, splits, epochs=6, patience=None, schedule="constant"):
     opt = OptimizerSettings("adam", 1e-2, schedule)
-    return heads.fit_heads(
+    return stacked_heads.fit_heads(
         x,
         y,
         splits,
@@ -56,7 +56,7 @@ def test_early_stopping_keeps_the_best_epoch():
     assert len(history) < 40 and list(history["epoch"]) == list(range(1, len(history) + 1))
     best = int(np.argmax(history["val_auc"].to_numpy())) + 1  # the first best, as Keras's rule keeps it
     assert found.best_epoch == best and len(history) == best + 2
-    _, _, auc = heads.figures(y[val], heads.head_probs(found.weights, x[val]), 2)
+    _, _, auc = stacked_heads.figures(y[val], stacked_heads.head_probs(found.weights, x[val]), 2)
     assert np.isclose(auc, history["val_auc"].iloc[best - 1])
 
 
@@ -67,5 +67,5 @@ def test_heads_learn_and_train_without_validation():
     assert found.history["val_auc"].max() > 0.9
     (final,) = fit(x, y, [(np.arange(400), None)], epochs=3)
     assert final.best_epoch == 3 and len(final.history) == 3 and "val_auc" not in final.history
-    probs = heads.head_probs(final.weights, x)
+    probs = stacked_heads.head_probs(final.weights, x)
     assert probs.shape == (400, 2) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-6)

@@ -14,7 +14,7 @@ import pytest
 from conftest import make_cfg
 from covidxray import CovidXrayError
 from covidxray.evaluation import calibration, card, loco, probes
-from covidxray.modeling import heldout
+from covidxray.training import loco_groups
 from test_evaluate import overrides, trained_model
 
 META = {"classes": ["normal", "covid"], "threshold": 0.5, "image_size": 16}
@@ -112,19 +112,19 @@ CLASSES = ["normal", "covid"]
 
 
 def test_default_groups_follow_the_training_collections():
-    assert heldout.default_groups(DEFAULT_ROLES, CLASSES) == (("radiography",), ("ieee8023", "kermany"))
+    assert loco_groups.default_groups(DEFAULT_ROLES, CLASSES) == (("radiography",), ("ieee8023", "kermany"))
     tutorial = {
         "train": {"covid": ["ieee8023"], "normal": ["kermany"]},
         "external": {"covid": ["radiography"], "normal": ["radiography"]},
     }
-    assert heldout.default_groups(tutorial, CLASSES) == (("radiography",),)  # the pair itself cannot be held out
+    assert loco_groups.default_groups(tutorial, CLASSES) == (("radiography",),)  # the pair itself cannot be held out
     adult = {
         "train": {"covid": ["ieee8023"], "normal": ["radiography"]},
         "external": {"covid": ["radiography"], "normal": ["kermany"]},
     }
-    assert heldout.default_groups(adult, CLASSES) == (("kermany",),)  # a one-class group, the only one possible
+    assert loco_groups.default_groups(adult, CLASSES) == (("kermany",),)  # a one-class group, the only one possible
     site = {"train": {"covid": ["ieee8023", "radiography", "h1"], "normal": ["kermany", "radiography", "h1"]}}
-    assert heldout.default_groups(site, CLASSES) == (("h1",), ("radiography",), ("ieee8023", "kermany"))
+    assert loco_groups.default_groups(site, CLASSES) == (("h1",), ("radiography",), ("ieee8023", "kermany"))
 
 
 @pytest.mark.parametrize(

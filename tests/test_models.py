@@ -36,18 +36,18 @@ def _pixels(n: int = 3, size: int = SIZE) -> np.ndarray:
 
 
 def test_conf_lists_every_backbone():
-    from covidxray.modeling import models
+    from covidxray.networks import catalogue
 
-    assert set(MODEL_NAMES) == set(models.MODEL_NAMES)
+    assert set(MODEL_NAMES) == set(catalogue.MODEL_NAMES)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_structure_contract_save_and_reload(name, tmp_path):
     import keras
 
-    from covidxray.modeling import models
+    from covidxray.networks import builders
 
-    model = models.build_model(_cfg(name), SIZE, 3)
+    model = builders.build_model(_cfg(name), SIZE, 3)
     kinds = [type(layer).__name__ for layer in model.layers]
     names = [layer.name for layer in model.layers]
     assert kinds[0] == "InputLayer" and names[1:3] == ["preprocess", "backbone"]
@@ -63,7 +63,7 @@ def test_structure_contract_save_and_reload(name, tmp_path):
     x = _pixels()
     before = model.predict(x, verbose=0)
     assert np.allclose(before.sum(axis=1), 1.0, atol=1e-5)
-    preprocess, backbone_part, head = models.split_at_backbone(model)
+    preprocess, backbone_part, head = builders.split_at_backbone(model)
     assert np.allclose(head(backbone_part(preprocess(x), training=False)).numpy(), before, atol=1e-5)
 
     path = tmp_path / "model.keras"
@@ -74,15 +74,15 @@ def test_structure_contract_save_and_reload(name, tmp_path):
 
 
 def test_saved_model_loads_in_another_process(tmp_path):
-    from covidxray.modeling import models
+    from covidxray.networks import builders
 
-    model = models.build_model(_cfg("mobilenetv2"), SIZE, 2)
+    model = builders.build_model(_cfg("mobilenetv2"), SIZE, 2)
     model.save(tmp_path / "model.keras")
     x = _pixels()
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "p.npy", model.predict(x, verbose=0))
     code = (
-        "import sys, numpy as np, keras, covidxray.modeling.models; d = sys.argv[1]; "
+        "import sys, numpy as np, keras, covidxray.networks.builders; d = sys.argv[1]; "
         "m = keras.models.load_model(d + '/model.keras'); "
         "assert np.allclose(m.predict(np.load(d + '/x.npy'), verbose=0), np.load(d + '/p.npy'), atol=1e-5)"
     )
@@ -95,42 +95,44 @@ def test_preprocess_matches_keras_applications(name):
     """The in-model layer equals keras.applications.<family>.preprocess_input on RGB-repeated gray."""
     import keras
 
-    from covidxray.modeling import models
+    from covidxray.networks import builders
+    from covidxray.networks import catalogue
 
     x = _pixels()
-    family = getattr(keras.applications, models.BACKBONES[name].module)
+    family = getattr(keras.applications, catalogue.BACKBONES[name].module)
     expected = np.asarray(family.preprocess_input(np.repeat(x, 3, axis=-1).copy()))
-    layer = models.GrayscalePreprocess(models.BACKBONES[name].preprocess, 3)
+    layer = builders.GrayscalePreprocess(catalogue.BACKBONES[name].preprocess, 3)
     assert np.allclose(layer(x).numpy(), expected, atol=1e-4)
 
 
 def test_small_cnn_scales_to_unit_range_on_one_channel():
-    from covidxray.modeling import models
+    from covidxray.networks import builders
 
-    model = models.build_model(_cfg("small_cnn"), SIZE, 2)
+    model = builders.build_model(_cfg("small_cnn"), SIZE, 2)
     out = model.get_layer("preprocess")(_pixels())
     assert out.shape[-1] == 1 and float(np.max(out)) <= 1.0 and float(np.min(out)) >= 0.0
 
 
 def test_pooling_is_clamped_to_small_feature_maps():
-    from covidxray.modeling import models
+    from covidxray.networks import builders
+    from covidxray.networks import catalogue
 
-    model = models.build_model(_cfg("vgg16", head={"pool_size": 4, "dense_units": 8, "dropout": 0.5}), SIZE, 2)
+    model = builders.build_model(_cfg("vgg16", head={"pool_size": 4, "dense_units": 8, "dropout": 0.5}), SIZE, 2)
     assert model.get_layer("backbone").output.shape[1] == 1
     assert model.get_layer("head_pool").pool_size == (1, 1)
-    assert models.feature_map_size("vgg16", SIZE) == 1
-    assert models.feature_map_size("small_cnn", 128, [16, 32, 64, 64]) == 8
+    assert catalogue.feature_map_size("vgg16", SIZE) == 1
+    assert catalogue.feature_map_size("small_cnn", 128, [16, 32, 64, 64]) == 8
 
 
 def test_frozen_base_and_fine_tune():
-    from covidxray.modeling import models
+    from covidxray.networks import builders
 
-    model = models.build_model(_cfg("mobilenetv2", freeze_base=True), SIZE, 2)
+    model = builders.build_model(_cfg("mobilenetv2", freeze_base=True), SIZE, 2)
     backbone = model.get_layer("backbone")
     assert not backbone.trainable
     head_weights = len(model.trainable_weights)
     assert head_weights == 4  # two Dense layers: kernel + bias each
-    unfrozen = models.set_fine_tune(model, 5)
+    unfrozen = builders.set_fine_tune(model, 5)
     assert unfrozen >= 1
     assert len(model.trainable_weights) > head_weights
     bn = [layer for layer in backbone.layers if type(layer).__name__ == "BatchNormalization"]
@@ -138,21 +140,21 @@ def test_frozen_base_and_fine_tune():
 
 
 def test_weights_file_path_loads_into_backbone(tmp_path):
-    from covidxray.modeling import models
+    from covidxray.networks import builders
 
-    source = models.build_backbone("vgg16", SIZE, "none")
+    source = builders.build_backbone("vgg16", SIZE, "none")
     path = tmp_path / "vgg16_backbone.weights.h5"
     source.save_weights(path)
-    loaded = models.build_backbone("vgg16", SIZE, str(path))
+    loaded = builders.build_backbone("vgg16", SIZE, str(path))
     assert all(np.array_equal(a, b) for a, b in zip(source.get_weights(), loaded.get_weights()))
 
 
 def test_missing_weights_file_is_a_config_error(tmp_path):
     from covidxray import CovidXrayError
-    from covidxray.modeling import models
+    from covidxray.networks import builders
 
     with pytest.raises(CovidXrayError, match="model.weights"):
-        models.build_backbone("vgg16", SIZE, str(tmp_path / "nope.h5"))
+        builders.build_backbone("vgg16", SIZE, str(tmp_path / "nope.h5"))
 
 
 @pytest.mark.parametrize(
@@ -170,7 +172,7 @@ def test_offline_imagenet_names_the_cache_file(name, size, expected, tmp_path, m
     from keras.src.utils import file_utils
 
     from covidxray import CovidXrayError
-    from covidxray.modeling import models
+    from covidxray.networks import builders
 
     monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path / "keras-home"))
 
@@ -180,20 +182,20 @@ def test_offline_imagenet_names_the_cache_file(name, size, expected, tmp_path, m
     monkeypatch.setattr(file_utils, "urlretrieve", offline)
     start = time.monotonic()
     with pytest.raises(CovidXrayError) as err:
-        models.build_model({"name": name, "weights": "imagenet", "freeze_base": True}, size, 2)
+        builders.build_model({"name": name, "weights": "imagenet", "freeze_base": True}, size, 2)
     assert time.monotonic() - start < 30
     message = str(err.value)
     assert str(tmp_path / "keras-home" / "models" / expected) in message
     assert "model.weights=none" in message
-    assert models.imagenet_weights_path(name, size) == Path(tmp_path / "keras-home" / "models" / expected)
+    assert builders.imagenet_weights_path(name, size) == Path(tmp_path / "keras-home" / "models" / expected)
 
 
 def test_small_cnn_has_no_imagenet_weights():
     from covidxray import CovidXrayError
-    from covidxray.modeling import models
+    from covidxray.networks import builders
 
     with pytest.raises(CovidXrayError, match="model.weights"):
-        models.build_backbone("small_cnn", SIZE, "imagenet")
+        builders.build_backbone("small_cnn", SIZE, "imagenet")
 
 
 def test_corrupt_model_file_is_one_line_naming_the_file(tmp_path, capsys):
@@ -202,10 +204,11 @@ def test_corrupt_model_file_is_one_line_naming_the_file(tmp_path, capsys):
     import zipfile
 
     from covidxray import CovidXrayError, cli
-    from covidxray.modeling import models
+    from covidxray.networks import builders
+    from covidxray.networks import model_file
 
     good = tmp_path / "good.keras"
-    models.build_model(_cfg("small_cnn"), SIZE, 2).save(good)
+    builders.build_model(_cfg("small_cnn"), SIZE, 2).save(good)
     data = good.read_bytes()
     with zipfile.ZipFile(good) as archive:
         weights = archive.getinfo("model.weights.h5")
@@ -222,7 +225,7 @@ def test_corrupt_model_file_is_one_line_naming_the_file(tmp_path, capsys):
         (folder / "model.keras").write_bytes(content)
         (folder / "model.json").write_text('{"classes": ["normal", "covid"], "image_size": 32, "threshold": 0.5}')
         with pytest.raises(CovidXrayError) as err:
-            models.load(folder / "model.keras")
+            model_file.load(folder / "model.keras")
         message = str(err.value)
         assert str(folder / "model.keras") in message and "\n" not in message
         assert "File not found" not in message

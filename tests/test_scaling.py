@@ -18,7 +18,7 @@ def test_smoke_training_logs_to_an_mlflow_server(smoke_cfg, tmp_path, monkeypatc
     from mlflow.tracking import MlflowClient
 
     from covidxray.stages import train
-    from covidxray.modeling.inference import png_bytes
+    from covidxray.networks.inference import png_bytes
 
     root = tmp_path / "server"
     root.mkdir()

@@ -30,10 +30,10 @@ def xray(collection_dir):
 def expected(tiny, gray: np.ndarray) -> dict:
     """What the model in models/ says about a decoded image, through the training preprocessing."""
     from covidxray.data import images
-    from covidxray.modeling import models
-    from covidxray.modeling.inference import probabilities
+    from covidxray.networks import model_file
+    from covidxray.networks.inference import probabilities
 
-    model, meta = models.load_model(tiny["models"])
+    model, meta = model_file.load_model(tiny["models"])
     pixels = images.prepare_for(meta, images.resize(gray, meta["store_size"], meta["resize"])[None])
     p = float(probabilities(model, pixels, len(meta["classes"]))[0, -1])
     return {
@@ -147,7 +147,7 @@ def test_a_model_logged_before_the_move_loads_where_covidxray_is_imported(tmp_pa
 
     from conftest import make_cfg
     from covidxray.infra import tracking
-    from covidxray.modeling.models import build_model
+    from covidxray.networks.builders import build_model
     from covidxray.serving import pyfunc
 
     old_entry = pyfunc.ENTRY.replace("from covidxray.serving.pyfunc import", "from covidxray.serving import")
@@ -170,7 +170,7 @@ def test_decode_rows_takes_files_base64_or_pixels_and_names_bad_rows(xray):
 
     from covidxray import CovidXrayError
     from covidxray.data import images
-    from covidxray.modeling.inference import decode_rows, png_bytes
+    from covidxray.networks.inference import decode_rows, png_bytes
 
     gray, _ = images.read_grayscale(xray)
     meta = images.input_spec(32, "pad", 64, "clahe", 0.1)  # every input step of training

@@ -72,7 +72,7 @@ def test_smoke_training_end_to_end(trained):
     # the default trains on every collection: the cv partition of all of them
     assert sorted(oof["image_id"]) == sorted(splits.loc[splits["partition"] == "cv", "image_id"])
     assert np.allclose(oof[["p_normal", "p_covid"]].sum(axis=1), 1.0, atol=1e-5)
-    from covidxray.modeling.models import RUN_KEYS, read_meta
+    from covidxray.networks.model_file import RUN_KEYS, read_meta
 
     meta = read_meta(models_dir / "model.keras")  # model.json with model.run.json (run, version)
     assert not set(RUN_KEYS) & set(json.loads((models_dir / "model.json").read_text()))  # same every run
@@ -121,7 +121,7 @@ def test_smoke_training_end_to_end(trained):
     # The registered model is a pyfunc model: image bytes in, p(covid) and the label at the saved
     # threshold out, the same as the .keras file in models/ (serving tests: test_serving.py).
     assert meta["registered_model"] == cfg.mlflow.registered_model and meta["registered_version"] == 1
-    from covidxray.modeling.inference import png_bytes
+    from covidxray.networks.inference import png_bytes
 
     x = np.random.default_rng(1).uniform(0, 255, size=(4, 32, 32)).astype(np.uint8)
     p = keras.models.load_model(models_dir / "model.keras").predict(x.astype(np.float32)[..., None], verbose=0)
@@ -203,7 +203,7 @@ def test_hydra_multirun_makes_one_parent_run_per_job(tiny_data, tmp_path):
         "smoke model.head.dense_units=8 (small_cnn-cv2)",
     ]
     for job in ("0", "1"):
-        from covidxray.modeling.models import read_meta
+        from covidxray.networks.model_file import read_meta
 
         meta = read_meta(tmp_path / "sweep" / job / "models" / "model.keras")
         assert meta["registered_version"] is None and meta["model_uri"].startswith(("runs:/", "models:/m-"))
@@ -212,7 +212,7 @@ def test_hydra_multirun_makes_one_parent_run_per_job(tiny_data, tmp_path):
 def test_final_model_trains_the_cv_median_best_epoch():
     """With early stopping, the final model (no validation fold to stop on) trains the median of
     the folds' best epochs, rounded up and at least 1, per phase; without, the configured epochs."""
-    from covidxray.modeling.training import final_epochs
+    from covidxray.training.cv_data import final_epochs
 
     folds = pd.DataFrame({"best_epoch": [3.0, 7.0, 4.0]})
     assert final_epochs([25, 0], folds, early_stopping=True) == [4, 0]
@@ -224,12 +224,12 @@ def test_final_model_trains_the_cv_median_best_epoch():
 
 
 def test_heads_trained_on_cached_features_are_the_full_models_heads(tiny_data):
-    """With a frozen base the folds' heads train together on cached features (heads.py); the full
+    """With a frozen base the folds' heads train together on cached features (stacked_heads.py); the full
     model then carries its fold's head: it predicts on images what the head predicts on features.
     Without the cache the same recipe trains the full models with Keras's fit."""
-    from covidxray.modeling import heads
-    from covidxray.modeling.fitting import Trainer
-    from covidxray.modeling.training import load_cv_data
+    from covidxray.training import stacked_heads
+    from covidxray.training.trainer import Trainer
+    from covidxray.training.cv_data import load_cv_data
     from covidxray.settings.train import train_settings
 
     s = train_settings(
@@ -259,12 +259,14 @@ def test_heads_trained_on_cached_features_are_the_full_models_heads(tiny_data):
         assert np.allclose(on_images, fitted[0][0], atol=1e-5)  # the fold's model, trained again alike
         if cached:
             pooled = trainer.pooled_features(model)
-            assert np.allclose(heads.head_probs(heads.head_weights(model), pooled[splits[0][1]]), on_images, atol=1e-5)
+            assert np.allclose(
+                stacked_heads.head_probs(stacked_heads.head_weights(model), pooled[splits[0][1]]), on_images, atol=1e-5
+            )
 
 
 def test_augmentation_runs_in_the_input_pipeline_for_training_only(tiny_data):
     from covidxray.settings.train import augment_settings
-    from covidxray.modeling.inputs import build_augmenter, make_dataset
+    from covidxray.training.inputs import build_augmenter, make_dataset
 
     cfg = make_cfg(["augment=standard"])
     augmenter = build_augmenter(augment_settings(cfg), seed=0)
@@ -280,7 +282,7 @@ def test_augmentation_runs_in_the_input_pipeline_for_training_only(tiny_data):
     assert float(x.numpy().min()) >= 0.0 and float(x.numpy().max()) <= 255.0
     assert np.allclose(plain.numpy()[..., 0], images)
     # The fused warp with nothing to do is the identity; a 90 degree turn moves pixels as expected.
-    from covidxray.modeling.inputs import random_affine_layer as _random_affine_layer
+    from covidxray.training.inputs import random_affine_layer as _random_affine_layer
 
     batch = plain.numpy()
     assert np.allclose(_random_affine_layer()(0.0, 0.0, 0.0)(batch).numpy(), batch, atol=1e-3)
@@ -293,7 +295,7 @@ def test_augmentation_runs_in_the_input_pipeline_for_training_only(tiny_data):
 
 def test_learning_rate_schedules():
     from covidxray.settings.train import fit_settings
-    from covidxray.modeling.fitting import make_optimizer, make_schedule
+    from covidxray.training.trainer import make_optimizer, make_schedule
 
     tutorial = make_schedule(
         make_cfg(["optimizer.schedule=inverse_time"]).optimizer.schedule, 1e-3, epochs=25, steps_per_epoch=10
@@ -310,8 +312,8 @@ def test_learning_rate_schedules():
 
 def test_mirrored_strategy_runs_as_one_replica_on_cpu(tiny_data, tmp_path):
     from covidxray.settings.train import train_settings
-    from covidxray.modeling.fitting import Trainer
-    from covidxray.modeling.training import load_cv_data
+    from covidxray.training.trainer import Trainer
+    from covidxray.training.cv_data import load_cv_data
 
     s = train_settings(
         make_cfg(

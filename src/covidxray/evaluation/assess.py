@@ -12,7 +12,7 @@ import pandas as pd
 
 from covidxray import CovidXrayError
 from covidxray.evaluation import metrics
-from covidxray.modeling.inference import probabilities
+from covidxray.networks.inference import probabilities
 
 
 @dataclass(frozen=True)

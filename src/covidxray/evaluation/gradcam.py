@@ -1,6 +1,6 @@
 """Grad-CAM: where in the X-ray the model looked, for any backbone the project builds.
 
-The model's layout (models.py): Input -> "preprocess" -> nested "backbone" Model (last conv
+The model's layout (networks/builders.py): Input -> "preprocess" -> nested "backbone" Model (last conv
 feature map, 4-D) -> head layers (models.model_parts). We replay that chain under a GradientTape
 watching the backbone's output, so no backbone-specific layer names are needed.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covidxray.modeling.models import model_parts
+from covidxray.networks.builders import model_parts
 
 
 def _class_scores(head, features, class_index: int):

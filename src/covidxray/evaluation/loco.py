@@ -30,7 +30,7 @@ from covidxray import CovidXrayError
 from covidxray.data import sources
 from covidxray.evaluation import calibration
 from covidxray.evaluation import metrics as M
-from covidxray.modeling.heldout import (
+from covidxray.training.loco_groups import (
     HEADLINE,
     SUMMARY,
     LocoSpec,
@@ -132,7 +132,7 @@ def fit_recipe(trainer, idx: np.ndarray, fold_of: np.ndarray, positive: np.ndarr
     """The train stage's recipe on rows `idx` of the trainer: CV over their folds for the
     out-of-fold threshold and the epoch count, then the final model on all of them.
     Returns (final model, threshold, {"oof_auc", "epochs"})."""
-    from covidxray.modeling.training import final_epochs
+    from covidxray.training.cv_data import final_epochs
 
     folds = sorted(np.unique(fold_of[idx]).tolist())[: recipe.folds or None]
     epochs = [recipe.fit.epochs, recipe.fit.model.fine_tune.epochs if trainer.fine_tunes else 0]
@@ -184,7 +184,7 @@ def load_rows(curated, splits, provides: dict, classes_wanted=None):
 def run(curated, splits, recipe: Recipe, spec: LocoSpec, seed: int, classes_wanted=None) -> dict:
     """LOCO over spec.groups: {"groups": {name: figures}, "summary": mean/worst, "seconds"}."""
     from covidxray.data.images import prepare
-    from covidxray.modeling.training import CVData, make_trainer
+    from covidxray.training.cv_data import CVData, make_trainer
 
     start = time.perf_counter()
     stored, rows, classes = load_rows(curated, splits, spec.provides, classes_wanted)

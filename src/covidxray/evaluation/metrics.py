@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from covidxray import CovidXrayError
-from covidxray.modeling.inference import decide  # noqa: F401 - the decision rule, measured here
+from covidxray.networks.inference import decide  # noqa: F401 - the decision rule, measured here
 
 THRESHOLD_METHODS = ("youden", "sensitivity")
 # Figures of a binary (or one-vs-rest) decision; "accuracy" is added by classification_metrics.

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from covidxray.data import audit
-from covidxray.modeling.extraction import probabilities
-from covidxray.modeling.inference import decide
+from covidxray.training.extraction import probabilities
+from covidxray.networks.inference import decide
 
 FEATURE_LAYER = "head_dense"  # every model of models.build_model has it: the head's last hidden layer
 PROBE_FOLDS = 5
@@ -60,7 +60,7 @@ def penultimate_features(model, images: np.ndarray, batch_size: int = 64, store=
     backbone's features come from the feature store when one is given."""
     import keras
 
-    from covidxray.modeling import extraction
+    from covidxray.training import extraction
 
     if store is not None and extraction.is_frozen(model):
         features = extraction.backbone_features(model, np.asarray(images, dtype=np.uint8), store, label="probe")

@@ -22,8 +22,8 @@ from covidxray.evaluation import figures, metrics
 from covidxray.evaluation.assess import AssessOptions, assess
 from covidxray.evaluation.report import set_report
 from covidxray.infra.outputs import replace_dir
-from covidxray.modeling import extraction
-from covidxray.modeling.features import open_store
+from covidxray.training import extraction
+from covidxray.training.feature_store import open_store
 
 OUTPUTS = ("metrics.json", "headline.json", "plots", "figures", "report.md")  # what publish writes
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from covidxray import CovidXrayError
 from covidxray.infra.outputs import read_json
-from covidxray.modeling.specs import META_FILE, MODEL_FILE
+from covidxray.networks.model_file import META_FILE, MODEL_FILE
 
 URI = re.compile(r"^(models|runs):/")
 
@@ -53,9 +53,9 @@ def resolve_model(spec: str, tracking_uri: str | None = None):
     """(keras model, metadata) from a path or an MLflow model URI."""
     if is_model_uri(spec):
         return load_mlflow_model(str(spec), tracking_uri)
-    from covidxray.modeling import models
+    from covidxray.networks import model_file
 
-    return models.load_model(Path(spec))
+    return model_file.load_model(Path(spec))
 
 
 def load_mlflow_model(uri: str, tracking_uri: str | None = None):
@@ -65,7 +65,7 @@ def load_mlflow_model(uri: str, tracking_uri: str | None = None):
     import mlflow
 
     from covidxray.infra import tracking
-    from covidxray.modeling import models
+    from covidxray.networks import model_file
 
     store = tracking.tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(store)
@@ -75,11 +75,11 @@ def load_mlflow_model(uri: str, tracking_uri: str | None = None):
         meta = _mlflow_meta(info, path, Path(local) / "run")
         meta.setdefault("mlflow_run_id", info.run_id)
         meta["model_uri"] = uri
-        meta = models.check_meta(meta, uri)
+        meta = model_file.check_meta(meta, uri)
         files = sorted(path.rglob("*.keras"))
         if not files:
             raise CovidXrayError(f"MLflow model {uri} holds no .keras file")
-        return models.load(files[0]), meta
+        return model_file.load(files[0]), meta
 
 
 def _download_model(uri: str, store: str, local: Path):

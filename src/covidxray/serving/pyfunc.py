@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from covidxray import CovidXrayError
-from covidxray.modeling.inference import IDENTITY, decode_rows, png_bytes, predictions
+from covidxray.networks.inference import IDENTITY, decode_rows, png_bytes, predictions
 
 MODEL_ARTIFACT = "model"
 META_ARTIFACT = "meta"
@@ -46,7 +46,7 @@ class CovidXrayModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         from covidxray.infra.outputs import read_json
-        from covidxray.modeling.models import check_meta, load
+        from covidxray.networks.model_file import check_meta, load
 
         self.meta = check_meta(read_json(Path(context.artifacts[META_ARTIFACT])), META_ARTIFACT)
         self.model = load(context.artifacts[MODEL_ARTIFACT])

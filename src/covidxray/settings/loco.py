@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from covidxray.modeling import heldout
+from covidxray.training import loco_groups
 from covidxray.evaluation.metrics import THRESHOLD_METHODS
 from covidxray.infra.config import choice, fail, integer, number, value
 
@@ -21,28 +21,28 @@ class LocoSettings:
     train settings) and how the groups are chosen and measured."""
 
     train: TrainSettings
-    recipe: heldout.Recipe
-    spec: heldout.LocoSpec
+    recipe: loco_groups.Recipe
+    spec: loco_groups.LocoSpec
     seed: int
     out: Reporting  # the MLflow store and experiment the figures are logged to
 
 
-def loco_spec(cfg, roles: dict, classes) -> heldout.LocoSpec:
+def loco_spec(cfg, roles: dict, classes) -> loco_groups.LocoSpec:
     """The checked `loco` group (groups against `data.sources`) and evaluate's bootstrap."""
     from omegaconf import OmegaConf
 
     found = value(cfg, "loco.groups")
     found = OmegaConf.to_container(found) if OmegaConf.is_config(found) else found
     groups = (
-        heldout.default_groups(roles, classes)
+        loco_groups.default_groups(roles, classes)
         if found in (None, "auto")
-        else heldout.check_groups(found, roles, classes)
+        else loco_groups.check_groups(found, roles, classes)
     )
     if not groups:
         fail("loco.groups", "auto with a collection that can be held out, or a list of groups of collections", found)
-    return heldout.LocoSpec(
+    return loco_groups.LocoSpec(
         groups=groups,
-        provides=heldout.collections_of(roles),
+        provides=loco_groups.collections_of(roles),
         calibration_k=integer(cfg, "loco.calibration.k", 2, "an integer >= 2 (labelled images, half of each class)"),
         calibration_draws=integer(cfg, "loco.calibration.draws", 1),
         calibration_method=choice(cfg, "loco.calibration.method", THRESHOLD_METHODS),
@@ -58,7 +58,7 @@ def loco_settings(cfg) -> LocoSettings:
     """Check the train settings and the `loco` group before anything is read or trained."""
     train = train_settings(cfg)
     spec = loco_spec(cfg, train.roles, TASKS[train.task])
-    recipe = heldout.Recipe(
+    recipe = loco_groups.Recipe(
         fit=train.fit,
         inputs=train.inputs,
         train_roles=train.roles["train"],

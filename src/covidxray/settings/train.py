@@ -10,18 +10,11 @@ from pathlib import Path
 from covidxray import CovidXrayError
 from covidxray.data import collections, sources
 from covidxray.data.images import INPUT_KEYS, input_spec
-from covidxray.modeling import heldout
+from covidxray.training import loco_groups
 from covidxray.evaluation.metrics import THRESHOLD_METHODS, training_metric_names
 from covidxray.infra.config import choice, fail, flag, integer, number, text, value
-from covidxray.modeling import backbones
-from covidxray.modeling.specs import (
-    AugmentSettings,
-    FineTune,
-    FitSettings,
-    Head,
-    ModelSettings,
-    OptimizerSettings,
-)
+from covidxray.networks import catalogue
+from covidxray.training.specs import AugmentSettings, FineTune, FitSettings, Head, ModelSettings, OptimizerSettings
 
 
 TASKS = {task: tuple(classes) for task, classes in collections.TASKS.items()}  # covid last
@@ -60,10 +53,10 @@ class TrainSettings:
 
 def model_settings(cfg, image_size: int) -> ModelSettings:
     """The checked `model` group for images of image_size px."""
-    name = choice(cfg, "model.name", backbones.MODEL_NAMES)
+    name = choice(cfg, "model.name", catalogue.MODEL_NAMES)
     found = value(cfg, "model.weights")
     weights = "none" if found is None else str(found)
-    pretrained = backbones.is_pretrainable(name)
+    pretrained = catalogue.is_pretrainable(name)
     if weights not in ("imagenet", "none") and not Path(weights).is_file():
         fail("model.weights", "imagenet, none, or the path of an existing weights file", weights)
     if weights == "imagenet" and not pretrained:
@@ -95,18 +88,18 @@ def model_settings(cfg, image_size: int) -> ModelSettings:
 def _filters(cfg, name: str, size: int) -> tuple[int, ...]:
     """small_cnn's conv widths (checked against the image size); the input size ImageNet
     backbones need otherwise."""
-    filters = value(cfg, "model.filters") or backbones.DEFAULT_FILTERS
+    filters = value(cfg, "model.filters") or catalogue.DEFAULT_FILTERS
     if name != "small_cnn":
-        if size < backbones.MIN_IMAGENET_SIZE:
+        if size < catalogue.MIN_IMAGENET_SIZE:
             raise CovidXrayError(
                 f"data.image_size={size} is too small for model.name={name}: ImageNet backbones take "
-                f"inputs of at least {backbones.MIN_IMAGENET_SIZE} px (allowed: data.image_size >= "
-                f"{backbones.MIN_IMAGENET_SIZE})"
+                f"inputs of at least {catalogue.MIN_IMAGENET_SIZE} px (allowed: data.image_size >= "
+                f"{catalogue.MIN_IMAGENET_SIZE})"
             )
-        return tuple(backbones.DEFAULT_FILTERS)
+        return tuple(catalogue.DEFAULT_FILTERS)
     if not filters or not all(isinstance(f, int) and not isinstance(f, bool) and f >= 1 for f in filters):
         fail("model.filters", "a non-empty list of positive integers", list(filters))
-    if backbones.feature_map_size(name, size, filters) < 1:
+    if catalogue.feature_map_size(name, size, filters) < 1:
         raise CovidXrayError(
             f"data.image_size={size} is too small for model.filters={list(filters)}: {len(filters)} "
             f"2x2 poolings need at least {2 ** len(filters)} px (allowed: data.image_size >= "
@@ -191,8 +184,8 @@ def train_settings(cfg) -> TrainSettings:
     if register not in (None, "auto", True, False):
         fail("mlflow.register", "auto (only the pipeline, run with --params, registers), true or false", register)
     wanted = value(cfg, "optimized_metric")
-    if wanted is not None and wanted not in training_metric_names() + heldout.metric_names():
-        fail("optimized_metric", f"one of {', '.join(training_metric_names() + heldout.metric_names())}", wanted)
+    if wanted is not None and wanted not in training_metric_names() + loco_groups.metric_names():
+        fail("optimized_metric", f"one of {', '.join(training_metric_names() + loco_groups.metric_names())}", wanted)
     paths = {key: Path(text(cfg, f"paths.{key}")) for key in ("curated", "splits", "models", "reports")}
     return TrainSettings(
         fit=fit,

@@ -19,7 +19,7 @@ from covidxray.data import images, sources
 from covidxray.evaluation import metrics, report
 from covidxray.evaluation.publish import LogTo, publish
 from covidxray.infra.outputs import read_json
-from covidxray.modeling.specs import MODEL_FILE, RUN_KEYS
+from covidxray.networks.model_file import MODEL_FILE, RUN_KEYS
 from covidxray.settings.evaluate import evaluate_settings
 
 # -- data -------------------------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def config_yaml(cfg) -> str:
 def main(cfg) -> None:
     """Stage entry: evaluate models/model.keras on the test partition; write reports/."""
     st = evaluate_settings(cfg)  # checked before TensorFlow loads
-    from covidxray.modeling.models import load_model
+    from covidxray.networks.model_file import load_model
 
     model, meta = load_model(st.models / MODEL_FILE)
     pixels, index, classes = images.load_curated(st.curated)

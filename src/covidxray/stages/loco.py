@@ -36,7 +36,7 @@ from covidxray.evaluation.metrics import curves, headline
 from covidxray.evaluation.publish import LogTo, log_to_mlflow
 from covidxray.evaluation.report import fmt
 from covidxray.infra.outputs import json_safe, read_json, replace_dir
-from covidxray.modeling.specs import MODEL_FILE
+from covidxray.networks.model_file import MODEL_FILE
 from covidxray.serving import registry
 from covidxray.settings.loco import loco_settings
 
@@ -115,7 +115,7 @@ def write_outputs(out: Path, result: dict, extra: dict, report_md: str, positive
 def main(cfg) -> dict:
     """Stage entry: LOCO of the configured recipe, the final model's probes, the model card."""
     s = loco_settings(cfg)  # every key checked before anything is read or trained
-    from covidxray.modeling.models import load_model
+    from covidxray.networks.model_file import load_model
 
     t, out = s.train, s.out
     model, meta = load_model(t.models / MODEL_FILE)

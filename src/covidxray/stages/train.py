@@ -9,7 +9,7 @@ partition is never read here. `run` is the recipe; the fitting itself is fitting
 
 Outputs (DVC: paths.models and paths.reports/cv; as a Hydra app: the job's output directory),
 installed together (fileset): a reader sees all old files or all new ones, also after a kill.
-  models/model.keras       the final model (models.py layout; loads after `import covidxray.modeling.models`)
+  models/model.keras       the final model (builders.py layout; loads after `import covidxray.networks.model_file`)
   models/model.json        classes, image_size, resize, threshold, threshold_method, model (the same every run)
   models/model.run.json    MLflow run and registry version, md5 of model.keras (not a DVC output)
   reports/cv/oof.csv       image_id, patient_id, label, y, fold, p_<class>...
@@ -47,8 +47,8 @@ from covidxray.serving import registry
 from covidxray.settings.loco import LocoSettings, loco_settings
 from covidxray.settings.train import DEFAULT_OPTIMIZED_METRIC, TrainSettings, train_settings
 from covidxray.infra.outputs import json_safe
-from covidxray.modeling.fitting import Trainer
-from covidxray.modeling.training import CVData, final_epochs, load_cv_data, make_trainer
+from covidxray.training.trainer import Trainer
+from covidxray.training.cv_data import CVData, final_epochs, load_cv_data, make_trainer
 from covidxray.evaluation.metrics import (
     FOLD_METRICS,
     OOF_METRICS,
@@ -353,14 +353,14 @@ def write_outputs(
     Returns the installed files."""
     import mlflow
 
-    from covidxray.modeling import models
-    from covidxray.modeling.models import META_FILE, MODEL_FILE
+    from covidxray.networks import model_file
+    from covidxray.networks.model_file import META_FILE, MODEL_FILE
 
     timings = {k: v for k, v in metrics.items() if any(t in k for t in TIMINGS)}
-    same_every_run = {k: v for k, v in meta.items() if k not in models.RUN_KEYS}
+    same_every_run = {k: v for k, v in meta.items() if k not in model_file.RUN_KEYS}
     figures = {k: v for k, v in metrics.items() if k not in timings}
     n_images = int(len(oof))
-    remove = [] if model is not None else [models_dir / name for name in (MODEL_FILE, META_FILE, models.RUN_FILE)]
+    remove = [] if model is not None else [models_dir / name for name in (MODEL_FILE, META_FILE, model_file.RUN_FILE)]
     with fileset.install_together([models_dir, cv_dir], remove=remove) as (new_models, new_cv):
         oof.to_csv(new_cv / "oof.csv", index=False)
         cv.history.to_csv(new_cv / "history.csv", index=False)
@@ -372,12 +372,14 @@ def write_outputs(
         for name in CV_FILES:
             mlflow.log_artifact(str(new_cv / name), "cv")
         if model is not None:
-            models.save(model, new_models / MODEL_FILE)
+            model_file.save(model, new_models / MODEL_FILE)
             (new_models / META_FILE).write_text(json.dumps(json_safe(same_every_run), indent=2) + "\n")
-            run = {k: meta.get(k) for k in models.RUN_KEYS} | {"model_md5": tracking.dvc_md5(new_models / MODEL_FILE)}
-            (new_models / models.RUN_FILE).write_text(json.dumps(json_safe(run), indent=2) + "\n")
+            run = {k: meta.get(k) for k in model_file.RUN_KEYS} | {
+                "model_md5": tracking.dvc_md5(new_models / MODEL_FILE)
+            }
+            (new_models / model_file.RUN_FILE).write_text(json.dumps(json_safe(run), indent=2) + "\n")
             mlflow.log_artifact(str(new_models / META_FILE))
-            mlflow.log_artifact(str(new_models / models.RUN_FILE))
+            mlflow.log_artifact(str(new_models / model_file.RUN_FILE))
         mlflow.log_metrics(finite_metrics(timings))
     written = [cv_dir / name for name in CV_FILES]
     return written + ([models_dir / MODEL_FILE, models_dir / META_FILE] if model is not None else [])

@@ -28,8 +28,8 @@ from covidxray.evaluation.calibration import MIN_PER_CLASS, operating_point, sit
 from covidxray.evaluation.metrics import THRESHOLD_METHODS
 from covidxray.infra.outputs import check_replaceable, json_safe, replace_dir
 from covidxray.evaluation.assess import check_labels
-from covidxray.modeling.inference import predictions
-from covidxray.modeling.specs import META_FILE, MODEL_FILE
+from covidxray.networks.inference import predictions
+from covidxray.networks.model_file import META_FILE, MODEL_FILE
 from covidxray.serving.loading import load_images, resolve_model
 from covidxray.tools.validate import read_external
 
@@ -122,7 +122,7 @@ def register(out_dir: Path, name: str, tracking_uri: str | None, experiment: str
     import mlflow
 
     from covidxray.infra import tracking
-    from covidxray.modeling.models import load_model
+    from covidxray.networks.model_file import load_model
     from covidxray.serving import pyfunc
 
     model, meta = load_model(out_dir)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidxray.modeling.inference import describe_model
+from covidxray.networks.inference import describe_model
 from covidxray.serving.loading import check_model_path, missing_files
 
 
@@ -33,7 +33,7 @@ def overlay_names(paths) -> list[str]:
 def predict_table(model, meta: dict, pixels: np.ndarray, paths) -> pd.DataFrame:
     """Per image: path, p_<class> for every class, the predicted label at the saved threshold
     (what the served MLflow model answers, without its threshold column)."""
-    from covidxray.modeling.inference import predictions
+    from covidxray.networks.inference import predictions
 
     table = predictions(model, meta, pixels).drop(columns="threshold")
     table.insert(0, "path", [str(p) for p in paths])

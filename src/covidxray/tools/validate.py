@@ -21,7 +21,7 @@ from covidxray.evaluation.publish import LogTo, publish
 from covidxray.evaluation.report import headline
 from covidxray.infra.config import compose
 from covidxray.infra.outputs import check_replaceable
-from covidxray.modeling.inference import IDENTITY, describe_model
+from covidxray.networks.inference import IDENTITY, describe_model
 from covidxray.serving.loading import check_model_path
 from covidxray.settings.evaluate import validate_settings
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from covidxray import CovidXrayError
 from covidxray.infra.outputs import replace_dir
-from covidxray.modeling.torch_weights import read_torch_file
+from covidxray.networks.torch_weights import read_torch_file
 
 NAME = "efficientnet_lite0"
 WEIGHTS_FILE = f"{NAME}.weights.h5"  # what the pretrained stage writes under paths.pretrained

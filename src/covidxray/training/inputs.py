@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from covidxray.modeling.specs import AugmentSettings
+from covidxray.training.specs import AugmentSettings
 
 
 def random_affine_layer():

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from covidxray import CovidXrayError
 from covidxray.data import sources
-from covidxray.modeling.specs import FitSettings
+from covidxray.training.specs import FitSettings
 
 # The figures of a group that go to DVC metrics and MLflow (loco_<group>_<name>); details stay in JSON.
 HEADLINE = ("auc", "shortcut_auc", "margin", "sensitivity", "specificity", "calibrated_specificity")

@@ -51,11 +51,11 @@ class HeadFit:
 
 
 def head_shape(model) -> HeadShape | None:
-    """The HeadShape of a model of the structure contract (models.py), or None when its head is
+    """The HeadShape of a model of the structure contract (builders.py), or None when its head is
     not the standard one (then it trains with Keras's fit)."""
-    from covidxray.modeling import models
+    from covidxray.networks import builders
 
-    layers = models.model_parts(model)[2]
+    layers = builders.model_parts(model)[2]
     names = [layer.name for layer in layers]
     if names != ["head_pool", "head_flatten", "head_dense", "head_dropout", "predictions"]:
         return None
@@ -67,9 +67,9 @@ def head_shape(model) -> HeadShape | None:
 
 def pooled(model, features: np.ndarray, batch: int = 256) -> np.ndarray:
     """The model's parameter-free head layers (pooling, flatten) on backbone features: (N, D)."""
-    from covidxray.modeling import models
+    from covidxray.networks import builders
 
-    pool, flatten = models.model_parts(model)[2][:2]
+    pool, flatten = builders.model_parts(model)[2][:2]
     parts = [np.asarray(flatten(pool(features[i : i + batch]))) for i in range(0, len(features), batch)]
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 

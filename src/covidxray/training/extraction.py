@@ -3,7 +3,7 @@
 `backbone_features(model, images, store)` is the entry point: the output of the model's
 preprocess + backbone (in inference mode) for uint8 model inputs (N, S, S), read from the store or
 computed and stored. `pooled_features` keeps, under a key of its own, that output through the
-head's pooling and flatten: the small table the head's trainable layers (heads.py) read. Two
+head's pooling and flatten: the small table the head's trainable layers (stacked_heads.py) read. Two
 engines compute the maps:
 
 - keras: the extractor's `predict` over the tf.data pipeline (what training did before the store);
@@ -30,7 +30,7 @@ import warnings
 
 import numpy as np
 
-from covidxray.modeling.features import FeatureStore
+from covidxray.training.feature_store import FeatureStore
 
 KERAS_BATCH = 64
 TFLITE_BATCH = 1  # XNNPACK on 2 cores: single images kept both busy at least as well as batches
@@ -40,9 +40,9 @@ TFLITE_FILE = "backbone.tflite"
 
 def is_frozen(model) -> bool:
     """True when the model's backbone is not trainable (its features are fixed)."""
-    from covidxray.modeling import models
+    from covidxray.networks import builders
 
-    return not models.model_parts(model)[1].trainable
+    return not builders.model_parts(model)[1].trainable
 
 
 def feature_extractor(model):
@@ -50,9 +50,9 @@ def feature_extractor(model):
     from raw 0..255 pixels (S, S, 1) to the backbone's feature map."""
     import keras
 
-    from covidxray.modeling import models
+    from covidxray.networks import builders
 
-    preprocess, backbone, _ = models.split_at_backbone(model)
+    preprocess, backbone, _ = builders.split_at_backbone(model)
     inputs = keras.Input(tuple(model.input.shape[1:]))
     return keras.Model(inputs, backbone(preprocess(inputs), training=False), name="feature_extractor")
 
@@ -78,9 +78,9 @@ def choose_engine(image_size: int) -> str:
 
 def feature_key(model, engine: str) -> dict:
     """Everything besides the pixels that decides the backbone's output."""
-    from covidxray.modeling import models
+    from covidxray.networks import builders
 
-    preprocess, backbone, _ = models.model_parts(model)
+    preprocess, backbone, _ = builders.model_parts(model)
     return {
         "model": model.name.removeprefix("covidxray_"),
         "backbone_weights_sha256": weights_digest(backbone),
@@ -112,16 +112,16 @@ def backbone_features(model, images: np.ndarray, store: FeatureStore, engine: st
 
 
 def pooled_features(model, images: np.ndarray, store: FeatureStore, label: str = "") -> np.ndarray:
-    """backbone_features through the model's pooling and flatten (heads.pooled): the (N, D) table
+    """backbone_features through the model's pooling and flatten (stacked_heads.pooled): the (N, D) table
     the head's trainable layers see, kept in the store under the backbone's key plus the pooling
     (a fiftieth of the maps' size for a 7x7 map); maps are read or computed for its misses only."""
-    from covidxray.modeling import heads
+    from covidxray.training import stacked_heads
 
     engine = choose_engine(model.input.shape[1])
     key = {**feature_key(model, engine), "head_pool": [int(p) for p in model.get_layer("head_pool").pool_size]}
 
     def compute(x):
-        return heads.pooled(model, backbone_features(model, x, store, engine, label))
+        return stacked_heads.pooled(model, backbone_features(model, x, store, engine, label))
 
     return store.lookup(key, images, compute, label)
 
@@ -130,15 +130,15 @@ def probabilities(model, pixels: np.ndarray, n_classes: int, store: FeatureStore
     """inference.probabilities, with a frozen backbone's features from the store (computed once
     per image, on the fast engine) when one is given: only the head runs on them."""
     from covidxray import CovidXrayError
-    from covidxray.modeling import inference
+    from covidxray.networks import inference
 
     if store is None or len(pixels) == 0 or not is_frozen(model):
         return inference.probabilities(model, pixels, n_classes)
-    from covidxray.modeling import heads
+    from covidxray.training import stacked_heads
 
     pixels = np.asarray(pixels, dtype=np.uint8)
-    if heads.head_shape(model) is not None:  # the standard head: on the (small) pooled table
-        probs = heads.head_probs(heads.head_weights(model), pooled_features(model, pixels, store))
+    if stacked_heads.head_shape(model) is not None:  # the standard head: on the (small) pooled table
+        probs = stacked_heads.head_probs(stacked_heads.head_weights(model), pooled_features(model, pixels, store))
     else:
         probs = head_outputs(model, backbone_features(model, pixels, store))
     if probs.ndim != 2 or probs.shape[1] != n_classes:
@@ -151,9 +151,9 @@ def head_outputs(model, features: np.ndarray, until: str | None = None) -> np.nd
     output of the head layer named `until` (e.g. the penultimate head_dense)."""
     import keras
 
-    from covidxray.modeling import models
+    from covidxray.networks import builders
 
-    _, backbone, head_layers = models.model_parts(model)
+    _, backbone, head_layers = builders.model_parts(model)
     inputs = keras.Input(tuple(backbone.output.shape[1:]))
     x = inputs
     for layer in head_layers:
@@ -185,7 +185,7 @@ def run_keras(extractor, images: np.ndarray, batch: int = KERAS_BATCH, label: st
     """The extractor's predict over the tf.data pipeline of uint8 images."""
     import keras
 
-    from covidxray.modeling.inputs import make_dataset
+    from covidxray.training.inputs import make_dataset
 
     bar = progress(len(images), label)
 

@@ -13,8 +13,8 @@ import pandas as pd
 
 from covidxray import CovidXrayError
 from covidxray.infra import config
-from covidxray.modeling.fitting import Trainer
-from covidxray.modeling.specs import FitSettings
+from covidxray.training.trainer import Trainer
+from covidxray.training.specs import FitSettings
 
 
 @dataclass
@@ -84,11 +84,11 @@ def make_trainer(fit: FitSettings, data: CVData, deterministic: bool = False, lo
     ImageNet file (fail now, not after the first fold, when offline), op determinism when asked for."""
     import tensorflow as tf
 
-    from covidxray.modeling import models
+    from covidxray.networks import builders
 
     model = fit.model
     if model.weights == "imagenet":
-        models.check_imagenet(model.name, fit.image_size, model.imagenet_file)
+        builders.check_imagenet(model.name, fit.image_size, model.imagenet_file)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
     trainer = Trainer(fit, data.images, data.y, len(data.classes))

@@ -2,7 +2,7 @@
 Trainer that builds, fits and predicts models of one FitSettings on in-memory images.
 
 Frozen-feature cache: with a frozen base and no augmentation, the backbone's output does not
-change during training, so the Trainer reads it from the feature store (features.py: computed once
+change during training, so the Trainer reads it from the feature store (feature_store.py: computed once
 per image and key, shared by every training, sweep point, evaluation and validation) and trains
 only the head on it; the full model then carries the trained head (shared layers). TensorFlow is
 imported inside the functions, so importing this module stays cheap.
@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from covidxray.modeling import heads
-from covidxray.modeling.features import FeatureStore, open_store
-from covidxray.modeling.specs import FitSettings, OptimizerSettings
-from covidxray.modeling.inputs import build_augmenter, class_weights, make_dataset
+from covidxray.training import stacked_heads
+from covidxray.training.feature_store import FeatureStore, open_store
+from covidxray.training.specs import FitSettings, OptimizerSettings
+from covidxray.training.inputs import build_augmenter, class_weights, make_dataset
 
 HISTORY_COLUMNS = ["fold", "epoch", "loss", "val_loss", "accuracy", "val_accuracy", "auc", "val_auc", "phase"]
 EVAL_BATCH = 64
@@ -157,15 +157,15 @@ class Trainer:
         """A freshly built model, seeded: every fold starts from the same initial weights."""
         import keras
 
-        from covidxray.modeling import models
+        from covidxray.networks import builders
 
         keras.utils.set_random_seed(self.settings.seed)
         with self.strategy.scope():
-            return models.build_model(self.settings.model.as_config(), self.settings.image_size, self.n_classes)
+            return builders.build_model(self.settings.model.as_config(), self.settings.image_size, self.n_classes)
 
     def features(self, model) -> np.ndarray:
         """The backbone's output for every image: from the feature store, once per distinct backbone."""
-        from covidxray.modeling.extraction import backbone_features, weights_digest
+        from covidxray.training.extraction import backbone_features, weights_digest
 
         key = weights_digest(model.get_layer("backbone"))
         if key not in self.cache:
@@ -177,7 +177,7 @@ class Trainer:
     def pooled_features(self, model) -> np.ndarray:
         """features() through the model's pooling and flatten layers, (N, D): what the head's
         trainable layers see; from the feature store, which keeps this table too."""
-        from covidxray.modeling.extraction import pooled_features, weights_digest
+        from covidxray.training.extraction import pooled_features, weights_digest
 
         key = ("pooled", weights_digest(model.get_layer("backbone")), model.get_layer("head_pool").pool_size)
         if key not in self.cache:
@@ -186,17 +186,17 @@ class Trainer:
             self.cache_seconds += time.perf_counter() - start
         return self.cache[key]
 
-    def stacked_head(self, model) -> heads.HeadShape | None:
+    def stacked_head(self, model) -> stacked_heads.HeadShape | None:
         """The head's shape when it trains on pooled features with the other heads of a
-        cross-validation (heads.py): frozen base, no augmentation, no fine-tuning, the standard
+        cross-validation (stacked_heads.py): frozen base, no augmentation, no fine-tuning, the standard
         head. None: the model trains with Keras's fit."""
         if not self.uses_cache or self.fine_tunes:
             return None
-        return heads.head_shape(model)
+        return stacked_heads.head_shape(model)
 
     def cross_validate(self, splits: list, epochs: list[int], labels=None, open_run=None) -> list:
         """One model per (train rows, validation rows) of `splits`: [(softmax outputs on its
-        validation rows, FitResult)]. Heads on cached features train together (heads.py), other
+        validation rows, FitResult)]. Heads on cached features train together (stacked_heads.py), other
         models one after the other. open_run(label), when given, is called as a fold starts and
         returns the run its per-epoch figures go to."""
         import keras
@@ -211,7 +211,7 @@ class Trainer:
             x = self.pooled_features(model)
             for result, run_id in zip(results, run_ids, strict=True):
                 log_history(run_id, result.history)
-            return [(heads.head_probs(f.weights, x[val]), r) for f, r, (_, val) in zip(fits, results, splits)]
+            return [(stacked_heads.head_probs(f.weights, x[val]), r) for f, r, (_, val) in zip(fits, results, splits)]
         out = []
         for k, ((train, val), label) in enumerate(zip(splits, labels, strict=True)):
             model = model if k == 0 else self.new_model()
@@ -221,12 +221,12 @@ class Trainer:
             keras.backend.clear_session()  # free the fold's graphs; the next model is re-seeded
         return out
 
-    def _fit_heads(self, model, shape: heads.HeadShape, splits: list, n_epochs: int, labels: list):
-        """heads.fit_heads on the pooled features with this recipe: ([HeadFit], [FitResult]);
+    def _fit_heads(self, model, shape: stacked_heads.HeadShape, splits: list, n_epochs: int, labels: list):
+        """stacked_heads.fit_heads on the pooled features with this recipe: ([HeadFit], [FitResult]);
         each result's seconds are its share of the joint training."""
         s, x = self.settings, self.pooled_features(model)
         start = time.perf_counter()
-        fits = heads.fit_heads(
+        fits = stacked_heads.fit_heads(
             x,
             self.y,
             splits,
@@ -267,11 +267,11 @@ class Trainer:
     ) -> FitResult:
         """Train model on rows train_idx (validating on val_idx if given, with early stopping when
         it is on) phase by phase; the history has one row per epoch, numbered across phases.
-        A standard head on cached features trains as heads.py does (see cross_validate)."""
+        A standard head on cached features trains as stacked_heads.py does (see cross_validate)."""
         shape = self.stacked_head(model)
         if shape is not None:
             fits, results = self._fit_heads(model, shape, [(train_idx, val_idx)], epochs[0], [fold_label])
-            heads.set_head(model, fits[0].weights)
+            stacked_heads.set_head(model, fits[0].weights)
             log_history(run_id, results[0].history, log_prefix)
             return results[0]
         histories, best, start, cache_before = [], [], time.perf_counter(), self.cache_seconds
@@ -293,14 +293,14 @@ class Trainer:
 
     def _phase_target(self, model, phase: str):
         """(inputs, the model to fit, augmenter) of a phase: the head on features, or the whole model."""
-        from covidxray.modeling import models
+        from covidxray.networks import builders
 
         if phase == "head":
             source = self.features(model)
             with self.strategy.scope():  # Keras fits a model under the strategy it was made in
-                return source, models.split_at_backbone(model)[2], None
+                return source, builders.split_at_backbone(model)[2], None
         if phase == "fine_tune":
-            models.set_fine_tune(model, self.settings.model.fine_tune.unfreeze_top)
+            builders.set_fine_tune(model, self.settings.model.fine_tune.unfreeze_top)
         return self.images, model, build_augmenter(self.settings.augment, self.settings.seed)
 
     def _datasets(self, source: np.ndarray, train_idx, val_idx, augmenter):
@@ -349,10 +349,10 @@ class Trainer:
 
     def predict(self, model, idx: np.ndarray) -> np.ndarray:
         """Softmax outputs for rows idx (through the cache when the model was trained on it)."""
-        from covidxray.modeling.extraction import head_outputs
+        from covidxray.training.extraction import head_outputs
 
         if self.stacked_head(model) is not None:
-            return heads.head_probs(heads.head_weights(model), self.pooled_features(model)[idx])
+            return stacked_heads.head_probs(stacked_heads.head_weights(model), self.pooled_features(model)[idx])
         if self.uses_cache and not self.fine_tunes:
             return head_outputs(model, self.features(model)[idx])
         return np.asarray(model.predict(make_dataset(self.images[idx], None, None, EVAL_BATCH), verbose=0))

@@ -5,13 +5,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-MODEL_FILE = "model.keras"  # what train writes and every consumer loads
-META_FILE = "model.json"  # beside it: classes, image_size, resize, threshold, how it was trained
-# Which run and registry version made the model: beside it too, but not a DVC output (it differs on
-# every run, model.keras and model.json do not); read only while its md5 of model.keras matches.
-RUN_FILE = "model.run.json"
-RUN_KEYS = ("registered_model", "registered_version", "model_uri", "mlflow_run_id", "mlflow_experiment_id")
-
 
 @dataclass(frozen=True)
 class Head:

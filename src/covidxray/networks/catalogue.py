@@ -1,6 +1,6 @@
 """The backbone catalogue: which networks `model.name` may pick, how each is fed, and the sizes
 they need, as plain data (no Keras import), so configuration checks run before TensorFlow loads.
-models.py builds the networks from it.
+builders.py builds the networks from it.
 """
 
 from __future__ import annotations
