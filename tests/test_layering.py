@@ -116,6 +116,8 @@ def imported_files(module: str) -> set[str]:
         seen.add(name)
         for _, target in _imports(path):
             todo.append(target)
+        if path.name == "__init__.py" and "pkgutil.iter_modules(__path__)" in path.read_text():
+            todo += [f"{name}.{p.stem}" for p in path.parent.glob("*.py") if p.stem != "__init__"]  # found at run time
         tree = ast.parse(path.read_text())  # `from covidxray.x import module`: the module itself
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("covidxray"):

@@ -212,7 +212,7 @@ def test_hydra_multirun_makes_one_parent_run_per_job(tiny_data, tmp_path):
 def test_final_model_trains_the_cv_median_best_epoch():
     """With early stopping, the final model (no validation fold to stop on) trains the median of
     the folds' best epochs, rounded up and at least 1, per phase; without, the configured epochs."""
-    from covidxray.training.cv_data import final_epochs
+    from covidxray.training.recipe import final_epochs
 
     folds = pd.DataFrame({"best_epoch": [3.0, 7.0, 4.0]})
     assert final_epochs([25, 0], folds, early_stopping=True) == [4, 0]

@@ -129,24 +129,19 @@ def headline(result: dict) -> dict:
 
 
 def fit_recipe(trainer, idx: np.ndarray, fold_of: np.ndarray, positive: np.ndarray, recipe: Recipe):
-    """The train stage's recipe on rows `idx` of the trainer: CV over their folds for the
-    out-of-fold threshold and the epoch count, then the final model on all of them.
+    """The train stage's recipe (training/recipe.py) on rows `idx` of the trainer: CV over their
+    folds for the out-of-fold threshold and the epoch count, then the final model on all of them.
     Returns (final model, threshold, {"oof_auc", "epochs"})."""
-    from covidxray.training.cv_data import final_epochs
+    from covidxray.training.recipe import run_recipe
 
     folds = sorted(np.unique(fold_of[idx]).tolist())[: recipe.folds or None]
-    epochs = [recipe.fit.epochs, recipe.fit.model.fine_tune.epochs if trainer.fine_tunes else 0]
-    splits = [(idx[fold_of[idx] != k], idx[fold_of[idx] == k]) for k in folds]
-    fitted = trainer.cross_validate(splits, epochs, labels=folds)
-    oof_idx = np.concatenate([val for _, val in splits])
-    oof_scores = np.concatenate([probs[:, -1] for probs, _ in fitted])
-    best = [dict(zip(("best_epoch", "best_epoch_fine_tune"), map(float, r.best_epochs))) for _, r in fitted]
-    threshold = M.choose_threshold(positive[oof_idx], oof_scores, recipe.threshold, recipe.target_sensitivity)
-    epochs = final_epochs(epochs, pd.DataFrame(best), recipe.fit.early_stopping)
-    model = trainer.new_model()
-    trainer.fit(model, idx, None, epochs)
-    oof = M.classification_metrics(positive[oof_idx].astype(int), np.column_stack([1 - oof_scores, oof_scores]), 0.5)
-    return model, threshold, {"oof_auc": M._num(oof["auc"][0]), "epochs": epochs[: 1 + trainer.fine_tunes]}
+    rule = M.threshold_rule(recipe.threshold, recipe.target_sensitivity)
+    found = run_recipe(trainer, idx, fold_of, folds, positive, rule)
+    done = found.validated
+    scores = found.oof[done, -1]
+    oof = M.classification_metrics(positive[done].astype(int), np.column_stack([1 - scores, scores]), 0.5)
+    info = {"oof_auc": M.number_or_none(oof["auc"][0]), "epochs": found.epochs[: 1 + trainer.fine_tunes]}
+    return found.model, found.threshold, info
 
 
 def group_rows(rows: pd.DataFrame, group, recipe: Recipe, provides: dict, seed: int):

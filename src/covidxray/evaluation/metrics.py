@@ -82,6 +82,11 @@ def choose_threshold(y_true, scores, method: str = "youden", target_sensitivity:
     return float(thresholds[k])
 
 
+def threshold_rule(method: str, target_sensitivity: float):
+    """choose_threshold with a configured method, as the recipe takes it: rule(positive, scores)."""
+    return lambda positive, scores: choose_threshold(positive, scores, method, target_sensitivity)
+
+
 # -- weighted statistics, vectorized over resamples ----------------------------------------------
 
 
@@ -202,15 +207,15 @@ def _flatten(point: dict, boot: dict, ci: float) -> dict:
             out[name] = _flatten(value, boot[name], ci)
             continue
         lo, hi, n_ok = _interval(boot[name], ci)
-        out[name] = _num(value[0])
-        out[f"{name}_ci_low"] = _num(lo)
-        out[f"{name}_ci_high"] = _num(hi)
+        out[name] = number_or_none(value[0])
+        out[f"{name}_ci_low"] = number_or_none(lo)
+        out[f"{name}_ci_high"] = number_or_none(hi)
         if n_ok < len(boot[name]):
             out[f"{name}_n_resamples"] = n_ok
     return out
 
 
-def _num(x) -> float | None:
+def number_or_none(x) -> float | None:
     """A JSON-friendly float: None for NaN (undefined)."""
     x = float(x)
     return None if not np.isfinite(x) else x

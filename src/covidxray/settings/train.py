@@ -14,7 +14,15 @@ from covidxray.training import loco_groups
 from covidxray.evaluation.metrics import THRESHOLD_METHODS, training_metric_names
 from covidxray.infra.config import choice, fail, flag, integer, number, text, value
 from covidxray.networks import catalogue
-from covidxray.training.specs import AugmentSettings, FineTune, FitSettings, Head, ModelSettings, OptimizerSettings
+from covidxray.training.specs import (
+    AlgorithmSettings,
+    AugmentSettings,
+    FineTune,
+    FitSettings,
+    Head,
+    ModelSettings,
+    OptimizerSettings,
+)
 
 
 TASKS = {task: tuple(classes) for task, classes in collections.TASKS.items()}  # covid last
@@ -125,6 +133,25 @@ def augment_settings(cfg) -> AugmentSettings:
     return AugmentSettings(name, **amounts, horizontal_flip=bool(flip))
 
 
+def algorithm_settings(cfg, model: ModelSettings, augment: AugmentSettings) -> AlgorithmSettings:
+    """The checked `algorithm` group: a known algorithm (training/algorithms) with valid
+    hyper-parameters, and one that can train this model (an algorithm without a Keras loss needs
+    the stacked heads: frozen base, no augmentation, no fine-tuning)."""
+    found = value(cfg, "algorithm") or {"name": "erm"}
+    if not hasattr(found, "items"):
+        fail("algorithm", "a mapping with a name (conf/algorithm/<name>.yaml)", found)
+    params = {str(k): v for k, v in found.items() if k != "name"}
+    chosen = AlgorithmSettings(str(found.get("name")), tuple(sorted(params.items())))
+    algorithm = chosen.build()  # unknown names, parameters and bad values: one line
+    stacked = model.freeze_base and augment.name == "none" and model.fine_tune.unfreeze_top == 0
+    if algorithm.keras_loss() is None and not stacked:
+        raise CovidXrayError(
+            f"algorithm.name={chosen.name} trains only the stacked heads on frozen features: it needs "
+            "model.freeze_base=true, augment=none and model.fine_tune.unfreeze_top=0"
+        )
+    return chosen
+
+
 def fit_settings(cfg) -> FitSettings:
     """The checked keys that say how one model is built and fitted."""
     size = integer(cfg, "data.image_size", 1, "a positive integer (pixels)")
@@ -151,6 +178,7 @@ def fit_settings(cfg) -> FitSettings:
         class_weights=choice(cfg, "train.class_weights", CLASS_WEIGHTS),
         distribute=choice(cfg, "train.distribute", DISTRIBUTE),
         feature_store=None if value(cfg, "paths.features") in (None, "") else str(value(cfg, "paths.features")),
+        algorithm=algorithm_settings(cfg, model, augment),
     )
 
 

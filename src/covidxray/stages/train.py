@@ -48,17 +48,18 @@ from covidxray.settings.loco import LocoSettings, loco_settings
 from covidxray.settings.train import DEFAULT_OPTIMIZED_METRIC, TrainSettings, train_settings
 from covidxray.infra.outputs import json_safe
 from covidxray.training.trainer import Trainer
-from covidxray.training.cv_data import CVData, final_epochs, load_cv_data, make_trainer
+from covidxray.training import recipe
+from covidxray.training.cv_data import CVData, load_cv_data, make_trainer
 from covidxray.evaluation.metrics import (
     FOLD_METRICS,
     OOF_METRICS,
-    choose_threshold,
     classification_metrics,
     decide,
     finite_metrics,
     fold_metrics,
     headline,
 )
+from covidxray.evaluation.metrics import threshold_rule as metrics_threshold_rule
 from covidxray.evaluation.figures import confusion_figure, training_curves_figure
 
 TIMINGS = ("wall_s", "images_per_s", "seconds", "cache_s")  # key parts of timings: MLflow only, never a file
@@ -78,21 +79,19 @@ def run(cfg) -> dict:
     pipeline = config.hydra_output_dir() is None  # run on params.yaml by DVC, not as a Hydra app
     register_as = s.registered_model if (pipeline if s.register is None else s.register) else None
     experiment_id = tracking.configure_exclusive(s.tracking_uri, s.experiment)
-    epochs = [s.fit.epochs, s.fit.model.fine_tune.epochs if trainer.fine_tunes else 0]
     wall = time.perf_counter()
     with parent_run(cfg, s.fit.model.name, len(data.folds)) as parent_id:
-        cv = cross_validate(trainer, data, epochs, parent_id)
+        cv = cross_validate(trainer, data, parent_id, metrics_threshold_rule(s.threshold, s.target_sensitivity))
         metrics = summarise_folds(cv.folds)
         oof = oof_table(data, cv.oof)
-        metrics.update(threshold_on_oof(oof, data.classes, s.threshold, s.target_sensitivity))
+        metrics.update(oof_figures(oof, data.classes, cv.recipe.threshold))
         metrics.update(cv_seconds=time.perf_counter() - wall, feature_cache_s=trainer.cache_seconds)
         log_cv(metrics, s.threshold)
         if by_loco is not None:  # model selection on the leave-one-collection-out estimate
             metrics.update(loco_estimate(by_loco))
-        model = None
+        model, epochs = None, cv.recipe.epochs
         if s.final_model:
-            epochs = final_epochs(epochs, cv.folds, s.fit.early_stopping)
-            model, found = fit_final(trainer, epochs, parent_id)
+            model, found = final_model(trainer, cv.recipe, parent_id)
             metrics.update(found)
         log_feature_store(trainer)
         meta = model_meta(s, data, metrics["threshold"], parent_id, experiment_id)
@@ -151,32 +150,31 @@ def main(cfg) -> float:
 
 @dataclass
 class CVResult:
+    recipe: recipe.RecipeResult  # the folds' models, OOF predictions, threshold, final epochs
     oof: np.ndarray  # (N, K) softmax outputs of each image's own validation fold (NaN: fold not run)
     folds: pd.DataFrame  # one row per fold: its figures, best epoch, time
     history: pd.DataFrame  # one row per fold and epoch (HISTORY_COLUMNS)
 
 
-def cross_validate(trainer: Trainer, data: CVData, epochs: list[int], parent_id: str) -> CVResult:
-    """Train and validate one model per CV fold (trainer.cross_validate), each recorded in its
-    nested MLflow run; collect the out-of-fold predictions."""
-    oof = np.full((len(data.y), len(data.classes)), np.nan)
+def cross_validate(trainer: Trainer, data: CVData, parent_id: str, rule) -> CVResult:
+    """The recipe's cross-validation (training/recipe.py) over every CV image, each fold recorded
+    in its nested MLflow run; the out-of-fold predictions, the threshold and the final epochs."""
     fold = data.rows["fold"].to_numpy()
-    splits = [(np.flatnonzero(fold != k), np.flatnonzero(fold == k)) for k in data.folds]  # train: all other folds
-    sizes = {k: (len(train), len(val)) for k, (train, val) in zip(data.folds, splits)}
+    sizes = {k: (int((fold != k).sum()), int((fold == k).sum())) for k in data.folds}
     run_ids: dict = {}  # fold -> its run, opened by the trainer as the fold starts
 
     def open_run(k) -> str:
         run_ids[k] = fold_run(k, parent_id, *sizes[k])
         return run_ids[k]
 
-    fitted = trainer.cross_validate(splits, epochs, labels=data.folds, open_run=open_run)
+    positive = data.y == len(data.classes) - 1
+    found = recipe.cross_validate(trainer, np.arange(len(data.y)), fold, data.folds, positive, rule, open_run)
     rows = []
-    for k, (_, val), (probs, result) in zip(data.folds, splits, fitted, strict=True):
-        oof[val] = probs
+    for k, (_, val), (probs, result) in zip(data.folds, found.splits, found.fitted, strict=True):
         rows.append({"fold": k, **record_fold(k, run_ids[k], data.y[val], probs, result, data.classes)})
-    history = pd.concat([r.history for _, r in fitted], ignore_index=True)
-    log_figure(training_curves_figure(history, f"{len(splits)}-fold CV"), "training_curves.png")
-    return CVResult(oof, pd.DataFrame(rows), history)
+    history = pd.concat([r.history for _, r in found.fitted], ignore_index=True)
+    log_figure(training_curves_figure(history, f"{len(found.splits)}-fold CV"), "training_curves.png")
+    return CVResult(found, found.oof, pd.DataFrame(rows), history)
 
 
 def fold_run(k: int, parent_id: str, n_train: int, n_val: int) -> str:
@@ -239,11 +237,9 @@ def oof_table(data: CVData, oof: np.ndarray) -> pd.DataFrame:
     return table
 
 
-def threshold_on_oof(oof: pd.DataFrame, classes: list[str], method: str, target_sensitivity: float) -> dict:
-    """The decision threshold chosen on the OOF predictions (never on test), and the OOF figures
-    at it: {"threshold", "oof_<metric>"...}."""
-    positive = (oof["label"].astype(str) == classes[-1]).to_numpy()
-    threshold = choose_threshold(positive, oof[f"p_{classes[-1]}"].to_numpy(), method, target_sensitivity)
+def oof_figures(oof: pd.DataFrame, classes: list[str], threshold: float) -> dict:
+    """The OOF figures at the recipe's threshold (chosen on these rows, never on test):
+    {"threshold", "oof_<metric>"...}."""
     found = classification_metrics(oof["y"].to_numpy(), oof[[f"p_{c}" for c in classes]].to_numpy(), threshold)
     return {**{f"oof_{m}": float(found[m][0]) for m in OOF_METRICS}, "threshold": float(threshold)}
 
@@ -274,26 +270,23 @@ def loco_estimate(ls: LocoSettings) -> dict:
 # -- the final model ------------------------------------------------------------------------------
 
 
-def fit_final(trainer: Trainer, epochs: list[int], parent_id: str):
-    """(the final model trained on all CV images for `epochs`, its metrics: final_epochs,
+def final_model(trainer: Trainer, cv: recipe.RecipeResult, parent_id: str):
+    """(the recipe's final model trained on all CV images, its metrics: final_epochs,
     final_wall_s, final_images_per_s)."""
     import mlflow
 
-    model = trainer.new_model()
-    result = trainer.fit(
-        model, np.arange(len(trainer.y)), None, epochs, run_id=parent_id, fold_label="final", log_prefix="final_"
-    )
+    result = recipe.fit_final(trainer, np.arange(len(trainer.y)), cv, parent_id).final
     found = {
-        "final_epochs": float(epochs[0]),
+        "final_epochs": float(cv.epochs[0]),
         "final_wall_s": result.seconds,
         "final_images_per_s": result.images_seen / max(result.seconds, 1e-9),
     }
     mlflow.log_metrics(finite_metrics(found))
     print(
-        f"train: final model on all {len(trainer.y)} CV images, {epochs[: 1 + trainer.fine_tunes]} epochs, "
+        f"train: final model on all {len(trainer.y)} CV images, {cv.epochs[: 1 + trainer.fine_tunes]} epochs, "
         f"{result.seconds:.1f}s"
     )
-    return model, found
+    return cv.model, found
 
 
 def log_feature_store(trainer: Trainer) -> None:

@@ -1,10 +1,9 @@
 """What the train stage and leave-one-collection-out share: the curated images of a set of
-training collections with their CV folds (CVData), the Trainer made for them, and the final
-model's epoch count. Library code: takes values (paths, roles, FitSettings), never the config."""
+training collections with their CV folds (CVData) and the Trainer made for them (the recipe they
+both run is recipe.py). Library code: takes values (paths, roles, FitSettings), never the config."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ class CVData:
     """The non-test images (uint8 (N, S, S)) with their rows, classes, and fold numbers."""
 
     images: np.ndarray
-    rows: pd.DataFrame  # image_id, patient_id, label, y, fold
+    rows: pd.DataFrame  # image_id, patient_id, label, y, source (the collection), fold
     classes: list[str]
     folds: list[int]
     store_size: int  # the side of the curated images they were made from (what prediction resizes to first)
@@ -30,6 +29,15 @@ class CVData:
     @property
     def y(self) -> np.ndarray:
         return self.rows["y"].to_numpy().astype(int)
+
+    @property
+    def groups(self) -> np.ndarray:
+        """Each row's class x collection group, 0..G-1: the domain label that domain-generalization
+        algorithms balance or align (collections by name; the class alone without a source column)."""
+        if "source" not in self.rows:
+            return self.y
+        codes, _ = pd.factorize(self.rows["source"].astype(str), sort=True)
+        return self.y * (int(codes.max()) + 1) + codes
 
 
 def load_cv_data(
@@ -59,7 +67,7 @@ def load_cv_data(
     joined = with_splits(index[["image_id", "patient_id", "label", "y", "source"]], load_splits(splits), splits)
     chosen = joined[(joined["partition"] == "cv").to_numpy() & sources.in_role(joined, roles["train"])]
     keep = sources.balance(chosen, balance, seed).index.to_numpy()
-    rows = joined.iloc[keep].drop(columns=["partition", "source"]).reset_index(drop=True)
+    rows = joined.iloc[keep].drop(columns=["partition"]).reset_index(drop=True)
     rows["fold"] = rows["fold"].astype(int)
     found = sorted(rows["fold"].unique().tolist())
     if len(found) < 2 or found != list(range(len(found))):
@@ -91,7 +99,7 @@ def make_trainer(fit: FitSettings, data: CVData, deterministic: bool = False, lo
         builders.check_imagenet(model.name, fit.image_size, model.imagenet_file)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
-    trainer = Trainer(fit, data.images, data.y, len(data.classes))
+    trainer = Trainer(fit, data.images, data.y, len(data.classes), groups=data.groups)
     print(
         f"{log_prefix}: {model.name} ({model.weights}, {'frozen' if model.freeze_base else 'trainable'} base), "
         f"{len(data.images)} images at {fit.image_size} px, folds {data.folds}, augment "
@@ -99,15 +107,3 @@ def make_trainer(fit: FitSettings, data: CVData, deterministic: bool = False, lo
         f"{trainer.strategy.num_replicas_in_sync} replica(s)"
     )
     return trainer
-
-
-def final_epochs(configured: list[int], folds: pd.DataFrame, early_stopping: bool) -> list[int]:
-    """The final model's epochs per phase: with early stopping, the CV's median best epoch
-    (rounded up, at least 1; likewise for fine-tuning), since it has no validation fold to stop
-    on; without, the configured ones."""
-    epochs = list(configured)
-    if early_stopping:
-        epochs[0] = max(1, int(math.ceil(np.median(folds["best_epoch"]))))
-        if "best_epoch_fine_tune" in folds:
-            epochs[1] = max(1, int(math.ceil(np.median(folds["best_epoch_fine_tune"]))))
-    return epochs

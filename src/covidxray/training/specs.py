@@ -64,6 +64,20 @@ class AugmentSettings:
 
 
 @dataclass(frozen=True)
+class AlgorithmSettings:
+    """The `algorithm` group: the training algorithm's name and hyper-parameters (training/algorithms)."""
+
+    name: str = "erm"
+    params: tuple[tuple[str, object], ...] = ()
+
+    def build(self):
+        """The Algorithm object (hyper-parameters checked)."""
+        from covidxray.training import algorithms
+
+        return algorithms.build(self.name, dict(self.params))
+
+
+@dataclass(frozen=True)
 class FitSettings:
     """How one model is built and fitted: what fitting.Trainer needs."""
 
@@ -80,3 +94,4 @@ class FitSettings:
     class_weights: str
     distribute: str
     feature_store: str | None = None  # the feature store's folder (paths.features); None: memory only
+    algorithm: AlgorithmSettings = AlgorithmSettings()

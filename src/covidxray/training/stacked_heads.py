@@ -27,6 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from covidxray.training.algorithms.base import Algorithm
+from covidxray.training.algorithms.erm import ERM
+
 EPSILON = 1e-7  # Keras's clip for cross-entropy of probabilities
 
 
@@ -139,22 +142,31 @@ def fit_heads(
     make_optimizer,
     seed: int,
     patience: int | None = None,
+    algorithm: Algorithm | None = None,
+    groups: np.ndarray | None = None,
 ) -> list[HeadFit]:
     """Train one head per (train rows, validation rows or None) of `splits` on pooled features x
     (N, D) with class indices y, all at once, from the same seeded initial weights.
     sample_weight[k]: the weights of split k's training rows; make_optimizer(steps_per_epoch): a
-    Keras optimizer; patience: early stopping on each head's validation AUC (None: off)."""
+    Keras optimizer; patience: early stopping on each head's validation AUC (None: off);
+    algorithm: the loss (training/algorithms; default ERM), fed each row's group (class x
+    collection, ints in [0, n_groups); default: its class)."""
     import tensorflow as tf
 
+    algorithm = algorithm or ERM()
+    groups = np.asarray(y if groups is None else groups, np.int32)
     variables = initial_weights(len(splits), x.shape[1], shape, seed)
     optimizer = make_optimizer(max(math.ceil(len(train) / batch_size) for train, _ in splits))
     optimizer.build(variables)
-    epoch_fn = _epoch_function(variables, optimizer)
+    n_groups = int(groups.max()) + 1 if len(groups) else 1
+    epoch_fn = _epoch_function(
+        variables, optimizer, algorithm, algorithm.initial_state(len(splits), n_groups), n_groups
+    )
     weights = np.zeros((len(splits), len(x)), np.float32)
     for k, (train, _) in enumerate(splits):
         weights[k, train] = sample_weight[k]
     onehot = np.eye(shape.n_classes, dtype=np.float32)[y]
-    tensors = [tf.constant(np.asarray(x, np.float32)), tf.constant(onehot), tf.constant(weights)]
+    tensors = [tf.constant(np.asarray(x, np.float32)), tf.constant(onehot), tf.constant(weights), tf.constant(groups)]
     # a head's random stream follows from its training rows, not from its place among the heads
     rngs = [np.random.default_rng([seed, zlib.crc32(np.asarray(t, np.int64).tobytes())]) for t, _ in splits]
     tracks = [_Track(patience if val is not None else None) for _, val in splits]
@@ -213,16 +225,16 @@ class _Track:
         return HeadFit(self.weights, pd.DataFrame(self.rows), int(self.best_epoch))
 
 
-def _epoch_function(variables, optimizer):
-    """A tf.function running one epoch of steps for all heads; returns the softmax outputs of each
-    step (steps, K, B, C) and each head's loss per step (steps, K)."""
+def _epoch_function(variables, optimizer, algorithm: Algorithm, state: list, n_groups: int):
+    """A tf.function running one epoch of steps for all heads, the loss from `algorithm`; returns
+    the softmax outputs of each step (steps, K, B, C) and each head's loss per step (steps, K)."""
     import tensorflow as tf
 
     w1, b1, w2, b2 = variables
 
     @tf.function(jit_compile=True)  # XLA: one fused program per epoch, ~2.5x faster on CPU
-    def epoch(x, onehot, sample_weight, idx, dropout_scale):
-        steps, batch = tf.shape(idx)[0], tf.cast(tf.shape(idx)[2], tf.float32)
+    def epoch(x, onehot, sample_weight, groups, idx, dropout_scale):
+        steps = tf.shape(idx)[0]
         probs = tf.TensorArray(tf.float32, size=steps)
         losses = tf.TensorArray(tf.float32, size=steps)
         for s in tf.range(steps):
@@ -233,7 +245,8 @@ def _epoch_function(variables, optimizer):
                 p = tf.nn.softmax(tf.einsum("kbh,khc->kbc", h, w2) + b2[:, None, :])
                 log_p = tf.math.log(tf.clip_by_value(p, EPSILON, 1 - EPSILON))
                 ce = -tf.reduce_sum(tf.gather(onehot, rows) * log_p, axis=-1)
-                per_head = tf.reduce_sum(ce * tf.gather(sample_weight, rows, batch_dims=1), axis=1) / batch
+                weight = tf.gather(sample_weight, rows, batch_dims=1)
+                per_head = algorithm.loss(ce, weight, tf.gather(groups, rows), h, state, n_groups)
                 loss = tf.reduce_sum(per_head)
             optimizer.apply(tape.gradient(loss, variables), variables)
             probs = probs.write(s, p)

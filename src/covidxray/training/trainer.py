@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from covidxray import CovidXrayError
 from covidxray.training import stacked_heads
 from covidxray.training.feature_store import FeatureStore, open_store
 from covidxray.training.specs import FitSettings, OptimizerSettings
@@ -46,7 +47,9 @@ def make_optimizer(optimizer: OptimizerSettings, lr: float, epochs: int, steps_p
     return keras.optimizers.Adam(learning_rate=make_schedule(optimizer.schedule, lr, epochs, steps_per_epoch))
 
 
-def compile_model(model, optimizer, n_classes: int, steps_per_execution: int = 1) -> None:
+def compile_model(
+    model, optimizer, n_classes: int, steps_per_execution: int = 1, loss="categorical_crossentropy"
+) -> None:
     """Categorical cross-entropy; accuracy and AUC (macro over classes: for two classes, the
     covid AUC) per epoch. steps_per_execution > 1 runs that many train steps per call into the
     compiled graph (less per-step Python overhead; epoch-level results and callbacks unchanged)."""
@@ -54,7 +57,7 @@ def compile_model(model, optimizer, n_classes: int, steps_per_execution: int = 1
 
     model.compile(
         optimizer=optimizer,
-        loss="categorical_crossentropy",
+        loss=loss,
         metrics=["accuracy", keras.metrics.AUC(multi_label=True, num_labels=n_classes, name="auc")],
         steps_per_execution=int(steps_per_execution),
     )
@@ -127,6 +130,7 @@ class Trainer:
     feature_cache: bool = True  # False: always train the full model on images (for comparison)
     cache_seconds: float = 0.0  # time spent obtaining features (store reads and misses)
     store: FeatureStore | None = None
+    groups: np.ndarray | None = None  # each row's class x collection group (algorithms that use domains)
 
     def __post_init__(self):
         import tensorflow as tf
@@ -237,6 +241,8 @@ class Trainer:
             make_optimizer=lambda steps: make_optimizer(s.optimizer, s.optimizer.lr, n_epochs, steps),
             seed=s.seed,
             patience=s.patience if s.early_stopping else None,
+            algorithm=s.algorithm.build(),
+            groups=self.groups,
         )
         seconds = (time.perf_counter() - start) / len(splits)
         results = []
@@ -326,7 +332,7 @@ class Trainer:
         steps = math.ceil(len(train_idx) / self.global_batch)
         with self.strategy.scope():
             optimizer = make_optimizer(s.optimizer, lr, n_epochs, steps)
-            compile_model(target, optimizer, self.n_classes, s.steps_per_execution)
+            compile_model(target, optimizer, self.n_classes, s.steps_per_execution, self._keras_loss())
         train_ds, val_ds = self._datasets(source, train_idx, val_idx, augmenter)
         callbacks, stopper = [logger], None
         if s.early_stopping and val_idx is not None:
@@ -346,6 +352,16 @@ class Trainer:
         frame = pd.DataFrame(hist.history)
         frame["phase"] = phase
         return frame, int(stopper.best_epoch) + 1 if stopper is not None else len(frame)
+
+    def _keras_loss(self):
+        """The algorithm's loss for Keras's fit; one line where it has none."""
+        loss = self.settings.algorithm.build().keras_loss()
+        if loss is None:
+            raise CovidXrayError(
+                f"algorithm.name={self.settings.algorithm.name} trains only the stacked heads on frozen features "
+                "(model.freeze_base=true, augment=none, no fine-tuning): use algorithm=erm for this model"
+            )
+        return loss
 
     def predict(self, model, idx: np.ndarray) -> np.ndarray:
         """Softmax outputs for rows idx (through the cache when the model was trained on it)."""
