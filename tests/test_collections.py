@@ -139,6 +139,27 @@ def test_added_collections_are_curated_trained_on_and_held_out(project):
     assert "| hospital_b | 15 | Hospital B, 2026 | research use |" in card  # citation and license
 
 
+def test_exact_copies_are_removed_from_the_collection_listed_later(project):
+    """hospital_b repeats three of hospital_a's covid images; listed first, it keeps them and
+    hospital_a loses its copies (whatever the names sort as); audit.json and audit.md say so."""
+    external = project / "data" / "external"
+    rows = pd.read_csv(external / "hospital_b" / "labels.csv")
+    added = []
+    for k, original in enumerate(sorted((external / "hospital_a" / "covid").glob("*.png"))[1:4]):  # [0]: cross-class
+        (external / "hospital_b" / "copies").mkdir(exist_ok=True)
+        shutil.copyfile(original, external / "hospital_b" / "copies" / f"{k}.png")
+        added.append({"path": f"copies/{k}.png", "label": "COVID-19", "patient_id": f"X{k}"})
+    pd.concat([rows, pd.DataFrame(added)]).to_csv(external / "hospital_b" / "labels.csv", index=False)
+    curate.main(make_cfg(["collection=[hospital_b,hospital_a]", f"data.store_size={SIZE}", *ROLES]))
+    curated = project / "data" / "curated"
+    index = pd.read_csv(curated / "index.csv")
+    assert index.groupby("source").size().to_dict() == {"hospital_a": 20, "hospital_b": 18}
+    assert index["image_id"].str.startswith("hospital_b-copies_").sum() == 3
+    dedupe = json.loads((curated / "audit.json").read_text())["dedupe"]
+    assert dedupe["exact_duplicates_removed_from"] == {"hospital_a": 3}
+    assert "exact duplicates removed: 3 (3 groups); removed from hospital_a 3" in (curated / "audit.md").read_text()
+
+
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
 def test_every_preset_accepts_an_added_collection(project, preset):
     from covidxray.settings.train import train_settings

@@ -40,7 +40,7 @@ def curate(s) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame, np.ndarray, dict]
     both = pd.concat([records, probe], ignore_index=True)
     records, pixels_of, missing = decode_records(both, s.store_size, s.resize)
     is_probe = (records["label"] == "other").to_numpy()
-    kept, dedupe_report = dedupe(records[~is_probe], s.phash_distance)
+    kept, dedupe_report = dedupe(records[~is_probe], s.phash_distance, [c.name for c in s.collections])
     classes = list(s.classes)
     index = build_index(kept, classes)
     if index["label"].nunique() < len(classes):
