@@ -1,5 +1,5 @@
 # Two entry points on a fresh clone (with ../shared beside it, no network needed beyond PyPI):
-#   make run   set up, pull the pinned data, run the pipeline (dvc repro)
+#   make run   set up, pull the pinned data, compose params.yaml from conf/, run the pipeline (dvc repro)
 #   make test  set up, run the tests
 PYTHON ?= python3
 PORT   ?= 5000
@@ -29,7 +29,9 @@ $(STAMP): constraints.txt pyproject.toml
 data: setup
 	$(BIN)/dvc pull data.dvc
 
-run: data
+# params first: conf/ is the source of truth, and a stage run by DVC on a params.yaml that is not
+# its composition stops ("params.yaml is stale: run make params").
+run: data params
 	$(BIN)/dvc repro
 
 # With ../shared beside the clone (as in CI), the pinned data/external is pulled first, so the tests
