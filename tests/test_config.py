@@ -330,3 +330,33 @@ def test_smoke_trains_the_two_folds_it_says_on_splits_with_more(tiny_data, tmp_p
     assert cfg.split.folds == s.cv_folds == 2
     data = load_cv_data(s.curated, s.splits, s.inputs, s.roles, s.balance, s.fit.seed, s.cv_folds, s.task)
     assert data.folds == [0, 1] and sorted(data.rows["fold"].unique()) == [0, 1, 2]
+
+
+def test_a_stale_params_file_is_named_by_its_first_differing_key(tmp_path, monkeypatch):
+    """check_params_fresh: the pipeline's params.yaml must be conf/'s composition (values, keys and
+    their order: the order of data.collections decides which copy of a duplicate is kept); DVC
+    experiments (DVC_EXP_NAME), which compose params.yaml from conf/ and -S, and other files pass."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from covidxray import CovidXrayError
+    from covidxray.cli import load_params
+    from covidxray.infra.config import check_params_fresh
+
+    shutil.copytree(CONF, tmp_path / "conf")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    OmegaConf.save(make_cfg([]), tmp_path / "params.yaml")
+    params = tmp_path / "params.yaml"
+    check_params_fresh(params, load_params(params))
+    edited = load_params(params)
+    edited.split.folds = 3
+    with pytest.raises(CovidXrayError, match=r"^params.yaml is stale: run make params \(conf/ composes split.folds "):
+        check_params_fresh(params, edited)
+    reordered = make_cfg(["collection=[radiography,ieee8023,kermany]"])
+    with pytest.raises(CovidXrayError, match=r"data.collections \(order of its keys\)"):
+        check_params_fresh(params, reordered)
+    check_params_fresh(tmp_path / "other.yaml", edited)  # not the pipeline's file
+    monkeypatch.setenv("DVC_EXP_NAME", "an-experiment")
+    check_params_fresh(params, edited)
