@@ -73,15 +73,16 @@ def make_model(folder: Path, tiny: bool) -> Path:
     """A saved model predict can load: the default's architecture at 224 px (random weights), or
     the smoke experiment's small CNN at 32 px (--tiny)."""
     from covidxray.infra.config import compose
-    from covidxray.modeling import models
+    from covidxray.networks import model_file
+    from covidxray.networks.builders import build_model
 
     overrides = ["experiment=smoke"] if tiny else ["model.weights=none"]
     cfg = compose(overrides)
     size = int(cfg.data.image_size)
     folder.mkdir(parents=True, exist_ok=True)
-    path = models.save(models.build_model(cfg.model, size, 2), folder / models.MODEL_FILE)
+    path = model_file.save(build_model(cfg.model, size, 2), folder / model_file.MODEL_FILE)
     meta = {"classes": ["normal", "covid"], "image_size": size, "threshold": 0.5, "model": str(cfg.model.name)}
-    (folder / models.META_FILE).write_text(json.dumps(meta))
+    (folder / model_file.META_FILE).write_text(json.dumps(meta))
     return path
 
 

@@ -317,7 +317,7 @@ def test_smoke_trains_the_two_folds_it_says_on_splits_with_more(tiny_data, tmp_p
     """experiment=smoke says two folds: train validates on two also where the splits stage wrote
     more (the pipeline's data/splits.csv has five), not only when smoke wrote the splits itself."""
     from covidxray.data import images
-    from covidxray.modeling.training import load_cv_data
+    from covidxray.training.cv_data import load_cv_data
     from covidxray.settings.train import train_settings
     from covidxray.stages.split import make_splits
 
