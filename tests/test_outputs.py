@@ -148,13 +148,16 @@ def test_figures_text_rounds_what_differs_between_cpus():
     one = {"threshold": 0.459753155708313, "auc": np.float32(0.961890243902439), "n": np.int64(608)}
     other = {"threshold": 0.4597533643245697, "auc": 0.9618902439024, "n": 608}
     assert O.figures_text(one) == O.figures_text(other)
-    assert json.loads(O.figures_text({**one, "small": 0.000123456, "big": 1234.5678, "nan": math.nan})) == {
+    assert json.loads(
+        O.figures_text({**one, "small": 0.000123456, "big": 1234.5678, "nan": math.nan, "px": 12345.0})
+    ) == {
         "threshold": 0.4598,
         "auc": 0.9619,
         "n": 608,
         "small": 0.0001235,
         "big": 1235.0,
         "nan": None,
+        "px": 12345.0,  # a whole number (a width's median, a count): not rounded to 12340
     }
     assert O.figures_text({"b": 1, "a": 2}, sort_keys=True).index('"a"') < O.figures_text({"b": 1, "a": 2}).index('"a"')
 

@@ -196,7 +196,7 @@ def significant(x: float, digits: int = FIGURE_DIGITS) -> float:
 def json_safe(value, digits: int | None = None):
     """A copy of `value` that json.dumps writes as standard JSON: numpy scalars as Python numbers,
     NaN and infinities as null, tuples as lists, keys as strings; floats rounded to `digits`
-    significant digits if given (integers, counts, are kept whole)."""
+    significant digits if given (integers and whole floats, counts and sizes, are kept whole)."""
     if isinstance(value, dict):
         return {str(k): json_safe(v, digits) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -206,7 +206,8 @@ def json_safe(value, digits: int | None = None):
     if isinstance(value, (float, np.floating)):
         if not math.isfinite(float(value)):
             return None
-        return float(value) if digits is None else significant(float(value), digits)
+        whole = float(value).is_integer()  # a count or a size held as a float: kept as it is
+        return float(value) if digits is None or whole else significant(float(value), digits)
     return value
 
 
