@@ -1,5 +1,5 @@
 # Two entry points on a fresh clone (with ../shared beside it, no network needed beyond PyPI):
-#   make run   set up, pull the pinned data, run the pipeline (dvc repro)
+#   make run   set up, pull the pinned data, compose params.yaml from conf/, run the pipeline (dvc repro)
 #   make test  set up, run the tests
 PYTHON ?= python3
 PORT   ?= 5000
@@ -13,22 +13,32 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 setup: $(STAMP)
 
-# Reinstall only when the pinned stack or the package metadata changes. --no-compile: Python
-# compiles only the modules it imports, when first imported (44 s instead of 1 min 59 s here).
+# Reinstall only when the pinned stack or the package metadata changes. pip --no-compile, then
+# compileall on every core (44 s + 36 s instead of pip's 1 min 59 s here): the bytecode must be
+# written at setup, because where PYTHONDONTWRITEBYTECODE is set (many containers, these machines)
+# Python never writes it and compiles TensorFlow from source at every start (`import tensorflow`
+# 12.5 s instead of 4.5 s; benchmarks/bench_startup.py).
+SITE = $$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 $(STAMP): constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q --no-compile -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m compileall -q -j 0 $(SITE) src
 	touch $(STAMP)
 
 data: setup
 	$(BIN)/dvc pull data.dvc
 
-run: data
+# params first: conf/ is the source of truth, and a stage run by DVC on a params.yaml that is not
+# its composition stops ("params.yaml is stale: run make params").
+run: data params
 	$(BIN)/dvc repro
 
+# With ../shared beside the clone (as in CI), the pinned data/external is pulled first, so the tests
+# on the real collections run; -ra lists every skip with its reason.
 test: setup lint
-	$(BIN)/python -m pytest
+	if [ -d ../shared/dvc-remote ]; then $(BIN)/dvc pull -q data.dvc; fi
+	$(BIN)/python -m pytest -ra
 
 # ruff: lint and format check (settings in pyproject.toml)
 lint: setup

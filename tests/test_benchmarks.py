@@ -44,6 +44,7 @@ def test_every_benchmark_is_covered():
         "bench_head_sweep.py",
         "bench_input_pipeline.py",
         "bench_lite0_features.py",
+        "bench_startup.py",
         "remedies.py",
     }
     assert set(BENCHMARKS) == tested, "a new benchmark needs a tiny run here"
@@ -65,6 +66,21 @@ def test_lite0_benchmark_reports_engines_and_differences(tmp_path):
     fast = results["tflite_b4"]
     assert results["keras"]["images_per_s"] > 0 and fast["images_per_s"] > 0
     assert fast["max_abs_diff_vs_keras"] < 1e-3 * max(1.0, results["feature_abs_max"])
+
+
+def test_startup_benchmark_times_commands_with_and_without_bytecode(tmp_path):
+    """`covidxray --help` from source and from the bytecode make setup compiles, and `predict` on
+    one image with a model the benchmark saves: real processes, every one exiting 0."""
+    done = run([str(ROOT / "benchmarks" / "bench_startup.py"), "--tiny"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    report, _ = json.JSONDecoder().raw_decode(done.stdout[done.stdout.index("{") :])
+    results = report["results"]
+    assert set(results["covidxray_help"]) == {"no_bytecode", "bytecode"} and set(results["predict_one_image"]) == {
+        "bytecode"
+    }
+    assert all(m["median_s"] > 0 and len(m["times_s"]) == 1 for by_mode in results.values() for m in by_mode.values())
+    assert report["cpu"] and report["tensorflow_pyc_files"] >= 0
+    assert "predict_one_image:" in done.stdout and list(tmp_path.iterdir()) == []
 
 
 def test_head_sweep_benchmark_times_each_point(tmp_path):

@@ -6,6 +6,7 @@ the shipped definitions select what the code selected before (counts from ../sha
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,11 +17,12 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import BIN, COLLECTION, REPO, SHARED, make_cfg, synthetic_xrays
+from conftest import BIN, REPO, make_cfg, synthetic_xrays
 from covidxray import CovidXrayError
 from covidxray.data import collections as C
 from covidxray.data.listing import list_collections
 from covidxray.stages import curate
+from test_pipeline import repo_copy  # noqa: F401 - the fixture, used by name
 
 SIZE = 32
 FOLDER_YAML = """\
@@ -137,6 +139,96 @@ def test_added_collections_are_curated_trained_on_and_held_out(project):
     assert len(measured) == held["n_images"] and not set(trained.dup_group) & set(measured.dup_group)
     card = (project / "reports" / "model_card.md").read_text()
     assert "| hospital_b | 15 | Hospital B, 2026 | research use |" in card  # citation and license
+
+
+def test_exact_copies_are_removed_from_the_collection_listed_later(project):
+    """hospital_b repeats three of hospital_a's covid images; listed first, it keeps them and
+    hospital_a loses its copies (whatever the names sort as); audit.json and audit.md say so."""
+    external = project / "data" / "external"
+    rows = pd.read_csv(external / "hospital_b" / "labels.csv")
+    added = []
+    for k, original in enumerate(sorted((external / "hospital_a" / "covid").glob("*.png"))[1:4]):  # [0]: cross-class
+        (external / "hospital_b" / "copies").mkdir(exist_ok=True)
+        shutil.copyfile(original, external / "hospital_b" / "copies" / f"{k}.png")
+        added.append({"path": f"copies/{k}.png", "label": "COVID-19", "patient_id": f"X{k}"})
+    pd.concat([rows, pd.DataFrame(added)]).to_csv(external / "hospital_b" / "labels.csv", index=False)
+    curate.main(make_cfg(["collection=[hospital_b,hospital_a]", f"data.store_size={SIZE}", *ROLES]))
+    curated = project / "data" / "curated"
+    index = pd.read_csv(curated / "index.csv")
+    assert index.groupby("source").size().to_dict() == {"hospital_a": 20, "hospital_b": 18}
+    assert index["image_id"].str.startswith("hospital_b-copies_").sum() == 3
+    dedupe = json.loads((curated / "audit.json").read_text())["dedupe"]
+    assert dedupe["exact_duplicates_removed_from"] == {"hospital_a": 3}
+    assert "exact duplicates removed: 3 (3 groups); removed from hospital_a 3" in (curated / "audit.md").read_text()
+
+
+def readme_collection_yaml() -> str:
+    """The YAML block after the collection-example marker of README.md, as a user copies it."""
+    text = (REPO / "README.md").read_text()
+    assert "<!-- collection-example" in text, "README.md lost its collection example"
+    return text.split("<!-- collection-example", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_collection_works_when_pasted(tmp_path, monkeypatch):
+    """README's "Adding a collection" YAML, pasted as conf/collection/hospital_a.yaml: it composes
+    under data.collections.hospital_a (its `# @package` line first), its labels and patient
+    patterns read a folder of COVID/NORMAL/OTHER images named two ways, and curate curates it."""
+    shutil.copytree(REPO / "conf", tmp_path / "conf")
+    (tmp_path / "conf" / "collection" / "hospital_a.yaml").write_text(readme_collection_yaml())
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(3)
+    names = {
+        "COVID": ["P001_1.png", "P001_2.png", "P002_1.png", "P003_1.png", "scan7.png", "scan8.png"],
+        "NORMAL": ["P004_1.png", "P004_2.png", "P005_1.png", "P006_1.png", "scan9.png", "P007_1.png"],
+        "OTHER": ["P009_1.png"],
+    }
+    for label, files in names.items():
+        for name, pixels in zip(files, synthetic_xrays(len(files), 48, label == "COVID", rng)):
+            _save(tmp_path / "data" / "external" / "hospital_a" / label / name, pixels)
+    cfg = make_cfg(
+        [
+            "collection=[ieee8023,kermany,radiography,hospital_a]",
+            "data.sources={train: {covid: [hospital_a], normal: [hospital_a]}}",
+            f"data.store_size={SIZE}",
+        ]
+    )
+    assert "collection" not in cfg and list(cfg.data.collections)[-1] == "hospital_a"
+    assert cfg.data.collections.hospital_a.citation == "Hospital A chest X-rays, 2026"
+    roles = "data.sources={train: {covid: [hospital_a], normal: [hospital_a]}}"
+    curate.main(make_cfg(["collection=[hospital_a]", roles, f"data.store_size={SIZE}"]))  # no pinned data here
+    index = pd.read_csv(tmp_path / "data" / "curated" / "index.csv")
+    assert index.groupby("label").size().to_dict() == {"covid": 6, "normal": 6}  # OTHER: null, left out
+    patients = dict(zip(index["image_id"], index["patient_id"]))
+    assert patients["hospital_a-P001_1"] == patients["hospital_a-P001_2"] == "hospital_a-P001"
+    assert patients["hospital_a-scan7"] == "hospital_a-scan7"  # no _: one patient per image
+
+
+def test_dvc_repro_stops_when_conf_changed_without_make_params(repo_copy):  # noqa: F811
+    """The README's order: edit conf/, `make params`, `dvc repro`. Skipping `make params`, a stage
+    run by `dvc repro` stops with one line naming the stale key (instead of re-running on the old
+    params.yaml and exiting 0); after `make params`, DVC sees the edit as a changed param."""
+    dvc = str(BIN / "dvc")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("DVC_EXP_NAME", None)
+    kermany = repo_copy / "conf" / "collection" / "kermany.yaml"
+    kermany.write_text(kermany.read_text().replace("age_group: children (1-5 years)", "age_group: children"))
+    # pretrained: a stage that needs no pulled data (every stage reads params.yaml through the same check)
+    stale = subprocess.run([dvc, "repro", "pretrained"], cwd=repo_copy, env=env, capture_output=True, text=True)
+    assert stale.returncode != 0
+    errors = [line for line in (stale.stdout + stale.stderr).splitlines() if line.startswith("covidxray ")]
+    assert errors == [
+        "covidxray pretrained: error: params.yaml is stale: run make params "
+        "(conf/ composes data.collections.kermany.age_group differently)"
+    ], stale.stdout + stale.stderr
+    assert not (repo_copy / "models" / "pretrained").exists()  # stopped before writing anything
+    make = ["make", "-s", "-o", ".venv/.installed", "params", f"BIN={BIN}"]
+    subprocess.run(make, cwd=repo_copy, env=env, check=True, capture_output=True)
+    changed = json.loads(
+        subprocess.run(
+            [dvc, "params", "diff", "--json"], cwd=repo_copy, env=env, capture_output=True, text=True, check=True
+        ).stdout
+    )
+    assert changed["params.yaml"]["data.collections.kermany.age_group"]["new"] == "children"
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
@@ -307,12 +399,12 @@ SHIPPED = {
 
 
 @pytest.mark.parametrize("task", sorted(SHIPPED))
-def test_shipped_definitions_select_what_the_code_did(task):
-    if not (COLLECTION / "metadata.csv").is_file() or not (REPO / "data" / "external" / "chest_xray").is_dir():
-        pytest.skip(f"needs ../shared ({SHARED}) and data/external (dvc pull data.dvc)")
+def test_shipped_definitions_select_what_the_code_did(task, collection_dir, external_dir):
+    """Runs wherever the other tests on ../shared run (the fixtures pull data/external), so CI checks
+    that the shipped definitions reproduce today's counts."""
     cfg = make_cfg([f"data.task={task}"])
     records, probe = list_collections(
-        C.parse_collections(cfg.data.collections, task), COLLECTION, REPO / "data" / "external", task
+        C.parse_collections(cfg.data.collections, task), collection_dir, external_dir, task
     )
     per_class, patients, probes = SHIPPED[task]
     assert records.groupby(["source", "label"]).size().to_dict() == per_class

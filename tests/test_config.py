@@ -158,7 +158,7 @@ BAD = [
         ["model=vgg16", "model.weights=none", "model.freeze_base=false", "model.fine_tune.unfreeze_top=3"],
         "model.fine_tune.unfreeze_top",
     ),
-    (["+optimized_metric=val_f2"], "optimized_metric"),
+    (["optimized_metric=val_f2"], "optimized_metric"),
     # every other key train reads is checked too (issue 9, item 8)
     (["data.task=unknown"], "data.task"),
     (["data.resize=zoom"], "data.resize"),
@@ -290,3 +290,73 @@ def test_bad_input_is_one_line_before_tensorflow_loads(argv, message, tmp_path):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1, done.stderr
     assert len(lines) == 2 and lines[0].startswith(message) and lines[1] == "imported: []", done.stderr
+
+
+def test_readme_sweep_on_a_loco_figure_composes():
+    """The README's `covidxray train -m optimized_metric=loco_auc_worst data.normalize=none,clahe`
+    (read from README.md): optimized_metric is a key of the base config, so each job of the sweep
+    composes without `+` and passes train's checks with the figure asked for."""
+    import re
+
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from covidxray.settings.train import train_settings
+
+    found = re.search(r"`covidxray train -m (optimized_metric=[^`]+)`", (REPO / "README.md").read_text())
+    assert found, "README.md no longer shows the sweep on a LOCO figure"
+    parsed = OverridesParser.create().parse_overrides(found[1].split())
+    jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    assert len(jobs) == 2
+    for job in jobs:
+        assert train_settings(make_cfg(job)).optimized_metric == "loco_auc_worst"
+    assert train_settings(make_cfg([])).optimized_metric == "cv_auc_mean"  # a plain run trains no loco groups
+
+
+def test_smoke_trains_the_two_folds_it_says_on_splits_with_more(tiny_data, tmp_path):
+    """experiment=smoke says two folds: train validates on two also where the splits stage wrote
+    more (the pipeline's data/splits.csv has five), not only when smoke wrote the splits itself."""
+    from covidxray.data import images
+    from covidxray.training.cv_data import load_cv_data
+    from covidxray.settings.train import train_settings
+    from covidxray.stages.split import make_splits
+
+    _, index, _ = images.load_curated(tiny_data["curated"])
+    make_splits(index, test_fraction=0.25, folds=3, seed=0).to_csv(tmp_path / "splits.csv", index=False)
+    cfg = make_cfg(
+        ["experiment=smoke", f"paths.curated={tiny_data['curated']}", f"paths.splits={tmp_path / 'splits.csv'}"]
+    )
+    s = train_settings(cfg)
+    assert cfg.split.folds == s.cv_folds == 2
+    data = load_cv_data(s.curated, s.splits, s.inputs, s.roles, s.balance, s.fit.seed, s.cv_folds, s.task)
+    assert data.folds == [0, 1] and sorted(data.rows["fold"].unique()) == [0, 1, 2]
+
+
+def test_a_stale_params_file_is_named_by_its_first_differing_key(tmp_path, monkeypatch):
+    """check_params_fresh: the pipeline's params.yaml must be conf/'s composition (values, keys and
+    their order: the order of data.collections decides which copy of a duplicate is kept); DVC
+    experiments (DVC_EXP_NAME), which compose params.yaml from conf/ and -S, and other files pass."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from covidxray import CovidXrayError
+    from covidxray.cli import load_params
+    from covidxray.infra.config import check_params_fresh
+
+    shutil.copytree(CONF, tmp_path / "conf")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    OmegaConf.save(make_cfg([]), tmp_path / "params.yaml")
+    params = tmp_path / "params.yaml"
+    check_params_fresh(params, load_params(params))
+    edited = load_params(params)
+    edited.split.folds = 3
+    with pytest.raises(CovidXrayError, match=r"^params.yaml is stale: run make params \(conf/ composes split.folds "):
+        check_params_fresh(params, edited)
+    reordered = make_cfg(["collection=[radiography,ieee8023,kermany]"])
+    with pytest.raises(CovidXrayError, match=r"data.collections \(order of its keys\)"):
+        check_params_fresh(params, reordered)
+    check_params_fresh(tmp_path / "other.yaml", edited)  # not the pipeline's file
+    monkeypatch.setenv("DVC_EXP_NAME", "an-experiment")
+    check_params_fresh(params, edited)

@@ -169,7 +169,7 @@ def _records(tmp_path, specs) -> pd.DataFrame:
         path = tmp_path / f"{name}.png"
         if not path.exists():
             Image.fromarray(pixels).save(path)
-        rows.append({"image_id": name, "label": label, "patient_id": patient, "file": str(path)})
+        rows.append({"image_id": name, "label": label, "patient_id": patient, "file": str(path), "source": "one"})
     df = pd.DataFrame(rows)
     decoded = {d["file"]: d for d in curation.decode_files(sorted(set(df["file"])), SIZE, "stretch")}
     for col in ("sha256", "phash"):
@@ -205,6 +205,26 @@ def test_dedupe_exact_near_and_conflicts(tmp_path):
     # near-duplicates share one dup_group (the smallest id): the external set drops copies by it
     assert set(kept.loc[kept["image_id"].isin(["a", "a_near"]), "dup_group"]) == {"a"}
     assert kept.loc[kept["image_id"] == "b", "dup_group"].item() == "b"
+
+
+@pytest.mark.parametrize("order", [["zeta", "alpha"], ["alpha", "zeta"]])
+def test_exact_copies_keep_the_image_of_the_collection_listed_first(tmp_path, order):
+    """A new collection repeating pinned images loses its copies, whatever the names sort as: the
+    copy kept is that of the collection first in data.collections; the report counts the losses."""
+    a, b, c = (_texture(s) for s in (1, 2, 3))
+    records = _records(
+        tmp_path,
+        [("zeta-a", a, "covid", "z1"), ("zeta-b", b, "covid", "z2"), ("zeta-c", c, "normal", "z3")]
+        + [("alpha-a", a, "covid", "a1"), ("alpha-b", b, "covid", "a2"), ("alpha-b2", b, "covid", "a3")],
+    )
+    records["source"] = records["image_id"].str.split("-").str[0]
+    kept, report = dedupe.dedupe(records, phash_distance=0, order=order)
+    first, second = order
+    assert set(kept.loc[kept["image_id"].str.endswith(("-a", "-b")), "source"]) == {first}
+    assert report["exact_duplicates_removed"] == 3
+    assert report["exact_duplicates_removed_from"] == ({"alpha": 3} if first == "zeta" else {"zeta": 2, "alpha": 1})
+    assert [g["kept"] for g in report["exact_duplicate_groups"]] == [first, first]
+    assert sorted(kept["image_id"]) == sorted([f"{first}-a", f"{first}-b", "zeta-c"])  # one of each, c kept
 
 
 def test_clean_probe_drops_copies_of_curated_images(tmp_path):

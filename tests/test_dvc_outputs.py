@@ -5,13 +5,17 @@ smoothing, and the training history one line per fold."""
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from conftest import BIN
+from conftest import BIN, REPO
+from covidxray.evaluation.loco import group_metrics
+from covidxray.infra.outputs import figures_text
 from test_pipeline import _sh, repo_copy  # noqa: F401 - the fixture, used by name
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
@@ -56,6 +60,19 @@ def _write_outputs(root: Path, cv_auc: float) -> None:
     roc.assign(tpr=[0, 0.8, 1, 0, 0.6, 1]).to_csv(loco / "plots" / "roc.csv", index=False)
     (loco / "metrics.json").write_text(json.dumps({"loco_auc_mean": 0.6, "loco_auc_worst": 0.5}))
     (loco / "headline.json").write_text(json.dumps(headline(3023, 0.6, auc_min=0.6487, spec_cal=0.3148)))
+    (loco / "groups").mkdir(exist_ok=True)
+    figures = dict(auc=0.6639, auc_ci_low=0.5931, auc_ci_high=0.7383, shortcut_auc=0.9907, margin=-0.3267)
+    figures |= dict(sensitivity=0.7304, specificity=0.2517, calibrated_specificity=0.1881)
+    result = {
+        "groups": {"ieee8023+kermany": {"n_images": 653, **figures}, "radiography": {"n_images": 2370, **figures}}
+    }
+    for stem, row in group_metrics(result).items():  # the loco stage's writer
+        (loco / "groups" / f"{stem}.json").write_text(figures_text(row))
+
+
+def wide(cwd: Path) -> dict:
+    """subprocess.run arguments for a dvc table in a 200-column terminal: what it needs, unsqueezed."""
+    return dict(cwd=cwd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
 
 
 def _dvc_json(args: list[str], cwd: Path):
@@ -73,6 +90,8 @@ def test_metrics_are_committed_so_a_fresh_clone_diffs_them(repo_copy, tmp_path):
         "reports/cv/headline.json",
         "reports/cv/metrics.json",
         "reports/headline.json",
+        "reports/loco/groups/ieee8023-kermany.json",
+        "reports/loco/groups/radiography.json",
         "reports/loco/headline.json",
         "reports/loco/metrics.json",
         "reports/metrics.json",
@@ -90,6 +109,17 @@ def test_metrics_are_committed_so_a_fresh_clone_diffs_them(repo_copy, tmp_path):
     # one row per stage, a few shared columns: the table fits a 120-column terminal
     table = subprocess.run([str(BIN / "dvc"), "metrics", "show"], cwd=clone, capture_output=True, text=True).stdout
     assert len(table.splitlines()) == 4 and max(map(len, table.splitlines())) <= 120, table
+    # LOCO, one row per held-out group, within 120 columns (the README's recipe)
+    groups = subprocess.run([str(BIN / "dvc"), "metrics", "show", "reports/loco/groups"], **wide(clone)).stdout
+    rows = groups.splitlines()
+    assert len(rows) == 3 and rows[1].startswith("reports/loco/groups/ieee8023-kermany.json"), groups
+    assert max(map(len, rows)) <= 120 and rows[0].split()[1:] == sorted(rows[0].split()[1:]), groups
+    assert {"base", "margin", "spec_cal", "auc_lo"} <= set(rows[0].split())
+    # the README's `dvc exp show` recipe renders within 120 columns where the terminal is wider
+    recipe = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("dvc exp show"))
+    shown = subprocess.run([str(BIN / "dvc"), *shlex.split(recipe)[1:], "--no-pager"], **wide(clone))
+    assert shown.returncode == 0 and "reports/loco/headline.json:auc" in shown.stdout, shown.stderr
+    assert max(map(len, shown.stdout.splitlines())) <= 120 and "…" not in shown.stdout, shown.stdout
     (clone / "reports" / "cv" / "headline.json").write_text(json.dumps({"n": 1059, "auc": 0.85}))
     diff = _dvc_json(["metrics", "diff"], clone)
     change = diff["reports/cv/headline.json"]["auc"]

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from conftest import REPO, make_cfg
 from covidxray import CovidXrayError
@@ -112,8 +113,10 @@ def test_threshold_is_the_oof_one(evaluated, tiny):
 
     oof = pd.read_csv(tiny["reports"] / "cv" / "oof.csv")
     chosen = metrics.choose_threshold(oof["label"] == "covid", oof["p_covid"], tiny["meta"]["threshold_method"])
-    assert evaluated["metrics"]["threshold"] == pytest.approx(tiny["meta"]["threshold"])
-    assert evaluated["metrics"]["threshold_oof"] == pytest.approx(chosen)
+    assert evaluated["metrics"]["threshold"] == pytest.approx(
+        tiny["meta"]["threshold"], rel=1e-3
+    )  # 4 significant digits
+    assert evaluated["metrics"]["threshold_oof"] == pytest.approx(chosen, rel=1e-3)
 
 
 def test_threshold_comes_from_oof_not_test(tiny, tmp_path):
@@ -141,7 +144,7 @@ def test_threshold_comes_from_oof_not_test(tiny, tmp_path):
     store = f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
     evaluate.main(_cfg(tiny, reports, [f"paths.models={models}", f"mlflow.tracking_uri={store}"]))
     written = json.loads((reports / "metrics.json").read_text())
-    assert written["threshold"] == pytest.approx(OOF_THRESHOLD)
+    assert written["threshold"] == pytest.approx(OOF_THRESHOLD, rel=1e-3)  # files: 4 significant digits
 
     model, meta = load_model(models)
     pixels, index, _ = images.load_curated(tiny["curated"])
@@ -191,6 +194,10 @@ def test_outputs_match_dvc_yaml(evaluated):
             assert set(cols) <= set(table.columns), (path, cols)
     for name in ("roc", "precision_recall", "calibration", "confusion", "gradcam"):
         assert (reports / "figures" / f"{name}.png").stat().st_size > 1000
+        # nothing runs off the canvas: a clipped title ("...570 patier") leaves ink on its edge
+        pixels = np.asarray(Image.open(reports / "figures" / f"{name}.png").convert("L"))
+        edges = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+        assert edges.min() > 200, f"{name}.png: something touches the edge of the image"
 
 
 def test_train_outputs_left_alone(evaluated, tiny):
@@ -204,6 +211,10 @@ def test_model_card(evaluated):
     text = (evaluated["reports"] / "report.md").read_text()
     warning_at = text.index("TEST-SHORTCUT")
     assert warning_at < text.index("## Model")  # warnings come first
+    # then the results; what produced them after, the configuration collapsed (issue 23)
+    assert warning_at < text.index("## Test set: ") < text.index("## Figures") < text.index("## Model")
+    assert text.index("## Model") < text.index("## Configuration") < text.index("<details>") < text.index("```yaml")
+    assert "external set's figures" not in text and "leave-one-collection-out figures" in text
     threshold = f"{evaluated['metrics']['threshold']:.4f}"
     for needle in (
         "not a diagnostic device",
@@ -228,7 +239,9 @@ def test_logged_to_the_training_run(evaluated, tiny):
 
     tracking.configure(tiny["tracking_uri"], "covid-xray")
     run = mlflow.get_run(tiny["run_id"])
-    assert run.data.metrics["test_auc"] == pytest.approx(evaluated["metrics"]["test"]["auc"])
+    assert run.data.metrics["test_auc"] == pytest.approx(
+        evaluated["metrics"]["test"]["auc"], rel=1e-3
+    )  # files: 4 significant digits
     assert "test_sensitivity_ci_low" in run.data.metrics
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(tiny["run_id"], "evaluation")}
     assert {"evaluation/report.md", "evaluation/metrics.json", "evaluation/figures"} <= names
@@ -327,7 +340,9 @@ def test_three_class_assess(tmp_path):
         assert {"auc", "auc_ci_low", "sensitivity", "f1", "ece"} <= set(figures)
     assert set(result["confusion"]) == set(classes)
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["test_macro"]["auc"] == pytest.approx(np.mean([saved["test_per_class"][c]["auc"] for c in classes]))
+    assert saved["test_macro"]["auc"] == pytest.approx(
+        np.mean([saved["test_per_class"][c]["auc"] for c in classes]), rel=1e-3
+    )
     report = (tmp_path / "report.md").read_text()
     assert "Per class (one-vs-rest) and macro average" in report and "**pneumonia**" in report
     assert "90% CI" in report

@@ -142,6 +142,26 @@ def test_json_safe():
     json.dumps(O.json_safe(value), allow_nan=False)
 
 
+def test_figures_text_rounds_what_differs_between_cpus():
+    """Issue 23: a threshold that differs in its last bits on another CPU writes the same file;
+    figures keep 4 significant digits (small ones too), counts stay whole, NaN is null."""
+    one = {"threshold": 0.459753155708313, "auc": np.float32(0.961890243902439), "n": np.int64(608)}
+    other = {"threshold": 0.4597533643245697, "auc": 0.9618902439024, "n": 608}
+    assert O.figures_text(one) == O.figures_text(other)
+    assert json.loads(
+        O.figures_text({**one, "small": 0.000123456, "big": 1234.5678, "nan": math.nan, "px": 12345.0})
+    ) == {
+        "threshold": 0.4598,
+        "auc": 0.9619,
+        "n": 608,
+        "small": 0.0001235,
+        "big": 1235.0,
+        "nan": None,
+        "px": 12345.0,  # a whole number (a width's median, a count): not rounded to 12340
+    }
+    assert O.figures_text({"b": 1, "a": 2}, sort_keys=True).index('"a"') < O.figures_text({"b": 1, "a": 2}).index('"a"')
+
+
 def test_replace_dir_with_names_replaces_only_those_and_undoes_a_failed_swap(tmp_path, monkeypatch):
     """names=: the entries written replace their namesakes, everything else in the folder stays;
     when a rename fails midway, the entries already swapped are put back."""

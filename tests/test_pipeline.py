@@ -36,9 +36,13 @@ def repo_copy(tmp_path_factory) -> Path:
     _sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], root)
     # The copy is not beside ../shared: point the remote at it with an absolute, local-only URL.
     _sh([str(BIN / "dvc"), "remote", "modify", "--local", "shared", "url", str(SHARED / "dvc-remote")], root)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["data"]["image_size"] = params["data"]["store_size"] = 32  # small images: same stages, less time
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # small images: same stages, less time; set in conf/, the source of params.yaml, as a user would
+    data = root / "conf" / "data" / "default.yaml"
+    text = data.read_text()
+    assert "store_size: 224 " in text and "image_size: 224 " in text
+    data.write_text(text.replace("store_size: 224 ", "store_size: 32 ").replace("image_size: 224 ", "image_size: 32 "))
+    _sh([str(BIN / "covidxray"), "params"], root)
+    assert yaml.safe_load((root / "params.yaml").read_text())["data"]["image_size"] == 32
     return root
 
 

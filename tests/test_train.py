@@ -51,7 +51,7 @@ def test_smoke_training_end_to_end(trained):
         assert path.is_file(), path
 
     metrics = json.loads((cv_dir / "metrics.json").read_text())
-    assert math.isclose(trained["value"], metrics["cv_auc_mean"])
+    assert math.isclose(trained["value"], metrics["cv_auc_mean"], rel_tol=1e-3)  # the file: 4 significant digits
     for key in (
         "cv_auc_mean",
         "cv_auc_std",

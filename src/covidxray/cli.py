@@ -93,10 +93,14 @@ def _run_stage(stage: str, cfg):
 
 
 def run_stage_from_params(stage: str, params_file: str) -> None:
-    """Run a stage on an already composed parameter file (what `dvc repro` does)."""
+    """Run a stage on an already composed parameter file (what `dvc repro` does); the pipeline's
+    params.yaml must be the composition of conf/ (infra.config.check_params_fresh)."""
+    from covidxray.infra.config import check_params_fresh
+
     path = Path(params_file)
     try:
         cfg = load_params(path)
+        check_params_fresh(path, cfg)
     except CovidXrayError as err:
         print(f"covidxray {stage}: error: {err}", file=sys.stderr)
         sys.exit(1)

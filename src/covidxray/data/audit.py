@@ -273,6 +273,14 @@ def collection_markdown(facts: dict) -> list[str]:
     return lines + [""]
 
 
+def _lost(by_collection: dict[str, int]) -> str:
+    """The collections that lost images to exact copies kept in a collection listed before them."""
+    if not by_collection:
+        return ""
+    said = ", ".join(f"{name} {n}" for name, n in by_collection.items())
+    return f"; removed from {said} (each copy kept in the collection listed first in data.collections)"
+
+
 def audit_markdown(report: dict) -> str:
     """A short human-readable summary of audit.json."""
     classes = report["classes"]
@@ -316,7 +324,8 @@ def audit_markdown(report: dict) -> str:
         "",
         f"- records selected: {sel['records']}; missing files: {len(sel['missing_files'])}; "
         f"records sharing a file: {sel['records_sharing_a_file']}",
-        f"- exact duplicates removed: {d['exact_duplicates_removed']} ({len(d['exact_duplicate_groups'])} groups)",
+        f"- exact duplicates removed: {d['exact_duplicates_removed']} ({len(d['exact_duplicate_groups'])} groups)"
+        + _lost(d.get("exact_duplicates_removed_from", {})),
         f"- near-duplicate groups (phash distance <= {report['config']['phash_distance']}): "
         f"{len(d['near_duplicate_groups'])} ({d['near_duplicate_images']} images), patients merged: "
         f"{d['patients_merged']}",

@@ -1,12 +1,17 @@
 """Deduplication across every collection: exact copies (sha256) and near-duplicates (perceptual hash).
 
-Exact copies are dropped (one kept, their patients tied), near-duplicates are tied to one patient
+Exact copies are dropped (the copy of the collection listed first in data.collections kept, their
+patients tied: pinned collections keep their images and metadata when a new collection repeats
+them), near-duplicates are tied to one patient
 and one `dup_group`, and every copy of an image found under two classes is dropped, across
 collections and classes alike, so a split never puts copies of one image on both sides and no
 external set holds a copy of a training image.
 """
 
 from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -42,9 +47,11 @@ def phash_pairs(phashes: list[str], max_distance: int) -> list[tuple[int, int]]:
     return list(zip(i.tolist(), j.tolist()))
 
 
-def _drop_exact(df: pd.DataFrame, patients: _UnionFind) -> tuple[pd.DataFrame, list, list]:
-    """Keep one of each set of byte-identical images (tying their patients); drop every copy of an
+def _drop_exact(df: pd.DataFrame, patients: _UnionFind, order: Sequence[str]) -> tuple[pd.DataFrame, list, list]:
+    """Keep one of each set of byte-identical images: the copy of the collection first in `order`
+    (then the smallest image_id; df is sorted by it), tying their patients; drop every copy of an
     image found under two classes. Returns the kept rows, the duplicate groups and the conflicts."""
+    rank = {name: i for i, name in enumerate(order)}
     conflicts, groups, drop = [], [], set()
     for sha, group in df.groupby("sha256", sort=True):
         if len(group) < 2:
@@ -61,8 +68,13 @@ def _drop_exact(df: pd.DataFrame, patients: _UnionFind) -> tuple[pd.DataFrame, l
             continue
         for p in group["patient_id"]:
             patients.union(group["patient_id"].iloc[0], p)
-        groups.append({**entry, "patients": sorted(set(group["patient_id"]))})
-        drop.update(group.index[1:])
+        keep = group.index[int(np.argmin([rank.get(s, len(rank)) for s in group["source"]]))]
+        lost = group.drop(index=keep)
+        groups.append(
+            {**entry, "patients": sorted(set(group["patient_id"]))}
+            | {"kept": str(group.at[keep, "source"]), "removed_from": _ordered(Counter(lost["source"]), order)}
+        )
+        drop.update(lost.index)
     return df.drop(index=sorted(drop)).reset_index(drop=True), groups, conflicts
 
 
@@ -93,21 +105,25 @@ def _tie_near(df: pd.DataFrame, patients: _UnionFind, phash_distance: int) -> tu
     return df.drop(index=sorted(drop)).reset_index(drop=True), groups, conflicts
 
 
-def dedupe(records: pd.DataFrame, phash_distance: int) -> tuple[pd.DataFrame, dict]:
-    """Drop exact duplicates (sha256, keep one), tie near-duplicates (phash) to one patient and one
-    dup_group, and drop every copy of an image found under two classes. Returns the kept records
-    and a report. Linked patients are merged (union-find) into the smallest id, so the split never
-    puts copies of one image on both sides, and no external set holds a copy of a training image.
+def dedupe(records: pd.DataFrame, phash_distance: int, order: Sequence[str] = ()) -> tuple[pd.DataFrame, dict]:
+    """Drop exact duplicates (sha256; the copy kept is that of the collection first in `order`, the
+    order of data.collections), tie near-duplicates (phash) to one patient and one dup_group, and
+    drop every copy of an image found under two classes. Returns the kept records and a report
+    (with the images each collection lost to exact copies elsewhere). Linked patients are merged
+    (union-find) into the smallest id, so the split never puts copies of one image on both sides,
+    and no external set holds a copy of a training image.
     """
     df = records.sort_values(["image_id", "patient_id", "file"], kind="stable").reset_index(drop=True)
     patients = _UnionFind()
-    df, exact_groups, exact_conflicts = _drop_exact(df, patients)
+    df, exact_groups, exact_conflicts = _drop_exact(df, patients, order)
+    lost = sum((Counter(g["removed_from"]) for g in exact_groups), Counter())
     df, near_groups, near_conflicts = _tie_near(df, patients, phash_distance)
     conflicts = exact_conflicts + near_conflicts
     merged = df["patient_id"].map(patients.find)
     report = {
         "exact_duplicates_removed": int(sum(g["rows"] - 1 for g in exact_groups)),
         "exact_duplicate_groups": exact_groups,
+        "exact_duplicates_removed_from": _ordered(lost, order),
         "near_duplicate_groups": near_groups,
         "near_duplicate_images": int(sum(len(g["image_ids"]) for g in near_groups)),
         "patients_merged": int((merged != df["patient_id"]).groupby(df["patient_id"]).any().sum()),
@@ -118,6 +134,12 @@ def dedupe(records: pd.DataFrame, phash_distance: int) -> tuple[pd.DataFrame, di
     }
     df["patient_id"] = merged
     return df, report
+
+
+def _ordered(counts: Counter, order: Sequence[str]) -> dict[str, int]:
+    """{collection: count} in the order of `order` (then by name)."""
+    rank = {name: i for i, name in enumerate(order)}
+    return {str(k): int(counts[k]) for k in sorted(counts, key=lambda k: (rank.get(k, len(rank)), k))}
 
 
 def clean_probe(probe: pd.DataFrame, kept: pd.DataFrame, phash_distance: int) -> tuple[pd.DataFrame, int]:

@@ -6,6 +6,7 @@ with the interval, so a PNG read on its own is not misread.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,8 @@ def confusion_figure(matrix: np.ndarray, classes: list[str], title: str, xlabel:
         yticklabels=classes,
         xlabel=xlabel,
         ylabel="actual",
-        title=title,
     )
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -100,8 +101,10 @@ def _interval(figures: dict, key: str, label: str) -> str:
 
 
 def _save(plt, fig, path: Path) -> None:
+    """tight_layout, then a canvas grown to every artist (bbox_inches="tight"): a title wider than
+    its small figure is saved whole, never clipped at the edge."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
 
 
@@ -157,9 +160,8 @@ def write_figures(
     _save(plt, fig, fig_dir / "calibration.png")
 
     matrix = np.array([[np.sum((y == i) & (pred == j)) for j in range(k)] for i in range(k)])
-    fig = confusion_figure(matrix, classes, f"{about}\nthreshold {threshold:.3f}")
-    fig.savefig(fig_dir / "confusion.png", dpi=110)
-    plt.close(fig)
+    fig = confusion_figure(matrix, classes, f"{textwrap.fill(about, 32)}\nthreshold {threshold:.3f}")
+    _save(plt, fig, fig_dir / "confusion.png")
 
 
 def gradcam_sample(y, pred, positive: int, per_group: int, seed: int) -> dict[str, np.ndarray]:
@@ -222,6 +224,6 @@ def gradcam_panel(groups: dict[str, list[tuple[np.ndarray, np.ndarray, str]]], p
     fig.suptitle(f"Grad-CAM for {score} (red: regions that raise it; score under each image)", fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return path

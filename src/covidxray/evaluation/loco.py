@@ -125,6 +125,31 @@ def headline(result: dict) -> dict:
     return out
 
 
+# Per held-out group, the columns of `dvc metrics show reports/loco/groups` (one file, one row, per
+# group; short keys, the ones every headline.json shares where they mean the same, so the table fits
+# 120 columns): images, AUC and its interval, the shortcut baseline and the margin over it,
+# sensitivity and specificity at the transferred threshold, specificity calibrated on K site images.
+GROUP_ROW = {
+    "n": "n_images",
+    "auc": "auc",
+    "auc_lo": "auc_ci_low",
+    "auc_hi": "auc_ci_high",
+    "base": "shortcut_auc",
+    "margin": "margin",
+    "sens": "sensitivity",
+    "spec": "specificity",
+    "spec_cal": "calibrated_specificity",
+}
+
+
+def group_metrics(result: dict) -> dict[str, dict]:
+    """{file stem (the group's metric_key): its GROUP_ROW figures} (a one-class group has fewer)."""
+    return {
+        metric_key(name): {short: g[key] for short, key in GROUP_ROW.items() if g.get(key) is not None}
+        for name, g in result["groups"].items()
+    }
+
+
 # -- the recipe, per held-out group ------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from covidxray import CovidXrayError
+from covidxray.infra.outputs import significant
 from covidxray.networks.inference import decide  # noqa: F401 - the decision rule, measured here
 
 THRESHOLD_METHODS = ("youden", "sensitivity")
@@ -44,7 +45,7 @@ def headline(
         "threshold": threshold,
         **{k: v for k, v in extra.items() if k != "auc_sd"},
     }
-    return {k: (round(float(v), 4) if k != "n" else int(v)) for k, v in found.items() if v is not None}
+    return {k: (significant(float(v)) if k != "n" else int(v)) for k, v in found.items() if v is not None}
 
 
 def training_metric_names() -> tuple[str, ...]:

@@ -9,7 +9,6 @@ logged (infra.outputs.replace_dir), so a failure or a kill leaves the previous o
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from functools import partial
@@ -21,7 +20,7 @@ import pandas as pd
 from covidxray.evaluation import figures, metrics
 from covidxray.evaluation.assess import AssessOptions, assess
 from covidxray.evaluation.report import set_report
-from covidxray.infra.outputs import replace_dir
+from covidxray.infra.outputs import figures_text, replace_dir
 from covidxray.training import extraction
 from covidxray.training.feature_store import open_store
 
@@ -82,7 +81,7 @@ def write_assessment(
         options.seed,
         folder / "figures" / "gradcam.png",
     )
-    (folder / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    (folder / "metrics.json").write_text(figures_text(result))
     from sklearn.metrics import classification_report
 
     labels = list(range(len(classes)))
@@ -106,7 +105,7 @@ def write_headline(folder: Path, result: dict, partition: str) -> dict:
         threshold=result.get("threshold"),
         **({"probe_covid": probe} if probe is not None else {}),
     )
-    (Path(folder) / "headline.json").write_text(json.dumps(found, indent=2) + "\n")
+    (Path(folder) / "headline.json").write_text(figures_text(found))
     return found
 
 

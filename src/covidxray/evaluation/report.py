@@ -1,7 +1,8 @@
-"""The markdown report of an assessed set (report.md): shortcut warnings first, then the model,
-the data, the configuration, cross-validation, the figures with patient-bootstrap intervals, the
-figures' files and the limits. One per set (internal test, external, a hospital's set); the
-project's model card, which sets internal and external side by side, is card.py's.
+"""The markdown report of an assessed set (report.md): shortcut warnings first, then the results
+(the set's figures with patient-bootstrap intervals and the figures' files), then what produced
+them (model, data, cross-validation, the configuration collapsed in a <details> section) and the
+limits. One per set (internal test, a hospital's set); the project's model card, which leads with
+the leave-one-collection-out figures, is card.py's.
 """
 
 from __future__ import annotations
@@ -133,8 +134,8 @@ LIMITS = [
     "between classes; a model can separate the sources without seeing disease. Check the audit warnings "
     "above and the Grad-CAM maps (attention outside the lungs is a red flag).",
     "- The held-out set comes from the same sources as the training data: its figures overstate "
-    "performance elsewhere. See the external set's figures (reports/model_card.md) and use "
-    "`covidxray validate` on a hospital's own, independently labelled set.",
+    "performance elsewhere. See the leave-one-collection-out figures (reports/model_card.md, "
+    "reports/loco/report.md) and use `covidxray validate` on a hospital's own, independently labelled set.",
     "- Small sample: the intervals are wide; the bootstrap resamples patients, not images.",
     "- Calibration was not adjusted: probabilities are scores, not risks.",
     "",
@@ -208,8 +209,9 @@ def _figures_lines(result: dict, classes: list[str], partition: str, report_text
 
 
 def set_report(result: dict, meta: dict, report_text: str, partition: str, context: dict) -> str:
-    """report.md of one assessed set: warnings first, then data, config, CV and the set's figures,
-    the figure files, limits. `report_text`: sklearn's classification report of the set."""
+    """report.md of one assessed set: warnings first, then the results (the set's figures and
+    their files), then the model, data, CV and the configuration (collapsed), limits.
+    `report_text`: sklearn's classification report of the set."""
     audit = context.get("audit") or {}
     lines = [
         f"# {context.get('title', 'COVID-19 chest X-ray classifier: assessment report')}",
@@ -217,15 +219,8 @@ def set_report(result: dict, meta: dict, report_text: str, partition: str, conte
         *_warning_lines(audit),
     ]
     lines += ["**A research tool, not a diagnostic device.** Do not use it for clinical decisions.", ""]
-    lines += _model_lines(result, meta)
-    if context.get("data_lines"):
-        lines += ["## Data", "", *context["data_lines"], ""]
-    if audit.get("notes"):
-        lines += ["Audit notes:", "", *[f"- {n}" for n in audit["notes"]], ""]
-    if context.get("config_yaml"):
-        lines += ["## Configuration", "", "```yaml", context["config_yaml"].rstrip(), "```", ""]
-    if "cv_metrics" in context:
-        lines += ["## Cross-validation (patient-grouped folds)", "", *cv_summary(context["cv_metrics"]), ""]
+    if "auc" in result[partition]:
+        lines += [f"**{partition.capitalize()} set:** {headline(result[partition])}.", ""]
     lines += _figures_lines(result, meta["classes"], partition, report_text)
     lines += [
         "",
@@ -233,4 +228,14 @@ def set_report(result: dict, meta: dict, report_text: str, partition: str, conte
         "",
         *[line for name, caption in FIGURES for line in (f"![{caption}](figures/{name}.png)", "")],
     ]
+    lines += _model_lines(result, meta)
+    if context.get("data_lines"):
+        lines += ["## Data", "", *context["data_lines"], ""]
+    if audit.get("notes"):
+        lines += ["Audit notes:", "", *[f"- {n}" for n in audit["notes"]], ""]
+    if "cv_metrics" in context:
+        lines += ["## Cross-validation (patient-grouped folds)", "", *cv_summary(context["cv_metrics"]), ""]
+    if context.get("config_yaml"):
+        lines += ["## Configuration", "", "<details><summary>The composed configuration (YAML)</summary>", ""]
+        lines += ["```yaml", context["config_yaml"].rstrip(), "```", "", "</details>", ""]
     return "\n".join(lines + LIMITS)

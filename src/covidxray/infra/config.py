@@ -37,6 +37,39 @@ def compose(overrides: list[str] | None = None):
     return cfg
 
 
+def first_difference(a, b, path: str = "") -> str | None:
+    """The dotted key where two nested mappings first differ (in a value, a key or the order of
+    the keys: the order of data.collections decides which copy of a duplicate is kept), or None."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return None if a == b else path.rstrip(".") or "(the whole file)"
+    for key in [*a, *(k for k in b if k not in a)]:
+        if key not in a or key not in b:
+            return f"{path}{key}"
+        found = first_difference(a[key], b[key], f"{path}{key}.")
+        if found is not None:
+            return found
+    return None if list(a) == list(b) else f"{path.rstrip('.') or '(top level)'} (order of its keys)"
+
+
+def check_params_fresh(path: Path, params) -> None:
+    """The pipeline's params.yaml (in the working directory, beside conf/) must be the composition
+    of conf/: `dvc repro` compares each stage's params with params.yaml only, so after an edit of
+    conf/ without `make params` it would rerun nothing, or rerun on the old values, and exit 0.
+    Inside `dvc exp run` (DVC_EXP_NAME set) DVC writes params.yaml itself, from conf/ and -S."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    here = Path.cwd()
+    if os.environ.get("DVC_EXP_NAME") or not (here / "conf" / "config.yaml").is_file():
+        return
+    if Path(path).resolve() != (here / "params.yaml").resolve():
+        return
+    key = first_difference(OmegaConf.to_container(compose()), OmegaConf.to_container(params))
+    if key is not None:
+        raise CovidXrayError(f"params.yaml is stale: run make params (conf/ composes {key} differently)")
+
+
 def hydra_output_dir() -> Path | None:
     """The Hydra job's output folder when a stage runs as a Hydra app (the command line, sweeps),
     None when it runs on a composed parameter file (the pipeline: `--params`) or from Python."""

@@ -181,9 +181,22 @@ def replace_dir(target: Path, write: Callable[[Path], T], *, by: str, owned: boo
 # -- JSON -----------------------------------------------------------------------------------------
 
 
+# Significant digits of the figures in the files the pipeline writes (metrics, headline, details,
+# audit): an AUC, a threshold or a rate means no more than 4 (its bootstrap interval is wider than
+# 1e-3), and the last bits differ between CPUs (oneDNN, XNNPACK), so 16 digits would make a rerun on
+# another machine rewrite every file. MLflow keeps the full precision.
+FIGURE_DIGITS = 4
+
+
+def significant(x: float, digits: int = FIGURE_DIGITS) -> float:
+    """x rounded to `digits` significant digits: 0.459753155708313 -> 0.4598, 0.000123456 -> 0.0001235."""
+    return float(f"{x:.{digits}g}")
+
+
 def json_safe(value, digits: int | None = None):
     """A copy of `value` that json.dumps writes as standard JSON: numpy scalars as Python numbers,
-    NaN and infinities as null, tuples as lists, keys as strings; floats rounded to `digits` if given."""
+    NaN and infinities as null, tuples as lists, keys as strings; floats rounded to `digits`
+    significant digits if given (integers and whole floats, counts and sizes, are kept whole)."""
     if isinstance(value, dict):
         return {str(k): json_safe(v, digits) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -193,8 +206,16 @@ def json_safe(value, digits: int | None = None):
     if isinstance(value, (float, np.floating)):
         if not math.isfinite(float(value)):
             return None
-        return float(value) if digits is None else round(float(value), digits)
+        whole = float(value).is_integer()  # a count or a size held as a float: kept as it is
+        return float(value) if digits is None or whole else significant(float(value), digits)
     return value
+
+
+def figures_text(value, sort_keys: bool = False) -> str:
+    """The text of a figures file (metrics.json, headline.json, details.json, audit.json): standard
+    JSON with every float at FIGURE_DIGITS significant digits, so a rerun on another CPU leaves it
+    unchanged in the common case."""
+    return json.dumps(json_safe(value, FIGURE_DIGITS), indent=2, sort_keys=sort_keys) + "\n"
 
 
 def read_json(path: Path, *, required: bool = True):

@@ -29,7 +29,7 @@ from covidxray.data.collections import FACTS_FILE
 from covidxray.data.curation import COLUMNS, build_index, decode_records
 from covidxray.data.dedupe import clean_probe, dedupe
 from covidxray.data.listing import list_collections
-from covidxray.infra.outputs import json_safe, replace_dir
+from covidxray.infra.outputs import FIGURE_DIGITS, json_safe, replace_dir
 from covidxray.settings.curate import curate_settings
 
 
@@ -40,7 +40,7 @@ def curate(s) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame, np.ndarray, dict]
     both = pd.concat([records, probe], ignore_index=True)
     records, pixels_of, missing = decode_records(both, s.store_size, s.resize)
     is_probe = (records["label"] == "other").to_numpy()
-    kept, dedupe_report = dedupe(records[~is_probe], s.phash_distance)
+    kept, dedupe_report = dedupe(records[~is_probe], s.phash_distance, [c.name for c in s.collections])
     classes = list(s.classes)
     index = build_index(kept, classes)
     if index["label"].nunique() < len(classes):
@@ -79,7 +79,7 @@ def curate(s) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame, np.ndarray, dict]
         "near_duplicates_of_curated_dropped": probe_dropped,
         "findings": probe["finding"].value_counts().sort_index().to_dict(),
     }
-    return index, pixels, probe, probe_pixels[: len(probe)], json_safe(report, digits=4)
+    return index, pixels, probe, probe_pixels[: len(probe)], json_safe(report, FIGURE_DIGITS)
 
 
 def main(cfg) -> None:

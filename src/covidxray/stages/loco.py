@@ -22,7 +22,6 @@ MLflow: the headline as loco_* metrics on the recipe's training run (model.json'
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -35,7 +34,7 @@ from covidxray.evaluation import card, loco, probes
 from covidxray.evaluation.metrics import curves, headline
 from covidxray.evaluation.publish import LogTo, log_to_mlflow
 from covidxray.evaluation.report import fmt
-from covidxray.infra.outputs import json_safe, read_json, replace_dir
+from covidxray.infra.outputs import figures_text, json_safe, read_json, replace_dir
 from covidxray.networks.model_file import MODEL_FILE
 from covidxray.serving import registry
 from covidxray.settings.loco import loco_settings
@@ -44,6 +43,7 @@ TIMINGS = ("seconds", "feature_cache_s")  # vary run to run: logged to MLflow, n
 
 OUT_DIR = "loco"
 CARD = "model_card.md"
+GROUPS_DIR = "groups"  # reports/loco/groups/<group>.json: one row per held-out group in `dvc metrics show`
 
 
 def internal_reports(reports: Path, index: pd.DataFrame, classes: list[str]) -> tuple[dict | None, dict | None, dict]:
@@ -91,10 +91,11 @@ def roc_table(predictions: pd.DataFrame, positive: str) -> pd.DataFrame:
 
 def write_outputs(out: Path, result: dict, extra: dict, report_md: str, positive: str) -> dict:
     """headline.json (DVC metrics: the columns every stage shares), metrics.json (mean, worst and
-    per group), details.json, predictions.csv, plots/roc.csv, report.md."""
+    per group), groups/<group>.json (one row per group for `dvc metrics show reports/loco/groups`),
+    details.json, predictions.csv, plots/roc.csv, report.md."""
     (out / "plots").mkdir(parents=True)
     found = json_safe(loco.headline(result))
-    (out / "metrics.json").write_text(json.dumps(found, indent=2, sort_keys=True) + "\n")
+    (out / "metrics.json").write_text(figures_text(found, sort_keys=True))  # found: full precision, for MLflow
     summary, n = result["summary"], sum(g["n_images"] for g in result["groups"].values())
     shown = headline(
         n,
@@ -102,10 +103,13 @@ def write_outputs(out: Path, result: dict, extra: dict, report_md: str, positive
         auc_min=summary["loco_auc_worst"],  # the worst group (auc is the mean)
         spec_cal=summary["loco_calibrated_specificity_mean"],
     )
-    (out / "headline.json").write_text(json.dumps(shown, indent=2) + "\n")
+    (out / "headline.json").write_text(figures_text(shown))
+    (out / GROUPS_DIR).mkdir()
+    for stem, row in loco.group_metrics(result).items():
+        (out / GROUPS_DIR / f"{stem}.json").write_text(figures_text(row))
     details = {k: v for k, v in result.items() if k not in ("predictions", *TIMINGS)}  # timings: MLflow only
     details["groups"] = {name: {k: v for k, v in g.items() if k not in TIMINGS} for name, g in result["groups"].items()}
-    (out / "details.json").write_text(json.dumps(json_safe({**details, **extra}), indent=2) + "\n")
+    (out / "details.json").write_text(figures_text({**details, **extra}))
     result["predictions"].to_csv(out / "predictions.csv", index=False)
     roc_table(result["predictions"], positive).to_csv(out / "plots" / "roc.csv", index=False)
     (out / "report.md").write_text(report_md)

@@ -46,7 +46,7 @@ from covidxray.infra import config, fileset, tracking
 from covidxray.serving import registry
 from covidxray.settings.loco import LocoSettings, loco_settings
 from covidxray.settings.train import DEFAULT_OPTIMIZED_METRIC, TrainSettings, train_settings
-from covidxray.infra.outputs import json_safe
+from covidxray.infra.outputs import figures_text, json_safe
 from covidxray.training.trainer import Trainer
 from covidxray.training import recipe
 from covidxray.training.cv_data import CVData, load_cv_data, make_trainer
@@ -277,7 +277,7 @@ def final_model(trainer: Trainer, cv: recipe.RecipeResult, parent_id: str):
 
     result = recipe.fit_final(trainer, np.arange(len(trainer.y)), cv, parent_id).final
     found = {
-        "final_epochs": float(cv.epochs[0]),
+        "final_epochs": int(cv.epochs[0]),
         "final_wall_s": result.seconds,
         "final_images_per_s": result.images_seen / max(result.seconds, 1e-9),
     }
@@ -360,8 +360,8 @@ def write_outputs(
         cv.folds.drop(columns=[c for c in cv.folds if any(t in c for t in TIMINGS)]).to_csv(
             new_cv / "folds.csv", index=False
         )
-        (new_cv / "metrics.json").write_text(json.dumps(json_safe(figures), indent=2, sort_keys=True) + "\n")
-        (new_cv / "headline.json").write_text(json.dumps(json_safe(cv_headline(figures, n_images)), indent=2) + "\n")
+        (new_cv / "metrics.json").write_text(figures_text(figures, sort_keys=True))
+        (new_cv / "headline.json").write_text(figures_text(cv_headline(figures, n_images)))
         for name in CV_FILES:
             mlflow.log_artifact(str(new_cv / name), "cv")
         if model is not None:
