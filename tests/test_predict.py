@@ -146,6 +146,7 @@ def test_predict_from_registered_model(tiny, test_images, tmp_path, monkeypatch)
         predict_cli, [files["gray"], files["rgba"], "--model", uri, "--csv", "--tracking-uri", tiny["tracking_uri"]]
     )
     assert remote[0] == 0
+    assert "Downloading artifacts" not in remote[2] and "%|" not in remote[2], remote[2]  # no progress bars
     assert list(scratch.iterdir()) == []  # the downloaded copy of the model is gone
     a, b = pd.read_csv(io.StringIO(local[1])), pd.read_csv(io.StringIO(remote[1]))
     assert np.allclose(a["p_covid"], b["p_covid"], atol=1e-4)
