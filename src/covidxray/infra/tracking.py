@@ -11,6 +11,7 @@ stage configures the store on the same host (`end_orphaned_runs`).
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from contextlib import contextmanager
@@ -249,15 +250,27 @@ def preset_and_overrides(params: dict) -> tuple[str, list[str]]:
     found = hydra_choices()
     if found is not None:
         return found
+    from covidxray.infra.config import conf_dir
+
+    presets = preset_compositions(str(conf_dir()))
+    return closest_preset(params, presets) if presets else ("default", [])
+
+
+@functools.lru_cache(maxsize=4)
+def preset_compositions(conf: str) -> dict[str, dict]:
+    """{preset: its composition} for each conf/experiment/*.yaml that composes (~0.3 s each, once
+    per process); one that fails to compose is no candidate."""
     from omegaconf import OmegaConf
 
-    from covidxray.infra.config import compose, conf_dir
+    from covidxray.infra.config import compose
 
-    presets = {
-        path.stem: OmegaConf.to_container(compose([f"experiment={path.stem}"]))
-        for path in sorted((conf_dir() / "experiment").glob("*.yaml"))
-    }
-    return closest_preset(params, presets) if presets else ("default", [])
+    found = {}
+    for path in sorted((Path(conf) / "experiment").glob("*.yaml")):
+        try:
+            found[path.stem] = OmegaConf.to_container(compose([f"experiment={path.stem}"]))
+        except Exception:  # noqa: BLE001 - Hydra's and OmegaConf's errors alike: not a candidate
+            continue
+    return found
 
 
 def run_name(base: str, preset: str, overrides: list[str], collections: list[str], digest: str) -> str:
