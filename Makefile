@@ -6,12 +6,14 @@ PORT   ?= 5000
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The page `dvc plots show` fills (.dvc/config: plots.html_template), Vega's scripts inlined
+PLOTS_PAGE := $(VENV)/share/dvc-plots.html
 # Stage commands (`covidxray ...`) and dvc come from the venv, also for dvc's own subshells.
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: run test lint setup data params ui clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(PLOTS_PAGE)
 
 # Reinstall only when the pinned stack or the package metadata changes. pip --no-compile, then
 # compileall on every core (44 s + 36 s instead of pip's 1 min 59 s here): the bytecode must be
@@ -25,6 +27,14 @@ $(STAMP): constraints.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-compile -c constraints.txt -e ".[dev]"
 	$(BIN)/python -m compileall -q -j 0 $(SITE) src
 	touch $(STAMP)
+
+# Offline plots: the npm tarballs of manifests/vega.sha256 (npm pack fetches only those three
+# files, no dependencies), checked and inlined into the page, so it draws without a CDN.
+$(PLOTS_PAGE): manifests/vega.sha256 src/covidxray/tools/plots_page.py $(STAMP)
+	mkdir -p $(VENV)/share/vega
+	cd $(VENV)/share/vega && npm pack --silent --ignore-scripts \
+	  $$($(abspath $(BIN))/python -m covidxray.tools.plots_page --npm-specs $(abspath manifests/vega.sha256)) >/dev/null
+	$(BIN)/python -m covidxray.tools.plots_page manifests/vega.sha256 $(VENV)/share/vega $@
 
 data: setup
 	$(BIN)/dvc pull data.dvc
@@ -50,7 +60,7 @@ params: setup
 	$(BIN)/covidxray params
 
 # MLflow UI on the local store: make ui [PORT=5001]
-ui: setup
+ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port $(PORT)
 
 clean:

@@ -104,6 +104,33 @@ def test_calibrate_picks_the_known_threshold_and_predict_applies_it(site, tmp_pa
     assert json.loads((target / "model.json").read_text())["threshold"] == pytest.approx(covid[3], abs=1e-6)
 
 
+def test_a_calibrated_model_keeps_the_identity_it_calibrates(site, tmp_path, capsys):
+    """A registered model's calibrated copy: predict and validate name its registered name,
+    version and run, the version marked site-calibrated (the same network, another threshold)."""
+    import shutil
+
+    from covidxray.tools.calibrate import calibrate_cli
+    from covidxray.tools.predict import predict_cli
+
+    registered = tmp_path / "registered"
+    shutil.copytree(site["model"], registered)
+    who = {"registered_model": "covid-xray-detector", "registered_version": 3, "mlflow_run_id": "0abc"}
+    (registered / "model.json").write_text(json.dumps({**site["meta"], **who, "model_uri": "models:/x/3"}))
+    out = tmp_path / "calibrated"
+    assert calibrate_cli([str(site["set"]), "--model", str(registered), "--out", str(out)]) == 0
+    capsys.readouterr()
+    predict_cli([str(site["set"] / "covid" / "covid-3.png"), "--model", str(out), "--json"])
+    answer = json.loads(capsys.readouterr().out)
+    assert (answer["model_name"], answer["model_version"], answer["model_run_id"]) == (
+        "covid-xray-detector",
+        "3 site-calibrated",
+        "0abc",
+    )
+    predict_cli([str(site["set"] / "covid" / "covid-3.png"), "--model", str(out)])  # validate says it alike
+    said = capsys.readouterr().out
+    assert "; model covid-xray-detector version 3 site-calibrated, run 0abc)" in said, said
+
+
 def test_the_served_model_applies_the_site_threshold(site, tmp_path):
     import mlflow
 

@@ -1,6 +1,6 @@
 """Shell completion through the covidxray dispatcher: the script Hydra's help names
-(`eval "$(covidxray train -sc install=bash)"`) completes commands and each stage's overrides in
-a real bash (and fish, where installed)."""
+(`eval "$(covidxray train -sc install=bash)"`) completes commands, each stage's overrides and
+each tool's options in a real bash (and fish, where installed)."""
 
 from __future__ import annotations
 
@@ -24,11 +24,15 @@ complete_line() {  # what bash sets before calling the completion function, then
 complete_line "covidxray tr"
 complete_line "covidxray train model=vg"
 complete_line "covidxray evaluate optimizer."
+complete_line "covidxray predict --mo"
+complete_line "covidxray calibrate x.csv --t"
 """
 WANT = [
     "covidxray tr => train",
     "covidxray train model=vg => model=vgg16 model=vgg19",
     "covidxray evaluate optimizer. => optimizer.lr= optimizer.name= optimizer.schedule=",
+    "covidxray predict --mo => --model",  # a tool's options, from its own parser
+    "covidxray calibrate x.csv --t => --target-sensitivity --tracking-uri",
 ]
 
 

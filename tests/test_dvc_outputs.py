@@ -88,13 +88,19 @@ def test_metrics_are_committed_so_a_fresh_clone_diffs_them(repo_copy, tmp_path):
     taken = sorted(line[3:] for line in status if line[3:].startswith(("reports/", "models/")))
     assert taken == [
         "reports/cv/headline.json",
+        "reports/cv/history.csv",
         "reports/cv/metrics.json",
         "reports/headline.json",
         "reports/loco/groups/ieee8023-kermany.json",
         "reports/loco/groups/radiography.json",
         "reports/loco/headline.json",
         "reports/loco/metrics.json",
+        "reports/loco/plots/roc.csv",
         "reports/metrics.json",
+        "reports/plots/calibration.csv",
+        "reports/plots/confusion.csv",
+        "reports/plots/precision_recall.csv",
+        "reports/plots/roc.csv",
     ]
     _sh([*GIT, "add", "-A"], repo_copy)
     _sh([*GIT, "commit", "-qm", "metrics"], repo_copy)
@@ -125,6 +131,19 @@ def test_metrics_are_committed_so_a_fresh_clone_diffs_them(repo_copy, tmp_path):
     change = diff["reports/cv/headline.json"]["auc"]
     assert (change["old"], change["new"]) == (0.81, 0.85)
 
+    # plot tables are in git too: `dvc plots diff` reads the committed revision with no DVC cache
+    roc = clone / "reports" / "plots" / "roc.csv"
+    committed = pd.read_csv(roc)
+    committed.assign(tpr=committed["tpr"] * 0.5).to_csv(roc, index=False)
+    assert not (clone / ".dvc" / "cache").exists()
+    plots = _dvc_json(["plots", "diff", "HEAD"], clone)
+    assert not plots.get("errors"), plots.get("errors")
+    assert len(plots["data"]) == 6  # every plot of dvc.yaml
+    values = plots["data"]["reports/plots/roc.csv"][0]["content"]["data"]["values"]
+    by_rev = {rev: [float(p["tpr"]) for p in values if p["rev"] == rev] for rev in ("HEAD", "workspace")}
+    assert by_rev["HEAD"] == committed["tpr"].tolist()
+    assert by_rev["workspace"] == (committed["tpr"] * 0.5).tolist()
+
 
 def test_plots_are_drawn_unsmoothed_and_history_by_fold(repo_copy):  # noqa: F811
     _write_outputs(repo_copy, cv_auc=0.8)
@@ -143,6 +162,17 @@ def test_plots_are_drawn_unsmoothed_and_history_by_fold(repo_copy):  # noqa: F81
     assert (history["encoding"]["x"]["field"], history["encoding"]["y"]["field"]) == ("epoch", "val_auc")
     assert {p["fold"] for p in history["data"]["values"]} == {"0", "1", "final"}
     assert "isValid(datum['val_auc'])" in history["transform"][0]["filter"]  # the final model: no val curve
+    assert history["encoding"]["shape"]["field"] == "rev"  # revisions: a marker each (and a dash pattern)
+
+    calibration = specs["reports/plots/calibration.csv"]  # the diagonal, points sized and labelled by count
+    diagonal, *_, labels = calibration["layer"]
+    assert [(v["diagonal_x"], v["diagonal_y"]) for v in diagonal["data"]["values"]] == [(0, 0), (1, 1)]
+    assert labels["mark"]["type"] == "text" and labels["encoding"]["text"]["field"] == "count"
+    assert any(layer["encoding"].get("size", {}).get("field") == "count" for layer in calibration["layer"])
+    # the confusion matrix as report.md draws it: rows actual, columns predicted
+    confusion = specs["reports/plots/confusion.csv"]["spec"]["encoding"]
+    assert (confusion["y"]["field"], confusion["x"]["field"]) == ("actual", "predicted")
+
     loco = specs["reports/loco/plots/roc.csv"]  # one ROC curve per held-out group
     assert loco["encoding"]["color"]["field"] == "group"
     assert {p["group"] for p in loco["data"]["values"]} == {"radiography", "ieee8023+kermany"}

@@ -5,7 +5,10 @@ the smoke recipe (real training per group, real MLflow store) with its model car
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -343,6 +346,25 @@ def test_loco_logged_on_the_training_run(loco_run):
     assert run.data.metrics["loco_seconds"] > 0  # timings go to MLflow, never into the DVC outputs
     assert "seconds" not in (loco_run["reports"] / "loco" / "details.json").read_text()
     assert "took" not in (loco_run["reports"] / "loco" / "report.md").read_text()
+
+    # the model card, stamped with what the DVC output cannot carry, is an artifact of the run
+    client = mlflow.MlflowClient()
+    logged = client.download_artifacts(tiny["run_id"], "model_card.md", str(loco_run["reports"].parent / "card"))
+    logged = Path(logged).read_text()
+    written = (loco_run["reports"] / "model_card.md").read_text().splitlines()
+    meta = tiny["meta"]
+    model = f"{meta['registered_model']} version {meta['registered_version']}"
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    row = next(line for line in logged.splitlines() if line.startswith(f"| {model} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:3] == [tiny["run_id"], commit] and "data.dvc:data/external" in cells[3]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", cells[4])
+    lines = logged.splitlines()
+    assert lines[:1] + lines[5:] == written and lines[4] == row  # the same card, the table under its title
+    # the LOCO headline as tags of the registered version: columns of the versions table
+    tags = client.get_model_version(meta["registered_model"], str(meta["registered_version"])).tags
+    for key in ("loco_auc_mean", "loco_auc_worst", "loco_margin_worst", "loco_calibrated_specificity_mean"):
+        assert tags[key] == f"{loco_run['metrics'][key]:.4g}", key
 
 
 def test_a_one_class_group_reports_sensitivity_only(tiny_data):

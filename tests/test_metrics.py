@@ -150,6 +150,23 @@ def test_youden_threshold():
     assert M.choose_threshold([0, 0, 1, 1], [0.1, 0.2, 0.6, 0.9]) == pytest.approx(0.6)
 
 
+def test_youden_ties_break_towards_the_threshold_in_use():
+    """Few images (a site's calibration set): J = .5 at 0.9992 and at 0.2. Without a preference the
+    highest wins; with the transferred threshold, it is kept where it ties, else the nearest tie."""
+    y, s = [0, 0, 1, 1], [0.1, 0.5, 0.2, 0.9992]
+    assert M.choose_threshold(y, s) == pytest.approx(0.9992)
+    assert M.choose_threshold(y, s, prefer=0.3) == pytest.approx(0.2)  # J(0.3) = 0: the nearest tie
+    assert M.choose_threshold(y, s, prefer=0.15) == pytest.approx(0.15)  # J(0.15) = .5 too
+    assert M.choose_threshold(y, s, prefer=0.05) == pytest.approx(0.2)  # J(0.05) = 0
+    assert M.choose_threshold(y, s, prefer=0.95) == pytest.approx(0.95)  # J(0.95) = .5: kept
+    assert M.choose_threshold([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8], prefer=0.36) == pytest.approx(0.35)  # no tie
+    from covidxray.evaluation.calibration import site_threshold
+
+    y, s = np.r_[np.zeros(5), np.ones(5)], np.r_[0.1, 0.2, 0.3, 0.6, 0.7, 0.25, 0.4, 0.5, 0.9, 0.9992]
+    assert site_threshold(y, s, "youden", 0.9) == pytest.approx(0.9)  # J .4 at 0.9 and 0.4
+    assert site_threshold(y, s, "youden", 0.9, prefer=0.45) == pytest.approx(0.4)
+
+
 def test_sensitivity_threshold():
     y, s = [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]
     assert M.choose_threshold(y, s, "sensitivity", 0.95) == pytest.approx(0.35)

@@ -93,9 +93,17 @@ def test_predict_wild_files_and_errors(tiny, test_images, tmp_path):
     model, meta = load_model(tiny["models"])
     expected = probabilities(model, pixels[:1], 2)[0, 1]
     assert table.loc[0, "p_covid"] == pytest.approx(expected, abs=1e-4)
+    assert table["gradcam"].tolist() == [str(tmp_path / "cams" / f"{n}_gradcam.png") for n in files]
     for name in ("gray", "rgb", "rgba", "sixteen"):
         with Image.open(tmp_path / "cams" / f"{name}_gradcam.png") as cam:
-            assert cam.size == (32, 32) and cam.mode == "RGB"
+            picture = np.asarray(cam.convert("RGB")).astype(int)
+        # a figure (title with the score, overlay, colour bar), not the bare 32 px overlay; the bar
+        # holds jet's pure ends, which the overlay (blended with the X-ray) never reaches
+        height, width, _ = picture.shape
+        assert width > 200 and height > 200
+        bar = picture[:, int(width * 0.75) :]
+        r, g, b = bar[..., 0], bar[..., 1], bar[..., 2]
+        assert ((r > 120) & (g < 10) & (b < 10)).any() and ((b > 120) & (r < 10) & (g < 10)).any()
 
 
 def test_predict_json_and_success_code(tiny, test_images, tmp_path):
@@ -146,6 +154,7 @@ def test_predict_from_registered_model(tiny, test_images, tmp_path, monkeypatch)
         predict_cli, [files["gray"], files["rgba"], "--model", uri, "--csv", "--tracking-uri", tiny["tracking_uri"]]
     )
     assert remote[0] == 0
+    assert "Downloading artifacts" not in remote[2] and "%|" not in remote[2], remote[2]  # no progress bars
     assert list(scratch.iterdir()) == []  # the downloaded copy of the model is gone
     a, b = pd.read_csv(io.StringIO(local[1])), pd.read_csv(io.StringIO(remote[1]))
     assert np.allclose(a["p_covid"], b["p_covid"], atol=1e-4)

@@ -68,7 +68,21 @@ def test_promote_command_says_what_moved_in_one_line(store, tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     done = _promote("1", store, tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"promote: {NAME} version 1 is now @champion (was no version)"
+    assert done.stdout.splitlines() == [
+        f"promote: {NAME} @champion: no version -> version 1",
+        "  no LOCO figures on this version (the loco stage has not run for it)",
+    ]
+    # from -> to, with the LOCO figures the loco stage tagged each version with
+    from covidxray.serving import registry
+
+    registry.tag_figures(NAME, "1", {"loco_auc_mean": 0.70201, "loco_auc_worst": 0.66394, "loco_margin_mean": 0.1})
+    registry.tag_figures(NAME, "2", {"loco_auc_mean": 0.75, "loco_auc_worst": 0.6812, "loco_margin_worst": -0.2})
+    registry.mark_installed(NAME, "2")
+    done = _promote("2", store, tmp_path)
+    assert done.stdout.splitlines() == [
+        f"promote: {NAME} @champion: version 1 -> version 2",
+        "  LOCO: auc_mean 0.75 (was 0.702), auc_worst 0.6812 (was 0.6639), margin_worst -0.2",
+    ], done.stderr
 
 
 def _git(repo, *args):

@@ -117,6 +117,7 @@ def test_smoke_training_end_to_end(trained):
             assert len(client.get_metric_history(child.info.run_id, key)) == 2, key
         files = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert "confusion_matrix.png" in files
+        assert child.data.tags["mlflow.source.git.commit"] == tags["mlflow.source.git.commit"]  # the fold's code
 
     # The registered model is a pyfunc model: image bytes in, p(covid) and the label at the saved
     # threshold out, the same as the .keras file in models/ (serving tests: test_serving.py).
@@ -146,7 +147,10 @@ def test_smoke_training_end_to_end(trained):
 
     # Run as the pipeline runs it (not a Hydra app): registered, installed, described; the smoke
     # config is not the committed default, so @champion does not move (test_registry.py).
-    assert parent.info.run_name == "pipeline (small_cnn-cv2)"
+    collections = "+".join(cfg.data.collections)
+    assert (
+        parent.info.run_name == f"pipeline smoke train.epochs=2 [{collections}] #{tags['config_hash']} (small_cnn-cv2)"
+    )
     version = client.get_model_version(cfg.mlflow.registered_model, "1")
     assert version.tags["covidxray.installed"] == "true" and "Research use only" in version.description
     assert "champion" not in client.get_registered_model(cfg.mlflow.registered_model).aliases
@@ -198,10 +202,13 @@ def test_hydra_multirun_makes_one_parent_run_per_job(tiny_data, tmp_path):
         assert (tmp_path / "sweep" / job / "reports" / "cv" / "metrics.json").is_file()
     # Sweep jobs register nothing (mlflow.register=auto), and their run names say what differs.
     assert client.search_model_versions(f"name='{cfg.mlflow.registered_model}'") == []
-    assert sorted(r.info.run_name for r in parents) == [
-        "smoke model.head.dense_units=4 (small_cnn-cv2)",
-        "smoke model.head.dense_units=8 (small_cnn-cv2)",
-    ]
+    named = {r.data.params["model.head.dense_units"]: (r.info.run_name, r.data.tags["config_hash"]) for r in parents}
+    collections = "+".join(cfg.data.collections)
+    assert {units: name for units, (name, _) in named.items()} == {
+        units: f"smoke model.head.dense_units={units} [{collections}] #{digest} (small_cnn-cv2)"
+        for units, (_, digest) in named.items()
+    }
+    assert named["4"][1] != named["8"][1]
     for job in ("0", "1"):
         from covidxray.networks.model_file import read_meta
 

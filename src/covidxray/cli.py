@@ -42,7 +42,8 @@ tools:  {", ".join(TOOLS)}
 shell completion: eval "$(covidxray -sc install=bash)"  (zsh: install=zsh; fish: covidxray -sc install=fish | source)"""
 COMPLETION_FLAGS = ("-sc", "--shell-completion")
 # Completion scripts: command names at the first word; a stage's overrides from that stage's
-# Hydra app (`covidxray STAGE -sc query=...`, with the stage word taken out of COMP_LINE).
+# Hydra app (`covidxray STAGE -sc query=...`, with the stage word taken out of COMP_LINE); a tool's
+# options, for a word starting with "-", from its argparse usage (`covidxray TOOL -sc query=...`).
 BASH_COMPLETION = """_covidxray_completion()
 {
     local stages="%(stages)s" cur="${COMP_WORDS[COMP_CWORD]}"
@@ -54,6 +55,9 @@ BASH_COMPLETION = """_covidxray_completion()
         choices=$(COMP_LINE="$COMP_LINE" COMP_POINT="$COMP_POINT" \\
                   "${COMP_WORDS[0]}" "${COMP_WORDS[1]}" -sc query=bash 2>/dev/null)
         COMPREPLY=($(compgen -o nospace -o default -W "$choices" -- "$cur"))
+    elif [[ " %(tools)s " == *" ${COMP_WORDS[1]} "* && "$cur" == -* ]]; then
+        compopt +o nospace 2>/dev/null
+        COMPREPLY=($(compgen -W "$("${COMP_WORDS[0]}" "${COMP_WORDS[1]}" -sc query=bash 2>/dev/null)" -- "$cur"))
     fi
 }
 COMP_WORDBREAKS=${COMP_WORDBREAKS//=}
@@ -65,7 +69,9 @@ FISH_COMPLETION = """function __covidxray_complete
 end
 complete -c covidxray -e
 complete -c covidxray -f -n '__fish_use_subcommand' -a '%(stages)s %(tools)s'
-complete -c covidxray -f -n '__fish_seen_subcommand_from %(stages)s' -a '(__covidxray_complete)'"""
+complete -c covidxray -f -n '__fish_seen_subcommand_from %(stages)s' -a '(__covidxray_complete)'
+complete -c covidxray -n '__fish_seen_subcommand_from %(tools)s; and string match -q -- "-*" (commandline -ct)' \
+    -a '(covidxray (commandline -cpo)[2] -sc query=fish 2>/dev/null)'"""
 
 
 # `${covidxray.run_id:}` in conf/config.yaml's hydra.run.dir and sweep.dir: this process's id and a
@@ -181,9 +187,23 @@ def completion_script(action: str, shell: str) -> str:
     return ("autoload -Uz bashcompinit && bashcompinit\n" if shell == "zsh" else "") + BASH_COMPLETION % names
 
 
+def tool_options(tool: str) -> list[str]:
+    """A tool's long options (--model, --gradcam, ...), read from the usage its argparse parser
+    prints for --help: the tool's own definition, nothing listed twice."""
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit):
+        _load(TOOLS[tool])(["--help"])
+    usage = printed.getvalue().split("\n\n", 1)[0]  # the usage paragraph: options, not their help
+    return sorted(set(re.findall(r"(?<![\w-])(--[A-Za-z][\w-]*)", usage)) | {"--help"})
+
+
 def shell_completion(stage: str | None, rest: list[str]) -> None:
-    """`-sc install|uninstall|query=SHELL` through this dispatcher. Hydra's own script would
-    complete `covidxray` by calling `covidxray -sc query=bash`, which names no stage."""
+    """`-sc install|uninstall|query=SHELL` through this dispatcher (`stage`: the stage or tool
+    named before -sc, if any). Hydra's own script would complete `covidxray` by calling
+    `covidxray -sc query=bash`, which names no stage; a tool's query lists its options."""
     action, _, shell = (rest[0] if len(rest) == 1 else "").partition("=")
     if action not in ("install", "uninstall", "query") or shell not in ("bash", "zsh", "fish"):
         print(
@@ -194,6 +214,8 @@ def shell_completion(stage: str | None, rest: list[str]) -> None:
         sys.exit(2)
     if action != "query":
         print(completion_script(action, shell))
+    elif stage in TOOLS:
+        print("\n".join(tool_options(stage)))
     elif stage is not None:  # Hydra completes the line after the program name: drop the stage word
         line = os.environ.get("COMP_LINE", "")
         os.environ["COMP_LINE"] = re.sub(rf"^(\s*\S+\s+){re.escape(stage)}(?=\s|$)", r"\1", line, count=1)
@@ -203,7 +225,7 @@ def shell_completion(stage: str | None, rest: list[str]) -> None:
 def _dispatch(command: str, rest: list[str]) -> None:
     if command in COMPLETION_FLAGS:
         return shell_completion(None, rest)
-    if command in STAGES and rest[:1] and rest[0] in COMPLETION_FLAGS:
+    if (command in STAGES or command in TOOLS) and rest[:1] and rest[0] in COMPLETION_FLAGS:
         return shell_completion(command, rest[1:])
     if command in STAGES:
         if rest[:1] == ["--params"]:

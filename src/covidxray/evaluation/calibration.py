@@ -18,16 +18,19 @@ from covidxray.evaluation.metrics import choose_threshold
 MIN_PER_CLASS = 5  # fewer labelled images of a class than this cannot place a threshold
 
 
-def site_threshold(positive, scores, method: str, target_sensitivity: float, what: str = "the set") -> float:
+def site_threshold(
+    positive, scores, method: str, target_sensitivity: float, what: str = "the set", prefer: float | None = None
+) -> float:
     """The threshold on `scores` (call positive iff score >= threshold) for labelled images
-    (`positive`: bool), by `method` (youden | sensitivity); needs MIN_PER_CLASS of each."""
+    (`positive`: bool), by `method` (youden | sensitivity); needs MIN_PER_CLASS of each. Youden
+    ties break towards `prefer`, the threshold it replaces (metrics.choose_threshold)."""
     positive = np.asarray(positive, dtype=bool)
     for name, n in (("positive", int(positive.sum())), ("negative", int((~positive).sum()))):
         if n < MIN_PER_CLASS:
             raise CovidXrayError(
                 f"{what}: {n} {name} image(s), at least {MIN_PER_CLASS} of each class are needed to calibrate"
             )
-    return choose_threshold(positive, scores, method, target_sensitivity)
+    return choose_threshold(positive, scores, method, target_sensitivity, prefer)
 
 
 def operating_point(positive, scores, threshold: float) -> dict:
@@ -47,11 +50,20 @@ def _mean_sd(values: list) -> tuple[float | None, float | None]:
 
 
 def calibration_draws(
-    positive, scores, patients, k: int, draws: int, method: str, target_sensitivity: float, seed: int
+    positive,
+    scores,
+    patients,
+    k: int,
+    draws: int,
+    method: str,
+    target_sensitivity: float,
+    seed: int,
+    prefer: float | None = None,
 ) -> dict | None:
     """Calibrate on K labelled images (K/2 of each class, drawn at random), measure on the other
     images (none of the drawn images' patients), `draws` times: mean and sd of the threshold and
-    of sensitivity and specificity on the rest. None when a class has too few images to draw."""
+    of sensitivity and specificity on the rest. None when a class has too few images to draw.
+    Youden ties break towards `prefer` (the transferred threshold), as the calibrate tool's do."""
     positive = np.asarray(positive, dtype=bool)
     scores, patients = np.asarray(scores, dtype=float), np.asarray(patients).astype(str)
     per_class = (k // 2, k - k // 2)  # positives, negatives
@@ -65,7 +77,7 @@ def calibration_draws(
             [rng.choice(pos_idx, per_class[0], replace=False), rng.choice(neg_idx, per_class[1], replace=False)]
         )
         rest = ~np.isin(patients, patients[chosen])
-        threshold = choose_threshold(positive[chosen], scores[chosen], method, target_sensitivity)
+        threshold = choose_threshold(positive[chosen], scores[chosen], method, target_sensitivity, prefer)
         point = operating_point(positive[rest], scores[rest], threshold)
         for key, v in (("threshold", threshold), *point.items()):
             found[key].append(v)

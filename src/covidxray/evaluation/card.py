@@ -188,6 +188,22 @@ def loco_report(result: dict, k: int, ci: float) -> str:
     return "\n".join(lines)
 
 
+def provenance_lines(model: str, run_id: str, commit: str, data: str, date: str) -> list[str]:
+    """Markdown: which model this card describes and where it came from."""
+    return [
+        "| model | MLflow run | git commit | data version | date |",
+        "|---|---|---|---|---|",
+        f"| {model} | {run_id} | {commit} | {data} | {date} |",
+        "",
+    ]
+
+
+def stamped(card_md: str, lines: list[str]) -> str:
+    """The card with the provenance table under its title (the first line)."""
+    title, _, rest = card_md.partition("\n")
+    return "\n".join([title, "", *lines]) + rest
+
+
 def model_card(
     meta: dict,
     roles_line: str,
@@ -205,6 +221,9 @@ def model_card(
         "# COVID-19 chest X-ray classifier: model card",
         "",
         "**A research tool, not a diagnostic device.** Do not use it for clinical decisions.",
+        "",
+        "The copy of this card logged to the model's MLflow training run (artifact `model_card.md`) names the "
+        "registered version, the run, the git commit, the data version and the date.",
         "",
         f"Model `{meta.get('model', 'n/a')}`, {meta['image_size']} px, classes {', '.join(meta['classes'])}; "
         f"collections: {roles_line}; threshold {fmt(meta.get('threshold'))} ({meta.get('threshold_method')}"

@@ -196,6 +196,25 @@ def gradcam_figure(model, images, frame, y, probs, pred, classes, per_group: int
     return gradcam_panel(groups, path, per_row=max(1, int(per_group)), score=f"p({classes[-1]})")
 
 
+def gradcam_single(image: np.ndarray, cam: np.ndarray, title: str, score: str, path: Path) -> Path:
+    """One image's Grad-CAM overlay as a PNG with its `title` (the file, its score and the label
+    called) and a colour bar saying what the heat map's colours mean (`covidxray predict --gradcam`)."""
+    from covidxray.evaluation.gradcam import overlay
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 4.0))
+    ax.imshow(overlay(image, cam))
+    ax.axis("off")
+    ax.set_title(title, fontsize=8)
+    bar = fig.colorbar(plt.cm.ScalarMappable(cmap="jet", norm=plt.Normalize(0, 1)), ax=ax, fraction=0.046, pad=0.03)
+    bar.set_label(f"Grad-CAM of {score} (share of its maximum)", fontsize=7)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def gradcam_panel(groups: dict[str, list[tuple[np.ndarray, np.ndarray, str]]], path: Path, per_row: int, score: str):
     """One PNG with a row per group (e.g. true positives, false positives, false negatives) of
     (image, cam, caption) overlays, the caption giving the image's `score`, and a colour bar for

@@ -7,7 +7,6 @@ watching the backbone's output, so no backbone-specific layer names are needed.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 
@@ -79,13 +78,3 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarra
     base = np.repeat(gray[..., None] / 255.0, 3, axis=-1)
     heat = colormaps["jet"](np.clip(cam, 0, 1))[..., :3]
     return np.clip(255.0 * ((1 - alpha) * base + alpha * heat), 0, 255).astype(np.uint8)
-
-
-def save_overlay(image: np.ndarray, cam: np.ndarray, path: Path) -> Path:
-    """Write one overlay PNG (image size), creating its folder."""
-    from PIL import Image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(overlay(image, cam)).save(path)
-    return path

@@ -97,6 +97,7 @@ def measure(frame: pd.DataFrame, stored, scores, threshold: float, classes, spec
         spec.calibration_method,
         spec.calibration_target,
         seed,
+        prefer=threshold,
     )
     out["calibrated"] = drawn
     if drawn is not None:

@@ -57,11 +57,17 @@ def training_metric_names() -> tuple[str, ...]:
 # -- threshold ---------------------------------------------------------------------------------
 
 
-def choose_threshold(y_true, scores, method: str = "youden", target_sensitivity: float = 0.95) -> float:
+def choose_threshold(
+    y_true, scores, method: str = "youden", target_sensitivity: float = 0.95, prefer: float | None = None
+) -> float:
     """The decision threshold on scores (call positive iff score >= threshold), chosen on
     out-of-fold predictions: max Youden's J (TPR - FPR), or the highest threshold reaching
     target_sensitivity in (0, 1] (screening). Never call it on test rows. The method and target
-    are checked by settings (train.threshold, train.target_sensitivity)."""
+    are checked by settings (train.threshold, train.target_sensitivity).
+
+    Youden's J often ties on few images (a site's calibration set): without `prefer` the highest
+    tied threshold wins; with `prefer` (the threshold in use, e.g. the transferred one) it is kept
+    where it reaches the maximum too, else the tied threshold nearest to it wins."""
     from sklearn.metrics import roc_curve
 
     y = np.asarray(y_true).astype(int).ravel()
@@ -75,7 +81,15 @@ def choose_threshold(y_true, scores, method: str = "youden", target_sensitivity:
     fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
     fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]  # drop sklearn's +inf start
     if method == "youden":
-        k = int(np.argmax(tpr - fpr))  # first maximum: the highest threshold (fewest false alarms)
+        j = tpr - fpr
+        tied = np.flatnonzero(j >= j.max() - 1e-12)  # first: the highest threshold (fewest false alarms)
+        if prefer is None:
+            k = int(tied[0])
+        else:
+            called = s >= prefer
+            if called[y == 1].mean() - called[y == 0].mean() >= j.max() - 1e-12:
+                return float(prefer)
+            k = int(tied[np.argmin(np.abs(thresholds[tied] - prefer))])
     elif method == "sensitivity":
         k = int(np.argmax(tpr >= float(target_sensitivity) - 1e-12))  # tpr is non-decreasing as the threshold falls
     else:

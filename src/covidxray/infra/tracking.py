@@ -11,6 +11,7 @@ stage configures the store on the same host (`end_orphaned_runs`).
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from contextlib import contextmanager
@@ -197,26 +198,96 @@ def context_tags() -> dict[str, str]:
     return tags
 
 
-def run_name(base: str) -> str:
-    """A run name that says what differs: the experiment preset and the command-line overrides
-    of a Hydra run or sweep job (where-to keys paths.* and mlflow.* left out), else the DVC
-    experiment's name or "pipeline"; then `base` (e.g. "smoke model.head.dense_units=4 (small_cnn-cv2)")."""
-    parts: list[str] = []
+NOT_NAMED = ("paths.", "mlflow.", "hydra.", "data.collections.")  # where-to keys; collections: named apart
+
+
+def config_hash(params: dict) -> str:
+    """7 hex digits of the resolved config, where-to keys (paths.*, mlflow.*) left out: two runs
+    with the same hash trained the same recipe on the same collections."""
+    import hashlib
+    import json
+
+    kept = {k: v for k, v in flatten_params(params).items() if not k.startswith(NOT_NAMED[:3])}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode("utf-8")).hexdigest()[:7]
+
+
+def differences(params: dict, reference: dict) -> list[str]:
+    """`key=value` for each value of params that the reference composition lacks or holds
+    otherwise (`~key` for one params lacks), where-to keys and collection definitions left out."""
+    ours, theirs = flatten_params(params), flatten_params(reference)
+    changed = [f"{k}={v}" for k, v in ours.items() if theirs.get(k) != v and not k.startswith(NOT_NAMED)]
+    return sorted(changed + [f"~{k}" for k in theirs if k not in ours and not k.startswith(NOT_NAMED)])
+
+
+def closest_preset(params: dict, presets: dict[str, dict]) -> tuple[str, list[str]]:
+    """The experiment preset (name: its composition) that params differ least from, and how they
+    differ: what a run on a composed params.yaml (`dvc repro`, `dvc exp run -S ...`) was given."""
+    ranked = sorted((len(d), name, d) for name, d in ((n, differences(params, c)) for n, c in presets.items()))
+    return ranked[0][1], ranked[0][2]
+
+
+def hydra_choices() -> tuple[str, list[str]] | None:
+    """A Hydra run's or sweep job's experiment preset and command-line overrides (where-to keys
+    paths.* and mlflow.* and the preset itself left out); None outside Hydra."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        if HydraConfig.initialized():
-            hc = HydraConfig.get()
-            parts.append(str(hc.runtime.choices.get("experiment") or "default"))
-            parts += [
-                o for o in hc.overrides.task if not o.lstrip("+~").startswith(("experiment=", "paths.", "mlflow."))
-            ]
+        if not HydraConfig.initialized():
+            return None
+        hc = HydraConfig.get()
     except (ImportError, ValueError):
-        pass
-    if not parts:
-        parts.append(f"exp {os.environ['DVC_EXP_NAME']}" if os.environ.get("DVC_EXP_NAME") else "pipeline")
-    label = " ".join(parts)
-    return f"{label if len(label) <= 200 else label[:197] + '...'} ({base})"
+        return None
+    skip = ("experiment=", "paths.", "mlflow.")
+    return str(hc.runtime.choices.get("experiment") or "default"), [
+        o for o in hc.overrides.task if not o.lstrip("+~").startswith(skip)
+    ]
+
+
+def preset_and_overrides(params: dict) -> tuple[str, list[str]]:
+    """What a run was given: a Hydra run's preset and overrides as typed; for a run on a composed
+    params.yaml, the closest preset of conf/experiment/ and the values that differ from it (so a
+    `dvc exp run -S key=value` experiment shows its -S values)."""
+    found = hydra_choices()
+    if found is not None:
+        return found
+    from covidxray.infra.config import conf_dir
+
+    presets = preset_compositions(str(conf_dir()))
+    return closest_preset(params, presets) if presets else ("default", [])
+
+
+@functools.lru_cache(maxsize=4)
+def preset_compositions(conf: str) -> dict[str, dict]:
+    """{preset: its composition} for each conf/experiment/*.yaml that composes (~0.3 s each, once
+    per process); one that fails to compose is no candidate."""
+    from omegaconf import OmegaConf
+
+    from covidxray.infra.config import compose
+
+    found = {}
+    for path in sorted((Path(conf) / "experiment").glob("*.yaml")):
+        try:
+            found[path.stem] = OmegaConf.to_container(compose([f"experiment={path.stem}"]))
+        except Exception:  # noqa: BLE001 - Hydra's and OmegaConf's errors alike: not a candidate
+            continue
+    return found
+
+
+def run_name(base: str, preset: str, overrides: list[str], collections: list[str], digest: str) -> str:
+    """A run name that says what differs: how it was started (a DVC experiment's name, "pipeline"
+    for other runs on params.yaml, nothing for Hydra), the experiment preset, the overrides, the
+    collections trained on, the config hash, then `base`, e.g.
+    "smoke model.head.dense_units=4 [ieee8023+kermany] #1a2b3c4 (small_cnn-cv2)". Overrides too
+    long for MLflow's 250 characters are cut in the middle; the hash still tells runs apart."""
+    started = []
+    if hydra_choices() is None:
+        started = [f"exp {os.environ['DVC_EXP_NAME']}" if os.environ.get("DVC_EXP_NAME") else "pipeline"]
+    tail = f"[{'+'.join(collections)}] #{digest} ({base})"
+    label = " ".join([*started, preset, *overrides])
+    room = 240 - len(tail)
+    if len(label) > room:
+        label = label[: room // 2 - 2] + " .. " + label[-(room // 2 - 2) :]
+    return f"{label} {tail}"
 
 
 def configure_exclusive(configured_uri: str | None, experiment: str) -> str:

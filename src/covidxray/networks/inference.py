@@ -81,10 +81,22 @@ def decide(probs: np.ndarray, threshold: float) -> np.ndarray:
     return np.where(probs[:, -1] >= threshold, probs.shape[1] - 1, other)
 
 
+def identity(meta: dict) -> dict[str, str]:
+    """model_name, model_version, model_run_id of the model that answers ("" where unknown). A
+    site-calibrated copy (`covidxray calibrate`) keeps those of the model it calibrates, its
+    version followed by "site-calibrated": the same network, another threshold."""
+    out = {column: "" if meta.get(key) is None else str(meta[key]) for column, key in IDENTITY.items()}
+    if meta.get("site_calibration"):
+        out["model_version"] = f"{out['model_version']} site-calibrated".strip()
+    return out
+
+
 def describe_model(meta: dict) -> str:
     """Which model answered, in words: registered name and version, and its MLflow run."""
-    name, version, run = (meta.get(IDENTITY[k]) for k in ("model_name", "model_version", "model_run_id"))
+    name, version, run = identity(meta).values()
     said = f"model {name} version {version}" if name and version else f"model {meta.get('model', 'unregistered')}"
+    if not name and meta.get("site_calibration"):
+        said += " (site-calibrated)"
     return said + (f", run {run}" if run else "")
 
 
@@ -100,8 +112,8 @@ def predictions(model, meta: dict, pixels: np.ndarray) -> pd.DataFrame:
     labels = np.asarray(classes, dtype=object)[decide(probs, meta["threshold"])] if len(probs) else []
     table["label"] = pd.Series(labels, dtype=object)
     table["threshold"] = float(meta["threshold"])
-    for column, key in IDENTITY.items():
-        table[column] = "" if meta.get(key) is None else str(meta[key])
+    for column, value in identity(meta).items():
+        table[column] = value
     return table
 
 

@@ -9,6 +9,7 @@ second before any model code loads; the loaders import it when they run.
 from __future__ import annotations
 
 import re
+import os
 import tempfile
 from pathlib import Path
 
@@ -67,6 +68,8 @@ def load_mlflow_model(uri: str, tracking_uri: str | None = None):
     from covidxray.infra import tracking
     from covidxray.networks import model_file
 
+    # a command's output is its result: no per-file download bars (set the variable to see them)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     store = tracking.tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(store)
     mlflow.set_registry_uri(store)

@@ -151,6 +151,31 @@ def add_figures(registered_model: str | None, version, figures: dict) -> None:
     client.update_model_version(registered_model, str(version), text)
 
 
+def tag_figures(registered_model: str | None, version, figures: dict) -> None:
+    """Headline figures (e.g. loco_auc_mean) as tags of a version, 4 significant digits: the
+    registry's versions table shows tags as columns, so versions compare side by side."""
+    if not registered_model or not version:
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        for key, value in figures.items():
+            client.set_model_version_tag(registered_model, str(version), key, f"{value:.4g}")
+    except MlflowException:
+        return  # the model.json of another store: nothing to tag here
+
+
+def figure_tags(registered_model: str, version) -> dict[str, str]:
+    """The loco_* figure tags of a version (tag_figures), sorted by name; {} for a version
+    without them (trained before the loco stage ran)."""
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient().get_model_version(registered_model, str(version)).tags
+    return {k: v for k, v in sorted(tags.items()) if k.startswith("loco_")}
+
+
 def promote(registered_model: str, version: str) -> str:
     """Move @champion to `version` of `registered_model` on purpose; refuses a version that does
     not exist or whose run never installed it. Returns the version @champion pointed at before."""

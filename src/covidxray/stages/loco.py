@@ -17,7 +17,9 @@ Outputs (installed together at the end; a reader sees all old files or all new o
   reports/loco/predictions.csv  group, image_id, role (train | held_out), label, source, score
   reports/loco/plots/roc.csv    group, fpr, tpr (one ROC curve per held-out group)
   reports/loco/report.md        and reports/model_card.md
-MLflow: the headline as loco_* metrics on the recipe's training run (model.json's mlflow_run_id).
+MLflow: the headline as loco_* metrics on the recipe's training run (model.json's mlflow_run_id),
+the model card as its model_card.md (stamped with version, run, commit, data version and date), and
+the mean and worst figures as tags of the registered version.
 """
 
 from __future__ import annotations
@@ -116,6 +118,28 @@ def write_outputs(out: Path, result: dict, extra: dict, report_md: str, positive
     return found
 
 
+def log_card(run_id: str, card_md: str, meta: dict) -> None:
+    """The model card as model_card.md of the training run (the version's description points to
+    it), stamped with what reports/model_card.md cannot carry and stay a reproducible DVC output:
+    the model version, run, git commit, data version and date."""
+    import datetime
+
+    from mlflow.tracking import MlflowClient
+
+    from covidxray.infra import tracking
+
+    data = ", ".join(f"{k.removeprefix('data_version.')} {v}" for k, v in tracking.data_version_tags().items())
+    version = meta.get("registered_version")
+    lines = card.provenance_lines(
+        model=f"{meta.get('registered_model')} version {version}" if version else "not registered",
+        run_id=run_id,
+        commit=tracking.git_tags().get("git_commit", "unknown"),
+        data=data or "unknown",
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+    MlflowClient().log_text(run_id, card.stamped(card_md, lines), CARD)
+
+
 def main(cfg) -> dict:
     """Stage entry: LOCO of the configured recipe, the final model's probes, the model card."""
     s = loco_settings(cfg)  # every key checked before anything is read or trained
@@ -153,6 +177,9 @@ def main(cfg) -> dict:
         meta.get("registered_version"),
         {"LOCO AUC (mean, worst)": f"{fmt(summary['loco_auc_mean'])}, {fmt(summary['loco_auc_worst'])}"},
     )
+    version = (meta.get("registered_model"), meta.get("registered_version"))
+    registry.tag_figures(*version, {k: v for k, v in summary.items() if v is not None})  # comparable columns
+    log_card(run_id, (t.reports / CARD).read_text(), meta)
     print(
         f"loco: {len(result['groups'])} held-out group(s): AUC mean {fmt(summary['loco_auc_mean'])}, worst "
         f"{fmt(summary['loco_auc_worst'])}; margin over the shortcut baseline: worst "

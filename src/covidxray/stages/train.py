@@ -21,8 +21,9 @@ installed together (fileset): a reader sees all old files or all new ones, also 
 MLflow: one parent run (resolved config as params, aggregate metrics, code/data/run tags, the
 config as an artifact, every fold's training curves in one figure, the final model) with one
 nested run per fold (per-epoch curves as metrics, confusion matrix figure). The run name says
-what differs: the experiment preset and the overrides. The final model is registered (mlflow.registered_model) when the
-pipeline runs the stage (`--params`: dvc repro, dvc exp run), or from anywhere with
+what differs: the experiment preset, the overrides (a DVC experiment's -S values), the collections
+and a short config hash (tags experiment_preset, config_hash). The final model is registered
+(mlflow.registered_model) when the pipeline runs the stage (`--params`: dvc repro, dvc exp run), or from anywhere with
 mlflow.register=true; only the committed default pipeline moves the alias `champion`
 (serving.registry). After the install, the run is tagged with the md5 (as DVC computes it) of
 every file it read and wrote (`dvc.md5:<path>`).
@@ -187,6 +188,9 @@ def fold_run(k: int, parent_id: str, n_train: int, n_val: int) -> str:
 
     client = mlflow.MlflowClient()
     tags = resolve_tags({MLFLOW_PARENT_RUN_ID: parent_id, "fold": str(k), "parent_run": parent_id, "stage": "train"})
+    # the parent's code version: MLflow finds a commit only for a script inside the repository,
+    # and `covidxray` (the venv's entry point) is not
+    tags.update(tracking.git_tags())
     run = client.create_run(mlflow.active_run().info.experiment_id, tags=tags, run_name=f"fold-{k}")
     params = {"fold": k, "n_train": n_train, "n_val": n_val}
     client.log_batch(run.info.run_id, params=[Param(key, str(value)) for key, value in params.items()])
@@ -412,7 +416,12 @@ def parent_run(cfg, model_name: str, n_folds: int):
         "model": model_name,
     }
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    with mlflow.start_run(run_name=tracking.run_name(f"{model_name}-cv{n_folds}"), tags=tags) as parent:
+    preset, overrides = tracking.preset_and_overrides(resolved)
+    digest = tracking.config_hash(resolved)
+    tags.update({"config_hash": digest, "experiment_preset": preset})
+    collections = list((resolved.get("data") or {}).get("collections") or {})
+    name = tracking.run_name(f"{model_name}-cv{n_folds}", preset, overrides, collections, digest)
+    with mlflow.start_run(run_name=name, tags=tags) as parent:
         mlflow.log_params(tracking.flatten_params(resolved))
         mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(resolved)), "config.yaml")
         yield parent.info.run_id

@@ -48,8 +48,10 @@ def check_counts(labels, classes: list[str], where) -> dict[str, int]:
 
 
 def site_meta(meta: dict, threshold: float, provenance: dict) -> dict:
-    """The model's metadata with the site threshold, and the threshold it replaces in the provenance."""
-    out = {k: v for k, v in meta.items() if k not in ("registered_version", "model_uri", "registered_model")}
+    """The model's metadata with the site threshold, and the threshold it replaces in the
+    provenance. The registered name, version and MLflow run of the model it calibrates stay: predict
+    and validate report them, marked site-calibrated (inference.identity)."""
+    out = {k: v for k, v in meta.items() if k != "model_uri"}  # the folder is not that URI
     provenance = {
         **provenance,
         "replaces_threshold": meta["threshold"],
@@ -94,7 +96,7 @@ def calibrate(
     positive_class = meta["classes"][-1]
     scores = predictions(model, meta, pixels)[f"p_{positive_class}"].to_numpy(dtype=float)
     positive = (frame["label"] == positive_class).to_numpy()
-    threshold = site_threshold(positive, scores, method, target_sensitivity, str(set_path))
+    threshold = site_threshold(positive, scores, method, target_sensitivity, str(set_path), float(meta["threshold"]))
     provenance = {
         "set": str(set_path.resolve()),
         "images": int(len(frame)),

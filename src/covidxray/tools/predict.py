@@ -40,6 +40,26 @@ def predict_table(model, meta: dict, pixels: np.ndarray, paths) -> pd.DataFrame:
     return table
 
 
+def write_gradcams(model, meta: dict, pixels: np.ndarray, table: pd.DataFrame, out: Path) -> list[str]:
+    """A Grad-CAM figure per image in out/: the overlay titled with the file, its score, the
+    threshold and the label called, with a colour bar. Returns the files' paths."""
+    from covidxray.evaluation import gradcam
+    from covidxray.evaluation.figures import gradcam_single
+
+    cams = gradcam.gradcam(model, pixels, class_index=-1)
+    positive = meta["classes"][-1]
+    score = f"p({positive})"
+    files = []
+    for i, name in enumerate(overlay_names(table["path"])):
+        row = table.iloc[i]
+        title = (
+            f"{Path(row['path']).name}\n{score} = {row[f'p_{positive}']:.3f} "
+            f"(threshold {meta['threshold']:.3f}): {row['label']}"
+        )
+        files.append(str(gradcam_single(pixels[i], cams[i], title, score, out / name)))
+    return files
+
+
 def predict_cli(argv: list[str]) -> int:
     """`covidxray predict IMAGE... --model M`: p(covid) and the label at the saved threshold."""
     parser = argparse.ArgumentParser(
@@ -79,14 +99,9 @@ def predict_cli(argv: list[str]) -> int:
     pixels, ok = load_images(present, meta, report)
     paths = [present[i] for i in ok]
     table = predict_table(model, meta, pixels, paths)
-    if args.gradcam and len(paths):
-        from covidxray.evaluation import gradcam
-
-        cams = gradcam.gradcam(model, pixels, class_index=-1)
-        out = Path(args.gradcam)
-        files = [gradcam.save_overlay(pixels[i], cams[i], out / name) for i, name in enumerate(overlay_names(paths))]
-        table["gradcam"] = [str(f) for f in files]
     covid = f"p_{meta['classes'][-1]}"
+    if args.gradcam and len(paths):
+        table["gradcam"] = write_gradcams(model, meta, pixels, table, Path(args.gradcam))
     if args.json:
         for row in table.to_dict(orient="records"):
             print(json.dumps({**row, "threshold": meta["threshold"]}))

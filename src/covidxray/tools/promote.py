@@ -28,8 +28,23 @@ def promote_cli(argv: list[str]) -> int:
     configure_registry(args.tracking_uri or cfg.mlflow.tracking_uri)
     before = registry.promote(name, args.version)
     was = f"version {before}" if before else "no version"
-    print(f"promote: {name} version {args.version} is now @{registry.CHAMPION} (was {was})")
+    print(f"promote: {name} @{registry.CHAMPION}: {was} -> version {args.version}")
+    print(figures_line(registry.figure_tags(name, args.version), registry.figure_tags(name, before) if before else {}))
     return 0
+
+
+SHOWN = ("loco_auc_mean", "loco_auc_worst", "loco_margin_worst", "loco_calibrated_specificity_mean")
+
+
+def figures_line(now: dict[str, str], was: dict[str, str]) -> str:
+    """The promoted version's LOCO headline (its registered version tags), the replaced version's
+    in brackets where it has them: why this version, at a site it never saw."""
+    if not now:
+        return "  no LOCO figures on this version (the loco stage has not run for it)"
+    shown = [
+        f"{k.removeprefix('loco_')} {now[k]}" + (f" (was {was[k]})" if k in was else "") for k in SHOWN if k in now
+    ]
+    return "  LOCO: " + ", ".join(shown)
 
 
 def configure_registry(configured_uri: str | None) -> None:

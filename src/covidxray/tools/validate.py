@@ -21,7 +21,7 @@ from covidxray.evaluation.publish import LogTo, publish
 from covidxray.evaluation.report import headline
 from covidxray.infra.config import compose
 from covidxray.infra.outputs import check_replaceable
-from covidxray.networks.inference import IDENTITY, describe_model
+from covidxray.networks.inference import describe_model, identity
 from covidxray.serving.loading import check_model_path
 from covidxray.settings.evaluate import validate_settings
 
@@ -136,9 +136,7 @@ def validate(
         "extra_metrics": {"n_skipped_files": len(skipped)},
     }
     tags = {"covidxray.stage": "validate", "external_set": str(set_path), "model_uri": str(model_spec)}
-    for tag, key in IDENTITY.items():  # which model was validated: name, version, run
-        if meta.get(key):
-            tags[tag] = str(meta[key])
+    tags.update({tag: value for tag, value in identity(meta).items() if value})  # which model: name, version, run
     to = LogTo(tracking_uri, experiment, tags=tags, run_name=f"validate-{name}", artifact_path="validation")
     frame = frame.assign(path=frame["path"].astype(str))
     result = publish(
