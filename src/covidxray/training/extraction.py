@@ -87,6 +87,7 @@ def feature_key(model, engine: str) -> dict:
         "preprocess": {"mode": preprocess.mode, "channels": int(preprocess.channels)},
         "input_shape": [int(d) for d in model.input.shape[1:]],
         "output_shape": [int(d) for d in backbone.output.shape[1:]],
+        "features": builders.feature_source(backbone),  # model.features: last | blocks
         "engine": engine,
     }
 

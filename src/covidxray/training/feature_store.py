@@ -1,7 +1,8 @@
 """The feature store: a frozen backbone's output for each image, computed once per key and kept on disk.
 
 A key names everything that changes the backbone's output apart from the pixels: the model's
-backbone, a digest of its weights, its in-model preprocessing, the input shape and the engine that
+backbone, a digest of its weights, its in-model preprocessing, the input shape, the feature source
+(model.features: last | blocks) and the engine that
 ran it (extraction.py builds it). Images are addressed by content: an image's id is a digest of
 its model-input pixels (after resize, border crop and normalisation), so a different crop,
 normalisation, resize or curation gives other ids and can never hit a stale entry.

@@ -34,7 +34,8 @@ class ModelSettings:
     filters: tuple[int, ...]
     head: Head
     fine_tune: FineTune
-    imagenet_file: str | None = None  # efficientnet_lite0's converted weights (the pretrained stage)
+    imagenet_file: str | None = None  # converted ImageNet weights (the pretrained stage), e.g. efficientnet_lite0's
+    features: str = "last"  # catalogue.FEATURE_SOURCES: what the head gets from the backbone
 
     def as_config(self) -> dict:
         """The nested mapping models.build_model reads."""
