@@ -298,6 +298,7 @@ def test_pretrained_stage_fails_in_one_line_and_writes_nothing(tmp_path):
 
     src = tmp_path / "src"
     shutil.copytree(REPO / "src", src, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "conf", tmp_path / "conf")
     module = src / "covidxray" / "networks" / "efficientnet_lite.py"
     text = module.read_text()
     assert efficientnet_lite.SOURCE_SHA256 in text
