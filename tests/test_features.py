@@ -128,6 +128,37 @@ def test_a_full_disk_leaves_nothing_half_written(tmp_path):
     assert not parts(tmp_path) and not list(entry.glob(".tmp-*"))
 
 
+def test_tflite_conversion_with_a_full_tmpdir_fails_in_one_line_naming_it(tmp_path):
+    """TensorFlow's converter saves a SavedModel under TMPDIR first; where that write fails
+    (RLIMIT_FSIZE, as a full disk does) it fell back to a path that raised `TypeError: 'NoneType'
+    object is not callable`. Now: one line naming TMPDIR, before converting."""
+    script = textwrap.dedent(
+        """
+        import resource, signal, sys
+        from covidxray.infra import quiet
+        quiet.install()
+        import keras
+        from covidxray import CovidXrayError
+        from covidxray.training.extraction import convert_tflite
+        inputs = keras.Input((32, 32, 1))
+        x = keras.layers.Conv2D(256, 3)(keras.layers.Conv2D(256, 3)(inputs))
+        extractor = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))  # 2.4 MB of weights
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        try:
+            convert_tflite(extractor)
+        except CovidXrayError as error:
+            print("ERROR", error)
+        """
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = [x for x in done.stdout.splitlines() if x.startswith("ERROR")]
+    assert len(line) == 1 and str(tmp_path) in line[0] and "TFLite" in line[0], done.stdout + done.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
+
+
 def test_open_store_checks_its_folder(tmp_path):
     assert open_store(None).root is None and open_store("").root is None
     (tmp_path / "file").write_text("x")

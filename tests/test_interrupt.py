@@ -178,3 +178,25 @@ def test_ctrl_c_on_a_tool_command(tiny_data, collection_dir, tmp_path_factory, t
     assert proc.returncode == 130
     assert "Traceback" not in stderr
     assert [line for line in stderr.splitlines() if line.startswith("covidxray")] == ["covidxray predict: interrupted"]
+
+
+def test_an_exception_ends_the_fold_runs_failed_with_the_parent(smoke_cfg, tmp_path, monkeypatch):
+    """A training that fails while a fold run is open (here: recording the fold, as a full disk
+    would) ends its parent and its fold runs FAILED together; every run carries host/pid tags, so
+    a later run could end it had the process died instead."""
+    from covidxray.infra import tracking
+    from covidxray.stages import train
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train, "record_fold", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train.main(smoke_cfg)
+    found = runs(smoke_cfg.mlflow.tracking_uri)
+    folds = [r for r in found if "mlflow.parentRunId" in r.data.tags]
+    assert len(found) - len(folds) == 1 and folds  # the parent and the folds it opened (trained together)
+    assert {r.info.status for r in found} == {"FAILED"}
+    mine = tracking.process_tags()
+    assert all(r.data.tags[tracking.PID_TAG] == mine[tracking.PID_TAG] for r in found)
+    assert all(r.data.tags[tracking.HOST_TAG] == mine[tracking.HOST_TAG] for r in found)

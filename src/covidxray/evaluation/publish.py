@@ -119,7 +119,7 @@ def log_to_mlflow(out_dir: Path, result: dict, to: LogTo) -> str:
     from covidxray.infra import tracking
 
     tracking.configure(to.tracking_uri, to.experiment)
-    run_id, tags = to.run_id, dict(to.tags)
+    run_id, tags = to.run_id, {**to.tags, **tracking.process_tags()}  # a later run ends it if this process dies
     if run_id:
         try:
             mlflow.get_run(run_id)

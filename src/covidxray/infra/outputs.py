@@ -101,6 +101,19 @@ def scratch_dir(parent: Path, tag: str, targets=()) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def ensure_room(folder: Path, nbytes: int, what: str) -> None:
+    """Fail early, in one line naming the folder, where `folder` cannot take `nbytes` more (disk
+    full, read-only, no permission, a file size limit): for writers that would fail deep inside a
+    library with an unrelated error (TensorFlow's TFLite converter hides a full TMPDIR behind
+    `TypeError: 'NoneType' object is not callable`). Reserves the bytes once, then frees them."""
+    try:
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            os.posix_fallocate(probe.fileno(), 0, max(1, int(nbytes)))
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise CovidXrayError(f"{what}: cannot write {nbytes / 1e6:.1f} MB to {folder}: {reason}") from None
+
+
 # -- replacing outputs whole ----------------------------------------------------------------------
 
 

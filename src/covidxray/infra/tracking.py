@@ -346,14 +346,31 @@ def _open_since(run, since_ms: int | None) -> bool:
 def _end_as_killed(client, runs, reason: str, since_ms: int | None = None) -> list[str]:
     """Set each run and its nested runs that are open (or ended since since_ms) to KILLED,
     tagging why; returns their ids."""
-    ended = []
+    ended: list[str] = []
     for run in runs:
         children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
         for item in [run, *(c for c in children if _open_since(c, since_ms))]:
+            if item.info.run_id in ended:  # a fold run found itself (its own tags) and as a child
+                continue
             client.set_tag(item.info.run_id, "covidxray.killed", reason)
             client.set_terminated(item.info.run_id, "KILLED")
             ended.append(item.info.run_id)
     return ended
+
+
+def end_open_children(run_id: str, status: str = "FAILED") -> list[str]:
+    """End the nested runs of `run_id` still RUNNING (fold runs) with `status`: a parent that
+    fails ends its folds with it, in the same `finally`. Returns their ids."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    children = client.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'"
+    )
+    for child in children:
+        client.set_terminated(child.info.run_id, status)
+    return [c.info.run_id for c in children]
 
 
 def end_orphaned_runs(experiment_id: str) -> list[str]:

@@ -187,7 +187,8 @@ def fold_run(k: int, parent_id: str, n_train: int, n_val: int) -> str:
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     client = mlflow.MlflowClient()
-    tags = resolve_tags({MLFLOW_PARENT_RUN_ID: parent_id, "fold": str(k), "parent_run": parent_id, "stage": "train"})
+    own = {MLFLOW_PARENT_RUN_ID: parent_id, "fold": str(k), "parent_run": parent_id, "stage": "train"}
+    tags = resolve_tags({**own, **tracking.process_tags()})  # host/pid: a later run ends it if this process dies
     # the parent's code version: MLflow finds a commit only for a script inside the repository,
     # and `covidxray` (the venv's entry point) is not
     tags.update(tracking.git_tags())
@@ -422,9 +423,13 @@ def parent_run(cfg, model_name: str, n_folds: int):
     collections = list((resolved.get("data") or {}).get("collections") or {})
     name = tracking.run_name(f"{model_name}-cv{n_folds}", preset, overrides, collections, digest)
     with mlflow.start_run(run_name=name, tags=tags) as parent:
-        mlflow.log_params(tracking.flatten_params(resolved))
-        mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(resolved)), "config.yaml")
-        yield parent.info.run_id
+        try:
+            mlflow.log_params(tracking.flatten_params(resolved))
+            mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(resolved)), "config.yaml")
+            yield parent.info.run_id
+        except BaseException:  # the parent ends FAILED (KILLED after an interrupt): its open folds with it
+            tracking.end_open_children(parent.info.run_id, "FAILED")
+            raise
 
 
 def log_figure(fig, name: str) -> None:

@@ -129,7 +129,7 @@ def register(out_dir: Path, name: str, tracking_uri: str | None, experiment: str
 
     model, meta = load_model(out_dir)
     tracking.configure(tracking_uri, experiment)
-    with mlflow.start_run(run_name="calibrate", tags={"covidxray.stage": "calibrate"}):
+    with mlflow.start_run(run_name="calibrate", tags={"covidxray.stage": "calibrate", **tracking.process_tags()}):
         mlflow.log_dict(meta["site_calibration"], "site_calibration.json")
         info = pyfunc.log_model(model, meta, registered_name=name)
     version = getattr(info, "registered_model_version", None)

@@ -25,11 +25,15 @@ import hashlib
 import io
 import os
 import sys
+import tempfile
 import time
 import warnings
 
+from pathlib import Path
+
 import numpy as np
 
+from covidxray.infra.outputs import ensure_room
 from covidxray.training.feature_store import FeatureStore
 
 KERAS_BATCH = 64
@@ -205,7 +209,9 @@ def convert_tflite(extractor, log=None) -> bytes:
     """The extractor as a float32 TFLite flat buffer (TensorFlow's converter; its chatter muted)."""
     import tensorflow as tf
 
-    start = time.perf_counter()
+    start = time.perf_counter()  # the converter saves a SavedModel (the weights and more) under TMPDIR first
+    need = 2 * 4 * extractor.count_params() + (16 << 20)
+    ensure_room(Path(tempfile.gettempdir()), need, "features: converting the backbone to TFLite (TMPDIR)")
     converter = tf.lite.TFLiteConverter.from_keras_model(extractor)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _quiet_stderr():
         warnings.simplefilter("ignore")
