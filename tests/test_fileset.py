@@ -28,6 +28,11 @@ def _digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
+def _names(folder: Path) -> list[str]:
+    """The files of a folder, without the writer lock file installs leave there."""
+    return sorted(p.name for p in folder.iterdir() if p.name != fileset.WRITER_LOCK)
+
+
 def _kill_at(point: str, args: list[str], pause: Path, cwd: Path = REPO, timeout: float = 600) -> None:
     """Run args with the install paused at `point`, wait until it gets there, SIGKILL it."""
     env = {**os.environ, fileset.PAUSE_AT: point, fileset.PAUSE_FILE: str(pause)}
@@ -57,8 +62,7 @@ def test_install_replaces_files_of_two_folders_together(tmp_path):
         assert not (a / "model.txt").exists()  # nothing visible before the block ends
     assert (a / "model.txt").read_text() == "1" and (b / "oof.csv").read_text() == "2"
     assert not (a / "old.txt").exists() and (a / "keep.txt").read_text() == "not ours"
-    assert sorted(p.name for p in a.iterdir()) == ["keep.txt", "model.txt"]
-    assert [p.name for p in b.iterdir()] == ["oof.csv"]
+    assert _names(a) == ["keep.txt", "model.txt"] and _names(b) == ["oof.csv"]
 
 
 def test_an_error_in_the_block_changes_nothing(tmp_path):
@@ -69,7 +73,7 @@ def test_an_error_in_the_block_changes_nothing(tmp_path):
         with fileset.install_together([a]) as (sa,):
             (sa / "model.txt").write_text("new")
             raise RuntimeError("training failed")
-    assert (a / "model.txt").read_text() == "old" and [p.name for p in a.iterdir()] == ["model.txt"]
+    assert (a / "model.txt").read_text() == "old" and _names(a) == ["model.txt"]
 
 
 WRITER = """
@@ -97,7 +101,7 @@ def test_killed_writer_leaves_old_or_new_set(point, outcome, tmp_path):
     assert {p.read_text() for p in (a / "x.txt", a / "y.txt", b / "z.txt")} == {expected}
     assert (a / "gone.txt").exists() == (outcome == "old")
     fileset.recover([a, b])  # what the next writer does first: no staging folder survives
-    assert sorted(p.name for p in [*a.iterdir(), *b.iterdir()]) == (
+    assert sorted(_names(a) + _names(b)) == (
         ["gone.txt", "x.txt", "y.txt", "z.txt"] if outcome == "old" else ["x.txt", "y.txt", "z.txt"]
     )
 
@@ -186,3 +190,61 @@ def test_train_killed_while_installing_leaves_a_whole_set(point, outcome, old_ro
     assert answer["threshold"] == meta["threshold"] == choose_threshold(oof["label"] == "covid", oof["p_covid"])
     fileset.recover([root / "models", root / "reports" / "cv"])
     assert not list(root.rglob(f"*{fileset.PREFIX}*"))
+
+
+# -- writers racing -------------------------------------------------------------------------------------
+
+RACER = """
+import sys, time
+from pathlib import Path
+from covidxray.infra import fileset
+
+me, root, rounds = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+a, b = root / "models", root / "reports" / "cv"
+for r in range(rounds):
+    while int((root / "go").read_text() or -1) < r:
+        time.sleep(0.0005)
+    with fileset.install_together([a, b]) as (sa, sb):
+        for name in ("model.keras", "model.json", "model.run.json"):
+            (sa / name).write_text(f"{me}-{r}")
+        for name in ("oof.csv", "folds.csv", "metrics.json"):
+            (sb / name).write_text(f"{me}-{r}")
+    (root / f"done-{me}").write_text(str(r))
+"""
+
+
+def test_racing_installers_never_mix_and_never_delete_a_draft(tmp_path):
+    """Three writers install together into the same two folders, 60 times each released at
+    once: after every round all six files come from one writer, and no writer fails (one's
+    `recover` once removed another's fresh draft: FileNotFoundError)."""
+    writers, rounds = ("w0", "w1", "w2"), 60
+    (tmp_path / "go").write_text("-1")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", RACER, w, str(tmp_path), str(rounds)], env=env, stderr=subprocess.PIPE)
+        for w in writers
+    ]
+    mixed = []
+    try:
+        for r in range(rounds):
+            (tmp_path / "go.new").write_text(str(r))
+            os.replace(tmp_path / "go.new", tmp_path / "go")
+            deadline = time.monotonic() + 60
+            while not all(
+                (tmp_path / f"done-{w}").is_file() and (tmp_path / f"done-{w}").read_text() == str(r) for w in writers
+            ):
+                failed = [p for p in procs if p.poll() not in (None, 0)]
+                assert not failed, failed[0].stderr.read().decode()[-3000:]
+                assert time.monotonic() < deadline, f"round {r} did not finish"
+                time.sleep(0.001)
+            files = [*(tmp_path / "models").iterdir(), *(tmp_path / "reports" / "cv").iterdir()]
+            found = {p.read_text() for p in files if not p.name.startswith(".")}  # not the lock, not staging
+            if len(found) != 1 or not next(iter(found)).endswith(f"-{r}"):
+                mixed.append((r, sorted(found)))
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+            proc.stderr.close()
+    assert not mixed, f"{len(mixed)} of {rounds} rounds left a mixture, e.g. {mixed[:3]}"
+    assert not list(tmp_path.rglob(f"*{fileset.PREFIX}*"))

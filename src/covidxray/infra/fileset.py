@@ -12,6 +12,13 @@ a mixture: models/model.keras always beside its own model.json and reports/cv/.
 Each staging folder is named `.install-<token>` and holds an `owner` file its writer keeps
 locked (fcntl) while alive; a folder whose lock is free belongs to a dead writer.
 
+Writers of the same folders take turns: a writer lock (filelock on `.install.lock` in each
+destination folder, taken in one order) is held while recovering and creating the staging
+folders, and while committing and installing; not while the block writes (a whole training).
+So two trainings that finish together install one after the other, never a mixture, and no
+writer's `recover` takes another's fresh staging folder for a dead one. A writer that cannot
+have the lock within LOCK_WAIT_S stops with one line.
+
 The journal records the sha256 of every file it moves. Before a journal left by a dead writer is
 carried out, each move is checked: its file still staged with that digest, or already in place
 with it. A journal whose files no longer match (the destination was restored meanwhile, e.g. by
@@ -35,6 +42,8 @@ from pathlib import Path
 PREFIX = ".install-"
 JOURNAL = "journal.json"
 OWNER = "owner"
+WRITER_LOCK = ".install.lock"  # in each destination folder
+LOCK_WAIT_S = 300.0  # how long a writer waits for another's install (milliseconds, or a slow disk)
 PAUSE_AT = "COVIDXRAY_PAUSE_AT"  # tests: sleep at this point of an install (staged | committed | installing)
 PAUSE_FILE = "COVIDXRAY_PAUSE_FILE"  # ...after writing the process id here
 
@@ -129,9 +138,45 @@ def _apply(journal: Path, check: bool = False) -> None:
         shutil.rmtree(os.path.normpath(base / folder), ignore_errors=True)
 
 
+@contextmanager
+def writer_lock(folders, wait_s: float = LOCK_WAIT_S):
+    """Hold the writer lock of each folder (created if needed), taken in sorted order so that
+    writers of overlapping folders cannot deadlock. Waits up to `wait_s`, then CovidXrayError."""
+    from filelock import FileLock, Timeout
+
+    from covidxray import CovidXrayError
+
+    held = []
+    try:
+        for folder in sorted({Path(f).resolve() for f in folders}):
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(folder / WRITER_LOCK, timeout=wait_s)
+            try:
+                lock.acquire()
+            except Timeout:
+                raise CovidXrayError(
+                    f"another process has been installing into {folder} for {wait_s:.0f}s "
+                    f"(lock {folder / WRITER_LOCK}); try again when it is done"
+                ) from None
+            held.append(lock)
+        yield
+    finally:
+        for lock in reversed(held):
+            lock.release()
+
+
 def finish_pending(folder: Path) -> None:
     """Complete any install into `folder` whose writer committed (wrote its journal) and then
-    died or is finishing now; uncommitted staging folders are left to their writer."""
+    died or is finishing now; uncommitted staging folders are left to their writer. Takes the
+    writer lock only when there is a journal (a reader of a read-only folder never writes)."""
+    if not any((staging / JOURNAL).is_file() for staging in Path(folder).glob(PREFIX + "*")):
+        return
+    with writer_lock([folder]):
+        _finish_pending(folder)
+
+
+def _finish_pending(folder: Path) -> None:
+    """finish_pending, the writer lock held."""
     for staging in sorted(Path(folder).glob(PREFIX + "*")):
         if not (staging / JOURNAL).is_file():
             continue
@@ -149,8 +194,14 @@ def recover(folders) -> None:
     """What a writer runs first: finish committed installs, then remove the staging folders
     of writers that died before committing."""
     folders = [Path(f) for f in folders]
+    with writer_lock(folders):
+        _recover(folders)
+
+
+def _recover(folders: list[Path]) -> None:
+    """recover, the writer lock held."""
     for folder in folders:
-        finish_pending(folder)
+        _finish_pending(folder)
     for folder in folders:
         for staging in sorted([*folder.glob(f"{PREFIX}*"), *folder.glob(f".draft{PREFIX}*")]):
             owner = _lock(staging / OWNER, blocking=False)
@@ -165,17 +216,20 @@ def install_together(folders, remove=()):
     without error, every file written into a staging folder replaces its namesake in the
     destination, and each path in `remove` is deleted, all together; on an error nothing changes."""
     folders = [Path(f) for f in folders]
-    recover(folders)
     token = f"{os.getpid()}-{time.time_ns()}"
     staging, owners = [], []
     try:
-        for folder in folders:
-            folder.mkdir(parents=True, exist_ok=True)
-            draft = Path(tempfile.mkdtemp(prefix=f".draft{PREFIX}", dir=folder))
-            owners.append(_lock(draft / OWNER, blocking=False))  # locked before `recover` can see it
-            staging.append(draft.rename(folder / f"{PREFIX}{token}"))
+        with writer_lock(folders):  # no other writer's `recover` sees a draft before its owner lock
+            _recover(folders)
+            for folder in folders:
+                draft = Path(tempfile.mkdtemp(prefix=f".draft{PREFIX}", dir=folder))
+                owners.append(_lock(draft / OWNER, blocking=False))
+                staging.append(draft.rename(folder / f"{PREFIX}{token}"))
         yield staging
-        _commit(staging, folders, [Path(p) for p in remove])
+        with writer_lock(folders):  # one install at a time, after any a dead writer committed
+            for folder in folders:
+                _finish_pending(folder)
+            _commit(staging, folders, [Path(p) for p in remove])
     finally:
         for path in staging:
             shutil.rmtree(path, ignore_errors=True)
