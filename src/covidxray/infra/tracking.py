@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,15 +41,79 @@ def _artifact_root(uri: str) -> str | None:
     return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
 
 
-def configure(configured_uri: str | None, experiment: str) -> str:
-    """Point MLflow at the store and experiment; returns the experiment id."""
+# Where a local SQLite store records absolute artifact locations (MLflow resolves every local one
+# to an absolute path): rewritten when the store has moved (`follow_moved_store`).
+LOCATION_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "source"),
+    ("model_versions", "storage_location"),
+)
+
+
+def use_store(configured_uri: str | None = None) -> str:
+    """Point MLflow's tracking and registry at the store (a local one made if needed, and moved
+    into place if its checkout moved: follow_moved_store); returns its URI."""
     import mlflow
 
     uri = tracking_uri(configured_uri)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        follow_moved_store(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    return uri
+
+
+def _recorded_store_dir(db: Path) -> Path | None:
+    """The folder a local store was made in, as its experiments' artifact locations record it
+    (<store folder>/artifacts, _artifact_root); None when it records no such location."""
+    import sqlite3
+    from urllib.parse import unquote, urlparse
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
+            rows = conn.execute("SELECT artifact_location FROM experiments").fetchall()
+    except sqlite3.Error:  # not made yet, or not an MLflow store
+        return None
+    for (location,) in rows:
+        if location and location.startswith("file://") and location.rstrip("/").endswith("/artifacts"):
+            return Path(unquote(urlparse(location).path)).parent
+    return None
+
+
+def follow_moved_store(uri: str) -> Path | None:
+    """A local SQLite store whose checkout was moved or copied still names the old folder in
+    every artifact location (experiments, runs, logged models, model versions): new runs would
+    log there and registry URIs resolve there, into another checkout. Rewrite those that start
+    with the old folder to this one, in one transaction (idempotent). Returns the old folder."""
+    import sqlite3
+
+    db = Path(uri.removeprefix("sqlite:///")).resolve()
+    old = _recorded_store_dir(db)
+    if old is None or old == db.parent:
+        return None
+    pairs = [(old.as_uri(), db.parent.as_uri()), (str(old), str(db.parent))]  # URIs, and plain paths (experiment 0)
+    with sqlite3.connect(db, timeout=60) as conn:
+        for table, column in LOCATION_COLUMNS:
+            if column not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+                continue
+            for before, after in pairs:
+                conn.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                    f"WHERE substr({column}, 1, ?) = ? AND substr({column}, ?, 1) IN ('', '/')",
+                    (after, len(before) + 1, len(before), before, len(before) + 1),
+                )
+    print(f"MLflow: the store {db} was made in {old}; its artifact locations now point beside it", file=sys.stderr)
+    return old
+
+
+def configure(configured_uri: str | None, experiment: str) -> str:
+    """Point MLflow at the store and experiment; returns the experiment id."""
+    import mlflow
+
+    uri = use_store(configured_uri)
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
         experiment_id = found.experiment_id

@@ -63,16 +63,12 @@ def load_mlflow_model(uri: str, tracking_uri: str | None = None):
     """Download an MLflow-logged model into a temporary folder (removed afterwards), load its
     .keras file and read its metadata (threshold, classes, image_size, resize) from the MLmodel
     metadata, else from a model.json logged with it or on its run."""
-    import mlflow
-
     from covidxray.infra import tracking
     from covidxray.networks import model_file
 
     # a command's output is its result: no per-file download bars (set the variable to see them)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    store = tracking.tracking_uri(tracking_uri)
-    mlflow.set_tracking_uri(store)
-    mlflow.set_registry_uri(store)
+    store = tracking.use_store(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="covidxray-model-") as local:
         info, path = _download_model(uri, store, Path(local))
         meta = _mlflow_meta(info, path, Path(local) / "run")

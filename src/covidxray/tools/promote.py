@@ -49,10 +49,6 @@ def figures_line(now: dict[str, str], was: dict[str, str]) -> str:
 
 def configure_registry(configured_uri: str | None) -> None:
     """Point MLflow's tracking and registry at the store (creating nothing else)."""
-    import mlflow
-
     from covidxray.infra import tracking
 
-    uri = tracking.tracking_uri(configured_uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    tracking.use_store(configured_uri)
