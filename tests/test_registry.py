@@ -181,3 +181,40 @@ def test_pixels_pass_the_same_xray_checks_as_files():
         decode_rows(pd.DataFrame({"pixels": [flat]}), meta)
     noisy = np.random.default_rng(0).integers(0, 256, (64, 64)).tolist()
     assert decode_rows(pd.DataFrame({"pixels": [noisy]}), meta).shape == (1, 32, 32)
+
+
+INSTALLER = """
+import json, sys
+from pathlib import Path
+from covidxray.infra import fileset, tracking
+models, version = Path(sys.argv[1]), sys.argv[2]
+with fileset.install_together([models]) as (staged,):
+    (staged / "model.keras").write_bytes(b"the model of version " + version.encode())
+    run = {"registered_model": "covid-xray-detector", "registered_version": int(version)}
+    run["model_md5"] = tracking.dvc_md5(staged / "model.keras")
+    (staged / "model.run.json").write_text(json.dumps(run))
+"""
+
+
+def test_promote_after_a_kill_between_commit_and_install(store, tmp_path, monkeypatch):
+    """A training killed after committing its install (journal written) but before tagging the
+    version installed: whoever finishes the install marks it, so `promote 2` moves @champion
+    instead of refusing a version every reader already serves."""
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from covidxray.serving import registry
+    from covidxray.tools.promote import promote_cli
+    from test_fileset import _kill_at
+
+    models = tmp_path / "models"
+    argv = [sys.executable, "-c", INSTALLER, str(models), "2"]
+    _kill_at("committed", argv, tmp_path / "paused", cwd=tmp_path)
+    assert not (models / "model.keras").exists()  # committed, not yet installed
+    assert MlflowClient().get_model_version(NAME, "2").tags[registry.INSTALLED_TAG] == "false"
+    monkeypatch.chdir(tmp_path)  # paths.models: models/ here
+    assert promote_cli(["2", "--tracking-uri", store]) == 0
+    assert (models / "model.keras").read_bytes() == b"the model of version 2"
+    assert MlflowClient().get_model_version(NAME, "2").tags[registry.INSTALLED_TAG] == "true"
+    assert str(MlflowClient().get_model_version_by_alias(NAME, registry.CHAMPION).version) == "2"

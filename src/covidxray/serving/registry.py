@@ -126,6 +126,39 @@ def mark_installed(registered_model: str, version: str) -> None:
     MlflowClient().set_model_version_tag(registered_model, str(version), INSTALLED_TAG, "true")
 
 
+def note_installed(models_dir: Path) -> str | None:
+    """Whoever finishes an install marks it: complete an install into `models_dir` that a killed
+    writer committed (fileset), then mark installed the registered version its model.run.json
+    names when model.keras is the file that version was saved as (model_md5). So a kill between
+    the commit and the tag does not leave every reader serving a version the registry calls never
+    installed. Returns the version marked, None when nothing was to mark (or it is in another store)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from covidxray.infra import fileset, tracking
+    from covidxray.infra.outputs import read_json
+    from covidxray.modeling.specs import MODEL_FILE, RUN_FILE
+
+    models_dir = Path(models_dir)
+    fileset.finish_pending(models_dir)
+    run = read_json(models_dir / RUN_FILE, required=False)
+    run = run if isinstance(run, dict) else {}
+    name, version = run.get("registered_model"), run.get("registered_version")
+    if not name or not version or not (models_dir / MODEL_FILE).is_file():
+        return None
+    if tracking.dvc_md5(models_dir / MODEL_FILE) != run.get("model_md5"):
+        return None
+    client = MlflowClient()
+    try:
+        found = client.get_model_version(name, str(version))
+    except MlflowException:
+        return None
+    if found.tags.get(INSTALLED_TAG) == "true":
+        return None
+    mark_installed(name, str(version))
+    return str(version)
+
+
 def crown(registered_model: str, version) -> None:
     """Point the alias `champion` at this version (`models:/NAME@champion`)."""
     from mlflow.tracking import MlflowClient

@@ -80,6 +80,7 @@ def run(cfg) -> dict:
     pipeline = config.hydra_output_dir() is None  # run on params.yaml by DVC, not as a Hydra app
     register_as = s.registered_model if (pipeline if s.register is None else s.register) else None
     experiment_id = tracking.configure_exclusive(s.tracking_uri, s.experiment)
+    registry.note_installed(models_dir)  # an install a killed training committed: finished and marked
     wall = time.perf_counter()
     with parent_run(cfg, s.fit.model.name, len(data.folds)) as parent_id:
         cv = cross_validate(trainer, data, parent_id, metrics_threshold_rule(s.threshold, s.target_sensitivity))

@@ -8,6 +8,7 @@ its model files (failed or killed after registering) is refused.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def promote_cli(argv: list[str]) -> int:
@@ -26,6 +27,7 @@ def promote_cli(argv: list[str]) -> int:
     cfg = compose()
     name = args.model or cfg.mlflow.registered_model
     configure_registry(args.tracking_uri or cfg.mlflow.tracking_uri)
+    registry.note_installed(Path(cfg.paths.models))  # an install a kill left committed: finished and marked
     before = registry.promote(name, args.version)
     was = f"version {before}" if before else "no version"
     print(f"promote: {name} @{registry.CHAMPION}: {was} -> version {args.version}")
