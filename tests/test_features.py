@@ -284,3 +284,32 @@ def test_training_logs_hits_and_misses_on_its_mlflow_run(tiny_data, tmp_path, ca
     out = capsys.readouterr().out
     assert f", pooled 2x2] {int(n)} images: {int(n)} hits, 0 misses" in out
     assert found[0]["cv_auc_mean"] == found[1]["cv_auc_mean"]
+
+
+def test_a_killed_write_leaves_a_folder_the_next_open_removes(tmp_path):
+    """SIGKILL while a part is written leaves its temporary folder (hundreds of MB for a real
+    backbone); it carries the writer's host and pid, so the next open_store removes it, and
+    leaves the folder of a writer still alive."""
+    from conftest import run_until_killed
+
+    run_until_killed(
+        f"""
+        import numpy as np
+        from covidxray.modeling import features
+        saved = np.save
+        def save_then_die(path, array):
+            saved(path, array)
+            die()
+        features.np.save = save_then_die
+        x = np.random.default_rng(0).integers(0, 256, (4, 8, 8), dtype=np.uint8)
+        features.FeatureStore({str(tmp_path)!r}).lookup({KEY!r}, x, lambda b: b.astype(np.float32))
+        """,
+        tmp_path,
+    )
+    entry = tmp_path / key_digest(KEY)
+    assert len(list(entry.glob(".tmp-*"))) == 1 and not parts(tmp_path)
+    alive = entry / f".tmp-{os.getpid()}-live"
+    alive.mkdir()
+    (alive / ".covidxray-scratch").write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid()}))
+    open_store(tmp_path)
+    assert [p.name for p in entry.glob(".tmp-*")] == [alive.name]

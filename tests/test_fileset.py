@@ -248,3 +248,20 @@ def test_racing_installers_never_mix_and_never_delete_a_draft(tmp_path):
             proc.stderr.close()
     assert not mixed, f"{len(mixed)} of {rounds} rounds left a mixture, e.g. {mixed[:3]}"
     assert not list(tmp_path.rglob(f"*{fileset.PREFIX}*"))
+
+
+def test_start_up_clean_up_of_run_folders_nobody_revisits(tmp_path):
+    """A Hydra run killed while writing leaves outputs/<day>/<run>/models/.install-*; no later
+    writer installs into that run's folder, so train's start-up clean-up (recover_under the
+    outputs/ folder) removes it; a live writer's staging folder elsewhere in the tree stays."""
+    dead = tmp_path / "outputs" / "2026-01-01" / "10-00-00-1" / "models"
+    live = tmp_path / "outputs" / "2026-01-02" / "11-00-00-2" / "models"
+    dead.mkdir(parents=True)
+    _kill_at("staged", [sys.executable, "-c", WRITER, str(dead), str(dead.parent / "cv")], tmp_path / "p", tmp_path)
+    assert list(dead.glob(f"{fileset.PREFIX}*"))
+    with fileset.install_together([live]) as (staged,):
+        (staged / "model.keras").write_text("in the works")
+        assert fileset.recover_under(tmp_path / "outputs") == sorted([dead, dead.parent / "cv", live])
+        assert staged.is_dir()
+    assert not list((tmp_path / "outputs").rglob(f"*{fileset.PREFIX}*"))
+    assert (live / "model.keras").read_text() == "in the works"

@@ -70,6 +70,21 @@ def check_params_fresh(path: Path, params) -> None:
         raise CovidXrayError(f"params.yaml is stale: run make params (conf/ composes {key} differently)")
 
 
+def hydra_output_roots() -> list[Path]:
+    """The folders Hydra puts every run's and sweep's output folder in (the first part of a
+    relative hydra.run.dir / hydra.sweep.dir: outputs/, multirun/); empty outside a Hydra app."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return []
+        hc = HydraConfig.get()
+        dirs = [Path(str(hc.run.dir)), Path(str(hc.sweep.dir))]
+    except Exception:  # noqa: BLE001 - no Hydra, or a dir that does not resolve here: nothing to clean
+        return []
+    return sorted({Path(d.parts[0]) for d in dirs if d.parts and not d.is_absolute() and len(d.parts) > 1})
+
+
 def hydra_output_dir() -> Path | None:
     """The Hydra job's output folder when a stage runs as a Hydra app (the command line, sweeps),
     None when it runs on a composed parameter file (the pipeline: `--params`) or from Python."""

@@ -210,6 +210,23 @@ def _recover(folders: list[Path]) -> None:
                 owner.close()
 
 
+def recover_under(root: Path, depth: int = 6) -> list[Path]:
+    """Start-up clean-up of a tree of run folders (Hydra's outputs/, multirun/), whose folders
+    no later writer revisits: `recover` each folder up to `depth` levels down that holds staging
+    folders (committed installs finished, dead writers' drafts removed, live ones left alone).
+    Returns those folders."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = set()
+    for level in range(1, depth + 1):
+        for pattern in (f"{PREFIX}*", f".draft{PREFIX}*"):
+            found |= {p.parent for p in root.glob("/".join(["*"] * (level - 1) + [pattern]))}
+    for folder in sorted(found):
+        recover([folder])
+    return sorted(found)
+
+
 @contextmanager
 def install_together(folders, remove=()):
     """Staging folders, one per destination folder (created if needed). When the block ends

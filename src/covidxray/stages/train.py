@@ -315,6 +315,8 @@ def output_dirs(models: Path, reports: Path) -> tuple[Path, Path]:
     jobs never clobber each other), else `models` and `reports`/cv (DVC)."""
     base = config.hydra_output_dir()
     if base is not None:
+        for root in config.hydra_output_roots():  # installs of killed runs there: nobody else revisits them
+            fileset.recover_under(root)
         return base / "models", base / "reports" / "cv"
     return Path(models), Path(reports) / "cv"
 

@@ -38,10 +38,12 @@ from pathlib import Path
 import numpy as np
 
 from covidxray import CovidXrayError
+from covidxray.infra.outputs import clean_leftovers, scratch_dir
 
 KEY_FILE = "key.json"
 MANIFEST = "manifest.json"
 ARRAYS = ("features.npy", "ids.npy")
+SCRATCH_TAG = "tmp"  # a part being written: .tmp-<pid>-*/work, with the writer's host and pid (infra.outputs)
 
 
 def row_ids(images: np.ndarray) -> np.ndarray:
@@ -153,32 +155,27 @@ class FeatureStore:
             return
         entry = self.root / digest
         name = "part-" + hashlib.sha256("".join(sorted(ids.tolist())).encode()).hexdigest()[:16]
-        tmp, target = None, entry / "features.npy"
+        target = entry / "features.npy"
         try:
             entry.mkdir(parents=True, exist_ok=True)
             if not (entry / KEY_FILE).is_file():
                 atomic_write_bytes(entry / KEY_FILE, (json.dumps(key, indent=2, sort_keys=True) + "\n").encode())
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry))
-            files = {}
-            for fname, array in zip(ARRAYS, (features, ids), strict=True):
-                target = tmp / fname
-                np.save(target, array)
-                files[fname] = {"sha256": file_sha256(target), "bytes": target.stat().st_size}
-            target = tmp / MANIFEST
-            manifest = {"key": digest, "rows": int(len(ids)), "shape": list(features.shape[1:]), "files": files}
-            target.write_text(json.dumps(manifest, indent=2) + "\n")
-            try:
-                os.rename(tmp, entry / name)
-            except OSError:
-                if not (entry / name).is_dir():  # not a twin written by a parallel run
-                    raise
-            else:
-                tmp = None
+            with scratch_dir(entry, SCRATCH_TAG) as tmp:  # marked: a later run removes it if this one is killed
+                files = {}
+                for fname, array in zip(ARRAYS, (features, ids), strict=True):
+                    target = tmp / fname
+                    np.save(target, array)
+                    files[fname] = {"sha256": file_sha256(target), "bytes": target.stat().st_size}
+                target = tmp / MANIFEST
+                manifest = {"key": digest, "rows": int(len(ids)), "shape": list(features.shape[1:]), "files": files}
+                target.write_text(json.dumps(manifest, indent=2) + "\n")
+                try:
+                    os.rename(tmp, entry / name)
+                except OSError:
+                    if not (entry / name).is_dir():  # not a twin written by a parallel run
+                        raise
         except OSError as err:
             self.log(f"features: not stored: cannot write {target} ({err.strerror or err}); used for this run only")
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
 
     # -- artifacts of a key (the converted backbone) ---------------------------------------------
 
@@ -266,4 +263,7 @@ def open_store(root, log: Callable[[str], None] = print) -> FeatureStore:
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise CovidXrayError(f"paths.features: {root} is a file, not a folder for the feature store")
+    if root.is_dir():  # parts a killed run was writing (hundreds of MB): its marked scratch folders
+        for entry in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
+            clean_leftovers(entry, SCRATCH_TAG)
     return FeatureStore(root, log)
