@@ -17,7 +17,8 @@ import numpy as np
 
 from covidxray import CovidXrayError
 from covidxray.infra.outputs import read_json
-from covidxray.networks.model_file import META_FILE, MODEL_FILE
+from covidxray.infra import fileset
+from covidxray.networks.model_file import META_FILE, MODEL_FILE, check_meta, read_meta
 
 URI = re.compile(r"^(models|runs):/")
 
@@ -48,6 +49,34 @@ def missing_files(paths) -> list[str]:
         for p in paths
         if not Path(p).is_file()
     ]
+
+
+INPUT_FIELDS = ("classes", "image_size", "resize", "store_size", "normalize", "crop_border")
+
+
+def path_meta(spec) -> dict | None:
+    """A path model's checked metadata, read without TensorFlow (an install a killed writer had
+    committed is finished first, as load_model does); None for an MLflow model URI."""
+    if is_model_uri(spec):
+        return None
+    path = Path(spec)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    fileset.finish_pending(path.parent)
+    return check_meta(read_meta(path), str(path.with_name(META_FILE)))
+
+
+def load_after(spec: str, tracking_uri: str | None, prepare):
+    """(model, metadata, prepare(metadata)): `prepare` is the work that needs only the metadata
+    (checking labels, decoding the images); for a path model it runs before the model loads, so
+    its errors (a too-small image, an unknown label, a bad threshold in model.json) come in a
+    second, not after a model load. An MLflow model's metadata comes with its download."""
+    early = path_meta(spec)
+    prepared = prepare(early) if early is not None else None
+    model, meta = resolve_model(spec, tracking_uri)
+    if early is None or any(early.get(k) != meta.get(k) for k in INPUT_FIELDS):  # replaced meanwhile
+        prepared = prepare(meta)
+    return model, meta, prepared
 
 
 def resolve_model(spec: str, tracking_uri: str | None = None):

@@ -30,7 +30,7 @@ from covidxray.infra.outputs import check_replaceable, json_safe, replace_dir
 from covidxray.evaluation.assess import check_labels
 from covidxray.networks.inference import predictions
 from covidxray.networks.model_file import META_FILE, MODEL_FILE
-from covidxray.serving.loading import load_images, resolve_model
+from covidxray.serving.loading import check_model_path, load_after, load_images
 from covidxray.tools.validate import read_external
 
 
@@ -82,17 +82,20 @@ def calibrate(
         raise CovidXrayError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}")
     set_path, out_dir = Path(set_path), Path(out_dir)
     check_replaceable(out_dir, "calibrate")
-    model, meta = resolve_model(model_spec, tracking_uri)
     frame = read_external(set_path)
-    check_labels(frame["label"], meta["classes"])
-    check_counts(frame["label"], meta["classes"], set_path)  # before decoding: fail fast
+    check_model_path(model_spec)
 
     def skip(path, message):
         print(f"covidxray calibrate: warning: skipped: {message}", file=sys.stderr)
 
-    pixels, ok = load_images(frame["path"], meta, skip)
-    frame = frame.iloc[ok].reset_index(drop=True)
-    counts = check_counts(frame["label"], meta["classes"], f"{set_path} (readable images)")
+    def decode(meta):  # before the model loads where model.json can be read alone
+        check_labels(frame["label"], meta["classes"])
+        check_counts(frame["label"], meta["classes"], set_path)  # before decoding: fail fast
+        pixels, ok = load_images(frame["path"], meta, skip)
+        readable = frame.iloc[ok].reset_index(drop=True)
+        return pixels, readable, check_counts(readable["label"], meta["classes"], f"{set_path} (readable images)")
+
+    model, meta, (pixels, frame, counts) = load_after(model_spec, tracking_uri, decode)
     positive_class = meta["classes"][-1]
     scores = predictions(model, meta, pixels)[f"p_{positive_class}"].to_numpy(dtype=float)
     positive = (frame["label"] == positive_class).to_numpy()

@@ -20,6 +20,10 @@ from covidxray.networks.inference import describe_model
 from covidxray.serving.loading import check_model_path, missing_files
 
 
+class NoImages(Exception):
+    """None of the files could be read (each already reported)."""
+
+
 def overlay_names(paths) -> list[str]:
     """One distinct PNG name per input (stem_gradcam.png, numbered when stems repeat)."""
     names, seen = [], {}
@@ -88,15 +92,23 @@ def predict_cli(argv: list[str]) -> int:
     present = [p for p in args.images if Path(p).is_file()]
     if not present:
         return 1
-    from covidxray.serving.loading import load_images, resolve_model
-
-    model, meta = resolve_model(args.model, args.tracking_uri)
+    from covidxray.serving.loading import load_after, load_images
 
     def report(path, message):
-        failed.append(path)
-        print(f"covidxray predict: error: {message}", file=sys.stderr)
+        if path not in failed:
+            failed.append(path)
+            print(f"covidxray predict: error: {message}", file=sys.stderr)
 
-    pixels, ok = load_images(present, meta, report)
+    def decode(meta):
+        pixels, ok = load_images(present, meta, report)
+        if not ok:
+            raise NoImages
+        return pixels, ok
+
+    try:
+        model, meta, (pixels, ok) = load_after(args.model, args.tracking_uri, decode)
+    except NoImages:  # every file failed its checks: no model loaded for nothing
+        return 1
     paths = [present[i] for i in ok]
     table = predict_table(model, meta, pixels, paths)
     covid = f"p_{meta['classes'][-1]}"

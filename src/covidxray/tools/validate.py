@@ -111,20 +111,23 @@ def validate(
     check_replaceable(out_dir, "validate")  # before any work: never replace a folder validate did not write
     frame = read_external(set_path)
     check_model_path(model_spec)
-    from covidxray.serving.loading import load_images, resolve_model
+    from covidxray.serving.loading import load_after, load_images
 
-    model, meta = resolve_model(model_spec, tracking_uri)
-    check_labels(frame["label"], meta["classes"])
     skipped = []
 
     def skip(path, message):
-        skipped.append(str(path))
-        print(f"covidxray validate: warning: skipped: {message}", file=sys.stderr)
+        if str(path) not in skipped:
+            skipped.append(str(path))
+            print(f"covidxray validate: warning: skipped: {message}", file=sys.stderr)
 
-    pixels, ok = load_images(frame["path"], meta, skip)
-    frame = frame.iloc[ok].reset_index(drop=True)
-    if frame.empty:
-        raise CovidXrayError(f"{set_path}: none of the images could be read")
+    def decode(meta):  # before the model loads where model.json can be read alone
+        check_labels(frame["label"], meta["classes"])
+        pixels, ok = load_images(frame["path"], meta, skip)
+        if not ok:
+            raise CovidXrayError(f"{set_path}: none of the images could be read")
+        return pixels, frame.iloc[ok].reset_index(drop=True)
+
+    model, meta, (pixels, frame) = load_after(model_spec, tracking_uri, decode)
     name = out_dir.name
     model_yaml = "\n".join(f"{k}: {json.dumps(v)}" for k, v in meta.items())
     o = options
