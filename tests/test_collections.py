@@ -426,3 +426,37 @@ def test_a_csv_collection_filters_by_view_and_age_and_reads_patients(inputs):
     assert (records["age"] == 70).all()
     assert sorted(records["patient_id"]) == ["hospital_b-2", "hospital_b-C6", "hospital_b-N2", "hospital_b-N6"]
     assert records["finding"].isin(["COVID-19", "No Finding"]).all()
+
+
+def test_symbolic_links_out_of_a_collections_folder_are_refused(inputs, tmp_path):
+    """A link in a folder collection (to a file, or to a folder of images) or a CSV row naming a
+    link that leads outside the collection's folder: one line, as a path outside is."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    secret = outside / "secret.png"
+    shutil.copy(next((inputs / "external" / "hospital_a" / "covid").glob("*.png")), secret)
+    link = inputs / "external" / "hospital_a" / "covid" / "c99-0.png"
+    link.symlink_to(secret)
+    _fails(
+        inputs,
+        _definitions(),
+        r"^collection hospital_a: .*c99-0.png leads through a symbolic link to .*secret.png, outside ",
+    )
+    link.unlink()
+    normal = inputs / "external" / "hospital_a" / "normal"
+    normal.rename(outside / "normal")
+    normal.symlink_to(outside / "normal", target_is_directory=True)  # a class folder that is a link out
+    _fails(
+        inputs,
+        _definitions(),
+        r"^collection hospital_a: .*normal/n00-0.png leads through a symbolic link to .*, outside ",
+    )
+    normal.unlink()
+    (outside / "normal").rename(normal)
+    (inputs / "external" / "hospital_b" / "img" / "covid-19" / "0.png").unlink()
+    (inputs / "external" / "hospital_b" / "img" / "covid-19" / "0.png").symlink_to(secret)
+    _fails(
+        inputs,
+        _definitions(),
+        r"^collection hospital_b: .*0.png leads through a symbolic link to .*secret.png, outside ",
+    )

@@ -41,6 +41,16 @@ def _inside(root: Path, relative: str) -> Path | None:
     return path if path == base or base in path.parents else None
 
 
+def _check_links(c: Collection, root: Path, files: list[Path], key: str) -> None:
+    """Each file must resolve (following symbolic links, of the file or a folder above it)
+    inside root: a link out of the collection's folder is a one-line error, as a path is."""
+    base = Path(root).resolve()
+    for f in files:
+        target = Path(f).resolve()
+        if target != base and base not in target.parents:
+            _fail(c, f"{f} leads through a symbolic link to {target}, outside {root}", key)
+
+
 def _patients(c: Collection, files: list[Path], column: list | None) -> list[str]:
     """`name-<patient>` per file: from a column, a file-name pattern, or the file itself (none)."""
     how, arg = c.patient
@@ -107,6 +117,7 @@ def list_folder(c: Collection, external: Path, task: str) -> tuple[pd.DataFrame,
             for f in sorted(sub.rglob("*"))
             if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
         ]
+        _check_links(c, root, files, "path")
         total += len(files)
         if cls not in TASKS[task] or not files:
             continue
@@ -191,6 +202,7 @@ def list_table(c: Collection, raw: Path, external: Path, task: str) -> tuple[pd.
         if c.kind == "csv" and not inside.is_file():
             _fail(c, f"{path} row {k + 2}: image missing: {inside}", f"columns.path ({'/'.join(parts)})")
         files.append(inside)
+    _check_links(c, root, files, f"columns.path ({'/'.join(parts)})")
     classes, findings = _classify(c, table[roles["label"]].astype(str).tolist(), str(path))
     patient_col = roles.get("patient")
     patients = _patients(c, files, None if patient_col is None else table[patient_col].astype(str).tolist())
