@@ -295,7 +295,7 @@ def test_a_killed_write_leaves_a_folder_the_next_open_removes(tmp_path):
     run_until_killed(
         f"""
         import numpy as np
-        from covidxray.modeling import features
+        from covidxray.training import feature_store as features
         saved = np.save
         def save_then_die(path, array):
             saved(path, array)

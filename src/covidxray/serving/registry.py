@@ -137,7 +137,7 @@ def note_installed(models_dir: Path) -> str | None:
 
     from covidxray.infra import fileset, tracking
     from covidxray.infra.outputs import read_json
-    from covidxray.modeling.specs import MODEL_FILE, RUN_FILE
+    from covidxray.networks.model_file import MODEL_FILE, RUN_FILE
 
     models_dir = Path(models_dir)
     fileset.finish_pending(models_dir)

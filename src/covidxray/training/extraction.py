@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 import warnings
-
 from pathlib import Path
 
 import numpy as np
