@@ -270,8 +270,18 @@ def test_every_stage_checks_its_settings_first(stage, overrides, key, tmp_path):
         (["validate", "{set}", "--bootstrap", "0"], "covidxray validate: error: evaluate.bootstrap must be an integer"),
         (["validate", "{set}", "--model", "{tmp}/none.keras"], "covidxray validate: error: model not found: "),
         (["predict", "{tmp}/none.png", "--model", "{tmp}"], "covidxray predict: error: model not found: "),
+        (
+            ["evaluate", "evaluate.nosuch=1"],
+            "covidxray evaluate: error: evaluate.nosuch: no such key in conf/ (keys of evaluate: bootstrap,",
+        ),
+        (
+            ["evaluate", "experiment=nosuch"],
+            "covidxray evaluate: error: experiment: no option 'nosuch' in conf/experiment (allowed: adult_normals,",
+        ),
+        (["evaluate", "nosuch=1"], "covidxray evaluate: error: nosuch: no such key in conf/ (top-level keys: augment,"),
+        (["evaluate", "train.epochs"], "covidxray evaluate: error: Error parsing override 'train.epochs'"),
     ],
-    ids=["evaluate", "validate-bootstrap", "validate-model", "predict-model"],
+    ids=["evaluate", "validate-bootstrap", "validate-model", "predict-model", "key", "preset", "group", "syntax"],
 )
 def test_bad_input_is_one_line_before_tensorflow_loads(argv, message, tmp_path):
     """Settings and the tools' input checks answer in about a second: no TensorFlow, Keras or MLflow."""

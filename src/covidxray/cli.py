@@ -137,12 +137,14 @@ def run_stage_with_hydra(stage: str, overrides: list[str]) -> None:
     """Run a stage as a Hydra app over conf/, so overrides, -m sweeps and launchers all work."""
     import hydra
 
-    from covidxray.infra.config import conf_dir
+    from covidxray.infra.config import check_overrides, conf_dir
 
     from covidxray.data.collections import check_chosen_files
 
     try:
         check_chosen_files(conf_dir(), overrides)  # Hydra's own message for a missing file spans lines
+        if not any(o.startswith("-") for o in overrides):  # not a sweep (-m) or a Hydra flag: compose it once
+            check_overrides([o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))])
     except CovidXrayError as err:
         print(f"covidxray {stage}: error: {err}", file=sys.stderr)
         sys.exit(1)

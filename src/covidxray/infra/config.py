@@ -8,6 +8,7 @@ CovidXrayErrors of one line naming the key, what is allowed, and what was given.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import NoReturn
 
@@ -68,6 +69,35 @@ def check_params_fresh(path: Path, params) -> None:
     key = first_difference(OmegaConf.to_container(compose()), OmegaConf.to_container(params))
     if key is not None:
         raise CovidXrayError(f"params.yaml is stale: run make params (conf/ composes {key} differently)")
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Compose conf/ with a command line's overrides once before Hydra runs them, so that Hydra's
+    own errors (an unknown key, group or option, a malformed override: 7-17 lines) are one line
+    naming the override and what is allowed."""
+    from hydra.errors import HydraException, MissingConfigException
+
+    try:
+        compose(overrides)
+    except MissingConfigException as err:  # a group's option (or a group) that does not exist
+        found = re.search(r"Could not find '([^']+)'", str(err))
+        group, _, option = (found.group(1) if found else str(err).splitlines()[0]).rpartition("/")
+        allowed = ", ".join(err.options or []) or "none"
+        raise CovidXrayError(f"{group or option}: no option {option!r} in conf/{group} (allowed: {allowed})") from None
+    except HydraException as err:
+        found = re.match(r"Could not override '([^']+)'", str(err))
+        if found and "not in struct" in str(err.__cause__):
+            raise CovidXrayError(_unknown_key(found.group(1))) from None
+        raise CovidXrayError(" ".join(" ".join(str(err).splitlines()[:2]).split())) from None
+
+
+def _unknown_key(key: str) -> str:
+    """The one line for an override of a key conf/ does not have: the keys beside it."""
+    parent, _, _ = key.rpartition(".")
+    node = value(compose([]), parent) if parent else compose([])
+    keys = ", ".join(sorted(str(k) for k in node.keys())) if hasattr(node, "keys") else "none"
+    where = f"keys of {parent}" if parent else "top-level keys"
+    return f"{key}: no such key in conf/ ({where}: {keys}; add one with +{key}=...)"
 
 
 def hydra_output_roots() -> list[Path]:
