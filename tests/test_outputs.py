@@ -197,3 +197,29 @@ def test_replace_dir_with_names_replaces_only_those_and_undoes_a_failed_swap(tmp
         O.replace_dir(
             reports, lambda d: (d / "metrics.json").write_text("x"), by="evaluate", names=["metrics.json", "figures"]
         )
+
+
+def test_a_full_disk_is_one_line_naming_what_was_written_and_leaves_nothing(tiny_data, tmp_path):
+    """A write that fails for want of room (a file size limit, as a full disk does) while a
+    stage writes its output: one line naming the file and what was written, exit 1, nothing
+    partial (no splits.csv, no scratch folder)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))\n"
+        "from covidxray.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    out = tmp_path / "out"
+    argv = ["split", "split.folds=2", "split.test_fraction=0.25", f"paths.curated={tiny_data['curated']}"]
+    argv += [f"paths.splits={out / 'splits.csv'}"]
+    argv += [f"hydra.run.dir={tmp_path / 'run'}", "hydra.output_subdir=null"]
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith("covidxray split: error: cannot write split's output to ") and str(out) in lines[0]
+    assert lines[0].endswith("File too large")
+    assert not out.exists() or not any(out.iterdir())

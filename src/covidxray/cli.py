@@ -13,9 +13,11 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import shutil
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from covidxray.infra import quiet  # noqa: E402 - before anything imports TensorFlow
@@ -88,14 +90,46 @@ def _load(target: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def _run_stage(stage: str, cfg):
-    """Run one stage's `main(cfg)`, turning a CovidXrayError into a one-line error and exit 1.
-    Returns what the stage returns (train: the metric Hydra sweepers such as Optuna optimize)."""
+def write_error(err: BaseException) -> str | None:
+    """One line for a write that failed for want of room or rights (disk full, quota, file size
+    limit, read-only file system, no permission), found in err or what caused it (MLflow and
+    shutil wrap them: shutil.Error lists every file of a copy); None for any other error."""
+    from covidxray.infra import outputs
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, shutil.Error) and seen.args and isinstance(seen.args[0], list) and seen.args[0]:
+            src, dst, why = (list(seen.args[0][0]) + ["", "", ""])[:3]
+            more = len(seen.args[0]) - 1
+            return f"cannot copy {src} to {dst}: {why}" + (f" (and {more} more files)" if more else "")
+        if isinstance(seen, OSError) and seen.errno in outputs.WRITE_ERRNOS:
+            where = seen.filename or "a file"
+            return f"cannot write {where}: {seen.strerror or os.strerror(seen.errno)}"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+@contextmanager
+def one_line_errors(command: str):
+    """A CovidXrayError, or a write that failed for want of room or rights, as one line and exit 1."""
     try:
-        return _load(f"covidxray.stages.{stage}:main")(cfg)
+        yield
     except CovidXrayError as err:
-        print(f"covidxray {stage}: error: {err}", file=sys.stderr)
+        print(f"covidxray {command}: error: {err}", file=sys.stderr)
         sys.exit(1)
+    except Exception as err:
+        line = write_error(err)
+        if line is None:
+            raise
+        print(f"covidxray {command}: error: {line}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _run_stage(stage: str, cfg):
+    """Run one stage's `main(cfg)`, turning a CovidXrayError or a failed write into a one-line
+    error and exit 1. Returns what the stage returns (train: the metric Hydra sweepers optimize)."""
+    with one_line_errors(stage):
+        return _load(f"covidxray.stages.{stage}:main")(cfg)
 
 
 def run_stage_from_params(stage: str, params_file: str) -> None:
@@ -239,11 +273,9 @@ def _dispatch(command: str, rest: list[str]) -> None:
             run_stage_with_hydra(command, rest)
         return
     if command in TOOLS:
-        try:
-            sys.exit(_load(TOOLS[command])(rest))
-        except CovidXrayError as err:
-            print(f"covidxray {command}: error: {err}", file=sys.stderr)
-            sys.exit(1)
+        with one_line_errors(command):
+            code = _load(TOOLS[command])(rest)
+        sys.exit(code)
     print(f"covidxray: error: unknown command '{command}'\n{USAGE}", file=sys.stderr)
     sys.exit(2)
 

@@ -39,6 +39,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from covidxray.infra.outputs import naming_writes
+
 PREFIX = ".install-"
 JOURNAL = "journal.json"
 OWNER = "owner"
@@ -242,7 +244,8 @@ def install_together(folders, remove=()):
                 draft = Path(tempfile.mkdtemp(prefix=f".draft{PREFIX}", dir=folder))
                 owners.append(_lock(draft / OWNER, blocking=False))
                 staging.append(draft.rename(folder / f"{PREFIX}{token}"))
-        yield staging
+        with naming_writes(folders[0], "the outputs installed together (" + ", ".join(map(str, folders)) + ")"):
+            yield staging
         with writer_lock(folders):  # one install at a time, after any a dead writer committed
             for folder in folders:
                 _finish_pending(folder)

@@ -10,6 +10,7 @@ replaces its own earlier output but refuses to replace a folder it did not write
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -101,6 +102,23 @@ def scratch_dir(parent: Path, tag: str, targets=()) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+@contextmanager
+def naming_writes(where: Path, what: str) -> Iterator[None]:
+    """A write inside the block that fails for want of room or rights (disk full, quota, file
+    size limit, read-only, no permission) as one line naming the file (else `where`) and what was
+    being written; the writers' own clean-up (scratch folders, staging) has run by then."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        reason = err.strerror or os.strerror(err.errno)
+        raise CovidXrayError(f"cannot write {what} to {err.filename or where}: {reason}") from None
+
+
 def ensure_room(folder: Path, nbytes: int, what: str) -> None:
     """Fail early, in one line naming the folder, where `folder` cannot take `nbytes` more (disk
     full, read-only, no permission, a file size limit): for writers that would fail deep inside a
@@ -178,7 +196,7 @@ def replace_dir(target: Path, write: Callable[[Path], T], *, by: str, owned: boo
     whole = names is None
     parent, tag = (target.parent, f"{target.name}.{by}") if whole else (target, by)
     targets = [target.name] if whole else [str(n) for n in names]
-    with scratch_dir(parent, tag, targets=targets) as new:
+    with naming_writes(target, f"{by}'s output"), scratch_dir(parent, tag, targets=targets) as new:
         result = write(new)
         if owned:
             check_replaceable(target, by)
