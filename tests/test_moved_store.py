@@ -72,3 +72,23 @@ def test_a_moved_checkout_predicts_validates_and_trains_into_itself(tiny, tmp_pa
     artifacts = _files(moved / "mlruns" / "artifacts")
     assert any(name.endswith("validation/metrics.json") for name in artifacts)
     assert any(name.endswith("cv/metrics.json") for name in artifacts)
+
+
+def test_an_older_store_moved_or_pointing_elsewhere(tmp_path):
+    """An older store made in another checkout (its experiment at <there>/mlruns/artifacts) is
+    moved here on first use; one whose artifacts were put in a folder of another layout on
+    purpose (a shared artifact folder) is left alone."""
+    import mlflow
+
+    from covidxray.infra import tracking
+
+    there, here = tmp_path / "there" / "mlruns", tmp_path / "here" / "mlruns"
+    here.mkdir(parents=True)
+    uri = f"sqlite:///{here / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment("shared", artifact_location=(tmp_path / "shared" / "artifacts").as_uri())
+    mlflow.create_experiment("old", artifact_location=(there / "artifacts").as_uri())
+    assert tracking.follow_moved_store(uri) == there
+    assert mlflow.get_experiment_by_name("old").artifact_location == (here / "artifacts").as_uri()
+    assert mlflow.get_experiment_by_name("shared").artifact_location == (tmp_path / "shared" / "artifacts").as_uri()
+    assert tracking.follow_moved_store(uri) is None  # done once

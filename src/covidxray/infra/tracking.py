@@ -68,7 +68,8 @@ def use_store(configured_uri: str | None = None) -> str:
 
 def _recorded_store_dir(db: Path) -> Path | None:
     """The folder a local store was made in, as its experiments' artifact locations record it
-    (<store folder>/artifacts, _artifact_root); None when it records no such location."""
+    (<store folder>/artifacts, _artifact_root, the folder named as the store's is now); None when
+    it records no such location."""
     import sqlite3
     from urllib.parse import unquote, urlparse
 
@@ -79,7 +80,9 @@ def _recorded_store_dir(db: Path) -> Path | None:
         return None
     for (location,) in rows:
         if location and location.startswith("file://") and location.rstrip("/").endswith("/artifacts"):
-            return Path(unquote(urlparse(location).path)).parent
+            folder = Path(unquote(urlparse(location).path)).parent
+            if folder.name == db.parent.name:
+                return folder
     return None
 
 
