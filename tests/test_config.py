@@ -278,7 +278,7 @@ def test_every_stage_checks_its_settings_first(stage, overrides, key, tmp_path):
             ["evaluate", "experiment=nosuch"],
             "covidxray evaluate: error: experiment: no option 'nosuch' in conf/experiment (allowed: adult_normals,",
         ),
-        (["evaluate", "nosuch=1"], "covidxray evaluate: error: nosuch: no such key in conf/ (top-level keys: augment,"),
+        (["evaluate", "nosuch=1"], "covidxray evaluate: error: nosuch: no such key in conf/ (top-level keys: a"),
         (["evaluate", "train.epochs"], "covidxray evaluate: error: Error parsing override 'train.epochs'"),
     ],
     ids=["evaluate", "validate-bootstrap", "validate-model", "predict-model", "key", "preset", "group", "syntax"],
