@@ -45,6 +45,7 @@ def test_every_benchmark_is_covered():
         "bench_input_pipeline.py",
         "bench_lite0_features.py",
         "bench_startup.py",
+        "bench_startup_predict.py",
         "remedies.py",
     }
     assert set(BENCHMARKS) == tested, "a new benchmark needs a tiny run here"
@@ -81,6 +82,16 @@ def test_startup_benchmark_times_commands_with_and_without_bytecode(tmp_path):
     assert all(m["median_s"] > 0 and len(m["times_s"]) == 1 for by_mode in results.values() for m in by_mode.values())
     assert report["cpu"] and report["tensorflow_pyc_files"] >= 0
     assert "predict_one_image:" in done.stdout and list(tmp_path.iterdir()) == []
+
+
+def test_startup_benchmark_times_both_engines(tmp_path):
+    """`covidxray predict` cold on one image, Keras and LiteRT, the same answer from both."""
+    done = run([str(ROOT / "benchmarks" / "bench_startup_predict.py"), "--tiny"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results, _ = json.JSONDecoder().raw_decode(done.stdout[done.stdout.index("{") :])
+    assert results["keras_s"] > 0 and results["litert_s"] > 0 and results["cpu"]
+    assert results["answer"].count(",") >= 3 and isinstance(results["bytecode"], bool)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_head_sweep_benchmark_times_each_point(tmp_path):

@@ -122,7 +122,9 @@ def test_pyfunc_loads_in_a_fresh_process(tiny, xray, tmp_path):
         "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
         "import covidxray\n"
         "out = model.predict(pd.DataFrame({'image': [open(sys.argv[2], 'rb').read()]}))\n"
-        "print(json.dumps({'code': covidxray.__file__, 'rows': out.to_dict(orient='records')}))\n"
+        "engine = type(model.unwrap_python_model().model).__name__\n"
+        "print(json.dumps({'code': covidxray.__file__, 'rows': out.to_dict(orient='records'), 'engine': engine,\n"
+        "                  'tensorflow': 'tensorflow' in sys.modules}))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", script, tiny["meta"]["model_uri"], str(xray)],
@@ -136,6 +138,7 @@ def test_pyfunc_loads_in_a_fresh_process(tiny, xray, tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert "/code/covidxray/" in result["code"] and not result["code"].startswith(str(REPO))
     check_answer(result["rows"][0], expected(tiny, images.read_grayscale(xray)[0]))
+    assert (result["engine"], result["tensorflow"]) == ("LiteModel", False)  # model.tflite, no TensorFlow
 
 
 def test_a_model_logged_before_the_move_loads_where_covidxray_is_imported(tmp_path, monkeypatch):

@@ -1,7 +1,9 @@
 """The model file on disk: models/model.keras (saved without time stamps, so the same weights give
-the same bytes), model.json beside it (classes, input steps, threshold: checked field by field)
-and model.run.json (which MLflow run and registry version made it). Loading reads the pair as one
-set, finishing an install that train committed but did not finish (infra/fileset).
+the same bytes), model.tflite (the same classifier for LiteRT, networks/litert.py), model.json
+beside them (classes, input steps, threshold: checked field by field) and model.run.json (which
+MLflow run and registry version made it). Loading reads them as one set, finishing an install that
+train committed but did not finish (infra/fileset). Inference loads model.tflite with LiteRT where
+it is present and the runtime installed (no TensorFlow start-up), else model.keras with Keras.
 Keras is imported by the functions that need it (loading registers the custom preprocess layer of
 networks/builders.py), so the file names here cost nothing to import: settings checks use them
 before TensorFlow loads.
@@ -19,6 +21,7 @@ from covidxray.infra import fileset
 from covidxray.infra.outputs import read_json
 
 MODEL_FILE = "model.keras"  # what train writes and every consumer loads
+TFLITE_FILE = "model.tflite"  # beside it, where train wrote one: what inference runs (LiteRT)
 META_FILE = "model.json"  # beside it: classes, image_size, resize, threshold, how it was trained
 # Which run and registry version made the model: beside it too, but not a DVC output (it differs on
 # every run, model.keras and model.json do not); read only while its md5 of model.keras matches.
@@ -146,17 +149,19 @@ def check_meta(meta: dict, source: str) -> dict:
     return {**meta, **spec, "classes": [str(c) for c in classes], "threshold": float(threshold)}
 
 
-def load_model(path: Path):
+def load_model(path: Path, engine: str = "auto"):
     """(model, checked metadata) from models/model.keras (or the folder holding it) and model.json
     beside it, read as one set: an install that train committed but did not finish is finished
-    first (fileset), and a pair replaced while it was being read is read again."""
+    first (fileset), and a set replaced while it was being read is read again. engine "auto": the
+    LiteRT model (litert.LiteModel) where model.tflite is beside model.keras and LiteRT is
+    installed, else the Keras model; "keras": always the Keras model (Grad-CAM, training)."""
     path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILE
     fileset.finish_pending(path.parent)
     for _ in range(3):
         before = _stamp(path)
-        model, meta = _load_pair(path)
+        model, meta = _load_pair(path, engine)
         if _stamp(path) == before:
             return model, meta
     raise CovidXrayError(
@@ -166,9 +171,9 @@ def load_model(path: Path):
 
 
 def _stamp(path: Path) -> tuple:
-    """What changes when model.keras or model.json is replaced: inode, mtime, size."""
+    """What changes when model.keras, model.tflite or model.json is replaced: inode, mtime, size."""
     stats = []
-    for item in (path, path.with_name(META_FILE)):
+    for item in (path, path.with_name(TFLITE_FILE), path.with_name(META_FILE)):
         try:
             found = item.stat()
             stats.append((found.st_ino, found.st_mtime_ns, found.st_size))
@@ -177,12 +182,44 @@ def _stamp(path: Path) -> tuple:
     return tuple(stats)
 
 
-def _load_pair(path: Path):
-    """model.keras and its model.json, each checked."""
+def _load_pair(path: Path, engine: str = "auto"):
+    """model.keras (or model.tflite beside it, per `engine`) and its model.json, each checked."""
     if not path.is_file():
         raise CovidXrayError(f"model not found: {path} (run `dvc repro train`)")
     meta = check_meta(read_meta(path), str(path.with_name(META_FILE)))  # before the model: fails fast
-    return load(path), meta
+    return load_for(path, engine), meta
+
+
+def load_for(path: Path, engine: str = "auto"):
+    """The model of a model.keras file for `engine` (load_model): the LiteRT model of model.tflite
+    beside it when there is one and LiteRT is installed (a corrupt one is a one-line error naming
+    it), else the Keras model. No model.tflite (folders made before it existed): Keras."""
+    from covidxray.networks import litert
+
+    if engine not in ("auto", "keras"):
+        raise ValueError(f"engine must be auto or keras, got {engine!r}")
+    lite = Path(path).with_name(TFLITE_FILE)
+    if engine == "auto" and lite.is_file() and litert.available():
+        return litert.load(lite, keras=Path(path).read_bytes())
+    return load(path)
+
+
+def write(model, folder: Path, tflite: bytes | None = None) -> list[Path]:
+    """model.keras (and model.tflite, given or the LiteRT model's own) of a Keras model or of a
+    LiteRT model that carries its model.keras bytes, into `folder`; the files written."""
+    from covidxray.networks.litert import LiteModel
+
+    folder = Path(folder)
+    if isinstance(model, LiteModel):
+        if model.keras is None:
+            raise CovidXrayError(f"{model.source}: its model.keras is not at hand to write beside it")
+        (folder / MODEL_FILE).write_bytes(model.keras)
+        tflite = model.content
+    else:
+        save(model, folder / MODEL_FILE)
+    if tflite is not None:
+        (folder / TFLITE_FILE).write_bytes(tflite)
+    return [folder / MODEL_FILE] + ([folder / TFLITE_FILE] if tflite is not None else [])
 
 
 def read_meta(path: Path) -> dict:

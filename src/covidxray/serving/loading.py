@@ -66,32 +66,34 @@ def path_meta(spec) -> dict | None:
     return check_meta(read_meta(path), str(path.with_name(META_FILE)))
 
 
-def load_after(spec: str, tracking_uri: str | None, prepare):
+def load_after(spec: str, tracking_uri: str | None, prepare, engine: str = "auto"):
     """(model, metadata, prepare(metadata)): `prepare` is the work that needs only the metadata
     (checking labels, decoding the images); for a path model it runs before the model loads, so
     its errors (a too-small image, an unknown label, a bad threshold in model.json) come in a
     second, not after a model load. An MLflow model's metadata comes with its download."""
     early = path_meta(spec)
     prepared = prepare(early) if early is not None else None
-    model, meta = resolve_model(spec, tracking_uri)
+    model, meta = resolve_model(spec, tracking_uri, engine)
     if early is None or any(early.get(k) != meta.get(k) for k in INPUT_FIELDS):  # replaced meanwhile
         prepared = prepare(meta)
     return model, meta, prepared
 
 
-def resolve_model(spec: str, tracking_uri: str | None = None):
-    """(keras model, metadata) from a path or an MLflow model URI."""
+def resolve_model(spec: str, tracking_uri: str | None = None, engine: str = "auto"):
+    """(model, metadata) from a path or an MLflow model URI: the LiteRT model where the model has a
+    model.tflite (engine "auto"), else the Keras model (model_file.load_model)."""
     if is_model_uri(spec):
-        return load_mlflow_model(str(spec), tracking_uri)
+        return load_mlflow_model(str(spec), tracking_uri, engine)
     from covidxray.networks import model_file
 
-    return model_file.load_model(Path(spec))
+    return model_file.load_model(Path(spec), engine)
 
 
-def load_mlflow_model(uri: str, tracking_uri: str | None = None):
+def load_mlflow_model(uri: str, tracking_uri: str | None = None, engine: str = "auto"):
     """Download an MLflow-logged model into a temporary folder (removed afterwards), load its
-    .keras file and read its metadata (threshold, classes, image_size, resize) from the MLmodel
-    metadata, else from a model.json logged with it or on its run."""
+    .keras file (or the .tflite beside it: model_file.load_for) and read its metadata (threshold,
+    classes, image_size, resize) from the MLmodel metadata, else from a model.json logged with it
+    or on its run."""
     from covidxray.infra import tracking
     from covidxray.networks import model_file
 
@@ -107,7 +109,7 @@ def load_mlflow_model(uri: str, tracking_uri: str | None = None):
         files = sorted(path.rglob("*.keras"))
         if not files:
             raise CovidXrayError(f"MLflow model {uri} holds no .keras file")
-        return model_file.load(files[0]), meta
+        return model_file.load_for(files[0], engine), meta
 
 
 def _download_model(uri: str, store: str, local: Path):

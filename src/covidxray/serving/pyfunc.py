@@ -1,7 +1,9 @@
 """Serving: the final model as an MLflow pyfunc model, so that `mlflow models serve` and
-`mlflow.pyfunc.load_model` run it in a fresh process with nothing but MLflow and TensorFlow.
+`mlflow.pyfunc.load_model` run it in a fresh process with nothing but MLflow and LiteRT (or
+TensorFlow, for a model logged without model.tflite).
 
-The logged model carries the .keras file and its metadata (model.json: classes, image_size,
+The logged model carries the .keras file, the .tflite file beside it where there is one (what the
+served model runs, networks/litert.py) and its metadata (model.json: classes, image_size,
 resize, threshold) as artifacts and this package as code (code_paths); MLflow builds it from a
 two-line entry file ("models from code", no pickle). Input: a DataFrame with one row per image,
 either `image` (the encoded file: PNG, JPEG, ...; base64 in the scoring server's JSON) or `pixels`
@@ -28,6 +30,7 @@ from covidxray.networks.inference import IDENTITY, decode_rows, png_bytes, predi
 
 MODEL_ARTIFACT = "model"
 META_ARTIFACT = "meta"
+TFLITE_ARTIFACT = "tflite"  # downloaded beside the model.keras artifact: model_file.load_for finds it
 ENTRY = '''"""MLflow models-from-code entry: the covid-xray detector (see covidxray.serving.pyfunc)."""
 from covidxray.infra import quiet
 
@@ -42,14 +45,15 @@ mlflow.models.set_model(CovidXrayModel())
 
 
 class CovidXrayModel(mlflow.pyfunc.PythonModel):
-    """The Keras model with its metadata: images in, p(class) and the label at the threshold out."""
+    """The LiteRT (or Keras) model with its metadata: images in, p(class) and the label at the
+    threshold out."""
 
     def load_context(self, context):
         from covidxray.infra.outputs import read_json
-        from covidxray.networks.model_file import check_meta, load
+        from covidxray.networks.model_file import check_meta, load_for
 
         self.meta = check_meta(read_json(Path(context.artifacts[META_ARTIFACT])), META_ARTIFACT)
-        self.model = load(context.artifacts[MODEL_ARTIFACT])
+        self.model = load_for(Path(context.artifacts[MODEL_ARTIFACT]))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         """One output row per input row; a row that is no usable image is a 400 for the server."""
@@ -86,7 +90,7 @@ def pip_requirements() -> list[str]:
     from importlib import metadata
 
     reqs = []
-    for dist in ("tensorflow", "tensorflow-cpu", "keras", "pillow", "numpy", "pandas"):
+    for dist in ("tensorflow", "tensorflow-cpu", "keras", "ai-edge-litert", "pillow", "numpy", "pandas"):
         try:
             reqs.append(f"{dist}=={metadata.version(dist)}")
         except metadata.PackageNotFoundError:
@@ -95,17 +99,25 @@ def pip_requirements() -> list[str]:
 
 
 def log_model(
-    model, meta: dict, registered_name: str | None = None, example: np.ndarray | None = None, name: str = "model"
+    model,
+    meta: dict,
+    registered_name: str | None = None,
+    example: np.ndarray | None = None,
+    name: str = "model",
+    tflite: bytes | None = None,
 ):
-    """Log a trained Keras model with its metadata (classes, image_size, resize, threshold, ...)
-    as a pyfunc model on the active run, register it under `registered_name` if given, and
-    return the ModelInfo. `example`: one 2-D uint8 image, saved as the input example."""
+    """Log a trained Keras model (or a LiteRT model with its model.keras bytes) with its metadata
+    (classes, image_size, resize, threshold, ...) and its model.tflite (`tflite`, or the LiteRT
+    model's own) as a pyfunc model on the active run, register it under `registered_name` if
+    given, and return the ModelInfo. `example`: one 2-D uint8 image, saved as the input example."""
+    from covidxray.networks import model_file
+
     for key in ("classes", "image_size", "threshold"):
         if meta.get(key) is None:
             raise CovidXrayError(f"model metadata lacks {key}: cannot log a servable model")
     with tempfile.TemporaryDirectory(prefix="covidxray-pyfunc-") as tmp:
         tmp = Path(tmp)
-        model.save(tmp / "model.keras")
+        files = model_file.write(model, tmp, tflite)
         (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
         code = tmp / "covidxray"
         shutil.copytree(
@@ -120,7 +132,8 @@ def log_model(
                 name=name,
                 python_model=str(entry),
                 code_paths=[str(code)],
-                artifacts={MODEL_ARTIFACT: str(tmp / "model.keras"), META_ARTIFACT: str(tmp / "model.json")},
+                artifacts={MODEL_ARTIFACT: str(files[0]), META_ARTIFACT: str(tmp / "model.json")}
+                | ({TFLITE_ARTIFACT: str(files[1])} if len(files) > 1 else {}),
                 signature=signature(list(meta["classes"])),
                 input_example=example_frame,
                 registered_model_name=registered_name or None,

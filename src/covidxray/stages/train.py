@@ -10,6 +10,7 @@ partition is never read here. `run` is the recipe; the fitting itself is fitting
 Outputs (DVC: paths.models and paths.reports/cv; as a Hydra app: the job's output directory),
 installed together (fileset): a reader sees all old files or all new ones, also after a kill.
   models/model.keras       the final model (builders.py layout; loads after `import covidxray.networks.model_file`)
+  models/model.tflite      the same classifier for LiteRT (networks/litert.py): what inference runs
   models/model.json        classes, image_size, resize, threshold, threshold_method, model (the same every run)
   models/model.run.json    MLflow run and registry version, md5 of model.keras (not a DVC output)
   reports/cv/oof.csv       image_id, patient_id, label, y, fold, p_<class>...
@@ -44,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 from covidxray.infra import config, fileset, tracking
+from covidxray.networks import litert
 from covidxray.serving import registry
 from covidxray.settings.loco import LocoSettings, loco_settings
 from covidxray.settings.train import DEFAULT_OPTIMIZED_METRIC, TrainSettings, train_settings
@@ -97,14 +99,15 @@ def run(cfg) -> dict:
             metrics.update(found)
         log_feature_store(trainer)
         meta = model_meta(s, data, metrics["threshold"], parent_id, experiment_id)
+        lite = None if model is None else litert.convert(model)  # inference without TensorFlow
         if model is not None:
             meta.update(
-                register(model, meta, data.images[:1], register_as),
+                register(model, meta, data.images[:1], register_as, lite),
                 epochs=epochs[0],
                 **({"fine_tune_epochs": epochs[1]} if trainer.fine_tunes else {}),
             )
         metrics["train_seconds"] = time.perf_counter() - wall
-        written = write_outputs(models_dir, cv_dir, cv, oof, metrics, model, meta)
+        written = write_outputs(models_dir, cv_dir, cv, oof, metrics, model, meta, lite)
         import mlflow  # the hashes of what this run read and installed, as DVC computes them
 
         mlflow.set_tags(tracking.content_tags([s.curated, s.splits, *pretrained_file(s), *written]))
@@ -112,7 +115,7 @@ def run(cfg) -> dict:
             crown_if_intended(meta["registered_model"], meta["registered_version"], pipeline, cfg)
     print(
         f"train: wrote {cv_dir}/{{oof.csv,folds.csv,metrics.json,headline.json,history.csv}}"
-        + (f" and {models_dir}/model.{{keras,json}}" if model is not None else "")
+        + (f" and {models_dir}/model.{{keras,tflite,json}}" if model is not None else "")
         + f"; MLflow run {parent_id} ({metrics['train_seconds']:.0f}s)"
     )
     return {**metrics, "mlflow_run_id": parent_id, "registered_version": meta.get("registered_version")}
@@ -344,9 +347,16 @@ def model_meta(s: TrainSettings, data: CVData, threshold: float, run_id: str, ex
 
 
 def write_outputs(
-    models_dir: Path, cv_dir: Path, cv: CVResult, oof: pd.DataFrame, metrics: dict, model, meta: dict
+    models_dir: Path,
+    cv_dir: Path,
+    cv: CVResult,
+    oof: pd.DataFrame,
+    metrics: dict,
+    model,
+    meta: dict,
+    tflite: bytes | None = None,
 ) -> None:
-    """Write reports/cv/* and (with a final model) model.keras and model.json into staging
+    """Write reports/cv/* and (with a final model) model.keras, model.tflite and model.json into staging
     folders, log them to the MLflow run, then install them together (fileset). Without a final
     model, an earlier model.keras/model.json goes in the same switch: it would not match these
     CV results. Timings (TIMINGS) go to the run only, so that a rerun writes the same bytes: the
@@ -355,13 +365,17 @@ def write_outputs(
     import mlflow
 
     from covidxray.networks import model_file
-    from covidxray.networks.model_file import META_FILE, MODEL_FILE
+    from covidxray.networks.model_file import META_FILE, MODEL_FILE, TFLITE_FILE
 
     timings = {k: v for k, v in metrics.items() if any(t in k for t in TIMINGS)}
     same_every_run = {k: v for k, v in meta.items() if k not in model_file.RUN_KEYS}
     figures = {k: v for k, v in metrics.items() if k not in timings}
     n_images = int(len(oof))
-    remove = [] if model is not None else [models_dir / name for name in (MODEL_FILE, META_FILE, model_file.RUN_FILE)]
+    remove = [
+        models_dir / name
+        for name in (MODEL_FILE, TFLITE_FILE, META_FILE, model_file.RUN_FILE)
+        if model is None or (name == TFLITE_FILE and tflite is None)
+    ]
     with fileset.install_together([models_dir, cv_dir], remove=remove) as (new_models, new_cv):
         oof.to_csv(new_cv / "oof.csv", index=False)
         cv.history.to_csv(new_cv / "history.csv", index=False)
@@ -373,7 +387,7 @@ def write_outputs(
         for name in CV_FILES:
             mlflow.log_artifact(str(new_cv / name), "cv")
         if model is not None:
-            model_file.save(model, new_models / MODEL_FILE)
+            model_file.write(model, new_models, tflite)
             (new_models / META_FILE).write_text(json.dumps(json_safe(same_every_run), indent=2) + "\n")
             run = {k: meta.get(k) for k in model_file.RUN_KEYS} | {
                 "model_md5": tracking.dvc_md5(new_models / MODEL_FILE)
@@ -383,7 +397,8 @@ def write_outputs(
             mlflow.log_artifact(str(new_models / model_file.RUN_FILE))
         mlflow.log_metrics(finite_metrics(timings))
     written = [cv_dir / name for name in CV_FILES]
-    return written + ([models_dir / MODEL_FILE, models_dir / META_FILE] if model is not None else [])
+    installed = [MODEL_FILE, TFLITE_FILE, META_FILE] if tflite is not None else [MODEL_FILE, META_FILE]
+    return written + ([models_dir / name for name in installed] if model is not None else [])
 
 
 CV_FILES = ("oof.csv", "folds.csv", "metrics.json", "headline.json", "history.csv")
@@ -454,16 +469,20 @@ def log_confusion(y: np.ndarray, probs: np.ndarray, classes: list[str], title: s
     log_figure(confusion_figure(cm, classes, f"{title}: confusion matrix", xlabel=xlabel), "confusion_matrix.png")
 
 
-def register(model, meta: dict, images: np.ndarray, registered_model: str | None) -> dict:
-    """Log the final model to the run as a servable pyfunc model (serving.pyfunc), registered as
-    `registered_model` (None: not registered; serving.registry). Returns model.json's registry fields."""
-    return registry.register(model, meta, images.astype(np.float32)[..., None], registered_model, _log_final_model)
+def register(model, meta: dict, images: np.ndarray, registered_model: str | None, tflite: bytes | None = None) -> dict:
+    """Log the final model (with its model.tflite) to the run as a servable pyfunc model
+    (serving.pyfunc), registered as `registered_model` (None: not registered; serving.registry).
+    Returns model.json's registry fields."""
+    from functools import partial
+
+    log = partial(_log_final_model, tflite=tflite)
+    return registry.register(model, meta, images.astype(np.float32)[..., None], registered_model, log)
 
 
-def _log_final_model(model, meta: dict, registered: str | None, example: np.ndarray):
+def _log_final_model(model, meta: dict, registered: str | None, example: np.ndarray, tflite: bytes | None = None):
     """Log the final model as a servable MLflow pyfunc model (serving/pyfunc.py: images in, p(covid) and
     the label at the saved threshold out) and register it; returns the ModelInfo."""
     from covidxray.serving import pyfunc as serving
 
     gray = np.clip(np.asarray(example)[0, ..., 0], 0, 255).astype(np.uint8)
-    return serving.log_model(model, meta, registered_name=registered, example=gray)
+    return serving.log_model(model, meta, registered_name=registered, example=gray, tflite=tflite)

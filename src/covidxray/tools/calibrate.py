@@ -4,7 +4,8 @@ A threshold chosen on the training collections does not transfer to another hosp
 stage measures by how much). A site labels a few of its own X-rays (SET in `validate`'s format: a
 folder with one sub-folder per class, or a CSV with path, label[, patient_id]); this tool scores
 them with the model, picks the threshold on them (Youden's J, or the highest threshold reaching a
-target sensitivity) and writes a model folder: the same model.keras, and a model.json carrying the
+target sensitivity) and writes a model folder: the same model.keras (and model.tflite, where the
+model has one: it is scored with LiteRT then, no TensorFlow), and a model.json carrying the
 site threshold and where it came from (`site_calibration`). predict, validate and the served
 model read the threshold from model.json, so they apply it; `--register NAME` also logs the
 calibrated model to MLflow as a servable model under NAME.
@@ -29,7 +30,8 @@ from covidxray.evaluation.metrics import THRESHOLD_METHODS
 from covidxray.infra.outputs import check_replaceable, json_safe, replace_dir
 from covidxray.evaluation.assess import check_labels
 from covidxray.networks.inference import predictions
-from covidxray.networks.model_file import META_FILE, MODEL_FILE
+from covidxray.networks import model_file
+from covidxray.networks.model_file import META_FILE
 from covidxray.serving.loading import check_model_path, load_after, load_images
 from covidxray.tools.validate import read_external
 
@@ -74,7 +76,8 @@ def calibrate(
     target_sensitivity: float = 0.9,
     tracking_uri: str | None = None,
 ) -> dict:
-    """Pick the site threshold on the labelled set and write out_dir (model.keras, model.json);
+    """Pick the site threshold on the labelled set and write out_dir (model.keras, model.tflite
+    where the model has one, model.json);
     returns the new metadata. Nothing is written when the set cannot calibrate."""
     if method not in THRESHOLD_METHODS:
         raise CovidXrayError(f"--method must be one of {', '.join(THRESHOLD_METHODS)}, got {method!r}")
@@ -115,7 +118,7 @@ def calibrate(
     new_meta = json_safe(site_meta(meta, threshold, provenance))
 
     def write(folder: Path) -> None:
-        model.save(folder / MODEL_FILE)
+        model_file.write(model, folder)
         (folder / META_FILE).write_text(json.dumps(new_meta, indent=2) + "\n")
 
     replace_dir(out_dir, write, by="calibrate", owned=True)

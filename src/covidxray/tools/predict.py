@@ -1,7 +1,8 @@
 """`covidxray predict IMAGE... --model M`: p(covid) and the label at the saved threshold, for
 images as found in the wild.
 
-The model comes from a path or an MLflow model URI (serving.loading); every image is decoded with
+The model comes from a path or an MLflow model URI (serving.loading), run by LiteRT where it has a
+model.tflite (no TensorFlow start-up), by Keras for --gradcam or without one; every image is decoded with
 the training pipeline's own input steps, as the served model does (inference.predictions). The
 files and the model path are checked before TensorFlow loads, so a typo costs a second.
 """
@@ -106,7 +107,9 @@ def predict_cli(argv: list[str]) -> int:
         return pixels, ok
 
     try:
-        model, meta, (pixels, ok) = load_after(args.model, args.tracking_uri, decode)
+        model, meta, (pixels, ok) = load_after(
+            args.model, args.tracking_uri, decode, engine="keras" if args.gradcam else "auto"
+        )
     except NoImages:  # every file failed its checks: no model loaded for nothing
         return 1
     paths = [present[i] for i in ok]

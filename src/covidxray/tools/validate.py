@@ -127,7 +127,9 @@ def validate(
             raise CovidXrayError(f"{set_path}: none of the images could be read")
         return pixels, frame.iloc[ok].reset_index(drop=True)
 
-    model, meta, (pixels, frame) = load_after(model_spec, tracking_uri, decode)
+    # Keras, not model.tflite: the report draws Grad-CAM (and reuses a frozen backbone's stored
+    # features), both of which need the Keras model, so TensorFlow loads here anyway.
+    model, meta, (pixels, frame) = load_after(model_spec, tracking_uri, decode, engine="keras")
     name = out_dir.name
     model_yaml = "\n".join(f"{k}: {json.dumps(v)}" for k, v in meta.items())
     o = options

@@ -20,19 +20,16 @@ whether the store was warm or not. Progress (images/s, ETA) shows on a terminal 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
-import os
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from covidxray.infra.outputs import ensure_room
+from covidxray.networks import litert
 from covidxray.training.feature_store import FeatureStore
 
 KERAS_BATCH = 64
@@ -72,7 +69,7 @@ def weights_digest(layer) -> str:
 
 def tflite_available() -> bool:
     """Whether a TFLite interpreter can be made (TensorFlow's own, or ai_edge_litert's)."""
-    return _interpreter_class() is not None
+    return litert.interpreter_class() is not None
 
 
 def choose_engine(image_size: int) -> str:
@@ -205,71 +202,14 @@ def run_keras(extractor, images: np.ndarray, batch: int = KERAS_BATCH, label: st
 
 
 def convert_tflite(extractor, log=None) -> bytes:
-    """The extractor as a float32 TFLite flat buffer (TensorFlow's converter; its chatter muted)."""
-    import tensorflow as tf
-
+    """The extractor as a float32 TFLite flat buffer (networks/litert.py's conversion), timed in the log."""
     start = time.perf_counter()  # the converter saves a SavedModel (the weights and more) under TMPDIR first
     need = 2 * 4 * extractor.count_params() + (16 << 20)
     ensure_room(Path(tempfile.gettempdir()), need, "features: converting the backbone to TFLite (TMPDIR)")
-    converter = tf.lite.TFLiteConverter.from_keras_model(extractor)
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _quiet_stderr():
-        warnings.simplefilter("ignore")
-        blob = bytes(converter.convert())
+    blob = litert.convert(extractor)
     if log is not None:
         log(f"features: converted the backbone to TFLite in {time.perf_counter() - start:.1f}s (once per key, kept)")
     return blob
-
-
-def _interpreter_class():
-    try:  # the successor package, when installed
-        from ai_edge_litert.interpreter import Interpreter
-
-        return Interpreter
-    except ImportError:
-        pass
-    try:
-        import tensorflow as tf
-
-        return tf.lite.Interpreter
-    except (ImportError, AttributeError):
-        return None
-
-
-def cpu_threads() -> int:
-    """The CPUs this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Mute file descriptor 2 (the interpreter's native "Created XNNPACK delegate" line) for a moment."""
-    try:
-        sys.stderr.flush()
-        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    except (OSError, ValueError):  # pragma: no cover - no real stderr
-        yield
-        return
-    os.dup2(null, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
-
-
-def tflite_interpreter(blob: bytes, batch: int, threads: int | None = None):
-    """An interpreter (XNNPACK delegate, the default for float models) for inputs of `batch` images."""
-    with warnings.catch_warnings(), _quiet_stderr():
-        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
-        interpreter = _interpreter_class()(model_content=blob, num_threads=threads or cpu_threads())
-        inp = interpreter.get_input_details()[0]
-        interpreter.resize_tensor_input(inp["index"], [batch, *inp["shape"][1:]])
-        interpreter.allocate_tensors()  # the delegate is applied here
-    return interpreter
 
 
 def run_tflite(
@@ -277,13 +217,13 @@ def run_tflite(
 ) -> np.ndarray:
     """The converted extractor over uint8 images (N, S, S), `batch` images per call."""
     n, out = len(images), None
-    interpreter = tflite_interpreter(blob, batch, threads)
+    interpreter = litert.interpreter(blob, batch, threads)
     inp, res = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
     with progress(n, label) as bar:
         for start in range(0, n, batch):
             chunk = np.asarray(images[start : start + batch], dtype=np.float32)[..., None]
             if len(chunk) < batch:
-                interpreter = tflite_interpreter(blob, len(chunk), threads)
+                interpreter = litert.interpreter(blob, len(chunk), threads)
             interpreter.set_tensor(inp, chunk)
             interpreter.invoke()
             found = interpreter.get_tensor(res)

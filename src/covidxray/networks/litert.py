@@ -1,0 +1,141 @@
+"""model.tflite: the whole classifier (preprocess layer, backbone, head) as a LiteRT flatbuffer, so
+that inference (`covidxray predict`, `calibrate`, the served MLflow model) runs without TensorFlow's
+start-up: the `ai-edge-litert` runtime imports in a fraction of a second, TensorFlow in 5-12 s.
+
+The train stage converts the final Keras model once (`convert`, which needs TensorFlow) and installs
+model.tflite with model.keras and model.json. `LiteModel` answers `predict(x, batch_size, verbose)`
+as a Keras model does, so networks/inference.py runs either. Keras stays the fallback: a folder
+without model.tflite (made before it existed), or a process without ai-edge-litert, loads
+model.keras; Grad-CAM and training always need the Keras model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from covidxray import CovidXrayError
+
+
+def available() -> bool:
+    """Whether the LiteRT runtime (ai-edge-litert) is installed (checked without importing it)."""
+    try:
+        return importlib.util.find_spec("ai_edge_litert") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def convert(model) -> bytes:
+    """A Keras model as a float32 LiteRT flat buffer (TensorFlow's converter, no optimisation: the
+    outputs match Keras'; its chatter muted). Two conversions of the same weights give the same bytes."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), quiet_stderr():
+        warnings.simplefilter("ignore")
+        return bytes(converter.convert())
+
+
+def interpreter_class():
+    """LiteRT's Interpreter (ai-edge-litert), else the one in TensorFlow's wheel, else None."""
+    try:  # the successor package, when installed
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter
+    except ImportError:
+        pass
+    try:
+        import tensorflow as tf
+
+        return tf.lite.Interpreter
+    except (ImportError, AttributeError):
+        return None
+
+
+def cpu_threads() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Mute file descriptor 2 (the interpreter's native "Created XNNPACK delegate" line) for a moment."""
+    try:
+        sys.stderr.flush()
+        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError):  # pragma: no cover - no real stderr
+        yield
+        return
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def interpreter(blob: bytes, batch: int, threads: int | None = None):
+    """An interpreter (XNNPACK delegate, the default for float models) for inputs of `batch` images."""
+    with warnings.catch_warnings(), quiet_stderr():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+        found = interpreter_class()(model_content=blob, num_threads=threads or cpu_threads())
+        inp = found.get_input_details()[0]
+        found.resize_tensor_input(inp["index"], [batch, *inp["shape"][1:]])
+        found.allocate_tensors()  # the delegate is applied here
+    return found
+
+
+class LiteModel:
+    """The classifier's model.tflite in an interpreter, with Keras' `predict`. One image per call
+    (on 2 cores XNNPACK keeps both busy with single images; training/extraction.py measured it), so
+    the interpreter is planned once. `keras` holds the bytes of the model.keras it was converted
+    from where they were at hand (calibrate copies them into its folder)."""
+
+    def __init__(self, content: bytes, source: str, keras: bytes | None = None):
+        try:
+            self.interpreter = interpreter(content, 1)
+            inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
+        except (ValueError, RuntimeError) as err:
+            reason = " ".join(str(err).split())[:200] or type(err).__name__
+            raise CovidXrayError(
+                f"cannot load model {source}: not a LiteRT model ({reason}); delete it to use model.keras beside it"
+            ) from None
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise CovidXrayError(f"cannot load model {source}: a classifier has one input and one output")
+        self.content, self.source, self.keras = content, source, keras
+        self._input, self._output = inputs[0]["index"], outputs[0]["index"]
+        self.input_shape = tuple(int(d) for d in inputs[0]["shape_signature"])
+
+    def predict(self, x, batch_size: int = 1, verbose: int = 0) -> np.ndarray:
+        """Softmax outputs (N, K) for float32 inputs (N, S, S, 1) (batch_size and verbose: Keras'
+        arguments, unused)."""
+        x = np.asarray(x, dtype=np.float32)
+        if tuple(x.shape[1:]) != self.input_shape[1:]:
+            raise CovidXrayError(f"{self.source}: input shape {x.shape[1:]}, the model takes {self.input_shape[1:]}")
+        out = []
+        for image in x:
+            self.interpreter.set_tensor(self._input, np.ascontiguousarray(image[None]))
+            self.interpreter.invoke()
+            out.append(np.array(self.interpreter.get_tensor(self._output)[0]))
+        return np.stack(out) if out else np.zeros((0, 0), np.float32)
+
+
+def load(path, keras: bytes | None = None) -> LiteModel:
+    """LiteModel from a model.tflite file; an unreadable, truncated or corrupt file is a one-line error."""
+    path = Path(path)
+    try:
+        content = path.read_bytes()
+    except OSError as err:
+        raise CovidXrayError(f"cannot read model {path}: {err.strerror or err}") from None
+    return LiteModel(content, str(path), keras)
