@@ -4,7 +4,8 @@ the Keras model (a model folder without model.tflite: TensorFlow loads) against 
 
 Both sides run the same image through the real command line (`python -m covidxray.cli predict`),
 taking turns round by round (median of --repeats, after one untimed warm-up each so the files sit
-in the page cache), and must print the same p(covid) to 4 decimals. Start-up depends on whether
+in the page cache), and must print the same p(covid) to 4 decimals. Reported: median wall and
+CPU seconds (user + system of the process: what other load on the machine inflates least). Start-up depends on whether
 Python finds compiled bytecode (PYTHONDONTWRITEBYTECODE=1 with a venv installed by pip
 --no-compile compiles every module from source at every start): the result says which it was;
 `python -m compileall -q -j0 .venv/lib` makes the other case.
@@ -19,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,11 +80,15 @@ def an_xray(work: Path, size: int) -> Path:
     return path
 
 
-def predict_once(model: Path, image: Path, out: list) -> None:
-    """`covidxray predict IMAGE --model MODEL --csv` in a fresh process; its CSV row goes to `out`."""
+def predict_once(model: Path, image: Path, out: list, cpu: list) -> None:
+    """`covidxray predict IMAGE --model MODEL --csv` in a fresh process; its CSV row goes to `out`,
+    its CPU seconds (user + system: less sensitive than wall time to other load) to `cpu`."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     cmd = [sys.executable, "-m", "covidxray.cli", "predict", str(image), "--model", str(model), "--csv"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     if done.returncode != 0:
         raise SystemExit(f"predict failed ({model}): {done.stderr.strip()[-500:]}")
     out.append(done.stdout.strip().splitlines()[-1])
@@ -121,8 +128,8 @@ def main(argv=None) -> dict:
         folders = sides(model, work)
         size = json.loads((folders["keras"] / "model.json").read_text())["image_size"]
         image = Path(args.image) if args.image else an_xray(work, max(size, 64))
-        rows = {name: [] for name in folders}
-        runs = {n: (lambda n=n: predict_once(folders[n], image, rows[n])) for n in folders}
+        rows, cpu = {name: [] for name in folders}, {name: [] for name in folders}
+        runs = {n: (lambda n=n: predict_once(folders[n], image, rows[n], cpu[n])) for n in folders}
         found = once(runs) if args.tiny else alternating(runs, repeats)
         shutil.rmtree(work, ignore_errors=True)
     answers = {n: sorted(set(r)) for n, r in rows.items()}
@@ -138,6 +145,8 @@ def main(argv=None) -> dict:
         "answer": answers["litert"][0],
         **{f"{n}_s": round(median, 2) for n, (median, _) in found.items()},
         **{f"{n}_all_s": [round(t, 2) for t in times] for n, (_, times) in found.items()},
+        **{f"{n}_cpu_s": round(statistics.median(c[-len(found[n][1]) :]), 2) for n, c in cpu.items()},
+        "load_average": round(os.getloadavg()[0], 1),
     }
     print(json.dumps(results, indent=2))
     return results
