@@ -59,22 +59,22 @@ def config_yaml(cfg) -> str:
 
 def main(cfg) -> None:
     """Stage entry: evaluate models/model.keras on the test partition; write reports/."""
-    st = evaluate_settings(cfg)  # checked before TensorFlow loads
+    settings = evaluate_settings(cfg)  # checked before TensorFlow loads
     from covidxray.networks.model_file import load_model
 
-    model, meta = load_model(st.models / MODEL_FILE)
-    pixels, index, classes = images.load_curated(st.curated)
+    model, meta = load_model(settings.models / MODEL_FILE)
+    pixels, index, classes = images.load_curated(settings.curated)
     if list(classes) != meta["classes"]:
         raise CovidXrayError(f"the model's classes {meta['classes']} differ from the curated data's {classes}")
-    roles = sources.model_roles(meta.get("sources"), st.sources)
-    splits = images.load_splits(st.splits)
+    roles = sources.model_roles(meta.get("sources"), settings.sources)
+    splits = images.load_splits(settings.splits)
     stored, frame = test_partition(pixels, index, splits, roles)
 
-    oof_path = st.out.reports / "cv" / "oof.csv"
+    oof_path = settings.out.reports / "cv" / "oof.csv"
     if not oof_path.is_file():
         raise CovidXrayError(f"out-of-fold predictions missing: {oof_path} (run `dvc repro train`)")
-    method = meta.get("threshold_method") or st.threshold
-    target = meta.get("target_sensitivity") or st.target_sensitivity
+    method = meta.get("threshold_method") or settings.threshold
+    target = meta.get("target_sensitivity") or settings.target_sensitivity
     oof = pd.read_csv(oof_path, dtype={"image_id": str, "patient_id": str})
     derived = oof_threshold(oof, classes, method, target, test_ids=frame["image_id"])
     if not math.isclose(derived, meta["threshold"], rel_tol=1e-6, abs_tol=1e-6):
@@ -86,26 +86,28 @@ def main(cfg) -> None:
     context = {
         "title": "Internal test report (held-out patients of the training collections)",
         "set_name": "internal test set",
-        "audit": read_json(st.curated / "audit.json", required=False),
+        "audit": read_json(settings.curated / "audit.json", required=False),
         "data_lines": report.composition(index, sources.role_table(index, splits, roles)),
         "config_yaml": config_yaml(cfg),
-        "cv_metrics": read_json(st.out.reports / "cv" / "metrics.json", required=False),
+        "cv_metrics": read_json(settings.out.reports / "cv" / "metrics.json", required=False),
         "extra_metrics": {"threshold_oof": derived},
     }
-    log = LogTo(st.out.tracking_uri, st.out.experiment, run_id=meta.get("mlflow_run_id"), run_name="evaluate")
+    log = LogTo(
+        settings.out.tracking_uri, settings.out.experiment, run_id=meta.get("mlflow_run_id"), run_name="evaluate"
+    )
     result = publish(
         model,
         {k: v for k, v in meta.items() if k not in RUN_KEYS},  # the reports (DVC outputs) name no run
         images.prepare_for(meta, stored),
         frame,
-        st.out.reports,
-        options=st.out.assess,
+        settings.out.reports,
+        options=settings.out.assess,
         by="evaluate",
         context=context,
         log=log,
     )
     print(
         f"evaluate: {len(frame)} test images: {report.headline(result['test'])} at threshold "
-        f"{result['threshold']:.3f}; wrote {st.out.reports}/{{metrics.json,plots,figures,report.md}}; "
+        f"{result['threshold']:.3f}; wrote {settings.out.reports}/{{metrics.json,plots,figures,report.md}}; "
         f"MLflow run {result['mlflow_run_id']}"
     )

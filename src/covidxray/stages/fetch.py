@@ -15,16 +15,16 @@ from covidxray.settings.fetch import fetch_settings
 
 def main(cfg) -> None:
     """Stage entry: data/raw (paths.raw) <- the files of fetch.manifest, verified."""
-    st = fetch_settings(cfg)
-    meta, entries = read_manifest(st.manifest)
-    check_manifest(meta, st.manifest, st.repo, st.commit)
-    source = resolve_source(st.base_url, st.repo, st.commit, find_mirror(Path.cwd(), os.environ))
-    print(f"fetch: {len(entries)} files of {st.repo}@{st.commit[:12]} from {source.where('')}")
+    settings = fetch_settings(cfg)
+    meta, entries = read_manifest(settings.manifest)
+    check_manifest(meta, settings.manifest, settings.repo, settings.commit)
+    source = resolve_source(settings.base_url, settings.repo, settings.commit, find_mirror(Path.cwd(), os.environ))
+    print(f"fetch: {len(entries)} files of {settings.repo}@{settings.commit[:12]} from {source.where('')}")
     if meta["unavailable"]:
-        print(f"fetch: {len(meta['unavailable'])} selected files are marked unavailable in {st.manifest}")
+        print(f"fetch: {len(meta['unavailable'])} selected files are marked unavailable in {settings.manifest}")
     start = time.perf_counter()
-    stats = fetch_dataset(entries, source, st.raw, st.retries, st.timeout_s)
+    stats = fetch_dataset(entries, source, settings.raw, settings.retries, settings.timeout_s)
     print(
-        f"fetch: {st.raw}: {stats.reused} files reused, {stats.fetched} fetched "
+        f"fetch: {settings.raw}: {stats.reused} files reused, {stats.fetched} fetched "
         f"({mib(stats.bytes_fetched)}), all verified in {time.perf_counter() - start:.1f}s"
     )

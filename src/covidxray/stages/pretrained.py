@@ -16,11 +16,11 @@ from covidxray.settings.pretrained import pretrained_settings
 
 def main(cfg) -> None:
     """Stage entry (DVC or the command line): convert each backbone's file, or fail naming it."""
-    st = pretrained_settings(cfg)  # checked before TensorFlow loads
+    settings = pretrained_settings(cfg)  # checked before TensorFlow loads
     from covidxray.networks import catalogue
 
     for name, spec in catalogue.converted_backbones().items():
         source = spec.builder.source()
-        target = st.folder / spec.converted
+        target = settings.folder / spec.converted
         spec.builder.convert(source, target, expected_sha256=spec.builder.SOURCE_SHA256)
         print(f"pretrained: {name}: {source} -> {target}")

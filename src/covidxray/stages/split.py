@@ -56,13 +56,13 @@ def make_splits(index: pd.DataFrame, test_fraction: float, folds: int, seed: int
 
 def main(cfg) -> None:
     """Stage entry: read the curated index, write data/splits.csv."""
-    st = split_settings(cfg)
-    index_path = st.curated / INDEX_FILE
+    settings = split_settings(cfg)
+    index_path = settings.curated / INDEX_FILE
     if not index_path.is_file():
         raise CovidXrayError(f"curated index missing: {index_path} (run `dvc repro curate`)")
     index = pd.read_csv(index_path, dtype={"patient_id": str, "image_id": str})
-    splits = make_splits(index, st.test_fraction, st.folds, st.seed)
-    out = st.splits
+    splits = make_splits(index, settings.test_fraction, settings.folds, settings.seed)
+    out = settings.splits
     replace_dir(out.parent, lambda new: splits.to_csv(new / out.name, index=False), by="split", names=[out.name])
     counts = splits.groupby(["partition", "label"]).size().to_dict()
     print(f"wrote {out}: {len(splits)} images, {splits['patient_id'].nunique()} patients, {counts}")

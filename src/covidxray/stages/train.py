@@ -9,7 +9,7 @@ partition is never read here. `run` is the recipe; the fitting itself is fitting
 
 Outputs (DVC: paths.models and paths.reports/cv; as a Hydra app: the job's output directory),
 installed together (fileset): a reader sees all old files or all new ones, also after a kill.
-  models/model.keras       the final model (builders.py layout; loads after `import covidxray.networks.model_file`)
+  models/model.keras       the final model (networks/builders.py layout; networks/model_file.py loads it)
   models/model.tflite      the same classifier for LiteRT (networks/litert.py): what inference runs
   models/model.json        classes, image_size, resize, threshold, threshold_method, model (the same every run)
   models/model.run.json    MLflow run and registry version, md5 of model.keras (not a DVC output)
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,16 +53,14 @@ from covidxray.training.trainer import Trainer
 from covidxray.training import recipe
 from covidxray.training.cv_data import CVData, load_cv_data, make_trainer
 from covidxray.evaluation.metrics import (
-    FOLD_METRICS,
     OOF_METRICS,
     classification_metrics,
-    decide,
     finite_metrics,
-    fold_metrics,
     headline,
 )
 from covidxray.evaluation.metrics import threshold_rule as metrics_threshold_rule
-from covidxray.evaluation.figures import confusion_figure, training_curves_figure
+from covidxray.evaluation import cv_tracking
+from covidxray.evaluation.figures import training_curves_figure
 
 TIMINGS = ("wall_s", "images_per_s", "seconds", "cache_s")  # key parts of timings: MLflow only, never a file
 
@@ -84,20 +81,20 @@ def run(cfg) -> dict:
     experiment_id = tracking.configure_exclusive(s.tracking_uri, s.experiment)
     registry.note_installed(models_dir)  # an install a killed training committed: finished and marked
     wall = time.perf_counter()
-    with parent_run(cfg, s.fit.model.name, len(data.folds)) as parent_id:
+    with cv_tracking.parent_run(cfg, s.fit.model.name, len(data.folds)) as parent_id:
         cv = cross_validate(trainer, data, parent_id, metrics_threshold_rule(s.threshold, s.target_sensitivity))
-        metrics = summarise_folds(cv.folds)
+        metrics = cv_tracking.summarise_folds(cv.folds)
         oof = oof_table(data, cv.oof)
         metrics.update(oof_figures(oof, data.classes, cv.recipe.threshold))
         metrics.update(cv_seconds=time.perf_counter() - wall, feature_cache_s=trainer.cache_seconds)
-        log_cv(metrics, s.threshold)
+        cv_tracking.log_cv(metrics, s.threshold)
         if by_loco is not None:  # model selection on the leave-one-collection-out estimate
             metrics.update(loco_estimate(by_loco))
         model, epochs = None, cv.recipe.epochs
         if s.final_model:
             model, found = final_model(trainer, cv.recipe, parent_id)
             metrics.update(found)
-        log_feature_store(trainer)
+        cv_tracking.log_feature_store(trainer)
         meta = model_meta(s, data, metrics["threshold"], parent_id, experiment_id)
         lite = None if model is None else litert.convert(model)  # inference without TensorFlow
         if model is not None:
@@ -169,71 +166,17 @@ def cross_validate(trainer: Trainer, data: CVData, parent_id: str, rule) -> CVRe
     run_ids: dict = {}  # fold -> its run, opened by the trainer as the fold starts
 
     def open_run(k) -> str:
-        run_ids[k] = fold_run(k, parent_id, *sizes[k])
+        run_ids[k] = cv_tracking.fold_run(k, parent_id, *sizes[k])
         return run_ids[k]
 
     positive = data.y == len(data.classes) - 1
     found = recipe.cross_validate(trainer, np.arange(len(data.y)), fold, data.folds, positive, rule, open_run)
     rows = []
     for k, (_, val), (probs, result) in zip(data.folds, found.splits, found.fitted, strict=True):
-        rows.append({"fold": k, **record_fold(k, run_ids[k], data.y[val], probs, result, data.classes)})
+        rows.append({"fold": k, **cv_tracking.record_fold(k, run_ids[k], data.y[val], probs, result, data.classes)})
     history = pd.concat([r.history for _, r in found.fitted], ignore_index=True)
-    log_figure(training_curves_figure(history, f"{len(found.splits)}-fold CV"), "training_curves.png")
+    cv_tracking.log_figure(training_curves_figure(history, f"{len(found.splits)}-fold CV"), "training_curves.png")
     return CVResult(found, found.oof, pd.DataFrame(rows), history)
-
-
-def fold_run(k: int, parent_id: str, n_train: int, n_val: int) -> str:
-    """A fold's nested MLflow run, opened as the fold starts and left RUNNING (record_fold ends
-    it), so an interrupt or a kill finds it open and ends it as KILLED."""
-    import mlflow
-    from mlflow.entities import Param
-    from mlflow.tracking.context.registry import resolve_tags  # what mlflow.start_run adds: user, source, git
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-
-    client = mlflow.MlflowClient()
-    own = {MLFLOW_PARENT_RUN_ID: parent_id, "fold": str(k), "parent_run": parent_id, "stage": "train"}
-    tags = resolve_tags({**own, **tracking.process_tags()})  # host/pid: a later run ends it if this process dies
-    # the parent's code version: MLflow finds a commit only for a script inside the repository,
-    # and `covidxray` (the venv's entry point) is not
-    tags.update(tracking.git_tags())
-    run = client.create_run(mlflow.active_run().info.experiment_id, tags=tags, run_name=f"fold-{k}")
-    params = {"fold": k, "n_train": n_train, "n_val": n_val}
-    client.log_batch(run.info.run_id, params=[Param(key, str(value)) for key, value in params.items()])
-    return run.info.run_id
-
-
-def record_fold(k: int, run_id: str, y: np.ndarray, probs: np.ndarray, result, classes: list[str]) -> dict:
-    """A fold's figures at its restored best weights, on its MLflow run with its confusion matrix
-    (its per-epoch curves are metrics there: loss, val_auc...), and a line to the log."""
-    import mlflow
-
-    found = fold_metrics(y, probs)
-    found.update(
-        best_epoch=float(result.best_epochs[0]),
-        wall_s=result.seconds,
-        images_per_s=result.images_seen / max(result.seconds, 1e-9),
-        epochs_run=float(result.epochs_run),
-    )
-    if len(result.best_epochs) > 1:
-        found["best_epoch_fine_tune"] = float(result.best_epochs[1])
-    with mlflow.start_run(run_id=run_id, nested=True):
-        mlflow.log_metrics(finite_metrics({f"fold_{m}": v for m, v in found.items()}))
-        log_confusion(y, probs, classes, f"fold {k}")
-    print(
-        f"train: fold {k}: AUC {found['auc']:.4f}, accuracy {found['accuracy']:.4f}, best epoch "
-        f"{result.best_epochs}, {result.seconds:.1f}s, {found['images_per_s']:.0f} images/s"
-    )
-    return found
-
-
-def summarise_folds(folds: pd.DataFrame) -> dict[str, float]:
-    """cv_<metric>_mean and _std (sample sd, 0 for one fold) of each FOLD_METRICS column."""
-    metrics: dict[str, float] = {}
-    for m in FOLD_METRICS:
-        values = folds[m].to_numpy(dtype=float)
-        metrics[f"cv_{m}_mean"] = float(np.nanmean(values))
-        metrics[f"cv_{m}_std"] = float(np.nanstd(values, ddof=1)) if len(values) > 1 else 0.0
-    return metrics
 
 
 def oof_table(data: CVData, oof: np.ndarray) -> pd.DataFrame:
@@ -253,25 +196,15 @@ def oof_figures(oof: pd.DataFrame, classes: list[str], threshold: float) -> dict
     return {**{f"oof_{m}": float(found[m][0]) for m in OOF_METRICS}, "threshold": float(threshold)}
 
 
-def log_cv(metrics: dict, method: str) -> None:
-    """The CV and OOF figures to the parent run, and a line to the log."""
-    import mlflow
-
-    mlflow.log_metrics(finite_metrics(metrics))
-    print(
-        f"train: CV AUC {metrics['cv_auc_mean']:.4f} ± {metrics['cv_auc_std']:.4f}; OOF AUC "
-        f"{metrics['oof_auc']:.4f}, threshold ({method}) {metrics['threshold']:.4f}: sensitivity "
-        f"{metrics['oof_sensitivity']:.3f}, specificity {metrics['oof_specificity']:.3f}"
-    )
-
-
-def loco_estimate(ls: LocoSettings) -> dict:
+def loco_estimate(settings: LocoSettings) -> dict:
     """The recipe's leave-one-collection-out headline (loco_* figures), logged on the active run."""
     import mlflow
 
     from covidxray.evaluation import loco
 
-    found = loco.headline(loco.run(ls.train.curated, ls.train.splits, ls.recipe, ls.spec, ls.seed))
+    found = loco.headline(
+        loco.run(settings.train.curated, settings.train.splits, settings.recipe, settings.spec, settings.seed)
+    )
     mlflow.log_metrics(finite_metrics(found))
     return found
 
@@ -296,18 +229,6 @@ def final_model(trainer: Trainer, cv: recipe.RecipeResult, parent_id: str):
         f"{result.seconds:.1f}s"
     )
     return cv.model, found
-
-
-def log_feature_store(trainer: Trainer) -> None:
-    """The feature store's hits and misses of this training, on its MLflow run and in the log."""
-    import mlflow
-
-    store = trainer.store
-    if not trainer.uses_cache or store is None:
-        return
-    mlflow.log_params({"features_store": str(store.root), "features_keys": ",".join(sorted(set(store.keys)))})
-    mlflow.log_metrics({"features_hits": store.hits, "features_misses": store.misses})
-    print(f"train: feature store {store.root}: {store.hits} hits, {store.misses} misses")
 
 
 # -- outputs ------------------------------------------------------------------------------------------------
@@ -415,58 +336,6 @@ def cv_headline(figures: dict, n_images: int) -> dict:
         threshold=figures.get("threshold"),
         auc_sd=figures.get("cv_auc_std"),
     )
-
-
-# -- MLflow ---------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def parent_run(cfg, model_name: str, n_folds: int):
-    """The training's MLflow parent run (yields its id), named for what differs, with the
-    resolved config as params and as config.yaml, and the code, data and context tags."""
-    import mlflow
-    from omegaconf import OmegaConf
-
-    tags = {
-        **tracking.git_tags(),
-        **tracking.data_version_tags(),  # the pinned inputs (data.dvc); what this run read: content_tags
-        **tracking.context_tags(),
-        "stage": "train",
-        "model": model_name,
-    }
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    preset, overrides = tracking.preset_and_overrides(resolved)
-    digest = tracking.config_hash(resolved)
-    tags.update({"config_hash": digest, "experiment_preset": preset})
-    collections = list((resolved.get("data") or {}).get("collections") or {})
-    name = tracking.run_name(f"{model_name}-cv{n_folds}", preset, overrides, collections, digest)
-    with mlflow.start_run(run_name=name, tags=tags) as parent:
-        try:
-            mlflow.log_params(tracking.flatten_params(resolved))
-            mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(resolved)), "config.yaml")
-            yield parent.info.run_id
-        except BaseException:  # the parent ends FAILED (KILLED after an interrupt): its open folds with it
-            tracking.end_open_children(parent.info.run_id, "FAILED")
-            raise
-
-
-def log_figure(fig, name: str) -> None:
-    """A figure to the active MLflow run, then closed."""
-    import mlflow
-
-    from covidxray.evaluation.figures import pyplot
-
-    mlflow.log_figure(fig, name)
-    pyplot().close(fig)
-
-
-def log_confusion(y: np.ndarray, probs: np.ndarray, classes: list[str], title: str) -> None:
-    """A fold's confusion matrix (at p >= 0.5) as a figure of the active run."""
-    k = len(classes)
-    cm = np.zeros((k, k), dtype=int)
-    np.add.at(cm, (y, decide(probs, 0.5)), 1)
-    xlabel = "predicted (covid iff p >= 0.5)"
-    log_figure(confusion_figure(cm, classes, f"{title}: confusion matrix", xlabel=xlabel), "confusion_matrix.png")
 
 
 def register(model, meta: dict, images: np.ndarray, registered_model: str | None, tflite: bytes | None = None) -> dict:
