@@ -46,6 +46,7 @@ def test_every_benchmark_is_covered():
         "bench_lite0_features.py",
         "bench_startup.py",
         "bench_startup_predict.py",
+        "head_loco.py",
         "remedies.py",
     }
     assert set(BENCHMARKS) == tested, "a new benchmark needs a tiny run here"
@@ -124,3 +125,14 @@ def test_remedies_runs_tiny(tiny_data, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| default | radiography |" in done.stdout and "| ieee8023+kermany |" in done.stdout
+
+
+def test_head_loco_runs_tiny(tmp_path):
+    """Two points of the head_loco search (a real `covidxray train -m`), each with its LOCO AUC per
+    group, then the best point against today's head, paired."""
+    done = run([str(ROOT / "benchmarks" / "head_loco.py"), "--tiny"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    results, _ = json.JSONDecoder().raw_decode(done.stdout[done.stdout.index('{\n  "cpu"') :])
+    assert results["points"] == 2 and all(0 <= r["mean"] <= 1 and r["groups"] for r in results["per_point"])
+    assert [r["group"] for r in results["paired"]][-1] == "mean" and isinstance(results["wins"], bool)
+    assert "| head | l2 | standardize |" in done.stdout

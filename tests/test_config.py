@@ -154,6 +154,12 @@ BAD = [
     (["model.weights=/no/such/file.h5"], "model.weights"),
     (["model=small_cnn", "model.weights=imagenet"], "model.weights"),
     (["model.head.dropout=1.0"], "model.head.dropout"),
+    (["model.head.l2=-0.1"], "model.head.l2"),
+    (["model.head.l2=strong"], "model.head.l2"),
+    (["model.head.type=deep"], "model.head.type"),
+    (["model.head.standardize=yes"], "model.head.standardize"),
+    (["model.head.standardize=true", "augment=standard"], "model.head.standardize"),
+    (["model.head.standardize=true", "model.fine_tune.unfreeze_top=3"], "model.head.standardize"),
     (
         ["model=vgg16", "model.weights=none", "model.freeze_base=false", "model.fine_tune.unfreeze_top=3"],
         "model.fine_tune.unfreeze_top",

@@ -259,6 +259,43 @@ def role_rows(name: str, rows: pd.DataFrame, train_idx, held_idx, scores) -> pd.
     return pd.concat([train, held], ignore_index=True).assign(group=name)[["group", "role", *cols, "score"]]
 
 
+def paired_auc_difference(
+    base: pd.DataFrame, other: pd.DataFrame, positive: str, n_resamples: int, ci: float, seed: int
+) -> pd.DataFrame:
+    """Two recipes' AUC on the same held-out images, per group of two predictions tables (as
+    role_rows writes them, reports/loco/predictions.csv): auc_base, auc_other, delta = other - base
+    and its paired patient-bootstrap interval (the same resamples score both recipes), then a row
+    "mean" with the mean over the groups (its interval: the mean of each resample's deltas)."""
+    held = [t[t["role"] == "held_out"].astype({"image_id": str}) for t in (base, other)]
+    rows, boots = [], []
+    for group, a in held[0].groupby("group", sort=False):
+        b = held[1][held[1]["group"] == group][["image_id", "score"]]
+        joined = a.merge(b, on="image_id", suffixes=("_base", "_other"))
+        if not len(joined) == len(a) == len(b):
+            raise CovidXrayError(f"paired LOCO difference: group {group} holds out other images in the two tables")
+        y = (joined["label"].astype(str) == positive).to_numpy()
+        weights = np.vstack(
+            [np.ones(len(joined)), M.patient_bootstrap_weights(joined["patient_id"], n_resamples, seed)]
+        )
+        aucs = [
+            M.weighted_binary_metrics(y, joined[f"score_{k}"].to_numpy(float), y, weights)["auc"]
+            for k in ("base", "other")
+        ]
+        delta = aucs[1] - aucs[0]
+        boots.append(delta[1:])
+        low, high, _ = M._interval(delta[1:], ci)
+        rows.append(
+            {"group": group, "n_images": len(joined), "n_patients": int(joined["patient_id"].nunique())}
+            | {"auc_base": aucs[0][0], "auc_other": aucs[1][0], "delta": delta[0]}
+            | {"delta_ci_low": low, "delta_ci_high": high}
+        )
+    out = pd.DataFrame(rows)
+    low, high, _ = M._interval(np.mean(boots, axis=0), ci)
+    mean = {"group": "mean", "n_images": int(out["n_images"].sum()), "n_patients": int(out["n_patients"].sum())}
+    mean |= {k: float(out[k].mean()) for k in ("auc_base", "auc_other", "delta")}
+    return pd.concat([out, pd.DataFrame([mean | {"delta_ci_low": low, "delta_ci_high": high}])], ignore_index=True)
+
+
 def _line(g: dict) -> str:
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     if g.get("auc") is None:

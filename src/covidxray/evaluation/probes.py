@@ -19,7 +19,7 @@ from covidxray.data import audit
 from covidxray.training.extraction import probabilities
 from covidxray.networks.inference import decide
 
-FEATURE_LAYER = "head_dense"  # every model of models.build_model has it: the head's last hidden layer
+FEATURE_LAYER = "head_dense"  # the head's last hidden layer (the mlp head's; the linear head: head_flatten)
 PROBE_FOLDS = 5
 
 
@@ -56,16 +56,17 @@ def shortcut_aucs(frame: pd.DataFrame, stored: np.ndarray, seed: int) -> dict:
 
 
 def penultimate_features(model, images: np.ndarray, batch_size: int = 64, store=None) -> np.ndarray:
-    """The model's head features (layer `head_dense`) for model inputs (N, S, S) uint8; a frozen
-    backbone's features come from the feature store when one is given."""
+    """The model's head features (layer `head_dense`; `head_flatten` for a linear head) for model
+    inputs (N, S, S) uint8; a frozen backbone's features come from the feature store when one is given."""
     import keras
 
     from covidxray.training import extraction
 
+    layer = FEATURE_LAYER if FEATURE_LAYER in {layer.name for layer in model.layers} else "head_flatten"
     if store is not None and extraction.is_frozen(model):
         features = extraction.backbone_features(model, np.asarray(images, dtype=np.uint8), store, label="probe")
-        return extraction.head_outputs(model, features, until=FEATURE_LAYER).reshape(len(images), -1)
-    extractor = keras.Model(model.inputs, model.get_layer(FEATURE_LAYER).output)
+        return extraction.head_outputs(model, features, until=layer).reshape(len(images), -1)
+    extractor = keras.Model(model.inputs, model.get_layer(layer).output)
     x = np.asarray(images, dtype=np.float32)[..., None]
     return np.asarray(extractor.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64).reshape(len(x), -1)
 

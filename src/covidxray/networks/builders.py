@@ -42,6 +42,7 @@ from covidxray.networks.catalogue import (
     BACKBONES,
     DEFAULT_FILTERS,
     FEATURE_SOURCES,
+    HEAD_TYPES,
     MODEL_NAMES,
     PREPROCESS_MODES,
     is_pretrainable,
@@ -291,11 +292,12 @@ def _small_cnn(image_size: int, filters) -> keras.Model:
 def build_model(model_cfg, image_size: int, n_classes: int) -> keras.Model:
     """The full model of the structure contract from the `model` config group.
 
-    model_cfg keys: name, weights, freeze_base, head.{pool_size, dense_units, dropout}, features
-    (last | blocks), for small_cnn filters, for a backbone with converted weights imagenet_file.
-    A frozen base always runs in inference mode (`training=False`, as Keras's transfer-learning
-    guide does), also when its top is unfrozen later for fine-tuning, so its BatchNormalization
-    statistics stay those it was trained with.
+    model_cfg keys: name, weights, freeze_base, head.{pool_size, dense_units, dropout, type, l2}
+    (type linear: no head_dense, the dropout on the pooled features; l2 > 0: an L2 kernel
+    regularizer on the head's Dense layers), features (last | blocks), for small_cnn filters, for a
+    backbone with converted weights imagenet_file. A frozen base always runs in inference mode
+    (`training=False`, as Keras's transfer-learning guide does), also when its top is unfrozen
+    later for fine-tuning, so its BatchNormalization statistics stay those it was trained with.
     """
     name = str(model_cfg["name"])
     image_size = int(image_size)
@@ -323,9 +325,15 @@ def build_model(model_cfg, image_size: int, n_classes: int) -> keras.Model:
     pool = max(1, min(int(head.get("pool_size", 4)), fh, fw))
     x = layers.AveragePooling2D(pool_size=(pool, pool), name="head_pool")(x)
     x = layers.Flatten(name="head_flatten")(x)
-    x = layers.Dense(int(head.get("dense_units", 64)), activation="relu", name="head_dense")(x)
+    kind, l2 = str(head.get("type", "mlp")), float(head.get("l2", 0.0))
+    regularizer = keras.regularizers.L2(l2) if l2 > 0 else None
+    if kind not in HEAD_TYPES:
+        raise CovidXrayError(f"model.head.type must be one of {', '.join(HEAD_TYPES)}, got {kind!r}")
+    if kind == "mlp":
+        units = int(head.get("dense_units", 64))
+        x = layers.Dense(units, activation="relu", name="head_dense", kernel_regularizer=regularizer)(x)
     x = layers.Dropout(float(head.get("dropout", 0.5)), name="head_dropout")(x)
-    outputs = layers.Dense(int(n_classes), activation="softmax", name="predictions")(x)
+    outputs = layers.Dense(int(n_classes), activation="softmax", name="predictions", kernel_regularizer=regularizer)(x)
     return keras.Model(inputs, outputs, name=f"covidxray_{name}")
 
 

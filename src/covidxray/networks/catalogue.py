@@ -24,6 +24,7 @@ from covidxray.networks import efficientnet_lite
 
 DEFAULT_FILTERS = (16, 32, 64, 64)  # small_cnn's conv widths when model.filters is not given
 MIN_IMAGENET_SIZE = 32  # the smallest input keras.applications accepts without the top
+HEAD_TYPES = ("mlp", "linear")  # model.head.type: Dense + ReLU + Dropout + softmax | Dropout + softmax
 
 # keras.applications.<family>.preprocess_input modes (imagenet_utils), plus two of our own:
 #   caffe: RGB->BGR, minus the ImageNet BGR mean (vgg16, vgg19, resnet50)

@@ -75,6 +75,9 @@ def model_settings(cfg, image_size: int) -> ModelSettings:
         integer(cfg, "model.head.pool_size", 1),
         integer(cfg, "model.head.dense_units", 1),
         number(cfg, "model.head.dropout", 0.0, 1.0, False, True, "a number in [0, 1)"),
+        choice(cfg, "model.head.type", catalogue.HEAD_TYPES),
+        number(cfg, "model.head.l2", 0.0, math.inf, False, True, "a number >= 0"),
+        flag(cfg, "model.head.standardize"),
     )
     fine_tune = FineTune(
         integer(cfg, "model.fine_tune.unfreeze_top", 0),
@@ -170,6 +173,7 @@ def fit_settings(cfg) -> FitSettings:
         choice(cfg, "optimizer.schedule", SCHEDULES),
     )
     augment = augment_settings(cfg)
+    check_standardize(model, augment)
     epochs, batch = integer(cfg, "train.epochs", 1), integer(cfg, "train.batch_size", 1)
     per_call = 1 if value(cfg, "train.steps_per_execution") is None else integer(cfg, "train.steps_per_execution", 1)
     return FitSettings(
@@ -188,6 +192,19 @@ def fit_settings(cfg) -> FitSettings:
         feature_store=None if value(cfg, "paths.features") in (None, "") else str(value(cfg, "paths.features")),
         algorithm=algorithm_settings(cfg, model, augment),
     )
+
+
+def check_standardize(model: ModelSettings, augment: AugmentSettings) -> None:
+    """model.head.standardize needs a head trained on fixed features (the stacked-heads trainer):
+    a frozen base, no augmentation, no fine-tuning; a head that trains from pixels cannot have it."""
+    fine_tunes = model.fine_tune.unfreeze_top > 0 and model.fine_tune.epochs > 0
+    if model.head.standardize and (not model.freeze_base or augment.name != "none" or fine_tunes):
+        raise CovidXrayError(
+            "model.head.standardize=true: standardization requested for a head that trains from pixels "
+            f"(model.freeze_base={str(model.freeze_base).lower()}, augment={augment.name}, "
+            f"model.fine_tune.unfreeze_top={model.fine_tune.unfreeze_top}); allowed: false, or true with "
+            "model.freeze_base=true, augment=none and model.fine_tune.unfreeze_top=0"
+        )
 
 
 def cv_folds(cfg) -> int | None:

@@ -8,11 +8,17 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class Head:
-    """model.head: AveragePooling2D, then Dense (ReLU) and Dropout before the softmax."""
+    """model.head: AveragePooling2D, then (type mlp) Dense (ReLU) and Dropout before the softmax,
+    or (type linear) Dropout on the pooled features before it; l2: the Dense kernels' L2 penalty;
+    standardize: the head trains on features standardized by its training rows' mean and std
+    (folded into its first Dense layer: stacked_heads.fold_standardization)."""
 
     pool_size: int
     dense_units: int
     dropout: float
+    type: str = "mlp"
+    l2: float = 0.0
+    standardize: bool = False
 
 
 @dataclass(frozen=True)

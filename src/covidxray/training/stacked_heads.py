@@ -10,12 +10,16 @@ step costs about as much for five heads as for one, and far less than a step of 
 (benchmarks/bench_head_sweep.py).
 
 The recipe is the train stage's: the model's head (pooling, Dense + ReLU, Dropout, Dense +
-softmax), Adam at the configured learning-rate schedule, batches of `batch_size` rows drawn
-without replacement and reshuffled every epoch (seeded), class-weighted cross-entropy, and early
-stopping on the validation AUC with the best epoch's weights restored (keras.callbacks.EarlyStopping's
-rule). An epoch is ceil(largest head's rows / batch_size) steps; a head with fewer rows tops its
-last batches up with rows of its next shuffle. Training figures (loss, accuracy, AUC) are over the
-epoch's own predictions, as Keras reports them; validation figures at the epoch's end.
+softmax; or, for the linear head, pooling, Dropout, Dense + softmax), an L2 penalty on the kernels
+(`l2` * sum of squares, Keras's L2 regularizer), optionally on features standardized with the mean
+and standard deviation of each head's own training rows (folded into the first Dense layer when
+training ends, so the saved model takes the raw features), Adam at the configured learning-rate
+schedule, batches of `batch_size` rows drawn without replacement and reshuffled every epoch
+(seeded), class-weighted cross-entropy, and early stopping on the validation AUC with the best
+epoch's weights restored (keras.callbacks.EarlyStopping's rule). An epoch is ceil(largest head's
+rows / batch_size) steps; a head with fewer rows tops its last batches up with rows of its next
+shuffle. Training figures (loss, accuracy, AUC) are over the epoch's own predictions, as Keras
+reports them; validation figures at the epoch's end.
 """
 
 from __future__ import annotations
@@ -35,11 +39,22 @@ EPSILON = 1e-7  # Keras's clip for cross-entropy of probabilities
 
 @dataclass(frozen=True)
 class HeadShape:
-    """A head's trainable part after pooling: Dense(units, ReLU), Dropout(dropout), Dense(classes)."""
+    """A head's trainable part after pooling: Dense(units, ReLU), Dropout(dropout), Dense(classes);
+    units 0: the linear head, Dropout(dropout) on the pooled features, Dense(classes). l2: the
+    kernels' penalty; standardize: train on standardized features (see fold_standardization)."""
 
     units: int
     dropout: float
     n_classes: int
+    l2: float = 0.0
+    standardize: bool = False
+
+
+DENSE_LAYERS = ("head_dense", "predictions")  # the linear head has "predictions" only
+LAYOUTS = {
+    ("head_pool", "head_flatten", "head_dense", "head_dropout", "predictions"): "mlp",
+    ("head_pool", "head_flatten", "head_dropout", "predictions"): "linear",
+}
 
 
 @dataclass
@@ -53,19 +68,20 @@ class HeadFit:
     best_epoch: int
 
 
-def head_shape(model) -> HeadShape | None:
-    """The HeadShape of a model of the structure contract (builders.py), or None when its head is
-    not the standard one (then it trains with Keras's fit)."""
+def head_shape(model, l2: float = 0.0, standardize: bool = False) -> HeadShape | None:
+    """The HeadShape of a model of the structure contract (builders.py) with the training options
+    l2 and standardize, or None when its head is neither the standard nor the linear one (then it
+    trains with Keras's fit)."""
     from covidxray.networks import builders
 
-    layers = builders.model_parts(model)[2]
-    names = [layer.name for layer in layers]
-    if names != ["head_pool", "head_flatten", "head_dense", "head_dropout", "predictions"]:
+    layers = {layer.name: layer for layer in builders.model_parts(model)[2]}
+    kind = LAYOUTS.get(tuple(layers))
+    if kind is None or layers["predictions"].activation.__name__ != "softmax":
         return None
-    dense, dropout, out = layers[2], layers[3], layers[4]
-    if dense.activation.__name__ != "relu" or out.activation.__name__ != "softmax":
+    if kind == "mlp" and layers["head_dense"].activation.__name__ != "relu":
         return None
-    return HeadShape(int(dense.units), float(dropout.rate), int(out.units))
+    units = int(layers["head_dense"].units) if kind == "mlp" else 0
+    return HeadShape(units, float(layers["head_dropout"].rate), int(layers["predictions"].units), l2, standardize)
 
 
 def pooled(model, features: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -77,21 +93,30 @@ def pooled(model, features: np.ndarray, batch: int = 256) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
+def _dense_names(model) -> list[str]:
+    names = {layer.name for layer in model.layers}
+    return [name for name in DENSE_LAYERS if name in names]
+
+
 def set_head(model, weights: list[np.ndarray]) -> None:
-    """Put a trained head's weights into the model's head_dense and predictions layers."""
-    model.get_layer("head_dense").set_weights(weights[:2])
-    model.get_layer("predictions").set_weights(weights[2:])
+    """Put a trained head's weights into the model's Dense layers (head_dense if any, predictions)."""
+    for i, name in enumerate(_dense_names(model)):
+        model.get_layer(name).set_weights(weights[2 * i : 2 * i + 2])
 
 
 def head_weights(model) -> list[np.ndarray]:
-    """The model's trained head weights [kernel, bias, kernel, bias] (head_dense, predictions)."""
-    return [w for name in ("head_dense", "predictions") for w in model.get_layer(name).get_weights()]
+    """The model's trained head weights [kernel, bias, ...] (head_dense if any, predictions)."""
+    return [w for name in _dense_names(model) for w in model.get_layer(name).get_weights()]
 
 
 def head_probs(weights: list[np.ndarray], x: np.ndarray) -> np.ndarray:
-    """Softmax outputs of a trained head on pooled features (inference: no dropout)."""
-    w1, b1, w2, b2 = weights
-    logits = np.maximum(np.asarray(x, np.float32) @ w1 + b1, 0.0) @ w2 + b2
+    """Softmax outputs of a trained head on pooled features (inference: no dropout): weights
+    [kernel, bias, kernel, bias] (ReLU between) or [kernel, bias] (the linear head)."""
+    if len(weights) == 2:
+        logits = np.asarray(x, np.float32) @ weights[0] + weights[1]
+    else:
+        w1, b1, w2, b2 = weights
+        logits = np.maximum(np.asarray(x, np.float32) @ w1 + b1, 0.0) @ w2 + b2
     logits -= logits.max(axis=1, keepdims=True)
     e = np.exp(logits)
     return e / e.sum(axis=1, keepdims=True)
@@ -150,7 +175,9 @@ def fit_heads(
     sample_weight[k]: the weights of split k's training rows; make_optimizer(steps_per_epoch): a
     Keras optimizer; patience: early stopping on each head's validation AUC (None: off);
     algorithm: the loss (training/algorithms; default ERM), fed each row's group (class x
-    collection, ints in [0, n_groups); default: its class)."""
+    collection, ints in [0, n_groups); default: its class). With shape.standardize, head k trains
+    on (x - mean) / std of its training rows and its returned weights take the raw x
+    (fold_standardization)."""
     import tensorflow as tf
 
     algorithm = algorithm or ERM()
@@ -159,9 +186,9 @@ def fit_heads(
     optimizer = make_optimizer(max(math.ceil(len(train) / batch_size) for train, _ in splits))
     optimizer.build(variables)
     n_groups = int(groups.max()) + 1 if len(groups) else 1
-    epoch_fn = _epoch_function(
-        variables, optimizer, algorithm, algorithm.initial_state(len(splits), n_groups), n_groups
-    )
+    moments = standardization(x, [train for train, _ in splits]) if shape.standardize else None
+    state = algorithm.initial_state(len(splits), n_groups)
+    epoch_fn = _epoch_function(variables, optimizer, algorithm, state, n_groups, shape, moments)
     weights = np.zeros((len(splits), len(x)), np.float32)
     for k, (train, _) in enumerate(splits):
         weights[k, train] = sample_weight[k]
@@ -172,7 +199,7 @@ def fit_heads(
     tracks = [_Track(patience if val is not None else None) for _, val in splits]
     for epoch in range(1, int(epochs) + 1):
         idx = batches([train for train, _ in splits], batch_size, rngs)
-        scale = dropout_scale((*idx.shape, shape.units), shape.dropout, rngs)
+        scale = dropout_scale((*idx.shape, shape.units or x.shape[1]), shape.dropout, rngs) if _drops(shape) else 0
         probs, losses = (t.numpy() for t in epoch_fn(*tensors, tf.constant(idx), tf.constant(scale)))
         current = [v.numpy() for v in variables]
         for k, (_, val) in enumerate(splits):
@@ -181,21 +208,46 @@ def fit_heads(
                 fit = figures(y[idx[:, k].ravel()], probs[:, k].reshape(-1, shape.n_classes), shape.n_classes)
                 row.update(accuracy=fit[1], auc=fit[2])
                 if val is not None:
-                    found = figures(y[val], head_probs([w[k] for w in current], x[val]), shape.n_classes)
+                    head = fold_standardization([w[k] for w in current], moments, k)
+                    found = figures(y[val], head_probs(head, x[val]), shape.n_classes)
                     row.update(val_loss=found[0], val_accuracy=found[1], val_auc=found[2])
                 tracks[k].update(row, [w[k].copy() for w in current])
         if all(t.stopped for t in tracks):
             break
-    return [t.result() for t in tracks]
+    fits = [t.result() for t in tracks]
+    return [HeadFit(fold_standardization(f.weights, moments, k), f.history, f.best_epoch) for k, f in enumerate(fits)]
+
+
+def standardization(x: np.ndarray, rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std), each (K, D) float32: of x's rows rows[k] per feature (a constant feature: std 1)."""
+    parts = [np.asarray(x[r], np.float64) for r in rows]
+    mean = np.stack([p.mean(axis=0) for p in parts])
+    std = np.stack([p.std(axis=0) for p in parts])
+    return mean.astype(np.float32), np.where(std > 1e-12, std, 1.0).astype(np.float32)
+
+
+def fold_standardization(weights: list[np.ndarray], moments, k: int) -> list[np.ndarray]:
+    """Head k's weights, trained on standardized features, as weights on the raw features: the
+    first Dense layer's W' = W / std, b' = b - (mean / std) @ W (no change when moments is None)."""
+    if moments is None:
+        return weights
+    mean, std = (np.asarray(m[k], np.float64) for m in moments)
+    kernel = np.asarray(weights[0], np.float64)
+    folded = [kernel / std[:, None], np.asarray(weights[1], np.float64) - (mean / std) @ kernel]
+    return [w.astype(np.float32) for w in folded] + list(weights[2:])
 
 
 def initial_weights(n_heads: int, d: int, shape: HeadShape, seed: int) -> list:
     """The heads' stacked weights as Keras variables, every head starting from the same seeded
-    draw (Keras Dense's defaults: Glorot-uniform kernels, zero biases)."""
+    draw (Keras Dense's defaults: Glorot-uniform kernels, zero biases); [kernel, bias] only for
+    the linear head."""
     import keras
 
     init = keras.initializers.GlorotUniform(seed=seed)
-    first = [init((d, shape.units)), np.zeros(shape.units), init((shape.units, shape.n_classes))]
+    if shape.units:
+        first = [init((d, shape.units)), np.zeros(shape.units), init((shape.units, shape.n_classes))]
+    else:
+        first = [init((d, shape.n_classes))]
     first.append(np.zeros(shape.n_classes))
     return [keras.Variable(np.repeat(np.asarray(w, np.float32)[None], n_heads, axis=0)) for w in first]
 
@@ -225,12 +277,36 @@ class _Track:
         return HeadFit(self.weights, pd.DataFrame(self.rows), int(self.best_epoch))
 
 
-def _epoch_function(variables, optimizer, algorithm: Algorithm, state: list, n_groups: int):
-    """A tf.function running one epoch of steps for all heads, the loss from `algorithm`; returns
-    the softmax outputs of each step (steps, K, B, C) and each head's loss per step (steps, K)."""
+def _drops(shape: HeadShape) -> bool:
+    """Whether a head draws dropout masks: the mlp head always (as it always has, also at rate 0),
+    the linear head at a rate above 0 (its masks are as wide as the pooled features)."""
+    return bool(shape.units) or shape.dropout > 0
+
+
+def _epoch_function(
+    variables, optimizer, algorithm: Algorithm, state: list, n_groups: int, shape: HeadShape, moments=None
+):
+    """A tf.function running one epoch of steps for all heads, the loss from `algorithm` plus the
+    kernels' L2 penalty; returns the softmax outputs of each step (steps, K, B, C) and each head's
+    loss per step (steps, K). moments: (mean, std) (K, D) of standardization() when the heads train
+    on standardized features."""
     import tensorflow as tf
 
-    w1, b1, w2, b2 = variables
+    kernels = variables[::2]
+    center, spread = (None, None) if moments is None else (tf.constant(m[:, None, :]) for m in moments)
+
+    def forward(xb, scale):
+        """(logits, the representation the output layer reads: the hidden units after dropout, or
+        for the linear head the (standardized) features after dropout)."""
+        if center is not None:
+            xb = (xb - center) / spread
+        if not shape.units:  # the linear head: dropout on the pooled features
+            h = xb if scale is None else xb * scale
+            return tf.einsum("kbd,kdc->kbc", h, variables[0]) + variables[1][:, None], h
+        w1, b1, w2, b2 = variables
+        h = tf.nn.relu(tf.einsum("kbd,kdh->kbh", xb, w1) + b1[:, None, :])
+        h = h * scale
+        return tf.einsum("kbh,khc->kbc", h, w2) + b2[:, None, :], h
 
     @tf.function(jit_compile=True)  # XLA: one fused program per epoch, ~2.5x faster on CPU
     def epoch(x, onehot, sample_weight, groups, idx, dropout_scale):
@@ -240,13 +316,14 @@ def _epoch_function(variables, optimizer, algorithm: Algorithm, state: list, n_g
         for s in tf.range(steps):
             rows = idx[s]
             with tf.GradientTape() as tape:
-                h = tf.nn.relu(tf.einsum("kbd,kdh->kbh", tf.gather(x, rows), w1) + b1[:, None, :])
-                h = h * dropout_scale[s]
-                p = tf.nn.softmax(tf.einsum("kbh,khc->kbc", h, w2) + b2[:, None, :])
+                logits, h = forward(tf.gather(x, rows), dropout_scale[s] if _drops(shape) else None)
+                p = tf.nn.softmax(logits)
                 log_p = tf.math.log(tf.clip_by_value(p, EPSILON, 1 - EPSILON))
                 ce = -tf.reduce_sum(tf.gather(onehot, rows) * log_p, axis=-1)
                 weight = tf.gather(sample_weight, rows, batch_dims=1)
                 per_head = algorithm.loss(ce, weight, tf.gather(groups, rows), h, state, n_groups)
+                if shape.l2:  # Keras's L2 regularizer on each kernel, per head
+                    per_head += shape.l2 * tf.add_n([tf.reduce_sum(tf.square(w), axis=[1, 2]) for w in kernels])
                 loss = tf.reduce_sum(per_head)
             optimizer.apply(tape.gradient(loss, variables), variables)
             probs = probs.write(s, p)

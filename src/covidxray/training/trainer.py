@@ -194,9 +194,16 @@ class Trainer:
         """The head's shape when it trains on pooled features with the other heads of a
         cross-validation (stacked_heads.py): frozen base, no augmentation, no fine-tuning, the standard
         head. None: the model trains with Keras's fit."""
-        if not self.uses_cache or self.fine_tunes:
-            return None
-        return stacked_heads.head_shape(model)
+        head = self.settings.model.head
+        shape = None
+        if self.uses_cache and not self.fine_tunes:
+            shape = stacked_heads.head_shape(model, head.l2, head.standardize)
+        if shape is None and head.standardize:
+            raise CovidXrayError(
+                "model.head.standardize=true: standardization requested for a head that trains from pixels "
+                "or is not a standard head (allowed: false, or a frozen base, augment=none, no fine-tuning)"
+            )
+        return shape
 
     def cross_validate(self, splits: list, epochs: list[int], labels=None, open_run=None) -> list:
         """One model per (train rows, validation rows) of `splits`: [(softmax outputs on its
