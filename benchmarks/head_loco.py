@@ -13,7 +13,7 @@
 
     .venv/bin/python benchmarks/head_loco.py                       # sweep, then compare its best
     .venv/bin/python benchmarks/head_loco.py --no-sweep --candidate model.head.type=linear model.head.l2=1.0
-    .venv/bin/python benchmarks/head_loco.py --tiny                # 2 points, synthetic 32 px: make test
+    .venv/bin/python benchmarks/head_loco.py --tiny                # 1 point, 1 group, synthetic 32 px: make test
 
 The feature store should be warm (`dvc repro train`); one untimed point first (--warm, the default
 but with --tiny) adds the held-out collections' images, which train alone does not read.
@@ -32,7 +32,7 @@ from bench_head_sweep import TINY_SETTINGS, per_point, sweep, tiny_store
 from common import REPO, cpu_model
 
 KEYS = ("model.head.type", "model.head.l2", "model.head.standardize")
-TINY = ["loco.calibration.k=4", "loco.calibration.draws=2", "evaluate.bootstrap=50"]
+TINY = ["loco.groups=[[radiography]]", "loco.calibration.k=4", "loco.calibration.draws=2", "evaluate.bootstrap=50"]
 
 
 def sweep_rows(run: dict) -> list[dict]:
@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--candidate", nargs="*", default=None, help="overrides of the compared head (default: best)")
     parser.add_argument("--base", default=None, help="today's predictions.csv (default: computed from conf/)")
-    parser.add_argument("--tiny", action="store_true", help="2 points on synthetic 32 px data (a smoke test)")
+    parser.add_argument("--tiny", action="store_true", help="1 point, 1 group, synthetic 32 px (a smoke test)")
     parser.add_argument("--keep-dir", default=None)
     parser.add_argument("--warm", action=argparse.BooleanOptionalAction, default=None, help="an untimed point first")
     args = parser.parse_args(argv)
@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
         out: dict = {"cpu": cpu_model(), "cpus": os.cpu_count(), "load_average_before": os.getloadavg()}
         rows = []
         if args.sweep:
-            trials = ["hydra.sweeper.n_trials=2"] if args.tiny else []
+            trials = ["hydra.sweeper.n_trials=1"] if args.tiny else []
             if not args.tiny if args.warm is None else args.warm:  # fills the store with the held-out images too
                 sweep(["hparams_search=head_loco", "hydra.sweeper.n_trials=1", *settings], work, "warm")
             run = sweep(["hparams_search=head_loco", *trials, *settings], work, "sweep")
