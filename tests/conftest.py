@@ -99,6 +99,16 @@ def make_cfg(overrides: list[str] | None = None):
     return compose(overrides)
 
 
+def frozen_head_settings(tiny_data: dict, *overrides: str):
+    """The train settings of the smoke experiment on a frozen VGG16 (random weights) over tiny_data:
+    a head that trains on fixed features (the stacked heads), in seconds."""
+    from covidxray.settings.train import train_settings
+
+    base = ["experiment=smoke", "model=vgg16", "model.weights=none", "train.epochs=2"]
+    paths = [f"paths.curated={tiny_data['curated']}", f"paths.splits={tiny_data['splits']}"]
+    return train_settings(make_cfg([*base, *paths, *overrides]))
+
+
 @pytest.fixture
 def smoke_cfg(tiny_data, tmp_path):
     """The smoke experiment wired to tiny_data, writing models/reports/MLflow under tmp_path."""

@@ -7,11 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import make_cfg
+from conftest import frozen_head_settings, make_cfg
 from covidxray.training import stacked_heads
-from covidxray.training.inputs import class_weights
-from covidxray.training.specs import OptimizerSettings
-from covidxray.training.trainer import make_optimizer
+from test_heads import fit
 
 
 def data(n=200, d=12, seed=0):
@@ -22,21 +20,6 @@ def data(n=200, d=12, seed=0):
     return (x * np.linspace(0.2, 5.0, d) + np.linspace(-3.0, 8.0, d)).astype(np.float32), y
 
 
-def fit(x, y, splits, shape, epochs=4):
-    opt = OptimizerSettings("adam", 1e-2, "constant")
-    return stacked_heads.fit_heads(
-        x,
-        y,
-        splits,
-        shape,
-        epochs=epochs,
-        batch_size=8,
-        sample_weight=[class_weights(y[train], 2, "balanced") for train, _ in splits],
-        make_optimizer=lambda steps: make_optimizer(opt, opt.lr, epochs, steps),
-        seed=5,
-    )
-
-
 @pytest.mark.parametrize("units", [8, 0], ids=["mlp", "linear"])
 def test_standardization_folded_equals_the_head_trained_on_standardized_features(units):
     """A head trained with standardize=true returns weights on the raw features that predict what
@@ -44,14 +27,14 @@ def test_standardization_folded_equals_the_head_trained_on_standardized_features
     x, y = data()
     train, val = np.arange(150), np.arange(150, 200)
     shape = stacked_heads.HeadShape(units, 0.5, 2, standardize=True)
-    (folded,) = fit(x, y, [(train, val)], shape)
+    (folded,) = fit(x, y, [(train, val)], epochs=4, shape=shape)
     mean, std = (m[0] for m in stacked_heads.standardization(x, [train]))
     plain = stacked_heads.HeadShape(units, 0.5, 2)
-    (beforehand,) = fit((x - mean) / std, y, [(train, val)], plain)
+    (beforehand,) = fit((x - mean) / std, y, [(train, val)], epochs=4, shape=plain)
     expected = stacked_heads.head_probs(beforehand.weights, (x - mean) / std)
     assert np.allclose(stacked_heads.head_probs(folded.weights, x), expected, atol=1e-5)
     assert len(folded.weights) == (4 if units else 2)
-    raw = fit(x, y, [(train, val)], plain)[0]  # without standardization the head is another one
+    raw = fit(x, y, [(train, val)], epochs=4, shape=plain)[0]  # without standardization the head is another one
     assert not np.allclose(stacked_heads.head_probs(raw.weights, x), expected, atol=1e-3)
 
 
@@ -61,27 +44,9 @@ def test_l2_shrinks_the_kernels(units):
     splits = [(np.arange(200), None)]
     norms = []
     for l2 in (0.0, 0.05):
-        (found,) = fit(x, y, splits, stacked_heads.HeadShape(units, 0.0, 2, l2=l2, standardize=True), epochs=6)
+        (found,) = fit(x, y, splits, shape=stacked_heads.HeadShape(units, 0.0, 2, l2=l2, standardize=True))
         norms.append(sum(float(np.sum(w**2)) for w in found.weights[::2]))
     assert norms[1] < 0.5 * norms[0]
-
-
-def _settings(tiny_data, *overrides):
-    from covidxray.settings.train import train_settings
-
-    return train_settings(
-        make_cfg(
-            [
-                "experiment=smoke",
-                "model=vgg16",
-                "model.weights=none",
-                "train.epochs=2",
-                f"paths.curated={tiny_data['curated']}",
-                f"paths.splits={tiny_data['splits']}",
-                *overrides,
-            ]
-        )
-    )
 
 
 @pytest.mark.parametrize("kind", ["mlp", "linear"])
@@ -93,7 +58,7 @@ def test_each_head_type_trains_through_the_real_stack_and_saves_its_standardizat
     from covidxray.training.cv_data import load_cv_data
     from covidxray.training.trainer import Trainer
 
-    s = _settings(tiny_data, f"model.head.type={kind}", "model.head.l2=0.01", "model.head.standardize=true")
+    s = frozen_head_settings(tiny_data, f"model.head.type={kind}", "model.head.l2=0.01", "model.head.standardize=true")
     data = load_cv_data(s.curated, s.splits, s.inputs, s.roles)
     fold = data.rows["fold"].to_numpy()
     splits = [(np.flatnonzero(fold != k), np.flatnonzero(fold == k)) for k in (0, 1)]

@@ -20,13 +20,13 @@ def data(n=240, d=16, signal=1.0, seed=0):
     return x, y
 
 
-def fit(x, y, splits, epochs=6, patience=None, schedule="constant"):
+def fit(x, y, splits, epochs=6, patience=None, schedule="constant", shape=SHAPE):
     opt = OptimizerSettings("adam", 1e-2, schedule)
     return stacked_heads.fit_heads(
         x,
         y,
         splits,
-        SHAPE,
+        shape,
         epochs=epochs,
         batch_size=8,
         sample_weight=[class_weights(y[train], 2, "balanced") for train, _ in splits],

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import BIN, REPO, make_cfg
+from conftest import BIN, REPO, frozen_head_settings, make_cfg
 
 
 @pytest.fixture
@@ -237,20 +237,8 @@ def test_heads_trained_on_cached_features_are_the_full_models_heads(tiny_data):
     from covidxray.training import stacked_heads
     from covidxray.training.trainer import Trainer
     from covidxray.training.cv_data import load_cv_data
-    from covidxray.settings.train import train_settings
 
-    s = train_settings(
-        make_cfg(
-            [
-                "experiment=smoke",
-                "model=vgg16",
-                "model.weights=none",
-                "train.epochs=2",
-                f"paths.curated={tiny_data['curated']}",
-                f"paths.splits={tiny_data['splits']}",
-            ]
-        )
-    )
+    s = frozen_head_settings(tiny_data)
     data = load_cv_data(s.curated, s.splits, s.inputs, s.roles)
     fold = data.rows["fold"].to_numpy()
     splits = [(np.flatnonzero(fold != k), np.flatnonzero(fold == k)) for k in (0, 1)]
