@@ -11,6 +11,7 @@ Outputs (DVC: paths.models and paths.reports/cv; as a Hydra app: the job's outpu
 installed together (fileset): a reader sees all old files or all new ones, also after a kill.
   models/model.keras       the final model (builders.py layout; loads after `import covidxray.networks.model_file`)
   models/model.json        classes, image_size, resize, threshold, threshold_method, model (the same every run)
+  models/feature_stats.npy the training images' pooled-feature mean and std (2, D): what `covidxray adapt` aligns to
   models/model.run.json    MLflow run and registry version, md5 of model.keras (not a DVC output)
   reports/cv/oof.csv       image_id, patient_id, label, y, fold, p_<class>...
   reports/cv/folds.csv     per fold: auc, accuracy, sensitivity, specificity, loss, best_epoch, ...
@@ -48,6 +49,7 @@ from covidxray.serving import registry
 from covidxray.settings.loco import LocoSettings, loco_settings
 from covidxray.settings.train import DEFAULT_OPTIMIZED_METRIC, TrainSettings, train_settings
 from covidxray.infra.outputs import figures_text, json_safe
+from covidxray.training import site_adaptation
 from covidxray.training.trainer import Trainer
 from covidxray.training import recipe
 from covidxray.training.cv_data import CVData, load_cv_data, make_trainer
@@ -103,7 +105,8 @@ def run(cfg) -> dict:
                 **({"fine_tune_epochs": epochs[1]} if trainer.fine_tunes else {}),
             )
         metrics["train_seconds"] = time.perf_counter() - wall
-        written = write_outputs(models_dir, cv_dir, cv, oof, metrics, model, meta)
+        stats = site_adaptation.feature_stats(trainer.pooled_features(model)) if model is not None else None
+        written = write_outputs(models_dir, cv_dir, cv, oof, metrics, model, meta, stats)
         import mlflow  # the hashes of what this run read and installed, as DVC computes them
 
         mlflow.set_tags(tracking.content_tags([s.curated, s.splits, *pretrained_file(s), *written]))
@@ -340,11 +343,12 @@ def model_meta(s: TrainSettings, data: CVData, threshold: float, run_id: str, ex
 
 
 def write_outputs(
-    models_dir: Path, cv_dir: Path, cv: CVResult, oof: pd.DataFrame, metrics: dict, model, meta: dict
+    models_dir: Path, cv_dir: Path, cv: CVResult, oof: pd.DataFrame, metrics: dict, model, meta: dict, stats=None
 ) -> None:
-    """Write reports/cv/* and (with a final model) model.keras and model.json into staging
-    folders, log them to the MLflow run, then install them together (fileset). Without a final
-    model, an earlier model.keras/model.json goes in the same switch: it would not match these
+    """Write reports/cv/* and (with a final model) model.keras, model.json and the training
+    images' pooled-feature statistics (`stats`, for site adaptation) into staging folders, log
+    them to the MLflow run, then install them together (fileset). Without a final model, an
+    earlier model.keras/model.json goes in the same switch: it would not match these
     CV results. Timings (TIMINGS) go to the run only, so that a rerun writes the same bytes: the
     files hold figures, metrics.json all of them, headline.json the few `dvc metrics show` lists.
     Returns the installed files."""
@@ -357,7 +361,8 @@ def write_outputs(
     same_every_run = {k: v for k, v in meta.items() if k not in model_file.RUN_KEYS}
     figures = {k: v for k, v in metrics.items() if k not in timings}
     n_images = int(len(oof))
-    remove = [] if model is not None else [models_dir / name for name in (MODEL_FILE, META_FILE, model_file.RUN_FILE)]
+    model_files = (MODEL_FILE, META_FILE, model_file.RUN_FILE, site_adaptation.STATS_FILE)
+    remove = [] if model is not None else [models_dir / name for name in model_files]
     with fileset.install_together([models_dir, cv_dir], remove=remove) as (new_models, new_cv):
         oof.to_csv(new_cv / "oof.csv", index=False)
         cv.history.to_csv(new_cv / "history.csv", index=False)
@@ -371,6 +376,7 @@ def write_outputs(
         if model is not None:
             model_file.save(model, new_models / MODEL_FILE)
             (new_models / META_FILE).write_text(json.dumps(json_safe(same_every_run), indent=2) + "\n")
+            site_adaptation.write_stats(new_models / site_adaptation.STATS_FILE, stats)
             run = {k: meta.get(k) for k in model_file.RUN_KEYS} | {
                 "model_md5": tracking.dvc_md5(new_models / MODEL_FILE)
             }
@@ -379,7 +385,8 @@ def write_outputs(
             mlflow.log_artifact(str(new_models / model_file.RUN_FILE))
         mlflow.log_metrics(finite_metrics(timings))
     written = [cv_dir / name for name in CV_FILES]
-    return written + ([models_dir / MODEL_FILE, models_dir / META_FILE] if model is not None else [])
+    installed = [models_dir / name for name in (MODEL_FILE, META_FILE, site_adaptation.STATS_FILE)]
+    return written + (installed if model is not None else [])
 
 
 CV_FILES = ("oof.csv", "folds.csv", "metrics.json", "headline.json", "history.csv")
