@@ -113,6 +113,7 @@ def main(argv=None) -> int:
     if args.tiny:
         args.only, args.folds = ["default"], 2
         small = ["evaluate.bootstrap=20", "loco.calibration.k=6", "loco.calibration.draws=3"]
+        small += ["loco.calibration.target_sensitivity=0.5", "loco.calibration.confidence=0.8"]  # 3 positives show it
         args.overrides = ["experiment=smoke", *small, *args.overrides]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -124,6 +124,23 @@ def smoke_cfg(tiny_data, tmp_path):
     )
 
 
+def cli_error_line(argv: list, cwd: Path = REPO) -> str:
+    """Run `covidxray ARGV` in a fresh process that must fail in one stderr line without importing
+    TensorFlow, Keras or MLflow (the input refused before any model code loads): that line."""
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('imported:', [m for m in ('tensorflow', 'keras', 'mlflow') "
+        "if m in sys.modules], file=sys.stderr))\n"
+        "from covidxray.cli import main\n"
+        f"main({[str(a) for a in argv]!r})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1, done.stderr
+    assert len(lines) == 2 and lines[1] == "imported: []", done.stderr
+    return lines[0]
+
+
 def run_until_killed(code: str, cwd: Path) -> None:
     """Run `code` in a fresh Python (this tree's src first) that SIGKILLs itself where the code
     calls `die()`: no finally blocks, no atexit, as when the machine or the OOM killer stops a run."""

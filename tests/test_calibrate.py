@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from covidxray import CovidXrayError
+from covidxray.evaluation import calibration
 from test_loco import brightness_model
 
 SIZE = 16
@@ -85,7 +86,8 @@ def test_calibrate_picks_the_known_threshold_and_predict_applies_it(site, tmp_pa
     after = json.loads(capsys.readouterr().out)
     assert (before["label"], after["label"]) == ("normal", "covid") and after["threshold"] == meta["threshold"]
 
-    # a target sensitivity: the highest threshold reaching it (4 of 6 covid: the 4th highest score)
+    # a target sensitivity at 95% confidence: the highest threshold whose Clopper-Pearson lower bound
+    # reaches it; 0.6 needs 6 positives (0.05 ** (1/6) = 0.607), so all 6 covid: the lowest covid score
     target = tmp_path / "by_sensitivity"
     calibrate_cli(
         [
@@ -101,7 +103,15 @@ def test_calibrate_picks_the_known_threshold_and_predict_applies_it(site, tmp_pa
         ]
     )
     covid = sorted((v for k, v in scores.items() if k.startswith("covid")), reverse=True)
-    assert json.loads((target / "model.json").read_text())["threshold"] == pytest.approx(covid[3], abs=1e-6)
+    meta = json.loads((target / "model.json").read_text())
+    assert meta["threshold"] == pytest.approx(covid[5], abs=1e-6)
+    cal = meta["site_calibration"]
+    assert (cal["confidence"], cal["positives"], cal["positives_needed"]) == (0.95, 6, 6)
+    assert cal["sensitivity_lower_bound"] == pytest.approx(0.05 ** (1 / 6))
+    printed = capsys.readouterr().out
+    assert "sensitivity 0.6 at 0.95 confidence needs at least 6 positive images; the set has 6" in printed
+    # the rule before the bound (the target on the positives as found: 4 of 6) promised 0.6 on 4 images
+    assert calibration.site_threshold([True] * 6 + [False] * 6, covid + [0.0] * 6, "sensitivity", 0.6) == covid[3]
 
 
 def test_a_calibrated_model_keeps_the_identity_it_calibrates(site, tmp_path, capsys):
@@ -151,13 +161,24 @@ def test_the_served_model_applies_the_site_threshold(site, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "drop, relabel, message",
+    "drop, relabel, method, message",
     [
-        (["covid-0.png", "covid-1.png"], None, r"too few labelled images to calibrate \(covid: 4\); at least 5"),
-        ([], "pneumonia", r"labels unknown to the model: pneumonia \(known: normal, covid\)"),
+        (
+            ["covid-0.png", "covid-1.png"],
+            None,
+            "youden",
+            r"too few labelled images to calibrate \(covid: 4\); at least 5",
+        ),
+        (
+            ["covid-0.png"],
+            None,
+            "sensitivity",
+            r"5 positive image\(s\); sensitivity 0.6 at 0.95 confidence needs at least 6",
+        ),
+        ([], "pneumonia", "youden", r"labels unknown to the model: pneumonia \(known: normal, covid\)"),
     ],
 )
-def test_a_set_that_cannot_calibrate_writes_nothing(site, tmp_path, drop, relabel, message):
+def test_a_set_that_cannot_calibrate_writes_nothing(site, tmp_path, drop, relabel, method, message):
     import shutil
 
     from covidxray.tools.calibrate import calibrate
@@ -169,5 +190,5 @@ def test_a_set_that_cannot_calibrate_writes_nothing(site, tmp_path, drop, relabe
     if relabel:
         (bad / "covid").rename(bad / relabel)
     with pytest.raises(CovidXrayError, match=message):
-        calibrate(bad, str(site["model"]), tmp_path / "out")
+        calibrate(bad, str(site["model"]), tmp_path / "out", method=method, target_sensitivity=0.6)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

@@ -185,9 +185,73 @@ def test_calibration_draws_on_a_known_case():
         calibration.site_threshold(positive[36:], scores[36:], "youden", 0.9)
 
 
+def test_positives_needed_is_the_smallest_n_whose_n_of_n_passes():
+    needed = calibration.positives_needed(0.9, 0.95)
+    assert needed == 29  # 0.05 ** (1 / n) >= 0.9 from n = 29 on
+    assert calibration.sensitivity_lower_bound(29, 29, 0.95) >= 0.9 > calibration.sensitivity_lower_bound(28, 28, 0.95)
+    assert calibration.sensitivity_lower_bound(0, 10, 0.95) == 0.0
+    assert calibration.positives_needed(1.0, 0.95) is None
+    with pytest.raises(
+        CovidXrayError, match=r"10 positive image\(s\); sensitivity 0.9 at 0.95 confidence needs at least 29"
+    ):
+        calibration.check_positives(10, 0.9, 0.95, "the set")
+
+
+def test_the_bound_threshold_is_the_highest_whose_lower_bound_reaches_the_target():
+    rng = np.random.default_rng(3)
+    positive = np.array([True] * 40 + [False] * 40)
+    scores = rng.random(80)
+    threshold = calibration.site_threshold(positive, scores, "sensitivity", 0.8, confidence=0.95)
+    assert calibration.bound_at(positive, scores, threshold, 0.95) >= 0.8
+    higher = np.sort(scores[positive])[np.sort(scores[positive]) > threshold]
+    assert calibration.bound_at(positive, scores, higher[0], 0.95) < 0.8  # the next one up misses it
+    # without a confidence: the target on the positives as found (a threshold no lower)
+    assert calibration.site_threshold(positive, scores, "sensitivity", 0.8) >= threshold
+
+
+def test_the_bound_rule_keeps_its_promise_over_draws_where_the_point_rule_does_not():
+    """Overlapping classes, K = 60 (30 positives, enough for 0.9 at 0.95): the target taken on the
+    lower bound holds on the rest in at least 90% of draws; taken on the 30 positives as found,
+    about half the time (the point estimate is right on average, the promise is not)."""
+    rng = np.random.default_rng(0)
+    positive = np.repeat([True, False], 1000)
+    scores = np.concatenate([rng.normal(1, 1, 1000), rng.normal(-1, 1, 1000)])
+    found = calibration.calibration_draws(positive, scores, np.arange(2000), 60, 200, "sensitivity", 0.9, 0, 0.95)
+    assert (found["positives"], found["positives_needed"], found["confidence"]) == (30, 29, 0.95)
+    assert found["target_held"] >= 0.9 and found["point_rule"]["target_held"] < 0.7
+    assert found["sensitivity_mean"] > found["point_rule"]["sensitivity_mean"]
+    assert found["specificity_mean"] < found["point_rule"]["specificity_mean"]  # the price of the promise
+    with pytest.raises(CovidXrayError, match=r"K = 20 \(10 positives\).*needs at least 29"):
+        calibration.calibration_draws(positive, scores, np.arange(2000), 20, 5, "sensitivity", 0.9, 0, 0.95)
+
+
+def test_a_k_too_small_for_the_target_fails_before_training():
+    from covidxray.settings.loco import loco_settings
+
+    with pytest.raises(
+        CovidXrayError, match=r"loco.calibration.k must be an integer >= 58.*needs 29 positives, got 20"
+    ):
+        loco_settings(make_cfg(["loco.calibration.k=20"]))
+    with pytest.raises(CovidXrayError, match=r"loco.calibration.confidence must be null or a number in \(0, 1\)"):
+        loco_settings(make_cfg(["loco.calibration.confidence=1.5"]))
+    assert loco_settings(make_cfg(["loco.calibration.k=20", "loco.calibration.method=youden"])).spec.calibration_k == 20
+    assert (
+        loco_settings(
+            make_cfg(["loco.calibration.k=20", "loco.calibration.confidence=null"])
+        ).spec.calibration_confidence
+        is None
+    )
+
+
 # ---------- the stage end to end ----------
 
-LOCO = ["loco.calibration.k=6", "loco.calibration.draws=5"]
+# 3 positives per draw: sensitivity 0.5 at 0.8 confidence needs 3 (0.9 at 0.95 would need 29)
+LOCO = [
+    "loco.calibration.k=6",
+    "loco.calibration.draws=5",
+    "loco.calibration.target_sensitivity=0.5",
+    "loco.calibration.confidence=0.8",
+]
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +335,17 @@ def test_loco_metrics_are_the_headline_with_baselines(loco_run):
         assert g["margin"] == pytest.approx(g["auc"] - g["shortcut_auc"], abs=1e-3)
         assert g["auc_ci_low"] <= g["auc"] <= g["auc_ci_high"]
         assert g["calibrated"]["k"] == 6 and g["calibrated"]["draws"] == 5
+        cal = g["calibrated"]
+        assert (cal["confidence"], cal["positives"], cal["positives_needed"]) == (0.8, 3, 3)
+        assert 0 <= cal["target_held"] <= 1 and 0 <= cal["point_rule"]["target_held"] <= 1
+        assert m[f"loco_{name}_calibrated_specificity"] == pytest.approx(cal["specificity_mean"], abs=1e-3)
+        a = g["adaptation"]  # without labels: the group's own features aligned to the training rows'
+        assert a["auc"] == pytest.approx(g["auc"], abs=1e-3) and 0 <= a["auc_adapted"] <= 1
+        assert a["specificity"] == pytest.approx(g["specificity"], abs=1e-3) and 0 <= a["specificity_adapted"] <= 1
+    assert "loco_calibrated_target_held_mean" in m
+    report = (loco_run["reports"] / "loco" / "report.md").read_text()
+    assert "## Calibration that keeps its promise" in report and "## Site adaptation from unlabeled images" in report
+    assert "| radiography | lower bound |" in report and "| radiography | as found |" in report
     assert m["loco_auc_worst"] == min(details["groups"][g]["auc"] for g in details["groups"])
     per = details["groups"]["ieee8023+kermany"]["per_collection"]
     assert set(per) == {"covid/ieee8023", "normal/kermany"} and "sensitivity" in per["covid/ieee8023"]

@@ -4,7 +4,7 @@ Stages (STAGES: pretrained, fetch, curate, split, train, evaluate, loco; one mod
 covidxray/stages/, as in dvc.yaml) are Hydra apps composed from conf/, so they take overrides and
 `-m` sweeps: `covidxray train -m model=vgg16,mobilenetv2 optimizer.lr=1e-3,1e-4`. DVC runs them as
 `covidxray STAGE --params params.yaml`, reading the composed parameters instead. Tools (TOOLS:
-predict, validate, calibrate, manifest in covidxray/tools/, and params) take ordinary options; see
+predict, validate, calibrate, adapt, manifest in covidxray/tools/, and params) take ordinary options; see
 `covidxray TOOL --help`.
 """
 
@@ -33,6 +33,7 @@ TOOLS = {
     "predict": "covidxray.tools.predict:predict_cli",
     "validate": "covidxray.tools.validate:validate_cli",
     "calibrate": "covidxray.tools.calibrate:calibrate_cli",
+    "adapt": "covidxray.tools.adapt:adapt_cli",
     "manifest": "covidxray.tools.manifest:manifest_cli",
     "promote": "covidxray.tools.promote:promote_cli",
     "params": "covidxray.cli:params_cli",

@@ -64,13 +64,42 @@ def one_class_figure(positive: np.ndarray, called: np.ndarray, patients, n_resam
     return ("sensitivity" if positive.all() else "specificity"), float(right.mean()), float(lo), float(hi)
 
 
-def measure(frame: pd.DataFrame, stored, scores, threshold: float, classes, spec: LocoSpec, seed: int) -> dict:
-    """A held-out group's figures from its covid scores (see the module docstring)."""
+def adaptation_figures(positive: np.ndarray, scores: np.ndarray, adapted: np.ndarray, threshold: float) -> dict:
+    """AUC (both classes only) and sensitivity/specificity at the transferred threshold, without
+    and with site adaptation (`adapted`: the scores after aligning the group's features)."""
+    from sklearn.metrics import roc_auc_score
+
+    out = {}
+    for suffix, s in (("", scores), ("_adapted", adapted)):
+        both = bool(positive.any() and (~positive).any())
+        out[f"auc{suffix}"] = float(roc_auc_score(positive, s)) if both else None
+        out.update({f"{k}{suffix}": v for k, v in calibration.operating_point(positive, s, threshold).items()})
+    return out
+
+
+def adapted_scores(trainer, model, train_idx: np.ndarray, held_idx: np.ndarray) -> np.ndarray:
+    """Covid scores of the held-out rows after site adaptation (training/site_adaptation.py): their
+    pooled features aligned, by their own statistics (no labels), to those of the training rows."""
+    from covidxray.training import site_adaptation as sa
+    from covidxray.training import stacked_heads
+
+    pooled = trainer.pooled_features(model)
+    shift = sa.alignment(sa.feature_stats(pooled[train_idx]), sa.feature_stats(pooled[held_idx]))
+    return stacked_heads.head_probs(sa.fold(stacked_heads.head_weights(model), *shift), pooled[held_idx])[:, -1]
+
+
+def measure(
+    frame: pd.DataFrame, stored, scores, threshold: float, classes, spec: LocoSpec, seed: int, adapted=None
+) -> dict:
+    """A held-out group's figures from its covid scores (see the module docstring); `adapted`:
+    its scores after site adaptation, compared in `adaptation`."""
     from covidxray.evaluation import probes
 
     positive = (frame["label"].astype(str) == classes[-1]).to_numpy()
     called = scores >= threshold
     out: dict = {"classes_present": sorted(frame["label"].astype(str).unique().tolist())}
+    if adapted is not None:
+        out["adaptation"] = adaptation_figures(positive, scores, np.asarray(adapted, float), threshold)
     predicted = np.where(called, classes[-1], "other")
     out["per_collection"] = probes.per_source(frame, predicted, classes)
     if positive.all() or not positive.any():
@@ -97,12 +126,14 @@ def measure(frame: pd.DataFrame, stored, scores, threshold: float, classes, spec
         spec.calibration_method,
         spec.calibration_target,
         seed,
+        confidence=spec.calibration_confidence,
         prefer=threshold,
     )
     out["calibrated"] = drawn
     if drawn is not None:
         out["calibrated_sensitivity"] = drawn["sensitivity_mean"]
         out["calibrated_specificity"] = drawn["specificity_mean"]
+        out["calibrated_target_held"] = drawn.get("target_held")
     return out
 
 
@@ -222,7 +253,8 @@ def run(curated, splits, recipe: Recipe, spec: LocoSpec, seed: int, classes_want
         model, threshold, info = fit_recipe(trainer, train_idx, fold_of, positive, recipe)
         scores = trainer.predict(model, held_idx)[:, -1].astype(np.float64)
         frame = rows.iloc[held_idx].reset_index(drop=True)
-        found = measure(frame, stored[held_idx], scores, threshold, classes, spec, seed)
+        adapted = adapted_scores(trainer, model, train_idx, held_idx)
+        found = measure(frame, stored[held_idx], scores, threshold, classes, spec, seed, adapted)
         trained_on = remaining(recipe.train_roles, group)
         groups[name] = {
             "held_out": list(group),

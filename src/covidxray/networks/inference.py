@@ -84,10 +84,12 @@ def decide(probs: np.ndarray, threshold: float) -> np.ndarray:
 def identity(meta: dict) -> dict[str, str]:
     """model_name, model_version, model_run_id of the model that answers ("" where unknown). A
     site-calibrated copy (`covidxray calibrate`) keeps those of the model it calibrates, its
-    version followed by "site-calibrated": the same network, another threshold."""
+    version followed by "site-calibrated": the same network, another threshold; a copy adapted to a
+    site's images (`covidxray adapt`: its head reads aligned features) by "site-adapted"."""
     out = {column: "" if meta.get(key) is None else str(meta[key]) for column, key in IDENTITY.items()}
-    if meta.get("site_calibration"):
-        out["model_version"] = f"{out['model_version']} site-calibrated".strip()
+    for key, mark in (("site_adaptation", "site-adapted"), ("site_calibration", "site-calibrated")):
+        if meta.get(key):
+            out["model_version"] = f"{out['model_version']} {mark}".strip()
     return out
 
 

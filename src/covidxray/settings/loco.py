@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from covidxray.training import loco_groups
+from covidxray.evaluation.calibration import positives_needed
 from covidxray.evaluation.metrics import THRESHOLD_METHODS
 from covidxray.infra.config import choice, fail, integer, number, value
 
@@ -40,18 +41,40 @@ def loco_spec(cfg, roles: dict, classes) -> loco_groups.LocoSpec:
     )
     if not groups:
         fail("loco.groups", "auto with a collection that can be held out, or a list of groups of collections", found)
+    k = integer(cfg, "loco.calibration.k", 2, "an integer >= 2 (labelled images, half of each class)")
+    method = choice(cfg, "loco.calibration.method", THRESHOLD_METHODS)
+    target = number(cfg, "loco.calibration.target_sensitivity", 0.0, 1.0, True, False, "a number in (0, 1]")
+    confidence = calibration_confidence(cfg, k, target) if method == "sensitivity" else None
     return loco_groups.LocoSpec(
         groups=groups,
         provides=loco_groups.collections_of(roles),
-        calibration_k=integer(cfg, "loco.calibration.k", 2, "an integer >= 2 (labelled images, half of each class)"),
+        calibration_k=k,
         calibration_draws=integer(cfg, "loco.calibration.draws", 1),
-        calibration_method=choice(cfg, "loco.calibration.method", THRESHOLD_METHODS),
-        calibration_target=number(
-            cfg, "loco.calibration.target_sensitivity", 0.0, 1.0, True, False, "a number in (0, 1]"
-        ),
+        calibration_method=method,
+        calibration_target=target,
+        calibration_confidence=confidence,
         n_resamples=assess_options(cfg).n_resamples,
         ci=assess_options(cfg).ci,
     )
+
+
+def calibration_confidence(cfg, k: int, target: float) -> float | None:
+    """The checked `loco.calibration.confidence` (null: the target taken on the positives as found),
+    and a K whose K/2 positives can show the target at that confidence."""
+    if value(cfg, "loco.calibration.confidence") is None:
+        return None
+    confidence = number(cfg, "loco.calibration.confidence", 0.0, 1.0, True, True, "null or a number in (0, 1)")
+    needed = positives_needed(target, confidence)
+    if needed is None:
+        fail("loco.calibration.target_sensitivity", f"below 1 with loco.calibration.confidence {confidence:g}", target)
+    if k // 2 < needed:
+        fail(
+            "loco.calibration.k",
+            f"an integer >= {2 * needed}: half of K are positives, and sensitivity {target:g} at confidence "
+            f"{confidence:g} (loco.calibration.confidence) needs {needed} positives",
+            k,
+        )
+    return confidence
 
 
 def loco_settings(cfg) -> LocoSettings:

@@ -12,6 +12,7 @@ installed together (fileset): a reader sees all old files or all new ones, also 
   models/model.keras       the final model (networks/builders.py layout; networks/model_file.py loads it)
   models/model.tflite      the same classifier for LiteRT (networks/litert.py): what inference runs
   models/model.json        classes, image_size, resize, threshold, threshold_method, model (the same every run)
+  models/feature_stats.npy the training images' pooled-feature mean and std (2, D): what `covidxray adapt` aligns to
   models/model.run.json    MLflow run and registry version, md5 of model.keras (not a DVC output)
   reports/cv/oof.csv       image_id, patient_id, label, y, fold, p_<class>...
   reports/cv/folds.csv     per fold: auc, accuracy, sensitivity, specificity, loss, best_epoch, ...
@@ -49,6 +50,7 @@ from covidxray.serving import registry
 from covidxray.settings.loco import LocoSettings, loco_settings
 from covidxray.settings.train import DEFAULT_OPTIMIZED_METRIC, TrainSettings, train_settings
 from covidxray.infra.outputs import figures_text, json_safe
+from covidxray.training import site_adaptation
 from covidxray.training.trainer import Trainer
 from covidxray.training import recipe
 from covidxray.training.cv_data import CVData, load_cv_data, make_trainer
@@ -104,7 +106,8 @@ def run(cfg) -> dict:
                 **({"fine_tune_epochs": epochs[1]} if trainer.fine_tunes else {}),
             )
         metrics["train_seconds"] = time.perf_counter() - wall
-        written = write_outputs(models_dir, cv_dir, cv, oof, metrics, model, meta, lite)
+        stats = site_adaptation.feature_stats(trainer.pooled_features(model)) if model is not None else None
+        written = write_outputs(models_dir, cv_dir, cv, oof, metrics, model, meta, lite, stats)
         import mlflow  # the hashes of what this run read and installed, as DVC computes them
 
         mlflow.set_tags(tracking.content_tags([s.curated, s.splits, *pretrained_file(s), *written]))
@@ -276,10 +279,12 @@ def write_outputs(
     model,
     meta: dict,
     tflite: bytes | None = None,
+    stats=None,
 ) -> None:
-    """Write reports/cv/* and (with a final model) model.keras, model.tflite and model.json into staging
-    folders, log them to the MLflow run, then install them together (fileset). Without a final
-    model, an earlier model.keras/model.json goes in the same switch: it would not match these
+    """Write reports/cv/* and (with a final model) model.keras, model.tflite, model.json and the
+    training images' pooled-feature statistics (`stats`, for site adaptation) into staging folders,
+    log them to the MLflow run, then install them together (fileset). Without a final model, an
+    earlier model.keras/model.json goes in the same switch: it would not match these
     CV results. Timings (TIMINGS) go to the run only, so that a rerun writes the same bytes: the
     files hold figures, metrics.json all of them, headline.json the few `dvc metrics show` lists.
     Returns the installed files."""
@@ -294,7 +299,7 @@ def write_outputs(
     n_images = int(len(oof))
     remove = [
         models_dir / name
-        for name in (MODEL_FILE, TFLITE_FILE, META_FILE, model_file.RUN_FILE)
+        for name in (MODEL_FILE, TFLITE_FILE, META_FILE, model_file.RUN_FILE, site_adaptation.STATS_FILE)
         if model is None or (name == TFLITE_FILE and tflite is None)
     ]
     with fileset.install_together([models_dir, cv_dir], remove=remove) as (new_models, new_cv):
@@ -310,6 +315,7 @@ def write_outputs(
         if model is not None:
             model_file.write(model, new_models, tflite)
             (new_models / META_FILE).write_text(json.dumps(json_safe(same_every_run), indent=2) + "\n")
+            site_adaptation.write_stats(new_models / site_adaptation.STATS_FILE, stats)
             run = {k: meta.get(k) for k in model_file.RUN_KEYS} | {
                 "model_md5": tracking.dvc_md5(new_models / MODEL_FILE)
             }
@@ -318,7 +324,7 @@ def write_outputs(
             mlflow.log_artifact(str(new_models / model_file.RUN_FILE))
         mlflow.log_metrics(finite_metrics(timings))
     written = [cv_dir / name for name in CV_FILES]
-    installed = [MODEL_FILE, TFLITE_FILE, META_FILE] if tflite is not None else [MODEL_FILE, META_FILE]
+    installed = [MODEL_FILE, META_FILE, site_adaptation.STATS_FILE] + ([TFLITE_FILE] if tflite is not None else [])
     return written + ([models_dir / name for name in installed] if model is not None else [])
 
 

@@ -3,15 +3,20 @@
 A threshold chosen on the training collections does not transfer to another hospital (the loco
 stage measures by how much). A site labels a few of its own X-rays (SET in `validate`'s format: a
 folder with one sub-folder per class, or a CSV with path, label[, patient_id]); this tool scores
-them with the model, picks the threshold on them (Youden's J, or the highest threshold reaching a
-target sensitivity) and writes a model folder: the same model.keras (and model.tflite, where the
-model has one: it is scored with LiteRT then, no TensorFlow), and a model.json carrying the
+them with the model, picks the threshold on them (Youden's J, or the highest threshold whose
+one-sided Clopper-Pearson lower bound on sensitivity, at `--confidence`, reaches a target: the
+target then holds at the site with that confidence, not just on the few positives seen) and writes
+a model folder: the same model.keras (and model.tflite, where the model has one: it is scored with
+LiteRT then, no TensorFlow), and a model.json carrying the
 site threshold and where it came from (`site_calibration`). predict, validate and the served
 model read the threshold from model.json, so they apply it; `--register NAME` also logs the
 calibrated model to MLflow as a servable model under NAME.
 
-At least 5 labelled images of every class of the model are needed, and only its labels; otherwise
-one line and nothing written. DIR must be new, empty, or an earlier calibrate output.
+At least 5 labelled images of every class of the model are needed, and only its labels, and for a
+target sensitivity the positives it needs at the confidence (0.9 at 0.95: 29); otherwise one line,
+before the model loads, and nothing written. A model adapted to the site (`covidxray adapt`) keeps
+its feature statistics in the calibrated folder: adapt first, then calibrate. DIR must be new,
+empty, or an earlier calibrate output.
 """
 
 from __future__ import annotations
@@ -19,19 +24,26 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from covidxray import CovidXrayError
-from covidxray.evaluation.calibration import MIN_PER_CLASS, operating_point, site_threshold
+from covidxray.evaluation.calibration import (
+    MIN_PER_CLASS,
+    bound_at,
+    check_positives,
+    operating_point,
+    site_threshold,
+)
 from covidxray.evaluation.metrics import THRESHOLD_METHODS
 from covidxray.infra.outputs import check_replaceable, json_safe, replace_dir
 from covidxray.evaluation.assess import check_labels
 from covidxray.networks.inference import predictions
 from covidxray.networks import model_file
-from covidxray.networks.model_file import META_FILE
+from covidxray.networks.model_file import KNOWN_CLASSES, META_FILE
 from covidxray.serving.loading import check_model_path, load_after, load_images
 from covidxray.tools.validate import read_external
 
@@ -47,6 +59,29 @@ def check_counts(labels, classes: list[str], where) -> dict[str, int]:
             f"class ({', '.join(classes)}) are needed"
         )
     return counts
+
+
+def positives_check(labels, target: float, confidence: float | None, where) -> int | None:
+    """The positives a target sensitivity needs at `confidence` (None without one); fewer in the
+    set is a one-line error naming the number. Every task's positive class is covid (last)."""
+    if confidence is None:
+        return None
+    positives = int((np.asarray(labels) == KNOWN_CLASSES[0][-1]).sum())
+    return check_positives(positives, target, confidence, f"{where}: --target-sensitivity at --confidence")
+
+
+def carry_stats(model_spec, folder: Path) -> None:
+    """The feature statistics beside a model folder (training's, and an adapted site's), copied
+    into `folder`: the calibrated model stays adaptable and says what it was adapted to."""
+    from covidxray.serving.loading import is_model_uri
+    from covidxray.training.site_adaptation import SITE_STATS_FILE, STATS_FILE
+
+    if is_model_uri(model_spec):
+        return
+    source = Path(model_spec) if Path(model_spec).is_dir() else Path(model_spec).parent
+    for name in (STATS_FILE, SITE_STATS_FILE):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
 
 
 def site_meta(meta: dict, threshold: float, provenance: dict) -> dict:
@@ -74,18 +109,24 @@ def calibrate(
     *,
     method: str = "youden",
     target_sensitivity: float = 0.9,
+    confidence: float | None = 0.95,
     tracking_uri: str | None = None,
 ) -> dict:
     """Pick the site threshold on the labelled set and write out_dir (model.keras, model.tflite
-    where the model has one, model.json);
-    returns the new metadata. Nothing is written when the set cannot calibrate."""
+    where the model has one, model.json, and the feature statistics of an adapted model); returns
+    the new metadata. Nothing is written when the set cannot calibrate. confidence None: the target
+    on the positives as found."""
     if method not in THRESHOLD_METHODS:
         raise CovidXrayError(f"--method must be one of {', '.join(THRESHOLD_METHODS)}, got {method!r}")
     if not 0.0 < target_sensitivity <= 1.0:
         raise CovidXrayError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}")
+    if confidence is not None and not 0.0 < confidence < 1.0:
+        raise CovidXrayError(f"--confidence must be in (0, 1), got {confidence}")
+    confidence = confidence if method == "sensitivity" else None
     set_path, out_dir = Path(set_path), Path(out_dir)
     check_replaceable(out_dir, "calibrate")
     frame = read_external(set_path)
+    needed = positives_check(frame["label"], target_sensitivity, confidence, set_path)  # before the model loads
     check_model_path(model_spec)
 
     def skip(path, message):
@@ -102,7 +143,18 @@ def calibrate(
     positive_class = meta["classes"][-1]
     scores = predictions(model, meta, pixels)[f"p_{positive_class}"].to_numpy(dtype=float)
     positive = (frame["label"] == positive_class).to_numpy()
-    threshold = site_threshold(positive, scores, method, target_sensitivity, str(set_path), float(meta["threshold"]))
+    what = f"{set_path} (readable images)"
+    threshold = site_threshold(
+        positive, scores, method, target_sensitivity, what, confidence, prefer=float(meta["threshold"])
+    )
+    bound = {}
+    if confidence is not None:
+        bound = {
+            "confidence": float(confidence),
+            "positives": int(positive.sum()),
+            "positives_needed": needed,
+            "sensitivity_lower_bound": bound_at(positive, scores, threshold, confidence),
+        }
     provenance = {
         "set": str(set_path.resolve()),
         "images": int(len(frame)),
@@ -110,6 +162,7 @@ def calibrate(
         "per_class": counts,
         "method": method,
         **({"target_sensitivity": float(target_sensitivity)} if method == "sensitivity" else {}),
+        **bound,
         "on_the_set": operating_point(positive, scores, threshold),
         "at_the_replaced_threshold": operating_point(positive, scores, float(meta["threshold"])),
         "model": str(model_spec),
@@ -120,23 +173,31 @@ def calibrate(
     def write(folder: Path) -> None:
         model_file.write(model, folder)
         (folder / META_FILE).write_text(json.dumps(new_meta, indent=2) + "\n")
+        carry_stats(model_spec, folder)
 
     replace_dir(out_dir, write, by="calibrate", owned=True)
     return new_meta
 
 
-def register(out_dir: Path, name: str, tracking_uri: str | None, experiment: str) -> str:
-    """Log the calibrated model folder as a servable MLflow model registered as `name`; its URI."""
+def register(out_dir: Path, name: str, tracking_uri: str | None, experiment: str, by: str = "calibrate") -> str:
+    """Log a calibrated or adapted model folder as a servable MLflow model registered as `name`
+    (its site_calibration / site_adaptation and feature statistics beside it on the run); its URI."""
     import mlflow
 
     from covidxray.infra import tracking
     from covidxray.networks.model_file import load_model
     from covidxray.serving import pyfunc
+    from covidxray.training.site_adaptation import SITE_STATS_FILE, STATS_FILE
 
     model, meta = load_model(out_dir)
     tracking.configure(tracking_uri, experiment)
-    with mlflow.start_run(run_name="calibrate", tags={"covidxray.stage": "calibrate", **tracking.process_tags()}):
-        mlflow.log_dict(meta["site_calibration"], "site_calibration.json")
+    with mlflow.start_run(run_name=by, tags={"covidxray.stage": by, **tracking.process_tags()}):
+        for key in ("site_calibration", "site_adaptation"):
+            if meta.get(key):
+                mlflow.log_dict(meta[key], f"{key}.json")
+        for stats in (STATS_FILE, SITE_STATS_FILE):
+            if (Path(out_dir) / stats).is_file():
+                mlflow.log_artifact(str(Path(out_dir) / stats))
         info = pyfunc.log_model(model, meta, registered_name=name)
     version = getattr(info, "registered_model_version", None)
     return f"models:/{name}/{version}" if version else info.model_uri
@@ -152,6 +213,13 @@ def calibrate_cli(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="the calibrated model folder to write (new or empty)")
     parser.add_argument("--method", default="youden", choices=THRESHOLD_METHODS)
     parser.add_argument("--target-sensitivity", type=float, default=0.9, help="for --method sensitivity")
+    parser.add_argument(
+        "--confidence",
+        type=float,
+        default=0.95,
+        help="for --method sensitivity: the target must hold for the one-sided Clopper-Pearson lower bound "
+        "at this confidence (default 0.95)",
+    )
     parser.add_argument("--register", metavar="NAME", help="also log it to MLflow, registered as NAME")
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or mlruns/)")
     args = parser.parse_args(argv)
@@ -161,10 +229,17 @@ def calibrate_cli(argv: list[str]) -> int:
         Path(args.out),
         method=args.method,
         target_sensitivity=args.target_sensitivity,
+        confidence=args.confidence,
         tracking_uri=args.tracking_uri,
     )
     cal = meta["site_calibration"]
     point = cal["on_the_set"]
+    if cal.get("confidence") is not None:
+        print(
+            f"calibrate: sensitivity {cal['target_sensitivity']:g} at {cal['confidence']:g} confidence needs at "
+            f"least {cal['positives_needed']} positive images; the set has {cal['positives']}: lower bound "
+            f"{cal['sensitivity_lower_bound']:.3f} at the threshold"
+        )
     print(
         f"calibrate: {cal['images']} images; threshold {meta['threshold']:.4f} ({args.method}; was "
         f"{cal['replaces_threshold']:.4f}): sensitivity {point['sensitivity']:.3f}, specificity "

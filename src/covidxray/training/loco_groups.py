@@ -16,7 +16,14 @@ from covidxray.training.specs import FitSettings
 # The figures of a group that go to DVC metrics and MLflow (loco_<group>_<name>); details stay in JSON.
 HEADLINE = ("auc", "shortcut_auc", "margin", "sensitivity", "specificity", "calibrated_specificity")
 # What a recipe is judged (and a sweep can select) by: mean and worst over the held-out groups.
-SUMMARY = ("auc", "margin", "specificity", "calibrated_sensitivity", "calibrated_specificity")
+SUMMARY = (
+    "auc",
+    "margin",
+    "specificity",
+    "calibrated_sensitivity",
+    "calibrated_specificity",
+    "calibrated_target_held",  # share of calibration draws whose sensitivity on the rest reached the target
+)
 
 
 def metric_names() -> tuple[str, ...]:
@@ -50,6 +57,7 @@ class LocoSpec:
     calibration_target: float
     n_resamples: int
     ci: float
+    calibration_confidence: float | None = None  # method sensitivity: the target on the lower bound (None: as found)
 
 
 # -- groups -------------------------------------------------------------------------------------
