@@ -31,10 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from covidxray.training.algorithms.base import Algorithm
+from covidxray.training.algorithms.base import EPSILON, Algorithm
 from covidxray.training.algorithms.erm import ERM
-
-EPSILON = 1e-7  # Keras's clip for cross-entropy of probabilities
 
 
 @dataclass(frozen=True)
@@ -200,7 +198,8 @@ def fit_heads(
     for epoch in range(1, int(epochs) + 1):
         idx = batches([train for train, _ in splits], batch_size, rngs)
         scale = dropout_scale((*idx.shape, shape.units or x.shape[1]), shape.dropout, rngs) if _drops(shape) else 0
-        probs, losses = (t.numpy() for t in epoch_fn(*tensors, tf.constant(idx), tf.constant(scale)))
+        extra = tf.constant(algorithm_draws(algorithm, idx.shape, rngs))
+        probs, losses = (t.numpy() for t in epoch_fn(*tensors, tf.constant(idx), tf.constant(scale), extra))
         current = [v.numpy() for v in variables]
         for k, (_, val) in enumerate(splits):
             if not tracks[k].stopped:
@@ -235,6 +234,16 @@ def fold_standardization(weights: list[np.ndarray], moments, k: int) -> list[np.
     kernel = np.asarray(weights[0], np.float64)
     folded = [kernel / std[:, None], np.asarray(weights[1], np.float64) - (mean / std) @ kernel]
     return [w.astype(np.float32) for w in folded] + list(weights[2:])
+
+
+def algorithm_draws(algorithm: Algorithm, shape: tuple, rngs: list[np.random.Generator]) -> np.ndarray:
+    """The algorithm's random numbers for one epoch (steps, K, batch, m), head k's from a child of
+    rngs[k] (spawning leaves the head's own stream, its batches and dropout, as ERM's); m = 0
+    when it needs none (Algorithm.draws)."""
+    found = [algorithm.draws(rng.spawn(1)[0], shape[0], shape[2]) for rng in rngs]
+    if found[0] is None:
+        return np.zeros((shape[0], shape[1], shape[2], 0), np.float32)
+    return np.stack(found, axis=1).astype(np.float32)
 
 
 def initial_weights(n_heads: int, d: int, shape: HeadShape, seed: int) -> list:
@@ -286,10 +295,10 @@ def _drops(shape: HeadShape) -> bool:
 def _epoch_function(
     variables, optimizer, algorithm: Algorithm, state: list, n_groups: int, shape: HeadShape, moments=None
 ):
-    """A tf.function running one epoch of steps for all heads, the loss from `algorithm` plus the
-    kernels' L2 penalty; returns the softmax outputs of each step (steps, K, B, C) and each head's
-    loss per step (steps, K). moments: (mean, std) (K, D) of standardization() when the heads train
-    on standardized features."""
+    """A tf.function running one epoch of steps for all heads, the loss from `algorithm`
+    (Algorithm.objective, with its `draws`) plus the kernels' L2 penalty; returns the softmax
+    outputs of each step (steps, K, B, C) and each head's loss per step (steps, K). moments:
+    (mean, std) (K, D) of standardization() when the heads train on standardized features."""
     import tensorflow as tf
 
     kernels = variables[::2]
@@ -308,20 +317,30 @@ def _epoch_function(
         h = h * scale
         return tf.einsum("kbh,khc->kbc", h, w2) + b2[:, None, :], h
 
+    def probabilities(xb, scale):
+        """(softmax outputs, representation) of forward: what Algorithm.objective's forward gives."""
+        logits, h = forward(xb, scale)
+        return tf.nn.softmax(logits), h
+
     @tf.function(jit_compile=True)  # XLA: one fused program per epoch, ~2.5x faster on CPU
-    def epoch(x, onehot, sample_weight, groups, idx, dropout_scale):
+    def epoch(x, onehot, sample_weight, groups, idx, dropout_scale, draws):
         steps = tf.shape(idx)[0]
         probs = tf.TensorArray(tf.float32, size=steps)
         losses = tf.TensorArray(tf.float32, size=steps)
         for s in tf.range(steps):
             rows = idx[s]
             with tf.GradientTape() as tape:
-                logits, h = forward(tf.gather(x, rows), dropout_scale[s] if _drops(shape) else None)
-                p = tf.nn.softmax(logits)
-                log_p = tf.math.log(tf.clip_by_value(p, EPSILON, 1 - EPSILON))
-                ce = -tf.reduce_sum(tf.gather(onehot, rows) * log_p, axis=-1)
-                weight = tf.gather(sample_weight, rows, batch_dims=1)
-                per_head = algorithm.loss(ce, weight, tf.gather(groups, rows), h, state, n_groups)
+                step_scale = dropout_scale[s] if _drops(shape) else None
+                p, per_head = algorithm.objective(
+                    lambda inputs: probabilities(inputs, step_scale),  # noqa: B023 (called in this step)
+                    tf.gather(x, rows),
+                    tf.gather(onehot, rows),
+                    tf.gather(sample_weight, rows, batch_dims=1),
+                    tf.gather(groups, rows),
+                    draws[s],
+                    state,
+                    n_groups,
+                )
                 if shape.l2:  # Keras's L2 regularizer on each kernel, per head
                     per_head += shape.l2 * tf.add_n([tf.reduce_sum(tf.square(w), axis=[1, 2]) for w in kernels])
                 loss = tf.reduce_sum(per_head)

@@ -8,7 +8,9 @@ outside the project registers the same way from its own package, under the entry
 The stacked-heads trainer (training/stacked_heads.py) hands an algorithm, per step and head, each
 row's cross-entropy, its sample weight, its group (class x collection: the domain label
 domain-generalization methods need) and the head's hidden representation; the algorithm returns
-the per-head loss. Modules import TensorFlow inside their methods, so the catalogue can be read
+the per-head loss (Algorithm.loss). A method that changes the rows before the forward pass (mixup)
+or needs each row's class (alignment within a class) overrides Algorithm.objective instead, which
+gets the batch's rows and the forward pass. Modules import TensorFlow inside their methods, so the catalogue can be read
 (and configs checked) before TensorFlow loads.
 """
 

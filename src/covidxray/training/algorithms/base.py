@@ -8,6 +8,8 @@ from typing import ClassVar
 
 from covidxray import CovidXrayError
 
+EPSILON = 1e-7  # Keras's clip for cross-entropy of probabilities
+
 
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
@@ -34,6 +36,42 @@ class Algorithm:
     def loss(self, ce, weight, group, hidden, state, n_groups: int):
         raise NotImplementedError
 
+    def draws(self, rng, steps: int, batch: int):
+        """Random numbers one head's epoch needs beyond its batches and dropout (mixup's partners
+        and mixing weights), drawn on the host from a child of the head's random stream, so its
+        batches and dropout stay ERM's: (steps, batch, m) floats, or None (the default)."""
+        return None
+
+    def objective(self, forward, x, onehot, weight, group, draws, state, n_groups: int):
+        """One step's (softmax outputs (K, B, C), per-head losses (K,)), from the batch's rows
+        before the forward pass: x (K, B, D) pooled features, onehot (K, B, C) targets, weight,
+        group, draws (K, B, m) (see `draws`); forward(x) gives (softmax outputs, hidden).
+
+        The default is the forward pass on the rows as drawn, each row's cross-entropy, then
+        `loss`: a method that only forms the loss overrides `loss`; one that changes the rows
+        before the forward pass (mixup) or needs each row's class (alignment within a class)
+        overrides this."""
+        p, hidden = forward(x)
+        return p, self.loss(self.cross_entropy(onehot, p), weight, group, hidden, state, n_groups)
+
+    @staticmethod
+    def cross_entropy(onehot, p):
+        """Each row's cross-entropy of softmax outputs p against targets (Keras's clip at EPSILON)."""
+        import tensorflow as tf
+
+        return -tf.reduce_sum(onehot * tf.math.log(tf.clip_by_value(p, EPSILON, 1 - EPSILON)), axis=-1)
+
+    @staticmethod
+    def group_risks(ce, weight, group, n_groups: int):
+        """Per head and group, the weighted mean cross-entropy of the group's rows in the batch
+        (K, G), and (K, G) 1.0 where the group has rows in the batch, 0.0 where it has none."""
+        import tensorflow as tf
+
+        member = tf.one_hot(group, n_groups, dtype=ce.dtype) * weight[..., None]  # (K, B, G)
+        mass = tf.reduce_sum(member, axis=1)
+        risks = tf.math.divide_no_nan(tf.einsum("kbg,kb->kg", member, ce), mass)
+        return risks, tf.cast(mass > 0, ce.dtype)
+
     def keras_loss(self):
         """The loss for Keras's `fit` (a model trained from pixels: augmentation, fine-tuning), or
         None where the method needs the stacked-heads trainer (frozen base, no augmentation)."""
@@ -53,3 +91,13 @@ class Algorithm:
         if not ok or value < low or (low_open and value == low):
             bound = f"> {low}" if low_open else f">= {low}"
             raise CovidXrayError(f"algorithm.{key} must be a number {bound} for {self.NAME}, got {value!r}")
+
+    def _check_integer(self, key: str, value, low: int = 0) -> None:
+        """An integer hyper-parameter >= low, else a one-line error."""
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise CovidXrayError(f"algorithm.{key} must be an integer >= {low} for {self.NAME}, got {value!r}")
+
+    def _check_choice(self, key: str, value, allowed: tuple[str, ...]) -> None:
+        """A hyper-parameter among `allowed`, else a one-line error."""
+        if value not in allowed:
+            raise CovidXrayError(f"algorithm.{key} must be one of {', '.join(allowed)} for {self.NAME}, got {value!r}")
