@@ -165,7 +165,7 @@ def test_a_toy_algorithm_plugs_in_through_one_module_and_one_config(two_sites, t
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["algorithm.name=dro"], "algorithm.name must be one of erm"),
+        (["algorithm.name=dro"], "algorithm.name must be one of coral, erm, groupdro, mixup, vrex, got 'dro'"),
         (["+algorithm.eta=0.1"], "algorithm.eta: not a parameter of erm"),
     ],
 )
