@@ -13,7 +13,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from conftest import BIN, REPO, make_cfg
-from test_recipe import FROZEN, _paths, two_sites  # noqa: F401 (two_sites: the fixture)
+from test_recipe import FROZEN, LOCO_TINY, _paths, two_sites  # noqa: F401 (two_sites: the fixture)
 
 
 def _fit(x, y, groups, algorithm=None, *, units=8, epochs=8, batch_size=32, seed=0):
@@ -213,12 +213,8 @@ def test_groupdro_trains_through_covidxray_train_with_loco(two_sites, tmp_path):
         "train",
         "algorithm=groupdro",
         *FROZEN,
-        "++optimized_metric=loco_auc_mean",
+        *LOCO_TINY,
         "cv.final_model=false",
-        "loco.groups=[[radiography]]",
-        "loco.calibration.k=4",
-        "loco.calibration.draws=2",
-        "evaluate.bootstrap=20",
         *_paths(two_sites, tmp_path),
         f"hydra.run.dir={tmp_path / 'run'}",
     ]

@@ -17,6 +17,14 @@ from conftest import BIN, REPO, make_cfg, synthetic_xrays
 
 # A frozen random backbone at 32 px: the stacked heads (the default recipe's path) at test size.
 FROZEN = ["experiment=smoke", "model=mobilenetv2", "model.weights=none", "model.freeze_base=true", "train.epochs=2"]
+# LOCO inside `covidxray train` at test size: radiography held out, few calibration draws and resamples
+LOCO_TINY = [
+    "++optimized_metric=loco_auc_mean",  # force-add: the key may or may not be in the base config
+    "loco.groups=[[radiography]]",
+    "loco.calibration.k=4",
+    "loco.calibration.draws=2",
+    "evaluate.bootstrap=20",
+]
 TUTORIAL_ROLES = ["data.sources.train.covid=[ieee8023]", "data.sources.train.normal=[kermany]"]
 
 
@@ -136,11 +144,7 @@ def test_a_toy_algorithm_plugs_in_through_one_module_and_one_config(two_sites, t
         f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
         "algorithm=toy",
         *FROZEN,
-        "++optimized_metric=loco_auc_mean",  # force-add: the key may or may not be in the base config
-        "loco.groups=[[radiography]]",
-        "loco.calibration.k=4",
-        "loco.calibration.draws=2",
-        "evaluate.bootstrap=20",
+        *LOCO_TINY,
         *_paths(two_sites, tmp_path),
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
