@@ -65,7 +65,7 @@ def test_train_writes_the_training_images_feature_statistics(tiny):
     from covidxray.data import images
     from covidxray.networks.model_file import load_model
 
-    model, meta = load_model(tiny["models"])
+    model, meta = load_model(tiny["models"], engine="keras")
     stored, index, _ = images.load_curated(tiny["curated"])
     cv = index["image_id"].isin(pd.read_csv(tiny["splits"]).query("partition == 'cv'")["image_id"]).to_numpy()
     pooled = sa.pooled_table(model, images.prepare_for(meta, stored[cv]))
@@ -95,7 +95,7 @@ def test_adapt_aligns_the_site_features_and_predict_applies_it(tiny, site, tmp_p
 
     # by hand: the original model's pooled features of the site, standardized per feature to the
     # training images' mean and std, through the original head
-    model, original = load_model(tiny["models"])
+    model, original = load_model(tiny["models"], engine="keras")
     pixels, _ = load_images(site["paths"], original, None)
     pooled = sa.pooled_table(model, pixels)
     site_stats = np.load(out / sa.SITE_STATS_FILE)

@@ -62,7 +62,7 @@ def main(cfg) -> None:
     settings = evaluate_settings(cfg)  # checked before TensorFlow loads
     from covidxray.networks.model_file import load_model
 
-    model, meta = load_model(settings.models / MODEL_FILE)
+    model, meta = load_model(settings.models / MODEL_FILE, engine="keras")  # Grad-CAM and the feature store need Keras
     pixels, index, classes = images.load_curated(settings.curated)
     if list(classes) != meta["classes"]:
         raise CovidXrayError(f"the model's classes {meta['classes']} differ from the curated data's {classes}")

@@ -146,7 +146,7 @@ def main(cfg) -> dict:
     from covidxray.networks.model_file import load_model
 
     t, out = s.train, s.out
-    model, meta = load_model(t.models / MODEL_FILE)
+    model, meta = load_model(t.models / MODEL_FILE, engine="keras")  # the probes read its layers
     stored, index, classes = imgs.load_curated(t.curated)
     if list(classes) != meta["classes"]:
         raise CovidXrayError(f"the model's classes {meta['classes']} differ from the curated data's {classes}")
