@@ -32,9 +32,11 @@ from covidxray.evaluation import calibration
 from covidxray.evaluation import metrics as M
 from covidxray.training.loco_groups import (
     HEADLINE,
+    MIXED,
     SUMMARY,
     LocoSpec,
     Recipe,
+    counted,
     group_name,
     held_pairs,
     metric_key,
@@ -137,13 +139,26 @@ def measure(
     return out
 
 
-def summarise(groups: dict) -> dict:
-    """loco_<figure>_mean and _worst (lowest) over the groups that have the figure."""
+def _mean_worst(values: list) -> tuple[float | None, float | None]:
+    return (float(np.mean(values)), float(np.min(values))) if values else (None, None)
+
+
+def summarise(groups: dict, spec: LocoSpec) -> dict:
+    """loco_<figure>_mean and _worst (lowest) over the groups that have the figure, and
+    loco_<figure>_mixed_mean/_worst over the groups the objective counts (loco_groups.counted:
+    both classes, shortcut baseline below spec.max_shortcut_auc, at least spec.min_images images).
+    Marks each group with `counted` and `counted_why`."""
+    for g in groups.values():
+        g["counted"], g["counted_why"] = counted(g, spec.max_shortcut_auc, spec.min_images)
     out = {}
     for m in SUMMARY:
-        values = [g[m] for g in groups.values() if g.get(m) is not None]
-        out[f"loco_{m}_mean"] = float(np.mean(values)) if values else None
-        out[f"loco_{m}_worst"] = float(np.min(values)) if values else None
+        out[f"loco_{m}_mean"], out[f"loco_{m}_worst"] = _mean_worst(
+            [g[m] for g in groups.values() if g.get(m) is not None]
+        )
+    for m in MIXED:
+        found = [g[m] for g in groups.values() if g["counted"] and g.get(m) is not None]
+        out[f"loco_{m}_mixed_mean"], out[f"loco_{m}_mixed_worst"] = _mean_worst(found)
+    out["loco_groups_counted"] = sum(g["counted"] for g in groups.values())
     return out
 
 
@@ -233,8 +248,10 @@ def load_rows(curated, splits, provides: dict, classes_wanted=None):
     return images[keep], rows, list(classes)
 
 
-def run(curated, splits, recipe: Recipe, spec: LocoSpec, seed: int, classes_wanted=None) -> dict:
-    """LOCO over spec.groups: {"groups": {name: figures}, "summary": mean/worst, "seconds"}."""
+def run(curated, splits, recipe: Recipe, spec: LocoSpec, seed: int, classes_wanted=None, inspect=None) -> dict:
+    """LOCO over spec.groups: {"groups": {name: figures}, "summary": mean/worst, "seconds"}.
+    `inspect(model, trainer, rows, train_idx, held_idx)`, if given, looks at each group's model
+    before it is freed; what it returns is the group's `inspected`."""
     from covidxray.data.images import prepare
     from covidxray.training.cv_data import CVData, make_trainer
 
@@ -268,6 +285,8 @@ def run(curated, splits, recipe: Recipe, spec: LocoSpec, seed: int, classes_want
             **found,
             "seconds": time.perf_counter() - t0,
         }
+        if inspect is not None:
+            groups[name]["inspected"] = inspect(model, trainer, rows, train_idx, held_idx)
         predictions.append(role_rows(name, rows, train_idx, held_idx, scores))
         print(f"loco: held out {name}: {_line(groups[name])} ({groups[name]['seconds']:.0f}s)")
         import keras
@@ -276,7 +295,7 @@ def run(curated, splits, recipe: Recipe, spec: LocoSpec, seed: int, classes_want
         keras.backend.clear_session()
     return {
         "groups": groups,
-        "summary": summarise(groups),
+        "summary": summarise(groups, spec),
         "seconds": time.perf_counter() - start,
         "feature_cache_s": trainer.cache_seconds,
         "predictions": pd.concat(predictions, ignore_index=True),
