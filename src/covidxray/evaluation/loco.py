@@ -91,10 +91,20 @@ def adapted_scores(trainer, model, train_idx: np.ndarray, held_idx: np.ndarray) 
 
 
 def measure(
-    frame: pd.DataFrame, stored, scores, threshold: float, classes, spec: LocoSpec, seed: int, adapted=None
+    frame: pd.DataFrame,
+    stored,
+    scores,
+    threshold: float,
+    classes,
+    spec: LocoSpec,
+    seed: int,
+    adapted=None,
+    shortcuts=None,
 ) -> dict:
     """A held-out group's figures from its covid scores (see the module docstring); `adapted`:
-    its scores after site adaptation, compared in `adaptation`."""
+    its scores after site adaptation, compared in `adaptation`. `shortcuts`: a dict keeping the
+    shortcut baseline of each held-out set (it depends on the images only), so recipes measured on
+    the same images (a study) compute it once."""
     from covidxray.evaluation import probes
 
     positive = (frame["label"].astype(str) == classes[-1]).to_numpy()
@@ -115,7 +125,12 @@ def measure(
     )
     for key in ("auc", "sensitivity", "specificity", "pr_auc"):
         out.update({k: figs[k] for k in (key, f"{key}_ci_low", f"{key}_ci_high")})
-    baseline = shortcut_baseline(frame, stored, seed)
+    key = (tuple(frame["image_id"]), seed)
+    baseline = shortcuts.get(key) if shortcuts is not None else None
+    if baseline is None:
+        baseline = shortcut_baseline(frame, stored, seed)
+        if shortcuts is not None:
+            shortcuts[key] = baseline
     out["shortcut"] = baseline
     out["shortcut_auc"] = baseline["auc"]
     out["margin"] = None if baseline["auc"] is None or out["auc"] is None else out["auc"] - baseline["auc"]
@@ -248,10 +263,12 @@ def load_rows(curated, splits, provides: dict, classes_wanted=None):
     return images[keep], rows, list(classes)
 
 
-def run(curated, splits, recipe: Recipe, spec: LocoSpec, seed: int, classes_wanted=None, inspect=None) -> dict:
+def run(
+    curated, splits, recipe: Recipe, spec: LocoSpec, seed: int, classes_wanted=None, inspect=None, shortcuts=None
+) -> dict:
     """LOCO over spec.groups: {"groups": {name: figures}, "summary": mean/worst, "seconds"}.
     `inspect(model, trainer, rows, train_idx, held_idx)`, if given, looks at each group's model
-    before it is freed; what it returns is the group's `inspected`."""
+    before it is freed; what it returns is the group's `inspected`. `shortcuts`: see measure."""
     from covidxray.data.images import prepare
     from covidxray.training.cv_data import CVData, make_trainer
 
@@ -271,7 +288,7 @@ def run(curated, splits, recipe: Recipe, spec: LocoSpec, seed: int, classes_want
         scores = trainer.predict(model, held_idx)[:, -1].astype(np.float64)
         frame = rows.iloc[held_idx].reset_index(drop=True)
         adapted = adapted_scores(trainer, model, train_idx, held_idx)
-        found = measure(frame, stored[held_idx], scores, threshold, classes, spec, seed, adapted)
+        found = measure(frame, stored[held_idx], scores, threshold, classes, spec, seed, adapted, shortcuts)
         trained_on = remaining(recipe.train_roles, group)
         groups[name] = {
             "held_out": list(group),

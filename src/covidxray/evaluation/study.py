@@ -18,6 +18,7 @@ from covidxray.evaluation import loco
 from covidxray.evaluation import metrics as M
 from covidxray.evaluation import probes
 from covidxray.evaluation.report import fmt
+from covidxray.training import stacked_heads
 
 SELECTION_RULE = (
     "a recipe replaces the baseline only if the paired 95% interval of its AUC difference on its worst "
@@ -40,6 +41,9 @@ def collection_probe(seed: int):
         if len(idx) > PROBE_ROWS:
             idx = np.sort(np.random.default_rng(seed).choice(idx, PROBE_ROWS, replace=False))
         frame = rows.iloc[idx].reset_index(drop=True)
+        if trainer.stacked_head(model) is not None:  # the trainer's pooled table: no image read again
+            features = stacked_heads.hidden(stacked_heads.head_weights(model), trainer.pooled_features(model)[idx])
+            return probes.collection_aucs_of(features, frame, seed)
         return probes.feature_collection_aucs(model, trainer.images[idx], frame, seed, store=trainer.store)
 
     return inspect
@@ -135,8 +139,8 @@ def forest_figure(table: pd.DataFrame, baseline: str, ci: float):
     ax.axvline(0.0, color="grey", lw=1, ls="--")
     ax.set_yticks(range(n))
     ax.set_yticklabels([f"{r.recipe} | {r.group}" for r in table.itertuples()][::-1] or [""])
-    ax.set_xlabel(f"AUC difference from {baseline} (paired patient bootstrap, {ci:.0%} interval)")
-    ax.set_title("Study: per held-out group (hollow: class is collection, not counted)", fontsize=9)
+    ax.set_xlabel(f"AUC minus {baseline}'s, {ci:.0%} paired patient-bootstrap interval", fontsize=9)
+    ax.set_title("Per held-out group (hollow: class is collection, not counted)", fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -103,7 +103,6 @@ def write_outputs(out: Path, result: dict, extra: dict, report_md: str, positive
         n,
         summary["loco_auc_mixed_mean"],
         auc_min=summary["loco_auc_mixed_worst"],  # the worst counted group (auc is their mean)
-        auc_all=summary["loco_auc_mean"],  # every group with both classes, class = collection included
         spec_cal=summary["loco_calibrated_specificity_mean"],
     )
     (out / "headline.json").write_text(figures_text(shown))
