@@ -18,7 +18,13 @@ from covidxray.evaluation import loco
 from covidxray.evaluation import study as S
 from covidxray.training import loco_groups
 
-LOCO = ["loco.calibration.k=6", "loco.calibration.draws=5", "evaluate.bootstrap=50"]
+LOCO = [  # as test_loco's: K = 6 supports sensitivity 0.5 at confidence 0.8
+    "loco.calibration.k=6",
+    "loco.calibration.draws=5",
+    "loco.calibration.target_sensitivity=0.5",
+    "loco.calibration.confidence=0.8",
+    "evaluate.bootstrap=50",
+]
 
 
 # -- paired differences and the selection rule ----------------------------------------------------
