@@ -47,7 +47,6 @@ def test_every_benchmark_is_covered():
         "bench_startup.py",
         "bench_startup_predict.py",
         "head_loco.py",
-        "remedies.py",
     }
     assert set(BENCHMARKS) == tested, "a new benchmark needs a tiny run here"
 
@@ -109,22 +108,6 @@ def test_head_sweep_benchmark_times_each_point(tmp_path):
     assert not results["store_warm"] and results["warm_job"] is None
     assert list(tmp_path.iterdir()) == []  # MLflow, sweep folders, data: in the benchmark's own temporary folder
     assert "head sweep: 2 points in" in done.stdout
-
-
-def test_remedies_runs_tiny(tiny_data, tmp_path):
-    done = run(
-        [
-            str(ROOT / "benchmarks" / "remedies.py"),
-            "--tiny",
-            "--out",
-            str(tmp_path / "out"),
-            f"paths.curated={tiny_data['curated']}",
-            f"paths.splits={tiny_data['splits']}",
-        ],
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "| default | radiography |" in done.stdout and "| ieee8023+kermany |" in done.stdout
 
 
 def test_head_loco_runs_tiny(tmp_path):

@@ -59,7 +59,24 @@ def _write_outputs(root: Path, cv_auc: float) -> None:
     roc = pd.DataFrame({"group": ["radiography"] * 3 + ["ieee8023+kermany"] * 3, "fpr": [0, 0.5, 1] * 2})
     roc.assign(tpr=[0, 0.8, 1, 0, 0.6, 1]).to_csv(loco / "plots" / "roc.csv", index=False)
     (loco / "metrics.json").write_text(json.dumps({"loco_auc_mean": 0.6, "loco_auc_worst": 0.5}))
-    (loco / "headline.json").write_text(json.dumps(headline(3023, 0.6, auc_min=0.6487, spec_cal=0.3148)))
+    (loco / "headline.json").write_text(
+        json.dumps(headline(2370, 0.6, auc_min=0.6487, spec_cal=0.3148))  # the loco stage's keys
+    )
+    study = root / "reports" / "study"  # the study stage's headline and forest table
+    study.mkdir(parents=True, exist_ok=True)
+    (study / "headline.json").write_text(
+        json.dumps({"auc": 0.7401, "auc_min": 0.7401, "best_d": 0.01196, "qualify": 1})
+    )
+    pd.DataFrame(
+        {
+            "recipe": ["clahe", "clahe"],
+            "group": ["radiography", "ieee8023+kermany"],
+            "delta": [-0.028, -0.151],
+            "low": [-0.04, -0.189],
+            "high": [-0.017, -0.116],
+            "counted": [True, False],
+        }
+    ).to_csv(study / "forest.csv", index=False)
     (loco / "groups").mkdir(exist_ok=True)
     figures = dict(auc=0.6639, auc_ci_low=0.5931, auc_ci_high=0.7383, shortcut_auc=0.9907, margin=-0.3267)
     figures |= dict(sensitivity=0.7304, specificity=0.2517, calibrated_specificity=0.1881)
@@ -101,6 +118,8 @@ def test_metrics_are_committed_so_a_fresh_clone_diffs_them(repo_copy, tmp_path):
         "reports/plots/confusion.csv",
         "reports/plots/precision_recall.csv",
         "reports/plots/roc.csv",
+        "reports/study/forest.csv",
+        "reports/study/headline.json",
     ]
     _sh([*GIT, "add", "-A"], repo_copy)
     _sh([*GIT, "commit", "-qm", "metrics"], repo_copy)
@@ -115,6 +134,10 @@ def test_metrics_are_committed_so_a_fresh_clone_diffs_them(repo_copy, tmp_path):
     # one row per stage, a few shared columns: the table fits a 120-column terminal
     table = subprocess.run([str(BIN / "dvc"), "metrics", "show"], cwd=clone, capture_output=True, text=True).stdout
     assert len(table.splitlines()) == 4 and max(map(len, table.splitlines())) <= 120, table
+    # the study's headline: its own one-row table (the stages' table has no room for its columns)
+    study = subprocess.run([str(BIN / "dvc"), "metrics", "show", "reports/study/headline.json"], **wide(clone)).stdout
+    assert len(study.splitlines()) == 2 and max(map(len, study.splitlines())) <= 120, study
+    assert study.splitlines()[0].split()[1:] == ["auc", "auc_min", "best_d", "qualify"], study
     # LOCO, one row per held-out group, within 120 columns (the README's recipe)
     groups = subprocess.run([str(BIN / "dvc"), "metrics", "show", "reports/loco/groups"], **wide(clone)).stdout
     rows = groups.splitlines()
@@ -138,7 +161,7 @@ def test_metrics_are_committed_so_a_fresh_clone_diffs_them(repo_copy, tmp_path):
     assert not (clone / ".dvc" / "cache").exists()
     plots = _dvc_json(["plots", "diff", "HEAD"], clone)
     assert not plots.get("errors"), plots.get("errors")
-    assert len(plots["data"]) == 6  # every plot of dvc.yaml
+    assert len(plots["data"]) == 7  # every plot of dvc.yaml
     values = plots["data"]["reports/plots/roc.csv"][0]["content"]["data"]["values"]
     by_rev = {rev: [float(p["tpr"]) for p in values if p["rev"] == rev] for rev in ("HEAD", "workspace")}
     assert by_rev["HEAD"] == committed["tpr"].tolist()
@@ -172,6 +195,14 @@ def test_plots_are_drawn_unsmoothed_and_history_by_fold(repo_copy):  # noqa: F81
     # the confusion matrix as report.md draws it: rows actual, columns predicted
     confusion = specs["reports/plots/confusion.csv"]["spec"]["encoding"]
     assert (confusion["y"]["field"], confusion["x"]["field"]) == ("actual", "predicted")
+
+    forest = specs["reports/study/forest.csv"]  # per recipe | group: a point, its interval, the zero line
+    assert forest["encoding"]["y"]["field"] == "row" and [layer["mark"]["type"] for layer in forest["layer"]] == [
+        "rule",
+        "point",
+        "rule",
+    ]
+    assert {p["group"] for p in forest["data"]["values"]} == {"radiography", "ieee8023+kermany"}
 
     loco = specs["reports/loco/plots/roc.csv"]  # one ROC curve per held-out group
     assert loco["encoding"]["color"]["field"] == "group"

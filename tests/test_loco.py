@@ -328,6 +328,12 @@ def test_loco_metrics_are_the_headline_with_baselines(loco_run):
     }
     for key in ("loco_auc_mean", "loco_auc_worst", "loco_margin_worst", "loco_calibrated_specificity_mean"):
         assert key in m
+    # tiny_data's synthetic classes differ in pixel statistics (shortcut baseline 1): no group counts in
+    # the objective, so the headline has every group's mean (auc_all) and no auc
+    assert m["loco_groups_counted"] == 0 and m["loco_auc_mixed_mean"] is None
+    shown = json.loads((loco_run["reports"] / "loco" / "headline.json").read_text())
+    assert "auc" not in shown and "auc_min" not in shown and shown["n"] == 0
+    assert all(not g["counted"] and "class is collection" in g["counted_why"] for g in details["groups"].values())
     for name in ("radiography", "ieee8023-kermany"):
         for figure in ("auc", "shortcut_auc", "margin", "sensitivity", "specificity"):
             assert f"loco_{name}_{figure}" in m
@@ -477,7 +483,7 @@ def test_training_with_a_collection_in_both_roles_fails_fast():
 
 
 def test_an_optuna_sweep_selects_on_the_loco_mean(tiny_data, tmp_path):
-    """`hparams_search=optuna` (objective loco_auc_mean) at smoke size, 2 trials: each trial's
+    """`hparams_search=optuna` (objective loco_auc_mixed_mean) at smoke size, 2 trials: each trial's
     return value is its leave-one-collection-out mean AUC, logged on its run, and the study's best
     value is the best of them."""
     import os
@@ -496,6 +502,8 @@ def test_an_optuna_sweep_selects_on_the_loco_mean(tiny_data, tmp_path):
             "experiment=smoke",
             "hydra.sweeper.n_trials=2",
             "loco.groups=[[radiography]]",  # one group keeps it short; the mean is then that group's AUC
+            "loco.objective.max_shortcut_auc=1.0",  # counted although tiny_data's classes differ in pixel statistics
+            "loco.objective.min_images=10",
             "evaluate.bootstrap=50",
             *LOCO,
             f"paths.curated={tiny_data['curated']}",
@@ -511,6 +519,8 @@ def test_an_optuna_sweep_selects_on_the_loco_mean(tiny_data, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     values = [json.loads((sweep / job / "reports" / "cv" / "metrics.json").read_text()) for job in ("0", "1")]
-    assert all(v["loco_auc_mean"] == v["loco_radiography_auc"] and "loco_radiography_shortcut_auc" in v for v in values)
+    assert all(
+        v["loco_auc_mixed_mean"] == v["loco_radiography_auc"] and "loco_radiography_shortcut_auc" in v for v in values
+    )
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_value"]
-    assert best == pytest.approx(max(v["loco_auc_mean"] for v in values), rel=1e-3)  # files: 4 significant digits
+    assert best == pytest.approx(max(v["loco_auc_mixed_mean"] for v in values), rel=1e-3)  # files: 4 significant digits

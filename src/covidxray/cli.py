@@ -1,6 +1,6 @@
 """The `covidxray` command: one subcommand per pipeline stage, plus tools.
 
-Stages (STAGES: pretrained, fetch, curate, split, train, evaluate, loco; one module each in
+Stages (STAGES: pretrained, fetch, curate, split, train, evaluate, loco, study; one module each in
 covidxray/stages/, as in dvc.yaml) are Hydra apps composed from conf/, so they take overrides and
 `-m` sweeps: `covidxray train -m model=vgg16,mobilenetv2 optimizer.lr=1e-3,1e-4`. DVC runs them as
 `covidxray STAGE --params params.yaml`, reading the composed parameters instead. Tools (TOOLS:
@@ -28,7 +28,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from covidxray import CovidXrayError  # noqa: E402
 
-STAGES = ("pretrained", "fetch", "curate", "split", "train", "evaluate", "loco")
+STAGES = ("pretrained", "fetch", "curate", "split", "train", "evaluate", "loco", "study")
 TOOLS = {
     "predict": "covidxray.tools.predict:predict_cli",
     "validate": "covidxray.tools.validate:validate_cli",

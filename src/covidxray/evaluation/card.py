@@ -141,6 +141,11 @@ def loco_table(result: dict, k: int) -> list[str]:
             f"– / {fmt(s.get(f'loco_specificity_{what}'))} | {fmt(s.get(f'loco_calibrated_sensitivity_{what}'))} / "
             f"{fmt(s.get(f'loco_calibrated_specificity_{what}'))} |"
         )
+    for what in ("mean", "worst"):  # the objective: groups where class is not collection (loco.objective)
+        lines.append(
+            f"| **{what}, class not collection** | | | **{fmt(s.get(f'loco_auc_mixed_{what}'))}** | | "
+            f"{fmt(s.get(f'loco_margin_mixed_{what}'))} | | |"
+        )
     return lines
 
 
@@ -168,7 +173,14 @@ def loco_notes(result: dict, k: int, ci: float) -> list[str]:
         f"chosen on the training collections' out-of-fold predictions. Calibrated: {k} labelled images of the "
         f"held-out site ({k // 2} per class) set the threshold by {how}, measured on the site's other images, "
         f"mean ± sd over {draws} draws (`covidxray calibrate` does this for a hospital). A one-class group has no "
-        "AUC: it reports its sensitivity or specificity only.",
+        "AUC: it reports its sensitivity or specificity only. *Class not collection* (the headline and the "
+        "objective of LOCO sweeps): only the groups with both classes whose shortcut baseline is at most "
+        "loco.objective.max_shortcut_auc and that hold at least loco.objective.min_images images; left out: "
+        + (
+            "; ".join(f"{n} ({g['counted_why']})" for n, g in result["groups"].items() if not g.get("counted", True))
+            or "none"
+        )
+        + ".",
     ]
 
 

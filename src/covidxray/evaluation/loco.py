@@ -32,9 +32,11 @@ from covidxray.evaluation import calibration
 from covidxray.evaluation import metrics as M
 from covidxray.training.loco_groups import (
     HEADLINE,
+    MIXED,
     SUMMARY,
     LocoSpec,
     Recipe,
+    counted,
     group_name,
     held_pairs,
     metric_key,
@@ -89,10 +91,20 @@ def adapted_scores(trainer, model, train_idx: np.ndarray, held_idx: np.ndarray) 
 
 
 def measure(
-    frame: pd.DataFrame, stored, scores, threshold: float, classes, spec: LocoSpec, seed: int, adapted=None
+    frame: pd.DataFrame,
+    stored,
+    scores,
+    threshold: float,
+    classes,
+    spec: LocoSpec,
+    seed: int,
+    adapted=None,
+    shortcuts=None,
 ) -> dict:
     """A held-out group's figures from its covid scores (see the module docstring); `adapted`:
-    its scores after site adaptation, compared in `adaptation`."""
+    its scores after site adaptation, compared in `adaptation`. `shortcuts`: a dict keeping the
+    shortcut baseline of each held-out set (it depends on the images only), so recipes measured on
+    the same images (a study) compute it once."""
     from covidxray.evaluation import probes
 
     positive = (frame["label"].astype(str) == classes[-1]).to_numpy()
@@ -113,7 +125,12 @@ def measure(
     )
     for key in ("auc", "sensitivity", "specificity", "pr_auc"):
         out.update({k: figs[k] for k in (key, f"{key}_ci_low", f"{key}_ci_high")})
-    baseline = shortcut_baseline(frame, stored, seed)
+    key = (tuple(frame["image_id"]), seed)
+    baseline = shortcuts.get(key) if shortcuts is not None else None
+    if baseline is None:
+        baseline = shortcut_baseline(frame, stored, seed)
+        if shortcuts is not None:
+            shortcuts[key] = baseline
     out["shortcut"] = baseline
     out["shortcut_auc"] = baseline["auc"]
     out["margin"] = None if baseline["auc"] is None or out["auc"] is None else out["auc"] - baseline["auc"]
@@ -137,13 +154,26 @@ def measure(
     return out
 
 
-def summarise(groups: dict) -> dict:
-    """loco_<figure>_mean and _worst (lowest) over the groups that have the figure."""
+def _mean_worst(values: list) -> tuple[float | None, float | None]:
+    return (float(np.mean(values)), float(np.min(values))) if values else (None, None)
+
+
+def summarise(groups: dict, spec: LocoSpec) -> dict:
+    """loco_<figure>_mean and _worst (lowest) over the groups that have the figure, and
+    loco_<figure>_mixed_mean/_worst over the groups the objective counts (loco_groups.counted:
+    both classes, shortcut baseline below spec.max_shortcut_auc, at least spec.min_images images).
+    Marks each group with `counted` and `counted_why`."""
+    for g in groups.values():
+        g["counted"], g["counted_why"] = counted(g, spec.max_shortcut_auc, spec.min_images)
     out = {}
     for m in SUMMARY:
-        values = [g[m] for g in groups.values() if g.get(m) is not None]
-        out[f"loco_{m}_mean"] = float(np.mean(values)) if values else None
-        out[f"loco_{m}_worst"] = float(np.min(values)) if values else None
+        out[f"loco_{m}_mean"], out[f"loco_{m}_worst"] = _mean_worst(
+            [g[m] for g in groups.values() if g.get(m) is not None]
+        )
+    for m in MIXED:
+        found = [g[m] for g in groups.values() if g["counted"] and g.get(m) is not None]
+        out[f"loco_{m}_mixed_mean"], out[f"loco_{m}_mixed_worst"] = _mean_worst(found)
+    out["loco_groups_counted"] = sum(g["counted"] for g in groups.values())
     return out
 
 
@@ -233,8 +263,12 @@ def load_rows(curated, splits, provides: dict, classes_wanted=None):
     return images[keep], rows, list(classes)
 
 
-def run(curated, splits, recipe: Recipe, spec: LocoSpec, seed: int, classes_wanted=None) -> dict:
-    """LOCO over spec.groups: {"groups": {name: figures}, "summary": mean/worst, "seconds"}."""
+def run(
+    curated, splits, recipe: Recipe, spec: LocoSpec, seed: int, classes_wanted=None, inspect=None, shortcuts=None
+) -> dict:
+    """LOCO over spec.groups: {"groups": {name: figures}, "summary": mean/worst, "seconds"}.
+    `inspect(model, trainer, rows, train_idx, held_idx)`, if given, looks at each group's model
+    before it is freed; what it returns is the group's `inspected`. `shortcuts`: see measure."""
     from covidxray.data.images import prepare
     from covidxray.training.cv_data import CVData, make_trainer
 
@@ -254,7 +288,7 @@ def run(curated, splits, recipe: Recipe, spec: LocoSpec, seed: int, classes_want
         scores = trainer.predict(model, held_idx)[:, -1].astype(np.float64)
         frame = rows.iloc[held_idx].reset_index(drop=True)
         adapted = adapted_scores(trainer, model, train_idx, held_idx)
-        found = measure(frame, stored[held_idx], scores, threshold, classes, spec, seed, adapted)
+        found = measure(frame, stored[held_idx], scores, threshold, classes, spec, seed, adapted, shortcuts)
         trained_on = remaining(recipe.train_roles, group)
         groups[name] = {
             "held_out": list(group),
@@ -268,6 +302,8 @@ def run(curated, splits, recipe: Recipe, spec: LocoSpec, seed: int, classes_want
             **found,
             "seconds": time.perf_counter() - t0,
         }
+        if inspect is not None:
+            groups[name]["inspected"] = inspect(model, trainer, rows, train_idx, held_idx)
         predictions.append(role_rows(name, rows, train_idx, held_idx, scores))
         print(f"loco: held out {name}: {_line(groups[name])} ({groups[name]['seconds']:.0f}s)")
         import keras
@@ -276,7 +312,7 @@ def run(curated, splits, recipe: Recipe, spec: LocoSpec, seed: int, classes_want
         keras.backend.clear_session()
     return {
         "groups": groups,
-        "summary": summarise(groups),
+        "summary": summarise(groups, spec),
         "seconds": time.perf_counter() - start,
         "feature_cache_s": trainer.cache_seconds,
         "predictions": pd.concat(predictions, ignore_index=True),

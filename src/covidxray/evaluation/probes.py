@@ -98,7 +98,11 @@ def collection_auc(features: np.ndarray, collection, groups, seed: int) -> float
 
 def feature_collection_aucs(model, images: np.ndarray, frame: pd.DataFrame, seed: int, store=None) -> dict:
     """Per class with images of two collections in `frame`: {class: {collections, images, auc}}."""
-    features = penultimate_features(model, images, store=store)
+    return collection_aucs_of(penultimate_features(model, images, store=store), frame, seed)
+
+
+def collection_aucs_of(features: np.ndarray, frame: pd.DataFrame, seed: int) -> dict:
+    """feature_collection_aucs on given features (one row per row of `frame`)."""
     out = {}
     for label, rows in frame.reset_index(drop=True).groupby("label").indices.items():
         names = sorted(frame["source"].iloc[rows].unique())

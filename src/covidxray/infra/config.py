@@ -38,6 +38,35 @@ def compose(overrides: list[str] | None = None):
     return cfg
 
 
+def _patch(node: dict, before: dict, after: dict) -> None:
+    """Carry into `node` what changed from `before` to `after` (keys set, changed or removed)."""
+    for key in before:
+        if key not in after:
+            node.pop(key, None)
+    for key, new in after.items():
+        old = before.get(key)
+        if isinstance(new, dict) and isinstance(old, dict) and isinstance(node.get(key), dict):
+            _patch(node[key], old, new)
+        elif key not in before or new != old:
+            node[key] = new
+
+
+def with_overrides(cfg, overrides: list[str], key: str):
+    """`cfg` (a composed configuration, e.g. params.yaml with a DVC experiment's -S values) with
+    Hydra overrides applied: what `overrides` change in conf/'s composition (group choices such as
+    algorithm=coral, or keys) is carried into a copy of cfg, the rest of cfg kept. A bad override
+    is a one-line error naming `key`."""
+    from omegaconf import OmegaConf
+
+    try:
+        before, after = OmegaConf.to_container(compose()), OmegaConf.to_container(compose(list(overrides)))
+    except Exception as err:  # Hydra's override and composition errors span several lines
+        raise CovidXrayError(f"{key}: {' '.join(str(err).split())[:300]}") from None
+    node = OmegaConf.to_container(cfg, resolve=True)
+    _patch(node, before, after)
+    return OmegaConf.create(node)
+
+
 def first_difference(a, b, path: str = "") -> str | None:
     """The dotted key where two nested mappings first differ (in a value, a key or the order of
     the keys: the order of data.collections decides which copy of a duplicate is kept), or None."""

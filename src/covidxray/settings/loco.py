@@ -55,6 +55,8 @@ def loco_spec(cfg, roles: dict, classes) -> loco_groups.LocoSpec:
         calibration_confidence=confidence,
         n_resamples=assess_options(cfg).n_resamples,
         ci=assess_options(cfg).ci,
+        max_shortcut_auc=number(cfg, "loco.objective.max_shortcut_auc", 0.5, 1.0, True, False, "a number in (0.5, 1]"),
+        min_images=integer(cfg, "loco.objective.min_images", 1, "an integer >= 1 (held-out images)"),
     )
 
 

@@ -24,11 +24,16 @@ SUMMARY = (
     "calibrated_specificity",
     "calibrated_target_held",  # share of calibration draws whose sensitivity on the rest reached the target
 )
+# The same over the groups the objective counts (loco.objective: class is not collection, enough
+# images): loco_auc_mixed_mean is the headline and the default objective of LOCO sweeps.
+MIXED = ("auc", "margin")
 
 
 def metric_names() -> tuple[str, ...]:
-    """loco_<figure>_mean and _worst: the names a sweep may optimize (optimized_metric)."""
-    return tuple(f"loco_{m}_{s}" for m in SUMMARY for s in ("mean", "worst"))
+    """loco_<figure>_mean and _worst, loco_<figure>_mixed_mean and _mixed_worst: the names a sweep
+    may optimize (optimized_metric)."""
+    plain = tuple(f"loco_{m}_{s}" for m in SUMMARY for s in ("mean", "worst"))
+    return plain + tuple(f"loco_{m}_mixed_{s}" for m in MIXED for s in ("mean", "worst"))
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,8 @@ class LocoSpec:
     n_resamples: int
     ci: float
     calibration_confidence: float | None = None  # method sensitivity: the target on the lower bound (None: as found)
+    max_shortcut_auc: float = 0.9  # loco.objective: a group counts when its shortcut baseline is below
+    min_images: int = 100  # ... and it holds at least this many images (smaller ones: flagged only)
 
 
 # -- groups -------------------------------------------------------------------------------------
@@ -135,8 +142,28 @@ def check_groups(groups, roles: dict, classes) -> tuple[tuple[str, ...], ...]:
                 f"{key}={list(names)}: holding it out leaves class {', '.join(lacking)} with no training "
                 f"collection (training collections: {sources.describe({'train': roles['train']})}; left: {left})"
             )
+        if sorted(names) in [sorted(g) for g in out]:
+            raise CovidXrayError(
+                f"{key}={list(names)}: the same group is named twice (it would count twice in the mean; "
+                f"allowed: each group once)"
+            )
         out.append(tuple(names))
     return tuple(out)
+
+
+def counted(group: dict, max_shortcut_auc: float, min_images: int) -> tuple[bool, str]:
+    """Whether a measured held-out group counts in the objective (loco_*_mixed_*), and why (not):
+    it needs both classes, a shortcut baseline AUC of at most max_shortcut_auc (where pixel statistics
+    or geometry alone separate the classes better, class is collection and the AUC measures the shortcut)
+    and at least min_images images (a few dozen images give an interval too wide to rank on)."""
+    if group.get("auc") is None:
+        return False, "one class: no AUC"
+    base = group.get("shortcut_auc")
+    if base is not None and base > max_shortcut_auc:
+        return False, f"class is collection: shortcut baseline AUC {base:.3f} > {max_shortcut_auc}"
+    if group["n_images"] < min_images:
+        return False, f"{group['n_images']} images < {min_images}: flagged, interval only"
+    return True, "counted"
 
 
 def held_pairs(group, provides: dict) -> dict[str, list[str]]:

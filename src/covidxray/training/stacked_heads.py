@@ -107,14 +107,17 @@ def head_weights(model) -> list[np.ndarray]:
     return [w for name in _dense_names(model) for w in model.get_layer(name).get_weights()]
 
 
+def hidden(weights: list[np.ndarray], x: np.ndarray) -> np.ndarray:
+    """The head's representation of pooled features: its hidden layer (head_dense, ReLU), or the
+    pooled features themselves for the linear head (weights [kernel, bias])."""
+    x = np.asarray(x, np.float32)
+    return x if len(weights) == 2 else np.maximum(x @ weights[0] + weights[1], 0.0)
+
+
 def head_probs(weights: list[np.ndarray], x: np.ndarray) -> np.ndarray:
     """Softmax outputs of a trained head on pooled features (inference: no dropout): weights
     [kernel, bias, kernel, bias] (ReLU between) or [kernel, bias] (the linear head)."""
-    if len(weights) == 2:
-        logits = np.asarray(x, np.float32) @ weights[0] + weights[1]
-    else:
-        w1, b1, w2, b2 = weights
-        logits = np.maximum(np.asarray(x, np.float32) @ w1 + b1, 0.0) @ w2 + b2
+    logits = hidden(weights, x) @ weights[-2] + weights[-1]
     logits -= logits.max(axis=1, keepdims=True)
     e = np.exp(logits)
     return e / e.sum(axis=1, keepdims=True)
