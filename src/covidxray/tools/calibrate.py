@@ -88,7 +88,7 @@ def site_meta(meta: dict, threshold: float, provenance: dict) -> dict:
     """The model's metadata with the site threshold, and the threshold it replaces in the
     provenance. The registered name, version and MLflow run of the model it calibrates stay: predict
     and validate report them, marked site-calibrated (inference.identity)."""
-    out = {k: v for k, v in meta.items() if k != "model_uri"}  # the folder is not that URI
+    out = {k: v for k, v in meta.items() if k not in ("model_uri", "ood")}  # the folder is not that URI
     provenance = {
         **provenance,
         "replaces_threshold": meta["threshold"],
