@@ -118,3 +118,17 @@ def test_a_model_folder_without_the_file_predicts_as_before(tiny, tmp_path):
     assert code == 0, err
     row = json.loads(out)
     assert row["ood"] is None and row["ood_score"] is None and row["label"] in ("normal", "covid")
+
+
+def test_litert_and_keras_give_the_same_ood_score(tiny):
+    """The LiteRT feature model kept in ood.npz scores like the Keras sub-model (serving without TensorFlow)."""
+    from covidxray.networks import model_file
+
+    detector = ood.load(tiny["models"] / ood.OOD_FILE)
+    assert detector.lite is not None
+    lite, _ = model_file.load_model(tiny["models"], "auto")
+    keras_model, _ = model_file.load_model(tiny["models"], "keras")
+    x = np.random.default_rng(5).integers(0, 256, (3, 32, 32)).astype(np.uint8)
+    a = detector.distances(ood.lite_features(detector, lite, x))
+    b = detector.distances(ood.lite_features(detector, keras_model, x))
+    assert type(lite).__name__ == "LiteModel" and np.allclose(a, b, rtol=1e-3), (a, b)

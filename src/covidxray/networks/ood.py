@@ -8,6 +8,10 @@ validation rows, measured against a fit on the other folds' rows), so about `rat
 the training ones are flagged (the stated false-alarm rate). Stored beside the model as ood.npz
 (mean, precision, threshold, rate), written with deterministic bytes; a model folder without it
 predicts as before, its ood columns empty.
+
+With LiteRT (networks/litert.py) the features come from the feature sub-model converted to LiteRT
+at training and kept in ood.npz (features_tflite), so a LiteRT model is scored without TensorFlow;
+a Keras model (or a detector without it) runs the Keras sub-model.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class Detector:
     precision: np.ndarray
     threshold: float
     rate: float
+    lite: bytes | None = None  # the feature sub-model as LiteRT (litert.convert), if converted
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Mahalanobis distance of each row of `features` (N, D) to the training mean."""
@@ -76,10 +81,13 @@ def save(detector: Detector, path: Path) -> Path:
         "threshold": np.float64(detector.threshold),
         "rate": np.float64(detector.rate),
     }
+    if detector.lite is not None:
+        arrays["features_tflite"] = np.frombuffer(detector.lite, dtype=np.uint8)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
         for name, array in arrays.items():
             buffer = io.BytesIO()
-            np.lib.format.write_array(buffer, np.asarray(array, dtype=np.float64), allow_pickle=False)
+            kept = array if name == "features_tflite" else np.asarray(array, dtype=np.float64)
+            np.lib.format.write_array(buffer, kept, allow_pickle=False)
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             archive.writestr(info, buffer.getvalue())
@@ -92,7 +100,8 @@ def load(path: Path) -> Detector | None:
     if not path.is_file():
         return None
     with np.load(path, allow_pickle=False) as found:
-        return Detector(found["mean"], found["precision"], float(found["threshold"]), float(found["rate"]))
+        lite = found["features_tflite"].tobytes() if "features_tflite" in found.files else None
+        return Detector(found["mean"], found["precision"], float(found["threshold"]), float(found["rate"]), lite)
 
 
 def feature_model(model):
@@ -131,10 +140,20 @@ def features(model, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
     return np.asarray(feature_model(model).predict(x, batch_size=batch, verbose=0), dtype=np.float64)
 
 
+def lite_features(detector: Detector, model, pixels: np.ndarray) -> np.ndarray:
+    """features(), for a LiteRT model from the detector's LiteRT feature model (no TensorFlow)."""
+    from covidxray.networks.litert import LiteModel
+
+    if not isinstance(model, LiteModel) or detector.lite is None:
+        return features(model, pixels)
+    extractor = LiteModel(detector.lite, OOD_FILE)
+    return np.asarray(extractor.predict(np.asarray(pixels, dtype=np.float32)[..., None]), dtype=np.float64)
+
+
 def flag(detector: Detector | None, model, pixels: np.ndarray) -> tuple[list, list]:
     """(ood_score, ood) per image: the distance and whether it is above the threshold; None each
     without a detector."""
     if detector is None or len(pixels) == 0:
         return [None] * len(pixels), [None] * len(pixels)
-    scores = detector.distances(features(model, pixels))
+    scores = detector.distances(lite_features(detector, model, pixels))
     return [float(s) for s in scores], [bool(s > detector.threshold) for s in scores]

@@ -245,6 +245,7 @@ def ood_detector(trainer: Trainer, data: CVData, model, rate: float) -> ood.Dete
     frozen = trainer.uses_cache and not trainer.fine_tunes
     features = trainer.pooled_features(model) if frozen else ood.features(model, data.images)
     detector = ood.fit(features, data.rows["fold"].to_numpy(), data.folds, rate)
+    detector.lite = litert.convert(ood.feature_model(model))  # scores beside model.tflite, without TensorFlow
     mlflow.log_metrics({"ood_threshold": detector.threshold, "ood_false_alarm": rate})
     print(f"train: out-of-distribution threshold {detector.threshold:.2f} ({rate:.1%} of held-out training images)")
     return detector
