@@ -64,7 +64,8 @@ def test_smoke_training_logs_to_an_mlflow_server(smoke_cfg, tmp_path, monkeypatc
         model = mlflow.pyfunc.load_model(f"models:/{smoke_cfg.mlflow.registered_model}/1")  # via the server
         image = np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)
         answer = model.predict(pd.DataFrame({"image": [png_bytes(image)]}))
-        assert answer["label"].iloc[0] in ("normal", "covid") and 0 <= answer["p_covid"].iloc[0] <= 1
+        labels = ("normal", "covid", "out-of-distribution")  # noise: likely flagged (test_ood.py)
+        assert answer["label"].iloc[0] in labels and 0 <= answer["p_covid"].iloc[0] <= 1
     finally:
         server.stop()
 

@@ -46,12 +46,15 @@ def expected(tiny, gray: np.ndarray) -> dict:
 
 
 def check_answer(row: dict, want: dict) -> None:
-    assert set(row) == {"p_covid", "p_normal", "label", "threshold", "model_name", "model_version", "model_run_id"}
+    identity = {"model_name", "model_version", "model_run_id"}
+    assert set(row) == {"p_covid", "p_normal", "label", "threshold", *identity, "ood_score", "ood"}
+    assert row["ood_score"] >= 0 and row["ood"] == (row["label"] == "out-of-distribution")  # its ood.npz served
     assert (row["model_version"], row["model_run_id"]) == (want["model_version"], want["model_run_id"])
     assert 0.0 <= row["p_covid"] <= 1.0 and abs(row["p_covid"] + row["p_normal"] - 1.0) < 1e-5
-    assert row["label"] == ("covid" if row["p_covid"] >= row["threshold"] else "normal")
+    called = "covid" if row["p_covid"] >= row["threshold"] else "normal"
+    assert row["label"] == ("out-of-distribution" if row["ood"] else called)
     assert row["threshold"] == pytest.approx(want["threshold"], abs=1e-12)
-    assert row["p_covid"] == pytest.approx(want["p_covid"], abs=1e-5) and row["label"] == want["label"]
+    assert row["p_covid"] == pytest.approx(want["p_covid"], abs=1e-5) and called == want["label"]
 
 
 def test_scoring_server_answers_an_xray(tiny, xray, tmp_path):

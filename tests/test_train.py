@@ -140,10 +140,14 @@ def test_smoke_training_end_to_end(trained):
         "model_name",
         "model_version",
         "model_run_id",
+        "ood_score",
+        "ood",
     ]
     assert out["model_version"].tolist() == ["1"] * 4 and (out["model_run_id"] == meta["mlflow_run_id"]).all()
     assert np.allclose(out["p_covid"], p[:, 1], atol=1e-6) and (out["threshold"] == meta["threshold"]).all()
-    assert out["label"].tolist() == np.where(p[:, 1] >= meta["threshold"], "covid", "normal").tolist()
+    called = np.where(p[:, 1] >= meta["threshold"], "covid", "normal")  # noise: flagged unless like the X-rays
+    assert out["label"].tolist() == np.where(out["ood"].astype(bool), "out-of-distribution", called).tolist()
+    assert (models_dir / "ood.npz").is_file()
 
     # Run as the pipeline runs it (not a Hydra app): registered, installed, described; the smoke
     # config is not the committed default, so @champion does not move (test_registry.py).

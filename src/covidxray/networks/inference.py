@@ -14,10 +14,13 @@ import numpy as np
 import pandas as pd
 
 from covidxray import CovidXrayError
+from covidxray.networks import ood
 
 BATCH_SIZE = 32
 # Which model answered, from its metadata (model.json / the logged model): columns of every answer.
 IDENTITY = {"model_name": "registered_model", "model_version": "registered_version", "model_run_id": "mlflow_run_id"}
+# The out-of-distribution flag (networks/ood.py; meta["ood"]: the detector loaded with the model, if any).
+OOD_COLUMNS = {"ood_score": "double", "ood": "boolean"}
 
 
 def _row_pixels(image, pixels, row: int) -> np.ndarray:
@@ -105,17 +108,23 @@ def describe_model(meta: dict) -> str:
 def predictions(model, meta: dict, pixels: np.ndarray) -> pd.DataFrame:
     """Per image: p_<class> (the positive class, last in meta["classes"], first), the label at
     meta["threshold"], the threshold, and the model that answered (IDENTITY: registered name,
-    version and MLflow run; empty where the model was never registered or tracked)."""
+    version and MLflow run; empty where the model was never registered or tracked), then ood_score
+    and ood (networks/ood.py; None without a detector): an image flagged out-of-distribution is
+    labelled so instead of a class, its p_<class> kept."""
     classes = list(meta["classes"])
     probs = probabilities(model, pixels, len(classes))
     table = pd.DataFrame({f"p_{classes[-1]}": probs[:, -1]})
     for c, name in enumerate(classes[:-1]):
         table[f"p_{name}"] = probs[:, c]
     labels = np.asarray(classes, dtype=object)[decide(probs, meta["threshold"])] if len(probs) else []
+    scores, flagged = ood.flag(meta.get("ood"), model, pixels)
+    labels = [ood.OOD_LABEL if out else label for label, out in zip(labels, flagged, strict=True)]
     table["label"] = pd.Series(labels, dtype=object)
     table["threshold"] = float(meta["threshold"])
     for column, value in identity(meta).items():
         table[column] = value
+    table["ood_score"] = pd.Series(scores, dtype=object if meta.get("ood") is None else float)
+    table["ood"] = pd.Series(flagged, dtype=object)
     return table
 
 

@@ -84,9 +84,11 @@ def resolve_model(spec: str, tracking_uri: str | None = None, engine: str = "aut
     model.tflite (engine "auto"), else the Keras model (model_file.load_model)."""
     if is_model_uri(spec):
         return load_mlflow_model(str(spec), tracking_uri, engine)
-    from covidxray.networks import model_file
+    from covidxray.networks import model_file, ood
 
-    return model_file.load_model(Path(spec), engine)
+    model, meta = model_file.load_model(Path(spec), engine)
+    folder = Path(spec) if Path(spec).is_dir() else Path(spec).parent
+    return model, {**meta, "ood": ood.load(folder / ood.OOD_FILE)}  # None for a model without one
 
 
 def load_mlflow_model(uri: str, tracking_uri: str | None = None, engine: str = "auto"):
@@ -95,7 +97,7 @@ def load_mlflow_model(uri: str, tracking_uri: str | None = None, engine: str = "
     classes, image_size, resize) from the MLmodel metadata, else from a model.json logged with it
     or on its run."""
     from covidxray.infra import tracking
-    from covidxray.networks import model_file
+    from covidxray.networks import model_file, ood
 
     # a command's output is its result: no per-file download bars (set the variable to see them)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -109,7 +111,8 @@ def load_mlflow_model(uri: str, tracking_uri: str | None = None, engine: str = "
         files = sorted(path.rglob("*.keras"))
         if not files:
             raise CovidXrayError(f"MLflow model {uri} holds no .keras file")
-        return model_file.load_for(files[0], engine), meta
+        found = sorted(path.rglob(ood.OOD_FILE))
+        return model_file.load_for(files[0], engine), {**meta, "ood": ood.load(found[0]) if found else None}
 
 
 def _download_model(uri: str, store: str, local: Path):

@@ -26,11 +26,13 @@ import numpy as np
 import pandas as pd
 
 from covidxray import CovidXrayError
-from covidxray.networks.inference import IDENTITY, decode_rows, png_bytes, predictions
+from covidxray.networks import ood
+from covidxray.networks.inference import IDENTITY, OOD_COLUMNS, decode_rows, png_bytes, predictions
 
 MODEL_ARTIFACT = "model"
 META_ARTIFACT = "meta"
 TFLITE_ARTIFACT = "tflite"  # downloaded beside the model.keras artifact: model_file.load_for finds it
+OOD_ARTIFACT = "ood"
 ENTRY = '''"""MLflow models-from-code entry: the covid-xray detector (see covidxray.serving.pyfunc)."""
 from covidxray.infra import quiet
 
@@ -54,6 +56,8 @@ class CovidXrayModel(mlflow.pyfunc.PythonModel):
 
         self.meta = check_meta(read_json(Path(context.artifacts[META_ARTIFACT])), META_ARTIFACT)
         self.model = load_for(Path(context.artifacts[MODEL_ARTIFACT]))
+        if context.artifacts.get(OOD_ARTIFACT):  # models logged before the flag have none
+            self.meta["ood"] = ood.load(Path(context.artifacts[OOD_ARTIFACT]))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         """One output row per input row; a row that is no usable image is a 400 for the server."""
@@ -77,8 +81,9 @@ def signature(classes: list[str]):
     )
     outputs = [ColSpec("double", f"p_{name}") for name in [classes[-1], *classes[:-1]]]
     identity = [ColSpec("string", column) for column in IDENTITY]
+    flags = [ColSpec(kind, column, required=False) for column, kind in OOD_COLUMNS.items()]
     return ModelSignature(
-        inputs, Schema([*outputs, ColSpec("string", "label"), ColSpec("double", "threshold"), *identity])
+        inputs, Schema([*outputs, ColSpec("string", "label"), ColSpec("double", "threshold"), *identity, *flags])
     )
 
 
@@ -105,6 +110,7 @@ def log_model(
     example: np.ndarray | None = None,
     name: str = "model",
     tflite: bytes | None = None,
+    detector: ood.Detector | None = None,
 ):
     """Log a trained Keras model (or a LiteRT model with its model.keras bytes) with its metadata
     (classes, image_size, resize, threshold, ...) and its model.tflite (`tflite`, or the LiteRT
@@ -118,7 +124,13 @@ def log_model(
     with tempfile.TemporaryDirectory(prefix="covidxray-pyfunc-") as tmp:
         tmp = Path(tmp)
         files = model_file.write(model, tmp, tflite)
+        detector = detector if detector is not None else meta.get("ood")  # a loaded model's, when given none
+        meta = {k: v for k, v in meta.items() if k != "ood"}
         (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+        artifacts = {MODEL_ARTIFACT: str(files[0]), META_ARTIFACT: str(tmp / "model.json")}
+        artifacts |= {TFLITE_ARTIFACT: str(files[1])} if len(files) > 1 else {}
+        if detector is not None:
+            artifacts[OOD_ARTIFACT] = str(ood.save(detector, tmp / ood.OOD_FILE))
         code = tmp / "covidxray"
         shutil.copytree(
             Path(__file__).resolve().parents[1], code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -132,8 +144,7 @@ def log_model(
                 name=name,
                 python_model=str(entry),
                 code_paths=[str(code)],
-                artifacts={MODEL_ARTIFACT: str(files[0]), META_ARTIFACT: str(tmp / "model.json")}
-                | ({TFLITE_ARTIFACT: str(files[1])} if len(files) > 1 else {}),
+                artifacts=artifacts,
                 signature=signature(list(meta["classes"])),
                 input_example=example_frame,
                 registered_model_name=registered_name or None,

@@ -45,6 +45,7 @@ class TrainSettings:
     balance: str  # none | undersample (training images)
     threshold: str
     target_sensitivity: float
+    ood_false_alarm: float  # the OOD flag's rate on held-out training images (networks/ood.py)
     deterministic: bool
     cv_folds: int | None  # None: all folds of the splits
     final_model: bool
@@ -231,6 +232,7 @@ def train_settings(cfg) -> TrainSettings:
     fit = fit_settings(cfg)
     threshold = choice(cfg, "train.threshold", THRESHOLD_METHODS)
     target = number(cfg, "train.target_sensitivity", 0.0, 1.0, True, False, "a number in (0, 1]")
+    ood_rate = number(cfg, "train.ood.false_alarm", 0.0, 1.0, True, True, "a number in (0, 1)")
     deterministic = flag(cfg, "train.deterministic")
     folds, final_model = cv_folds(cfg), flag(cfg, "cv.final_model")
     register = value(cfg, "mlflow.register")
@@ -248,6 +250,7 @@ def train_settings(cfg) -> TrainSettings:
         balance=balance,
         threshold=threshold,
         target_sensitivity=target,
+        ood_false_alarm=ood_rate,
         deterministic=deterministic,
         cv_folds=folds,
         final_model=final_model,

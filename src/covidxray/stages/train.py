@@ -11,6 +11,7 @@ Outputs (DVC: paths.models and paths.reports/cv; as a Hydra app: the job's outpu
 installed together (fileset): a reader sees all old files or all new ones, also after a kill.
   models/model.keras       the final model (networks/builders.py layout; networks/model_file.py loads it)
   models/model.tflite      the same classifier for LiteRT (networks/litert.py): what inference runs
+  models/ood.npz           the out-of-distribution detector (networks/ood.py: mean, precision, threshold, rate)
   models/model.json        classes, image_size, resize, threshold, threshold_method, model (the same every run)
   models/feature_stats.npy the training images' pooled-feature mean and std (2, D): what `covidxray adapt` aligns to
   models/model.run.json    MLflow run and registry version, md5 of model.keras (not a DVC output)
@@ -45,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from covidxray.infra import config, fileset, tracking
-from covidxray.networks import litert
+from covidxray.networks import litert, ood
 from covidxray.serving import registry
 from covidxray.settings.loco import LocoSettings, loco_settings
 from covidxray.settings.train import DEFAULT_OPTIMIZED_METRIC, TrainSettings, train_settings
@@ -92,22 +93,23 @@ def run(cfg) -> dict:
         cv_tracking.log_cv(metrics, s.threshold)
         if by_loco is not None:  # model selection on the leave-one-collection-out estimate
             metrics.update(loco_estimate(by_loco))
-        model, epochs = None, cv.recipe.epochs
+        model, epochs, detector = None, cv.recipe.epochs, None
         if s.final_model:
             model, found = final_model(trainer, cv.recipe, parent_id)
             metrics.update(found)
+            detector = ood_detector(trainer, data, model, s.ood_false_alarm)
         cv_tracking.log_feature_store(trainer)
         meta = model_meta(s, data, metrics["threshold"], parent_id, experiment_id)
         lite = None if model is None else litert.convert(model)  # inference without TensorFlow
         if model is not None:
             meta.update(
-                register(model, meta, data.images[:1], register_as, lite),
+                register(model, meta, data.images[:1], register_as, lite, detector),
                 epochs=epochs[0],
                 **({"fine_tune_epochs": epochs[1]} if trainer.fine_tunes else {}),
             )
         metrics["train_seconds"] = time.perf_counter() - wall
         stats = site_adaptation.feature_stats(trainer.pooled_features(model)) if model is not None else None
-        written = write_outputs(models_dir, cv_dir, cv, oof, metrics, model, meta, lite, stats)
+        written = write_outputs(models_dir, cv_dir, cv, oof, metrics, model, meta, lite, stats, detector)
         import mlflow  # the hashes of what this run read and installed, as DVC computes them
 
         mlflow.set_tags(tracking.content_tags([s.curated, s.splits, *pretrained_file(s), *written]))
@@ -234,6 +236,21 @@ def final_model(trainer: Trainer, cv: recipe.RecipeResult, parent_id: str):
     return cv.model, found
 
 
+def ood_detector(trainer: Trainer, data: CVData, model, rate: float) -> ood.Detector:
+    """The final model's out-of-distribution detector (networks/ood.py): its pooled features of
+    every training image (the feature store's table when the backbone stayed frozen), the
+    threshold at `rate` false alarms on the CV folds' held-out rows."""
+    import mlflow
+
+    frozen = trainer.uses_cache and not trainer.fine_tunes
+    features = trainer.pooled_features(model) if frozen else ood.features(model, data.images)
+    detector = ood.fit(features, data.rows["fold"].to_numpy(), data.folds, rate)
+    detector.lite = litert.convert(ood.feature_model(model))  # scores beside model.tflite, without TensorFlow
+    mlflow.log_metrics({"ood_threshold": detector.threshold, "ood_false_alarm": rate})
+    print(f"train: out-of-distribution threshold {detector.threshold:.2f} ({rate:.1%} of held-out training images)")
+    return detector
+
+
 # -- outputs ------------------------------------------------------------------------------------------------
 
 
@@ -280,6 +297,7 @@ def write_outputs(
     meta: dict,
     tflite: bytes | None = None,
     stats=None,
+    detector: ood.Detector | None = None,
 ) -> None:
     """Write reports/cv/* and (with a final model) model.keras, model.tflite, model.json and the
     training images' pooled-feature statistics (`stats`, for site adaptation) into staging folders,
@@ -299,8 +317,8 @@ def write_outputs(
     n_images = int(len(oof))
     remove = [
         models_dir / name
-        for name in (MODEL_FILE, TFLITE_FILE, META_FILE, model_file.RUN_FILE, site_adaptation.STATS_FILE)
-        if model is None or (name == TFLITE_FILE and tflite is None)
+        for name in (MODEL_FILE, TFLITE_FILE, META_FILE, model_file.RUN_FILE, site_adaptation.STATS_FILE, ood.OOD_FILE)
+        if model is None or (name == TFLITE_FILE and tflite is None) or (name == ood.OOD_FILE and detector is None)
     ]
     with fileset.install_together([models_dir, cv_dir], remove=remove) as (new_models, new_cv):
         oof.to_csv(new_cv / "oof.csv", index=False)
@@ -314,6 +332,8 @@ def write_outputs(
             mlflow.log_artifact(str(new_cv / name), "cv")
         if model is not None:
             model_file.write(model, new_models, tflite)
+            if detector is not None:
+                ood.save(detector, new_models / ood.OOD_FILE)
             (new_models / META_FILE).write_text(json.dumps(json_safe(same_every_run), indent=2) + "\n")
             site_adaptation.write_stats(new_models / site_adaptation.STATS_FILE, stats)
             run = {k: meta.get(k) for k in model_file.RUN_KEYS} | {
@@ -325,6 +345,7 @@ def write_outputs(
         mlflow.log_metrics(finite_metrics(timings))
     written = [cv_dir / name for name in CV_FILES]
     installed = [MODEL_FILE, META_FILE, site_adaptation.STATS_FILE] + ([TFLITE_FILE] if tflite is not None else [])
+    installed += [ood.OOD_FILE] if detector is not None else []
     return written + ([models_dir / name for name in installed] if model is not None else [])
 
 
@@ -344,20 +365,22 @@ def cv_headline(figures: dict, n_images: int) -> dict:
     )
 
 
-def register(model, meta: dict, images: np.ndarray, registered_model: str | None, tflite: bytes | None = None) -> dict:
-    """Log the final model (with its model.tflite) to the run as a servable pyfunc model
+def register(
+    model, meta: dict, images: np.ndarray, registered_model: str | None, tflite: bytes | None = None, detector=None
+) -> dict:
+    """Log the final model (with its model.tflite and OOD detector) to the run as a servable pyfunc model
     (serving.pyfunc), registered as `registered_model` (None: not registered; serving.registry).
     Returns model.json's registry fields."""
     from functools import partial
 
-    log = partial(_log_final_model, tflite=tflite)
+    log = partial(_log_final_model, tflite=tflite, detector=detector)
     return registry.register(model, meta, images.astype(np.float32)[..., None], registered_model, log)
 
 
-def _log_final_model(model, meta: dict, registered: str | None, example: np.ndarray, tflite: bytes | None = None):
+def _log_final_model(model, meta: dict, registered: str | None, example: np.ndarray, tflite=None, detector=None):
     """Log the final model as a servable MLflow pyfunc model (serving/pyfunc.py: images in, p(covid) and
     the label at the saved threshold out) and register it; returns the ModelInfo."""
     from covidxray.serving import pyfunc as serving
 
     gray = np.clip(np.asarray(example)[0, ..., 0], 0, 255).astype(np.uint8)
-    return serving.log_model(model, meta, registered_name=registered, example=gray, tflite=tflite)
+    return serving.log_model(model, meta, registered_name=registered, example=gray, tflite=tflite, detector=detector)

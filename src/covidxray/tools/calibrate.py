@@ -41,6 +41,7 @@ from covidxray.evaluation.calibration import (
 from covidxray.evaluation.metrics import THRESHOLD_METHODS
 from covidxray.infra.outputs import check_replaceable, json_safe, replace_dir
 from covidxray.evaluation.assess import check_labels
+from covidxray.networks import ood
 from covidxray.networks.inference import predictions
 from covidxray.networks import model_file
 from covidxray.networks.model_file import KNOWN_CLASSES, META_FILE
@@ -88,7 +89,7 @@ def site_meta(meta: dict, threshold: float, provenance: dict) -> dict:
     """The model's metadata with the site threshold, and the threshold it replaces in the
     provenance. The registered name, version and MLflow run of the model it calibrates stay: predict
     and validate report them, marked site-calibrated (inference.identity)."""
-    out = {k: v for k, v in meta.items() if k != "model_uri"}  # the folder is not that URI
+    out = {k: v for k, v in meta.items() if k not in ("model_uri", "ood")}  # the folder is not that URI
     provenance = {
         **provenance,
         "replaces_threshold": meta["threshold"],
@@ -174,6 +175,8 @@ def calibrate(
         model_file.write(model, folder)
         (folder / META_FILE).write_text(json.dumps(new_meta, indent=2) + "\n")
         carry_stats(model_spec, folder)
+        if meta.get("ood") is not None and not new_meta.get("site_adaptation"):  # same network, same detector
+            ood.save(meta["ood"], folder / ood.OOD_FILE)  # (an adapted copy's features moved: none)
 
     replace_dir(out_dir, write, by="calibrate", owned=True)
     return new_meta
@@ -190,6 +193,7 @@ def register(out_dir: Path, name: str, tracking_uri: str | None, experiment: str
     from covidxray.training.site_adaptation import SITE_STATS_FILE, STATS_FILE
 
     model, meta = load_model(out_dir)
+    meta["ood"] = ood.load(out_dir / ood.OOD_FILE)  # served with the copy when it has one
     tracking.configure(tracking_uri, experiment)
     with mlflow.start_run(run_name=by, tags={"covidxray.stage": by, **tracking.process_tags()}):
         for key in ("site_calibration", "site_adaptation"):

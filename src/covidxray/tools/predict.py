@@ -123,10 +123,15 @@ def predict_cli(argv: list[str]) -> int:
     elif args.csv:
         table.to_csv(sys.stdout, index=False, float_format="%.4f")
     elif len(table):
-        shown = table[["path", covid, "label"] + (["gradcam"] if "gradcam" in table else [])].copy()
+        scored = meta.get("ood") is not None  # models from before the flag have no ood_score
+        shown = table[["path", covid, "label"] + ["ood_score"] * scored + ["gradcam"] * ("gradcam" in table)].copy()
         shown[covid] = shown[covid].map(lambda v: f"{v:.4f}")
+        if scored:
+            shown["ood_score"] = shown["ood_score"].map(lambda v: f"{v:.1f}")
         print(shown.to_string(index=False))
         print(
             f"(label: {meta['classes'][-1]} iff {covid} >= threshold {meta['threshold']:.4f}; {describe_model(meta)})"
         )
+        if scored:
+            print(f"(out-of-distribution iff ood_score > {meta['ood'].threshold:.1f}: unlike the training X-rays)")
     return 1 if failed else 0

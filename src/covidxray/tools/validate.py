@@ -131,7 +131,7 @@ def validate(
     # features), both of which need the Keras model, so TensorFlow loads here anyway.
     model, meta, (pixels, frame) = load_after(model_spec, tracking_uri, decode, engine="keras")
     name = out_dir.name
-    model_yaml = "\n".join(f"{k}: {json.dumps(v)}" for k, v in meta.items())
+    model_yaml = "\n".join(f"{k}: {json.dumps(v)}" for k, v in meta.items() if k != "ood")
     o = options
     context = {
         "title": f"External validation: {name}",
@@ -140,6 +140,7 @@ def validate(
         "config_yaml": model_yaml + f"\nvalidate: {{bootstrap: {o.n_resamples}, ci: {o.ci}, seed: {o.seed}}}",
         "extra_metrics": {"n_skipped_files": len(skipped)},
     }
+    frame = flag_ood(model, meta, pixels, frame, context["extra_metrics"])
     tags = {"covidxray.stage": "validate", "external_set": str(set_path), "model_uri": str(model_spec)}
     tags.update({tag: value for tag, value in identity(meta).items() if value})  # which model: name, version, run
     to = LogTo(tracking_uri, experiment, tags=tags, run_name=f"validate-{name}", artifact_path="validation")
@@ -159,6 +160,23 @@ def validate(
         owned=True,
     )
     return {**result, "model": describe_model(meta)}
+
+
+def flag_ood(model, meta: dict, pixels, frame: pd.DataFrame, figures: dict) -> pd.DataFrame:
+    """The set's images scored for being out-of-distribution (networks/ood.py), when the model has a
+    detector: ood_score and ood per row of `frame`, and the count and share flagged in `figures`
+    (the figures themselves are over every image: the flag is reported, not a filter)."""
+    from covidxray.networks import ood
+
+    if meta.get("ood") is None:
+        return frame
+    scores, flagged = ood.flag(meta["ood"], model, pixels)
+    figures.update(
+        n_external_ood=int(sum(flagged)),
+        external_ood_share=float(sum(flagged) / max(len(flagged), 1)),
+        ood_threshold=float(meta["ood"].threshold),
+    )
+    return frame.assign(ood_score=scores, ood=flagged)
 
 
 def validate_cli(argv: list[str]) -> int:
@@ -193,6 +211,8 @@ def validate_cli(argv: list[str]) -> int:
         tracking_uri=args.tracking_uri or st.tracking_uri,
         experiment=st.experiment,
     )
+    if result.get("n_external_ood") is not None:
+        print(f"validate: {result['n_external_ood']} images flagged out-of-distribution")
     print(
         f"validate: {result['n_external_images']} images ({result['n_external_patients']} patients): "
         f"{headline(result['external'])} ({result['model']}); wrote {out}"
