@@ -184,13 +184,14 @@ def test_an_exception_ends_the_fold_runs_failed_with_the_parent(smoke_cfg, tmp_p
     """A training that fails while a fold run is open (here: recording the fold, as a full disk
     would) ends its parent and its fold runs FAILED together; every run carries host/pid tags, so
     a later run could end it had the process died instead."""
+    from covidxray.evaluation import cv_tracking
     from covidxray.infra import tracking
     from covidxray.stages import train
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(train, "record_fold", disk_full)
+    monkeypatch.setattr(cv_tracking, "record_fold", disk_full)
     with pytest.raises(OSError, match="No space left"):
         train.main(smoke_cfg)
     found = runs(smoke_cfg.mlflow.tracking_uri)

@@ -230,7 +230,7 @@ def test_corrupt_model_file_is_one_line_naming_the_file(tmp_path, capsys):
         assert str(folder / "model.keras") in message and "\n" not in message
         assert "File not found" not in message
         image = tmp_path / "x.png"  # present, so predict gets as far as the model
-        Image.fromarray(np.full((64, 64), 100, np.uint8)).save(image)
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)).save(image)
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["predict", str(image), "--model", str(folder)])
         assert exit_info.value.code == 1

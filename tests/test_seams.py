@@ -59,7 +59,8 @@ def convert(source, target, expected_sha256=None) -> Path:
     return target
 '''
 
-TOY_YAML = """name: toy_net
+TOY_YAML = """defaults: [base/imagenet@_here_, _self_]   # the head's keys every backbone shares
+name: toy_net
 weights: imagenet
 imagenet_file: ${paths.pretrained}/toy_net.weights.h5
 freeze_base: true
