@@ -100,6 +100,7 @@ def test_pyfunc_model_returns_the_ood_columns(tiny, tmp_path, monkeypatch):
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     mlflow.set_tracking_uri(tiny["tracking_uri"])
+    mlflow.set_registry_uri(tiny["tracking_uri"])  # an earlier test in this process may have set another
     served = mlflow.pyfunc.load_model(tiny["meta"]["model_uri"])
     probes = probe_files(tmp_path)
     answer = served.predict(pd.DataFrame({"image": [p.read_bytes() for p in probes.values()]}))
