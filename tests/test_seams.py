@@ -150,6 +150,8 @@ def test_a_backbone_added_through_the_seam_trains_through_the_stages(tiny_data, 
         "loco.calibration.k=6",
         "loco.calibration.method=youden",  # K = 6 cannot support a sensitivity target on its lower bound
         "loco.calibration.draws=5",
+        "loco.objective.min_images=10",  # the tiny group counts in the headline
+        "loco.objective.max_shortcut_auc=1.0",  # although its synthetic classes differ in pixel statistics
     ]
     env = {**os.environ, "PYTHONPATH": str(copy / "src"), "CUDA_VISIBLE_DEVICES": "-1"}
     done = subprocess.run(
