@@ -66,7 +66,7 @@ def test_optuna_search_composes_with_its_sweeper():
     assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
     assert {"optimizer.lr", "augment", "data.crop_border"} <= set(sweeper.params)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
-    assert cfg.optimized_metric == "loco_auc_mean"  # model selection on leave-one-collection-out (checked below)
+    assert cfg.optimized_metric == "loco_auc_mixed_mean"  # model selection on leave-one-collection-out (checked below)
     for key, spec in sweeper.params.items():  # every value the search can pick is a valid config
         if key in ("model", "augment"):
             for option in spec.removeprefix("choice(").removesuffix(")").split(","):
@@ -300,7 +300,7 @@ def test_bad_input_is_one_line_before_tensorflow_loads(argv, message, tmp_path):
 
 
 def test_readme_sweep_on_a_loco_figure_composes():
-    """The README's `covidxray train -m optimized_metric=loco_auc_worst data.normalize=none,clahe`
+    """The README's `covidxray train -m optimized_metric=loco_auc_mixed_worst data.normalize=none,clahe`
     (read from README.md): optimized_metric is a key of the base config, so each job of the sweep
     composes without `+` and passes train's checks with the figure asked for."""
     import re
@@ -316,7 +316,7 @@ def test_readme_sweep_on_a_loco_figure_composes():
     jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
     assert len(jobs) == 2
     for job in jobs:
-        assert train_settings(make_cfg(job)).optimized_metric == "loco_auc_worst"
+        assert train_settings(make_cfg(job)).optimized_metric == "loco_auc_mixed_worst"
     assert train_settings(make_cfg([])).optimized_metric == "cv_auc_mean"  # a plain run trains no loco groups
 
 
