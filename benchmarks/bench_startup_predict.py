@@ -38,13 +38,13 @@ def tiny_model(folder: Path) -> Path:
 
     quiet.install()
     from covidxray.infra.config import compose
-    from covidxray.networks import builders, litert, model_file
+    from covidxray.networks import builders, litert, model_file, ood
     from covidxray.settings.train import fit_settings
 
     fit = fit_settings(compose(["experiment=smoke"]))
     model = builders.build_model(fit.model.as_config(), fit.image_size, 2)
     folder.mkdir(parents=True)
-    model_file.write(model, folder, litert.convert(model))
+    model_file.write(model, folder, litert.convert(ood.with_features(model)))  # as the train stage writes it
     meta = {"classes": ["normal", "covid"], "image_size": fit.image_size, "threshold": 0.5, "model": "smoke"}
     (folder / model_file.META_FILE).write_text(json.dumps(meta))
     return folder
@@ -63,10 +63,10 @@ def sides(model: Path, work: Path) -> dict[str, Path]:
             if (model.with_name(file)).is_file():
                 os.symlink(model.with_name(file), folder / file)
     if not (folders["litert"] / TFLITE_FILE).exists():
-        from covidxray.networks import litert
+        from covidxray.networks import litert, ood
         from covidxray.networks.model_file import load
 
-        (folders["litert"] / TFLITE_FILE).write_bytes(litert.convert(load(model)))
+        (folders["litert"] / TFLITE_FILE).write_bytes(litert.convert(ood.with_features(load(model))))
     return folders
 
 

@@ -122,14 +122,25 @@ def test_a_model_folder_without_the_file_predicts_as_before(tiny, tmp_path):
 
 
 def test_litert_and_keras_give_the_same_ood_score(tiny):
-    """The LiteRT feature model kept in ood.npz scores like the Keras sub-model (serving without TensorFlow)."""
-    from covidxray.networks import model_file
+    """model.tflite's features output scores like the Keras sub-model (serving without TensorFlow),
+    from the pass that predicted the images; a detector of an older model (its LiteRT feature model
+    in ood.npz, model.tflite a classifier only) still scores the same."""
+    from covidxray.networks import litert, model_file
 
     detector = ood.load(tiny["models"] / ood.OOD_FILE)
-    assert detector.lite is not None
     lite, _ = model_file.load_model(tiny["models"], "auto")
     keras_model, _ = model_file.load_model(tiny["models"], "keras")
+    assert detector.lite is None and type(lite).__name__ == "LiteModel" and lite.has_features
     x = np.random.default_rng(5).integers(0, 256, (3, 32, 32)).astype(np.uint8)
-    a = detector.distances(ood.lite_features(detector, lite, x))
-    b = detector.distances(ood.lite_features(detector, keras_model, x))
-    assert type(lite).__name__ == "LiteModel" and np.allclose(a, b, rtol=1e-3), (a, b)
+    expected = detector.distances(ood.lite_features(detector, keras_model, x))
+    lite.predict(x[..., None].astype(np.float32))
+    remembered = ood.lite_features(detector, lite, x)  # the features of that same pass
+    lite.predict(x[::-1, ..., None].astype(np.float32))
+    computed = ood.lite_features(detector, lite, x)  # other images last: a pass of its own
+    np.testing.assert_array_equal(remembered, computed)
+    assert np.allclose(detector.distances(computed), expected, rtol=1e-3), (computed, expected)
+
+    older = litert.LiteModel(litert.convert(keras_model), "older model.tflite")
+    detector.lite = litert.convert(ood.feature_model(keras_model))
+    assert not older.has_features
+    assert np.allclose(detector.distances(ood.lite_features(detector, older, x)), expected, rtol=1e-3)

@@ -3,8 +3,11 @@ that inference (`covidxray predict`, `calibrate`, the served MLflow model) runs 
 start-up: the `ai-edge-litert` runtime imports in a fraction of a second, TensorFlow in 5-12 s.
 
 The train stage converts the final Keras model once (`convert`, which needs TensorFlow) and installs
-model.tflite with model.keras and model.json. `LiteModel` answers `predict(x, batch_size, verbose)`
-as a Keras model does, so networks/inference.py runs either. Keras stays the fallback: a folder
+model.tflite with model.keras and model.json. Its signature has two outputs, `probabilities` and
+`features` (the pooled features the out-of-distribution score reads, networks/ood.py): one pass of
+the backbone gives both, and one conversion (~6 s however small the model) makes both. `LiteModel`
+answers `predict(x, batch_size, verbose)` as a Keras model does, so networks/inference.py runs either.
+Keras stays the fallback: a folder
 without model.tflite (made before it existed), or a process without ai-edge-litert, loads
 model.keras; Grad-CAM and training always need the Keras model.
 """
@@ -22,6 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from covidxray import CovidXrayError
+
+
+PROBABILITIES, FEATURES = "probabilities", "features"  # model.tflite's signature outputs (one: a classifier only)
 
 
 def available() -> bool:
@@ -100,35 +106,73 @@ class LiteModel:
     """The classifier's model.tflite in an interpreter, with Keras' `predict`. One image per call
     (on 2 cores XNNPACK keeps both busy with single images; training/extraction.py measured it), so
     the interpreter is planned once. `keras` holds the bytes of the model.keras it was converted
-    from where they were at hand (calibrate copies them into its folder)."""
+    from where they were at hand (calibrate copies them into its folder). A file with the
+    `features` output also answers `features(x)`: those of the images last predicted come from
+    that same pass."""
 
     def __init__(self, content: bytes, source: str, keras: bytes | None = None):
         try:
             self.interpreter = interpreter(content, 1)
-            inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
+            inputs, outputs = self.interpreter.get_input_details(), self._outputs()
         except (ValueError, RuntimeError) as err:
             reason = " ".join(str(err).split())[:200] or type(err).__name__
             raise CovidXrayError(
                 f"cannot load model {source}: not a LiteRT model ({reason}); delete it to use model.keras beside it"
             ) from None
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise CovidXrayError(f"cannot load model {source}: a classifier has one input and one output")
+        if len(inputs) != 1 or PROBABILITIES not in outputs:
+            raise CovidXrayError(f"cannot load model {source}: a classifier has one input and a probabilities output")
         self.content, self.source, self.keras = content, source, keras
-        self._input, self._output = inputs[0]["index"], outputs[0]["index"]
+        self._input, self._output, self._features = inputs[0]["index"], outputs[PROBABILITIES], outputs.get(FEATURES)
         self.input_shape = tuple(int(d) for d in inputs[0]["shape_signature"])
+        self._last: tuple[np.ndarray, np.ndarray] | None = None  # (inputs, features) of the last predict
+
+    def _outputs(self) -> dict[str, int]:
+        """{output name: tensor index}: the signature's names, or PROBABILITIES for a lone output."""
+        signatures = self.interpreter.get_signature_list()
+        if len(signatures) == 1:
+            runner = self.interpreter.get_signature_runner(next(iter(signatures)))
+            named = {name: d["index"] for name, d in runner.get_output_details().items()}
+            if PROBABILITIES in named:
+                return named
+        details = self.interpreter.get_output_details()
+        return {PROBABILITIES: details[0]["index"]} if len(details) == 1 else {}
+
+    @property
+    def has_features(self) -> bool:
+        return self._features is not None
 
     def predict(self, x, batch_size: int = 1, verbose: int = 0) -> np.ndarray:
         """Softmax outputs (N, K) for float32 inputs (N, S, S, 1) (batch_size and verbose: Keras'
         arguments, unused)."""
+        return self._run(x)[0]
+
+    def features(self, x) -> np.ndarray:
+        """The pooled features (N, D) of float32 inputs (N, S, S, 1): those of the last predict
+        when x are its inputs (no second pass), else computed."""
+        if self._features is None:
+            raise CovidXrayError(f"{self.source}: this model.tflite has no features output")
+        x = np.asarray(x, dtype=np.float32)
+        if self._last is not None and self._last[0].shape == x.shape and np.array_equal(self._last[0], x):
+            return self._last[1]
+        return self._run(x)[1]
+
+    def _run(self, x) -> tuple[np.ndarray, np.ndarray | None]:
         x = np.asarray(x, dtype=np.float32)
         if tuple(x.shape[1:]) != self.input_shape[1:]:
             raise CovidXrayError(f"{self.source}: input shape {x.shape[1:]}, the model takes {self.input_shape[1:]}")
-        out = []
+        probs, features = [], []
         for image in x:
             self.interpreter.set_tensor(self._input, np.ascontiguousarray(image[None]))
             self.interpreter.invoke()
-            out.append(np.array(self.interpreter.get_tensor(self._output)[0]))
-        return np.stack(out) if out else np.zeros((0, 0), np.float32)
+            probs.append(np.array(self.interpreter.get_tensor(self._output)[0]))
+            if self._features is not None:
+                features.append(np.array(self.interpreter.get_tensor(self._features)[0]))
+        if not probs:
+            return np.zeros((0, 0), np.float32), None
+        found = np.stack(features) if features else None
+        if found is not None:
+            self._last = (x.copy(), found)
+        return np.stack(probs), found
 
 
 def load(path, keras: bytes | None = None) -> LiteModel:

@@ -9,9 +9,10 @@ the training ones are flagged (the stated false-alarm rate). Stored beside the m
 (mean, precision, threshold, rate), written with deterministic bytes; a model folder without it
 predicts as before, its ood columns empty.
 
-With LiteRT (networks/litert.py) the features come from the feature sub-model converted to LiteRT
-at training and kept in ood.npz (features_tflite), so a LiteRT model is scored without TensorFlow;
-a Keras model (or a detector without it) runs the Keras sub-model.
+With LiteRT (networks/litert.py) the features are model.tflite's second output (`with_features`
+is what the train stage converts), computed in the same pass as the probabilities, so a LiteRT
+model is scored without TensorFlow. Models trained before kept a LiteRT feature model in ood.npz
+(features_tflite), still read; a Keras model runs the Keras sub-model.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class Detector:
     precision: np.ndarray
     threshold: float
     rate: float
-    lite: bytes | None = None  # the feature sub-model as LiteRT (litert.convert), if converted
+    lite: bytes | None = None  # models trained before model.tflite had a features output: their LiteRT feature model
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """Mahalanobis distance of each row of `features` (N, D) to the training mean."""
@@ -104,6 +105,17 @@ def load(path: Path) -> Detector | None:
         return Detector(found["mean"], found["precision"], float(found["threshold"]), float(found["rate"]), lite)
 
 
+def with_features(model):
+    """The classifier with its pooled features as a second output (named as model.tflite's
+    signature outputs: litert.PROBABILITIES, litert.FEATURES): what the train stage converts."""
+    import keras
+
+    from covidxray.networks import litert
+
+    outputs = {litert.PROBABILITIES: model.output, litert.FEATURES: model.get_layer(FEATURE_LAYER).output}
+    return keras.Model(model.input, outputs, name=f"{model.name}_with_features")
+
+
 def feature_model(model):
     """The Keras sub-model of `model` from its input to its pooled features (head_flatten). A LiteRT
     model (litert.LiteModel: the classifier only) is scored with the Keras model whose model.keras
@@ -141,13 +153,16 @@ def features(model, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
 
 
 def lite_features(detector: Detector, model, pixels: np.ndarray) -> np.ndarray:
-    """features(), for a LiteRT model from the detector's LiteRT feature model (no TensorFlow)."""
+    """features(), for a LiteRT model from its features output (the pass that predicted these
+    images), or from the LiteRT feature model of an older detector: no TensorFlow either way."""
     from covidxray.networks.litert import LiteModel
 
+    x = np.asarray(pixels, dtype=np.float32)[..., None]
+    if isinstance(model, LiteModel) and model.has_features:
+        return np.asarray(model.features(x), dtype=np.float64)
     if not isinstance(model, LiteModel) or detector.lite is None:
         return features(model, pixels)
-    extractor = LiteModel(detector.lite, OOD_FILE)
-    return np.asarray(extractor.predict(np.asarray(pixels, dtype=np.float32)[..., None]), dtype=np.float64)
+    return np.asarray(LiteModel(detector.lite, OOD_FILE).predict(x), dtype=np.float64)
 
 
 def flag(detector: Detector | None, model, pixels: np.ndarray) -> tuple[list, list]:

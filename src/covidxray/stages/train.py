@@ -10,7 +10,7 @@ partition is never read here. `run` is the recipe; the fitting itself is fitting
 Outputs (DVC: paths.models and paths.reports/cv; as a Hydra app: the job's output directory),
 installed together (fileset): a reader sees all old files or all new ones, also after a kill.
   models/model.keras       the final model (networks/builders.py layout; networks/model_file.py loads it)
-  models/model.tflite      the same classifier for LiteRT (networks/litert.py): what inference runs
+  models/model.tflite      the same classifier for LiteRT, its pooled features a second output: what inference runs
   models/ood.npz           the out-of-distribution detector (networks/ood.py: mean, precision, threshold, rate)
   models/model.json        classes, image_size, resize, threshold, threshold_method, model (the same every run)
   models/feature_stats.npy the training images' pooled-feature mean and std (2, D): what `covidxray adapt` aligns to
@@ -100,7 +100,7 @@ def run(cfg) -> dict:
             detector = ood_detector(trainer, data, model, s.ood_false_alarm)
         cv_tracking.log_feature_store(trainer)
         meta = model_meta(s, data, metrics["threshold"], parent_id, experiment_id)
-        lite = None if model is None else litert.convert(model)  # inference without TensorFlow
+        lite = None if model is None else litert.convert(ood.with_features(model))  # inference without TensorFlow
         if model is not None:
             meta.update(
                 register(model, meta, data.images[:1], register_as, lite, detector),
@@ -245,7 +245,6 @@ def ood_detector(trainer: Trainer, data: CVData, model, rate: float) -> ood.Dete
     frozen = trainer.uses_cache and not trainer.fine_tunes
     features = trainer.pooled_features(model) if frozen else ood.features(model, data.images)
     detector = ood.fit(features, data.rows["fold"].to_numpy(), data.folds, rate)
-    detector.lite = litert.convert(ood.feature_model(model))  # scores beside model.tflite, without TensorFlow
     mlflow.log_metrics({"ood_threshold": detector.threshold, "ood_false_alarm": rate})
     print(f"train: out-of-distribution threshold {detector.threshold:.2f} ({rate:.1%} of held-out training images)")
     return detector
