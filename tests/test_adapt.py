@@ -14,6 +14,7 @@ from PIL import Image
 
 from conftest import cli_error_line, synthetic_xrays
 from covidxray import CovidXrayError
+from covidxray.networks import builders
 from covidxray.training import site_adaptation as sa
 from test_evaluate import trained_model
 from test_predict import run_cli
@@ -68,7 +69,7 @@ def test_train_writes_the_training_images_feature_statistics(tiny):
     model, meta = load_model(tiny["models"], engine="keras")
     stored, index, _ = images.load_curated(tiny["curated"])
     cv = index["image_id"].isin(pd.read_csv(tiny["splits"]).query("partition == 'cv'")["image_id"]).to_numpy()
-    pooled = sa.pooled_table(model, images.prepare_for(meta, stored[cv]))
+    pooled = builders.pooled_features(model, images.prepare_for(meta, stored[cv]))
     stats = sa.read_stats(tiny["models"] / sa.STATS_FILE, "training feature statistics")
     assert stats.shape == (2, pooled.shape[1]) and stats.dtype == np.float32
     assert np.allclose(stats, sa.feature_stats(pooled), atol=1e-4)
@@ -97,7 +98,7 @@ def test_adapt_aligns_the_site_features_and_predict_applies_it(tiny, site, tmp_p
     # training images' mean and std, through the original head
     model, original = load_model(tiny["models"], engine="keras")
     pixels, _ = load_images(site["paths"], original, None)
-    pooled = sa.pooled_table(model, pixels)
+    pooled = builders.pooled_features(model, pixels)
     site_stats = np.load(out / sa.SITE_STATS_FILE)
     assert np.allclose(site_stats, sa.feature_stats(pooled), atol=1e-5)
     std = np.where(site_stats[1] < sa.MIN_STD, 1.0, site_stats[1])

@@ -337,6 +337,24 @@ def build_model(model_cfg, image_size: int, n_classes: int) -> keras.Model:
     return keras.Model(inputs, outputs, name=f"covidxray_{name}")
 
 
+POOLED_LAYER = "head_flatten"  # the pooled backbone features the head's trainable layers read
+
+
+def pooled_model(model: keras.Model) -> keras.Model:
+    """The sub-model of a model of the structure contract from its input to its pooled features
+    (POOLED_LAYER, inference mode): what the OOD score and site adaptation read."""
+    return keras.Model(model.input, model.get_layer(POOLED_LAYER).output, name="pooled_features")
+
+
+def pooled_features(model: keras.Model, pixels, batch: int = 32):
+    """The pooled features (N, D), float32, of uint8 model inputs (N, S, S) fed as predict feeds
+    them (raw 0..255 pixels)."""
+    import numpy as np
+
+    x = np.asarray(pixels, dtype=np.float32)[..., None]
+    return np.asarray(pooled_model(model).predict(x, batch_size=batch, verbose=0), dtype=np.float32)
+
+
 def model_parts(model: keras.Model):
     """(preprocess layer, backbone model, the head's layers after it) of a model of the structure
     contract; a ValueError naming the missing layer for any other model."""

@@ -26,7 +26,6 @@ import numpy as np
 
 OOD_FILE = "ood.npz"
 OOD_LABEL = "out-of-distribution"
-FEATURE_LAYER = "head_flatten"
 
 
 @dataclass
@@ -110,25 +109,24 @@ def with_features(model):
     signature outputs: litert.PROBABILITIES, litert.FEATURES): what the train stage converts."""
     import keras
 
-    from covidxray.networks import litert
+    from covidxray.networks import builders, litert
 
-    outputs = {litert.PROBABILITIES: model.output, litert.FEATURES: model.get_layer(FEATURE_LAYER).output}
+    outputs = {litert.PROBABILITIES: model.output, litert.FEATURES: model.get_layer(builders.POOLED_LAYER).output}
     return keras.Model(model.input, outputs, name=f"{model.name}_with_features")
 
 
 def feature_model(model):
-    """The Keras sub-model of `model` from its input to its pooled features (head_flatten). A LiteRT
+    """The Keras sub-model of `model` from its input to its pooled features (builders.pooled_model). A LiteRT
     model (litert.LiteModel: the classifier only) is scored with the Keras model whose model.keras
     bytes it carries, loaded once: the detector needs the features, not a second LiteRT output."""
-    import keras
-
+    from covidxray.networks import builders
     from covidxray.networks.litert import LiteModel
 
     if isinstance(model, LiteModel):
         if getattr(model, "ood_features", None) is None:
             model.ood_features = feature_model(_keras_of(model))
         return model.ood_features
-    return keras.Model(model.input, model.get_layer(FEATURE_LAYER).output, name="pooled_features")
+    return builders.pooled_model(model)
 
 
 def _keras_of(lite):

@@ -95,7 +95,7 @@ def adapt(folder: Path, model_spec: str, out_dir: Path) -> dict:
     paths = site_images(folder)
     source = model_folder(model_spec)
     train = sa.read_stats(source / sa.STATS_FILE, "training feature statistics")
-    from covidxray.networks import model_file
+    from covidxray.networks import builders, model_file
     from covidxray.serving.loading import load_images
 
     model, meta = model_file.load_model(source, engine="keras")  # its layers are refolded, not run by LiteRT
@@ -108,7 +108,7 @@ def adapt(folder: Path, model_spec: str, out_dir: Path) -> dict:
     pixels, ok = load_images(paths, meta, skip)
     if len(ok) < MIN_IMAGES:
         raise CovidXrayError(f"{folder}: {len(ok)} readable image(s); at least {MIN_IMAGES} are needed to adapt")
-    site = sa.feature_stats(sa.pooled_table(model, pixels))
+    site = sa.feature_stats(builders.pooled_features(model, pixels))
     sa.adapt_model(model, train, site)  # checks the two statistics' shapes first
     scale, _ = sa.alignment(train, site)
     provenance = {

@@ -31,7 +31,6 @@ from covidxray import CovidXrayError
 
 STATS_FILE = "feature_stats.npy"  # the training set's pooled-feature mean and std, beside model.keras
 SITE_STATS_FILE = "site_feature_stats.npy"  # the site's, in an adapted model folder
-FEATURES_LAYER = "head_flatten"  # the pooled features the head's trainable layers read
 MIN_STD = 1e-6  # a site std below this: the feature is shifted only
 
 
@@ -67,16 +66,6 @@ def adapt_model(model, train: np.ndarray, site: np.ndarray) -> None:
     """Fold the alignment of `site` onto `train` statistics into the model's head_dense, in place."""
     layer = model.get_layer("head_dense")
     layer.set_weights(fold(layer.get_weights(), *alignment(train, site)))
-
-
-def pooled_table(model, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
-    """The model's pooled features (N, D) (the output of FEATURES_LAYER, inference mode) for
-    uint8 model inputs (N, S, S), as predict feeds them."""
-    import keras
-
-    features = keras.Model(model.input, model.get_layer(FEATURES_LAYER).output)
-    x = np.asarray(pixels, dtype=np.float32)[..., None]
-    return np.asarray(features.predict(x, batch_size=batch, verbose=0), dtype=np.float32)
 
 
 def read_stats(path: Path, what: str) -> np.ndarray:
