@@ -11,9 +11,9 @@ predict, validate, calibrate, adapt, manifest in covidxray/tools/, and params) t
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import re
-import shutil
 import signal
 import sys
 import time
@@ -91,23 +91,75 @@ def _load(target: str):
     return getattr(importlib.import_module(module), attr)
 
 
+def _chain(err: BaseException) -> list[BaseException]:
+    """err, then what caused it, then what caused that (MLflow and SQLAlchemy wrap the OS's error)."""
+    found, seen = [], err
+    while seen is not None and seen not in found:
+        found.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return found
+
+
+# SQLite's result codes for a write that failed: disk full (SQLITE_FULL), a write, sync or truncate
+# the OS refused (a file size limit, EIO: SQLITE_IOERR_*), a read-only file or folder.
+STORE_WRITE_FAILURES = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")
+
+
+def _store_failure(err: BaseException) -> bool:
+    sqlite3 = sys.modules.get("sqlite3")
+    name = str(getattr(err, "sqlite_errorname", ""))
+    return sqlite3 is not None and isinstance(err, sqlite3.Error) and name.startswith(STORE_WRITE_FAILURES)
+
+
+def _store_operation(wrappers: list[BaseException]) -> str:
+    """What was being written to the store: the MLflow store method (log_batch, create_run,
+    set_registered_model_alias...) the failure came through, else the project's own function."""
+    import traceback
+
+    frames = [frame for seen in wrappers for frame, _ in traceback.walk_tb(seen.__traceback__)]
+    names = [(f.f_code.co_filename.replace(os.sep, "/"), f.f_code.co_name) for f in frames]
+    store = [n for path, n in names if "/mlflow/store/" in path and "/mlflow/store/db/" not in path]
+    ours = [n for path, n in names if "/covidxray/" in path and n != "<module>"]
+    return next((n for n in reversed(store) if not n.startswith("_")), None) or (ours[-1] if ours else "a write")
+
+
+def _store_line(chain: list[BaseException], at: int) -> str:
+    """One line for the SQLite store's failed write chain[at] (SQLite names no file, only "database
+    or disk is full" or "disk I/O error"): the store's path (MLflow's tracking URI) and what was
+    being written, found in the exceptions that wrap it (raise ... from: MLflow's, SQLAlchemy's)."""
+    first = at
+    while first > 0 and chain[first - 1].__cause__ is chain[first]:
+        first -= 1
+    mlflow = sys.modules.get("mlflow")
+    uri = mlflow.get_tracking_uri() if mlflow is not None else "?"
+    store = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else uri
+    return f"cannot write to the MLflow store {store} ({_store_operation(chain[first : at + 1])}): {chain[at]}"
+
+
 def write_error(err: BaseException) -> str | None:
     """One line for a write that failed for want of room or rights (disk full, quota, file size
     limit, read-only file system, no permission), found in err or what caused it (MLflow and
-    shutil wrap them: shutil.Error lists every file of a copy); None for any other error."""
+    shutil wrap them: shutil.Error lists every file of a copy; the MLflow store's SQLite errors
+    name no file); the first write that failed where one failure led to others (a run ended as
+    FAILED in a store on the same full disk); None for any other error."""
     from covidxray.infra import outputs
 
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, shutil.Error) and seen.args and isinstance(seen.args[0], list) and seen.args[0]:
-            src, dst, why = (list(seen.args[0][0]) + ["", "", ""])[:3]
-            more = len(seen.args[0]) - 1
-            return f"cannot copy {src} to {dst}: {why}" + (f" (and {more} more files)" if more else "")
-        if isinstance(seen, OSError) and seen.errno in outputs.WRITE_ERRNOS:
-            where = seen.filename or "a file"
-            return f"cannot write {where}: {seen.strerror or os.strerror(seen.errno)}"
-        seen = seen.__cause__ or seen.__context__
+    chain = _chain(err)
+    for at in reversed(range(len(chain))):
+        if _store_failure(chain[at]):
+            return _store_line(chain, at)
+        found = outputs.write_failure(chain[at])
+        if found is not None:
+            return f"cannot write {found[0] or 'a file'}: {found[1]}"
     return None
+
+
+class _StoreWriteFailureLog:
+    """Drops MLflow's ERROR log (a traceback) of a failed store write: MLflow raises the error right
+    after logging it, and one_line_errors says it in one line."""
+
+    def filter(self, record) -> bool:
+        return not (record.exc_info and any(_store_failure(e) for e in _chain(record.exc_info[1])))
 
 
 @contextmanager
@@ -314,6 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         sys.exit(0 if argv else 2)
     command = argv[0]
+    logging.getLogger("mlflow.store.db.utils").addFilter(_StoreWriteFailureLog())
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
     try:

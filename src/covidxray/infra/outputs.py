@@ -14,6 +14,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -105,18 +106,34 @@ def scratch_dir(parent: Path, tag: str, targets=()) -> Iterator[Path]:
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
+def write_failure(err: BaseException) -> tuple[str | None, str] | None:
+    """(the file, why) of a write that failed for want of room or rights, None for other errors.
+    A failed copy of a folder (shutil.Error) keeps each file's error only as text, "[Errno 28] No
+    space left on device: ...", one per file (a long list): the first such file, and how many more."""
+    if isinstance(err, shutil.Error):
+        rows = [row for row in (err.args[0] if err.args and isinstance(err.args[0], list) else []) if len(row) == 3]
+        failed = [(dst, m) for _, dst, why in rows if (m := re.match(r"\[Errno (\d+)\] ([^:]+)", str(why)))]
+        failed = [(dst, m.group(2)) for dst, m in failed if int(m.group(1)) in WRITE_ERRNOS]
+        more = f" (and {len(rows) - 1} more files)" if len(rows) > 1 else ""
+        return (str(failed[0][0]), failed[0][1] + more) if failed else None
+    if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
+        return (str(err.filename) if err.filename else None), err.strerror or os.strerror(err.errno)
+    return None
+
+
 @contextmanager
 def naming_writes(where: Path, what: str) -> Iterator[None]:
     """A write inside the block that fails for want of room or rights (disk full, quota, file
-    size limit, read-only, no permission) as one line naming the file (else `where`) and what was
-    being written; the writers' own clean-up (scratch folders, staging) has run by then."""
+    size limit, read-only, no permission; a copy of a folder: shutil.Error) as one line naming the
+    file (else `where`) and what was being written; the writers' own clean-up (scratch folders,
+    staging) has run by then."""
     try:
         yield
     except OSError as err:
-        if err.errno not in WRITE_ERRNOS:
+        failed = write_failure(err)
+        if failed is None:
             raise
-        reason = err.strerror or os.strerror(err.errno)
-        raise CovidXrayError(f"cannot write {what} to {err.filename or where}: {reason}") from None
+        raise CovidXrayError(f"cannot write {what} to {failed[0] or where}: {failed[1]}") from None
 
 
 def ensure_room(folder: Path, nbytes: int, what: str) -> None:

@@ -58,11 +58,11 @@ def use_store(configured_uri: str | None = None) -> str:
     import mlflow
 
     uri = tracking_uri(configured_uri)
+    mlflow.set_tracking_uri(uri)  # first: a failed write in follow_moved_store names this store
+    mlflow.set_registry_uri(uri)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         follow_moved_store(uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     return uri
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from covidxray import CovidXrayError
+from covidxray.infra.outputs import naming_writes
 from covidxray.networks import ood
 from covidxray.networks.inference import IDENTITY, OOD_COLUMNS, decode_rows, png_bytes, predictions
 
@@ -121,7 +122,12 @@ def log_model(
     for key in ("classes", "image_size", "threshold"):
         if meta.get(key) is None:
             raise CovidXrayError(f"model metadata lacks {key}: cannot log a servable model")
-    with tempfile.TemporaryDirectory(prefix="covidxray-pyfunc-") as tmp:
+    # A full disk (TMPDIR, where this and MLflow stage the model, or the artifact store): one line
+    # naming the file, not shutil's list of every file of a copied folder.
+    with (
+        naming_writes(Path(tempfile.gettempdir()), "the servable model (MLflow pyfunc)"),
+        tempfile.TemporaryDirectory(prefix="covidxray-pyfunc-") as tmp,
+    ):
         tmp = Path(tmp)
         files = model_file.write(model, tmp, tflite)
         detector = detector if detector is not None else meta.get("ood")  # a loaded model's, when given none
