@@ -367,3 +367,28 @@ def test_a_stale_params_file_is_named_by_its_first_differing_key(tmp_path, monke
     check_params_fresh(tmp_path / "other.yaml", edited)  # not the pipeline's file
     monkeypatch.setenv("DVC_EXP_NAME", "an-experiment")
     check_params_fresh(params, edited)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["algorithm=nosuch"],
+            "algorithm: no option 'nosuch' in conf/algorithm (allowed: coral, erm, groupdro, mixup, toy,",
+        ),
+        (
+            ["algorithm=toy", "algorithm.nosuch=1"],
+            "algorithm.nosuch: no such key in conf/ (keys of algorithm: name, scale;",
+        ),
+        (["train.nosuch=1"], "train.nosuch: no such key in conf/ (keys of train: batch_size,"),
+    ],
+    ids=["group", "key-of-the-searched-option", "key"],
+)
+def test_the_override_pre_check_composes_with_hydras_search_path(overrides, message, tmp_path):
+    """hydra.searchpath adds config folders (a plugin's conf/algorithm/toy.yaml): the pre-check
+    composes with it, so a bad override is still one line before TensorFlow loads, listing the
+    options and keys the search path adds."""
+    (tmp_path / "conf" / "algorithm").mkdir(parents=True)
+    (tmp_path / "conf" / "algorithm" / "toy.yaml").write_text("name: toy_scaled\nscale: 0.0\n")
+    argv = ["train", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", *overrides, f"hydra.run.dir={tmp_path}/run"]
+    assert cli_error_line(argv).startswith(f"covidxray train: error: {message}")

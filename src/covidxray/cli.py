@@ -228,12 +228,12 @@ def run_stage_with_hydra(stage: str, overrides: list[str]) -> None:
 
     from covidxray.data.collections import check_chosen_files
 
-    elsewhere = any(o.lstrip("+~").startswith("hydra.searchpath") for o in overrides)  # options only Hydra finds
+    elsewhere = any(o.lstrip("+~").startswith("hydra.searchpath") for o in overrides)  # collections not in conf/
     try:
         if not elsewhere:
             check_chosen_files(conf_dir(), overrides)  # Hydra's own message for a missing file spans lines
-        if not elsewhere and not any(o.startswith("-") for o in overrides):  # not a sweep (-m) or a Hydra flag
-            check_overrides([o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))])
+        if not any(o.startswith("-") for o in overrides):  # not a sweep (-m) or a Hydra flag
+            check_overrides(overrides)  # composed with the search path where one is given
     except CovidXrayError as err:
         print(f"covidxray {stage}: error: {err}", file=sys.stderr)
         sys.exit(1)

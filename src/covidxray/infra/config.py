@@ -103,9 +103,12 @@ def check_params_fresh(path: Path, params) -> None:
 def check_overrides(overrides: list[str]) -> None:
     """Compose conf/ with a command line's overrides once before Hydra runs them, so that Hydra's
     own errors (an unknown key, group or option, a malformed override: 7-17 lines) are one line
-    naming the override and what is allowed."""
+    naming the override and what is allowed. Hydra's own settings (hydra.run.dir, hydra/launcher=...)
+    are left to Hydra, except its search path (hydra.searchpath=[...]: more config folders, e.g. a
+    plugin's algorithm), which the composition reads its options from."""
     from hydra.errors import HydraException, MissingConfigException
 
+    overrides = [o for o in overrides if _composed(o)]
     try:
         compose(overrides)
     except MissingConfigException as err:  # a group's option (or a group) that does not exist
@@ -116,14 +119,26 @@ def check_overrides(overrides: list[str]) -> None:
     except HydraException as err:
         found = re.match(r"Could not override '([^']+)'", str(err))
         if found and "not in struct" in str(err.__cause__):
-            raise CovidXrayError(_unknown_key(found.group(1))) from None
+            others = [o for o in overrides if not o.lstrip("+~").startswith(f"{found.group(1)}=")]
+            raise CovidXrayError(_unknown_key(found.group(1), others)) from None
         raise CovidXrayError(" ".join(" ".join(str(err).splitlines()[:2]).split())) from None
 
 
-def _unknown_key(key: str) -> str:
-    """The one line for an override of a key conf/ does not have: the keys beside it."""
+def _composed(override: str) -> bool:
+    """Whether an override changes the composition: not one of Hydra's own settings, except its search path."""
+    key = override.lstrip("+~")
+    return not key.startswith(("hydra.", "hydra/")) or key.startswith("hydra.searchpath")
+
+
+def _unknown_key(key: str, others: list[str]) -> str:
+    """The one line for an override of a key conf/ does not have: the keys beside it (in the
+    composition the other overrides choose: another algorithm, a search path)."""
     parent, _, _ = key.rpartition(".")
-    node = value(compose([]), parent) if parent else compose([])
+    try:
+        cfg = compose(others)
+    except Exception:  # noqa: BLE001 - another bad override: the keys of the plain composition
+        cfg = compose([])
+    node = value(cfg, parent) if parent else cfg
     keys = ", ".join(sorted(str(k) for k in node.keys())) if hasattr(node, "keys") else "none"
     where = f"keys of {parent}" if parent else "top-level keys"
     return f"{key}: no such key in conf/ ({where}: {keys}; add one with +{key}=...)"
