@@ -44,6 +44,7 @@ def test_every_benchmark_is_covered():
         "bench_head_sweep.py",
         "bench_input_pipeline.py",
         "bench_lite0_features.py",
+        "bench_ood.py",
         "bench_startup.py",
         "bench_startup_predict.py",
         "head_loco.py",
@@ -119,3 +120,20 @@ def test_head_loco_runs_tiny(tmp_path):
     assert results["points"] == 1 and all(0 <= r["mean"] <= 1 and r["groups"] for r in results["per_point"])
     assert [r["group"] for r in results["paired"]][-1] == "mean" and isinstance(results["wins"], bool)
     assert "| head | l2 | standardize |" in done.stdout
+
+
+def test_ood_benchmark_reports_each_collection_and_probe(tmp_path):
+    """An untrained smoke model with a detector fitted on smooth synthetic "X-rays": per curated
+    collection and partition and per synthetic probe kind, the share flagged and the median score;
+    the probes (noise, gradients, checkerboards, natural pictures) flagged more than the X-rays."""
+    done = run([str(ROOT / "benchmarks" / "bench_ood.py"), "--tiny"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report, _ = json.JSONDecoder().raw_decode(done.stdout[done.stdout.index("{") :])
+    found = report["collections"]
+    assert report["cpu"] and report["ood_false_alarm_rate"] == 0.05
+    assert {"site_a/normal/cv", "site_a/normal/test", "site_b/covid/cv"} <= set(found)
+    probes = [f"probe/{k}" for k in ("uniform_noise", "gaussian_noise", "gradient", "checkerboard", "natural")]
+    assert all(found[k]["n"] > 0 and 0 <= found[k]["flagged_share"] <= 1 for k in found)
+    xrays = [v["median_score"] for k, v in found.items() if k.endswith("/cv")]
+    assert min(found[k]["median_score"] for k in probes) > max(xrays)
+    assert list(tmp_path.iterdir()) == []
