@@ -47,6 +47,7 @@ def test_every_benchmark_is_covered():
         "bench_ood.py",
         "bench_startup.py",
         "bench_startup_predict.py",
+        "bench_study.py",
         "head_loco.py",
     }
     assert set(BENCHMARKS) == tested, "a new benchmark needs a tiny run here"
@@ -137,3 +138,17 @@ def test_ood_benchmark_reports_each_collection_and_probe(tmp_path):
     xrays = [v["median_score"] for k, v in found.items() if k.endswith("/cv")]
     assert min(found[k]["median_score"] for k in probes) > max(xrays)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_study_benchmark_times_each_recipe(tmp_path):
+    """A real study (the stage's main) of erm on both feature sources over a tiny cold store: its
+    wall time, each recipe's seconds from the stage's lines, and the store's misses (cold)."""
+    done = run([str(ROOT / "benchmarks" / "bench_study.py"), "--tiny"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    results, _ = json.JSONDecoder().raw_decode(done.stdout[done.stdout.index('{\n  "recipes"') :])
+    assert results["recipes"] == ["erm", "erm_blocks"] and len(results["studies_s"]) == 1
+    (study,) = results["runs"]
+    assert list(study["per_recipe_s"]) == ["erm", "erm_blocks"] and all(s > 0 for s in study["per_recipe_s"].values())
+    assert study["store_misses"] > 0 and not results["store_warm"] and results["median_s"] == study["wall_s"] > 0
+    assert list(tmp_path.iterdir()) == []  # reports, MLflow, data: in the benchmark's own temporary folder
+    assert "study: 2 recipes in" in done.stdout

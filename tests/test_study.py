@@ -245,3 +245,43 @@ def test_each_recipe_is_a_nested_mlflow_run(study_run):
     assert sorted(r.data.tags["recipe"] for r in children) == ["erm", "fast"]
     fast = next(r for r in children if r.data.tags["recipe"] == "fast")
     assert fast.data.tags["overrides"] == "optimizer.lr=0.01" and "loco_auc_mixed_mean" in fast.data.metrics
+
+
+def test_a_recipe_in_a_study_gives_its_figures_alone(tiny_data, tmp_path):
+    """A study shares the loaded images, the feature cache and the built models between its recipes
+    (loco.LocoData; recipes grouped by inputs): each recipe's LOCO figures and scores are those of
+    the same recipe run alone (loco.run), to the digit. Frozen Lite0 heads (the stacked heads);
+    `crop` has other inputs, so the study reads the images twice and runs it after the others."""
+    from covidxray.settings.study import study_settings
+    from covidxray.stages import study
+
+    frozen = [
+        "experiment=smoke",
+        "model=efficientnet_lite0",
+        "model.weights=none",
+        "model.head.pool_size=1",
+        "train.epochs=2",
+    ]
+    paths = [f"paths.curated={tiny_data['curated']}", f"paths.splits={tiny_data['splits']}"]
+    cfg = make_cfg([*frozen, *paths, f"paths.features={tmp_path / 'features'}", "loco.groups=[[radiography]]", *LOCO])
+    cfg.study.recipes = OmegaConf.create(
+        [
+            {"name": "erm", "overrides": []},
+            {"name": "crop", "overrides": ["data.crop_border=0.1"]},
+            {"name": "vrex", "overrides": ["algorithm=vrex"]},
+            {"name": "l2_0", "overrides": ["model.head.l2=0.0"]},
+            {"name": "blocks", "overrides": ["model.features=blocks"]},
+        ]
+    )
+    s = study_settings(cfg)
+    together = study.run_recipes(s)
+    assert list(together) == ["erm", "crop", "vrex", "l2_0", "blocks"]
+    for r in s.recipes:
+        ls = r.loco
+        alone = loco.run(ls.train.curated, ls.train.splits, ls.recipe, ls.spec, ls.seed)
+        assert together[r.name]["summary"] == alone["summary"], r.name
+        pd.testing.assert_frame_equal(together[r.name]["predictions"], alone["predictions"], check_exact=True)
+        for name, g in alone["groups"].items():
+            assert {k: v for k, v in together[r.name]["groups"][name].items() if k not in ("seconds", "inspected")} == {
+                k: v for k, v in g.items() if k != "seconds"
+            }, r.name

@@ -16,12 +16,15 @@ of the group (calibration.py), and the figures per collection. A group with one 
 it reports the sensitivity or the specificity only, and says so. Scores are covid vs the rest.
 
 One Trainer holds the images of every group, so a frozen backbone's features are computed once
-for all groups and folds (fitting.Trainer's feature cache).
+for all groups and folds (training/trainer.py's feature cache). `load` reads and prepares the
+images once; a study runs each of its recipes on them (`run_on`), its Trainers sharing the feature
+cache and the built models (LocoData).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -263,21 +266,55 @@ def load_rows(curated, splits, provides: dict, classes_wanted=None):
     return images[keep], rows, list(classes)
 
 
+@dataclass
+class LocoData:
+    """What LOCO trains and measures on, for one set of inputs (data.*): the stored images, their
+    rows (index joined with partition and fold), the classes, the model inputs `pixels` made from
+    them, and what the Trainers made on these pixels share (a study runs many recipes on one
+    LocoData): `features`, the feature cache (backbone and pooled features, keyed by backbone), and
+    `models`, the built models reused by Trainer.new_model."""
+
+    stored: np.ndarray
+    rows: pd.DataFrame
+    classes: list
+    pixels: np.ndarray
+    features: dict = field(default_factory=dict)
+    models: dict = field(default_factory=dict)
+
+
+def load(curated, splits, provides: dict, inputs: dict, classes_wanted=None) -> LocoData:
+    """load_rows, and the pixels prepared for the model's inputs (image_size, normalize, crop_border)."""
+    from covidxray.data.images import prepare
+
+    stored, rows, classes = load_rows(curated, splits, provides, classes_wanted)
+    pixels = prepare(stored, inputs["image_size"], inputs["normalize"], inputs["crop_border"])
+    return LocoData(stored, rows, classes, pixels)
+
+
 def run(
     curated, splits, recipe: Recipe, spec: LocoSpec, seed: int, classes_wanted=None, inspect=None, shortcuts=None
 ) -> dict:
+    """LOCO over spec.groups (run_on) of the images `load` gives for the recipe's inputs."""
+    data = load(curated, splits, spec.provides, recipe.inputs, classes_wanted)
+    return run_on(data, recipe, spec, seed, inspect, shortcuts)
+
+
+def run_on(data: LocoData, recipe: Recipe, spec: LocoSpec, seed: int, inspect=None, shortcuts=None) -> dict:
     """LOCO over spec.groups: {"groups": {name: figures}, "summary": mean/worst, "seconds"}.
     `inspect(model, trainer, rows, train_idx, held_idx)`, if given, looks at each group's model
     before it is freed; what it returns is the group's `inspected`. `shortcuts`: see measure."""
-    from covidxray.data.images import prepare
     from covidxray.training.cv_data import CVData, make_trainer
 
     start = time.perf_counter()
-    stored, rows, classes = load_rows(curated, splits, spec.provides, classes_wanted)
-    pixels = prepare(stored, recipe.inputs["image_size"], recipe.inputs["normalize"], recipe.inputs["crop_border"])
-    data = CVData(pixels, rows, classes, [], int(stored.shape[1]))
-    trainer = make_trainer(recipe.fit, data, recipe.deterministic, log_prefix="loco")
-    trainer.verbose = 0
+    stored, rows, classes = data.stored, data.rows, data.classes
+    trainer = make_trainer(
+        recipe.fit,
+        CVData(data.pixels, rows, classes, [], int(stored.shape[1])),
+        recipe.deterministic,
+        log_prefix="loco",
+    )
+    # the pixels' feature cache and built models, shared with the other recipes run on `data`
+    trainer.verbose, trainer.cache, trainer.reused = 0, data.features, data.models
     positive = (rows["label"].astype(str) == classes[-1]).to_numpy()
     fold_of = rows["fold"].to_numpy()
     groups, predictions = {}, []

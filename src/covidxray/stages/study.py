@@ -31,23 +31,35 @@ OUT_DIR = "study"
 
 
 def run_recipes(s: StudySettings) -> dict[str, dict]:
-    """{recipe name: its LOCO result (with the collection probe of each group's model)}."""
+    """{recipe name: its LOCO result (with the collection probe of each group's model)}, in the order
+    of s.recipes. Recipes on the same images and inputs run one after the other on one loco.LocoData:
+    read and prepared once, their Trainers sharing its feature cache and built models."""
     results, shortcuts = {}, {}  # the shortcut baselines of the held-out sets: the same for every recipe
-    for r in s.recipes:
+    data_key, data = None, None
+    for r in sorted(s.recipes, key=_data_key):  # stable: the configured order within one data key
         t0 = time.perf_counter()
         print(f"study: recipe {r.name} ({' '.join(r.overrides) or 'no overrides'})")
         ls = r.loco
-        results[r.name] = loco.run(
-            ls.train.curated,
-            ls.train.splits,
-            ls.recipe,
-            ls.spec,
-            ls.seed,
-            inspect=S.collection_probe(ls.seed),
-            shortcuts=shortcuts,
-        )
+        if _data_key(r) != data_key:
+            data_key, data = _data_key(r), None  # one set of pixels in memory at a time
+            data = loco.load(ls.train.curated, ls.train.splits, ls.spec.provides, ls.recipe.inputs)
+        results[r.name] = loco.run_on(data, ls.recipe, ls.spec, ls.seed, S.collection_probe(ls.seed), shortcuts)
         results[r.name]["seconds"] = time.perf_counter() - t0
-    return results
+        print(f"study: recipe {r.name} done in {results[r.name]['seconds']:.1f}s")
+    return {r.name: results[r.name] for r in s.recipes}
+
+
+def _data_key(r) -> str:
+    """What decides a recipe's loco.LocoData: the curated images, splits, (class, collection) pairs and inputs."""
+    ls = r.loco
+    return repr(
+        (
+            str(ls.train.curated),
+            str(ls.train.splits),
+            sorted(ls.spec.provides.items()),
+            sorted(ls.recipe.inputs.items()),
+        )
+    )
 
 
 def compare(s: StudySettings, results: dict, positive: str) -> dict:

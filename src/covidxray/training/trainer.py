@@ -131,6 +131,7 @@ class Trainer:
     cache_seconds: float = 0.0  # time spent obtaining features (store reads and misses)
     store: FeatureStore | None = None
     groups: np.ndarray | None = None  # each row's class x collection group (algorithms that use domains)
+    reused: dict | None = None  # a dict: new_model hands out again the models it built (see there)
 
     def __post_init__(self):
         import tensorflow as tf
@@ -158,20 +159,36 @@ class Trainer:
         return self.settings.model.freeze_base and ft.unfreeze_top > 0 and ft.epochs > 0
 
     def new_model(self):
-        """A freshly built model, seeded: every fold starts from the same initial weights."""
+        """A freshly built model, seeded: every fold starts from the same initial weights.
+
+        With `reused` (a dict; LOCO and studies, which free each model before asking for the next),
+        a model whose head trains as a stacked head is built once per configuration and handed out
+        again, its head weights reset to the built ones: its backbone is frozen and never trained, and
+        the stacked heads start from their own seeded weights (stacked_heads.initial_weights), so it
+        only carries the backbone and the head's shape. Building the backbone is most of the time a
+        head-only recipe spends besides training."""
         import keras
 
         from covidxray.networks import builders
 
         keras.utils.set_random_seed(self.settings.seed)
+        config = self.settings.model.as_config()
+        key = ("model", repr(config), self.settings.image_size, self.n_classes, self.settings.seed)
+        if self.reused is not None and key in self.reused:
+            model, head = self.reused[key]
+            stacked_heads.set_head(model, head)
+            return model
         with self.strategy.scope():
-            return builders.build_model(self.settings.model.as_config(), self.settings.image_size, self.n_classes)
+            model = builders.build_model(config, self.settings.image_size, self.n_classes)
+        if self.reused is not None and self._stacked_shape(model) is not None:
+            self.reused[key] = (model, stacked_heads.head_weights(model))
+        return model
 
     def features(self, model) -> np.ndarray:
         """The backbone's output for every image: from the feature store, once per distinct backbone."""
-        from covidxray.training.extraction import backbone_features, weights_digest
+        from covidxray.training.extraction import backbone_features
 
-        key = weights_digest(model.get_layer("backbone"))
+        key = _backbone_key(model)
         if key not in self.cache:
             start = time.perf_counter()
             self.cache[key] = backbone_features(model, self.images, self.store, label="train")
@@ -181,9 +198,9 @@ class Trainer:
     def pooled_features(self, model) -> np.ndarray:
         """features() through the model's pooling and flatten layers, (N, D): what the head's
         trainable layers see; from the feature store, which keeps this table too."""
-        from covidxray.training.extraction import pooled_features, weights_digest
+        from covidxray.training.extraction import pooled_features
 
-        key = ("pooled", weights_digest(model.get_layer("backbone")), model.get_layer("head_pool").pool_size)
+        key = ("pooled", *_backbone_key(model), model.get_layer("head_pool").pool_size)
         if key not in self.cache:
             start = time.perf_counter()
             self.cache[key] = pooled_features(model, self.images, self.store, label="train")
@@ -194,16 +211,19 @@ class Trainer:
         """The head's shape when it trains on pooled features with the other heads of a
         cross-validation (stacked_heads.py): frozen base, no augmentation, no fine-tuning, the standard
         head. None: the model trains with Keras's fit."""
-        head = self.settings.model.head
-        shape = None
-        if self.uses_cache and not self.fine_tunes:
-            shape = stacked_heads.head_shape(model, head.l2, head.standardize)
-        if shape is None and head.standardize:
+        shape = self._stacked_shape(model)
+        if shape is None and self.settings.model.head.standardize:
             raise CovidXrayError(
                 "model.head.standardize=true: standardization requested for a head that trains from pixels "
                 "or is not a standard head (allowed: false, or a frozen base, augment=none, no fine-tuning)"
             )
         return shape
+
+    def _stacked_shape(self, model) -> stacked_heads.HeadShape | None:
+        head = self.settings.model.head
+        if not self.uses_cache or self.fine_tunes:
+            return None
+        return stacked_heads.head_shape(model, head.l2, head.standardize)
 
     def cross_validate(self, splits: list, epochs: list[int], labels=None, open_run=None) -> list:
         """One model per (train rows, validation rows) of `splits`: [(softmax outputs on its
@@ -379,3 +399,13 @@ class Trainer:
         if self.uses_cache and not self.fine_tunes:
             return head_outputs(model, self.features(model)[idx])
         return np.asarray(model.predict(make_dataset(self.images[idx], None, None, EVAL_BATCH), verbose=0))
+
+
+def _backbone_key(model) -> tuple[str, str]:
+    """What decides a model's backbone features besides the pixels: its weights and its feature
+    source (a backbone built with model.features=blocks has the same weights as with last)."""
+    from covidxray.networks.builders import feature_source
+    from covidxray.training.extraction import weights_digest
+
+    backbone = model.get_layer("backbone")
+    return weights_digest(backbone), feature_source(backbone)
