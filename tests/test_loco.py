@@ -406,6 +406,8 @@ def test_every_figures_file_keeps_four_significant_digits(loco_run):
 def test_model_card_leads_with_loco(loco_run):
     text = (loco_run["reports"] / "model_card.md").read_text()
     lead = text.index("## At a site it never saw: leave-one-collection-out")
+    study = text.index("## What the study showed")  # first; no study run here: it says so
+    assert study < lead and "No study yet (reports/study/study.json)" in text[study:lead]
     assert lead < text.index("## Internal figures") < text.index("## Per collection") < text.index("## Shortcut probes")
     table = text[lead : text.index("## Internal figures")]
     for row in ("| radiography |", "| ieee8023+kermany |", "| **mean** |", "| **worst** |", "shortcut baseline"):

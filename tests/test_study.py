@@ -285,3 +285,26 @@ def test_a_recipe_in_a_study_gives_its_figures_alone(tiny_data, tmp_path):
             assert {k: v for k, v in together[r.name]["groups"][name].items() if k not in ("seconds", "inspected")} == {
                 k: v for k, v in g.items() if k != "seconds"
             }, r.name
+
+
+def test_the_model_card_leads_with_what_the_study_showed():
+    """card.study_lines from a study.json: the recipes, each group's paired difference with its
+    interval, and the count qualifying by the rule, also (plainly) when none does."""
+    from covidxray.evaluation import card
+
+    rows = [{"recipe": n} for n in ("erm", "vrex", "groupdro")]
+    deltas = {
+        "vrex": {"radiography": delta(-0.006, -0.008, -0.003), "ieee8023+kermany": delta(0.016, 0.009, 0.024, False)},
+        "groupdro": {"radiography": delta(0.02, 0.01, 0.03)},
+    }
+    verdicts = {"vrex": {"qualifies": False, "why": "-"}, "groupdro": {"qualifies": True, "why": "-"}}
+    study = {"baseline": "erm", "rule": S.SELECTION_RULE, "rows": rows, "deltas": deltas, "verdicts": verdicts}
+    text = "\n".join(card.study_lines(study))
+    assert "3 recipes through leave-one-collection-out" in text and "erm, vrex, groupdro" in text
+    assert "**1 of 2 qualifies by the selection rule** (groupdro)." in text
+    assert "| vrex | radiography | yes | -0.006 [-0.008, -0.003] |" in text
+    assert "| vrex | ieee8023+kermany | no (class is collection) | 0.016 [0.009, 0.024] |" in text
+    verdicts["groupdro"]["qualifies"] = False
+    assert "**0 of 2 qualify by the selection rule**: none does, erm stays the default." in "\n".join(
+        card.study_lines(study)
+    )

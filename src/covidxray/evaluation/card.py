@@ -269,6 +269,34 @@ def provenance_lines(model: str, run_id: str, commit: str, data: str, date: str)
     ]
 
 
+def study_lines(study: dict | None) -> list[str]:
+    """What the study showed (reports/study/study.json, the study stage's; None: not run yet): the
+    recipes compared, per held-out group each one's AUC difference from the baseline with its paired
+    interval, and how many qualify by the selection rule (saying so when none does)."""
+    lines = ["## What the study showed: recipes compared on the same held-out sites", ""]
+    if not study:
+        return [*lines, "No study yet (reports/study/study.json): `dvc repro study` compares the recipes.", ""]
+    base, verdicts = study["baseline"], study["verdicts"]
+    qualified = [name for name, v in verdicts.items() if v["qualifies"]]
+    names = ", ".join(r["recipe"] for r in study["rows"])
+    lines += [
+        f"{len(study['rows'])} recipes through leave-one-collection-out on the same groups, each against {base} "
+        f"per group, paired (the same patient-bootstrap resamples score both): {names}.",
+        "",
+        f"**{len(qualified)} of {len(verdicts)} qualif{'ies' if len(qualified) == 1 else 'y'} by the selection rule**"
+        + (f" ({', '.join(qualified)})." if qualified else f": none does, {base} stays the default."),
+        "",
+        "| recipe | held-out group | counted | ΔAUC vs " + base + " [95% CI] |",
+        "|---|---|---|---|",
+    ]
+    for recipe, per_group in study["deltas"].items():
+        for group, d in per_group.items():
+            cell = f"{fmt(d['delta'])} [{fmt(d['low'])}, {fmt(d['high'])}]"
+            lines.append(f"| {recipe} | {group} | {'yes' if d['counted'] else 'no (class is collection)'} | {cell} |")
+    rule = study.get("rule", "")
+    return [*lines, "", f"Selection rule: {rule}. The whole study: [study/report.md](study/report.md).", ""]
+
+
 def stamped(card_md: str, lines: list[str]) -> str:
     """The card with the provenance table under its title (the first line)."""
     title, _, rest = card_md.partition("\n")
@@ -286,8 +314,10 @@ def model_card(
     k: int,
     ci: float,
     data: list[str] = (),
+    study: dict | None = None,
 ) -> str:
-    """reports/model_card.md: LOCO first, then internal figures, per collection, probes and limits."""
+    """reports/model_card.md: what the study showed (study_lines), LOCO, then internal figures, per
+    collection, probes and limits."""
     lines = [
         "# COVID-19 chest X-ray classifier: model card",
         "",
@@ -301,6 +331,7 @@ def model_card(
         + (", site-calibrated" if meta.get("site_calibration") else "")
         + ").",
         "",
+        *study_lines(study),
         "## At a site it never saw: leave-one-collection-out",
         "",
         "Only these figures say something about other hospitals. Each held-out collection plays a hospital the "

@@ -24,6 +24,7 @@ the mean and worst figures as tags of the registered version.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -140,6 +141,12 @@ def log_card(run_id: str, card_md: str, meta: dict) -> None:
     MlflowClient().log_text(run_id, card.stamped(card_md, lines), CARD)
 
 
+def read_study(reports: Path) -> dict | None:
+    """The study stage's study.json (reports/study), which the model card leads with; None without one."""
+    path = reports / "study" / "study.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def main(cfg) -> dict:
     """Stage entry: LOCO of the configured recipe, the final model's probes, the model card."""
     s = loco_settings(cfg)  # every key checked before anything is read or trained
@@ -157,13 +164,14 @@ def main(cfg) -> dict:
     test_ids = pd.read_csv(confusion, dtype={"image_id": str})["image_id"] if confusion.is_file() else []
     found_probes = run_probes(model, meta, stored, index, roles, set(test_ids), imgs.load_probe(t.curated), s.seed)
     k, ci = s.spec.calibration_k, s.spec.ci
+    study = read_study(t.reports)
     log = LogTo(out.tracking_uri, out.experiment, meta.get("mlflow_run_id"), "loco", artifact_path="loco")
 
     def write(work: Path) -> tuple[dict, str]:
         named = sources.describe({role: per_class for role, per_class in roles.items() if any(per_class.values())})
         names = sorted({n for per_class in roles.values() for some in per_class.values() for n in some})
         data = card.data_lines(load_facts(t.curated), names)  # citation and license of each collection
-        card_md = card.model_card(meta, named, result, cv, test, internal, found_probes, k, ci, data)
+        card_md = card.model_card(meta, named, result, cv, test, internal, found_probes, k, ci, data, study)
         extra = {"internal_test_per_collection": internal, "probes": found_probes}
         found = write_outputs(work / OUT_DIR, result, extra, card.loco_report(result, k, ci), classes[-1])
         (work / CARD).write_text(card_md)
