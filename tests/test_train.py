@@ -165,7 +165,7 @@ def test_smoke_training_end_to_end(trained):
         assert tags[f"dvc.md5:{path.resolve().as_posix()}"] == dvc_md5(path), path
     assert not any(k.startswith("data_version.dvc.lock") for k in tags)  # no stale tags of a previous run
     headline = json.loads((cv_dir / "headline.json").read_text())
-    assert set(headline) <= {"n", "auc", "auc_sd", "sens", "spec", "threshold"} and headline["n"] == len(oof)
+    assert set(headline) <= {"n", "auc", "auc_sd", "sens", "spec"} and headline["n"] == len(oof)
     assert not any(t in key for key in metrics for t in ("seconds", "wall_s", "images_per_s", "cache_s"))
     assert "cv_seconds" in parent.data.metrics  # timings live in MLflow only
 

@@ -27,13 +27,13 @@ FOLD_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "loss", "best_e
 OOF_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "pr_auc", "brier", "ece")
 
 
-def headline(
-    n_images: int, auc, *, auc_low=None, auc_high=None, sensitivity=None, specificity=None, threshold=None, **extra
-) -> dict:
+def headline(n_images: int, auc, *, auc_low=None, auc_high=None, sensitivity=None, specificity=None, **extra) -> dict:
     """The figures a metrics file for `dvc metrics show` holds, under keys shared by every stage's
-    headline.json so that the table is one row per stage and a few columns wide: n, auc (with
-    auc_lo/auc_hi, its interval, or auc_sd, the spread over CV folds), sens and spec at the
-    model's threshold, threshold; `extra` adds a stage's own (short keys). Missing values are left out."""
+    headline.json so that the table is one row per stage and at most 120 columns wide: n, auc (with
+    auc_lo/auc_hi, its interval, or auc_sd, the spread over CV folds), sens and spec at the model's
+    threshold; `extra` adds a stage's own (short keys). Missing values are left out. The threshold
+    itself is in models/model.json and the metrics.json files (the table has no column left for it
+    beside the study's row)."""
     found = {
         "n": n_images,
         "auc": auc,
@@ -42,7 +42,6 @@ def headline(
         **{k: v for k, v in extra.items() if k == "auc_sd"},
         "sens": sensitivity,
         "spec": specificity,
-        "threshold": threshold,
         **{k: v for k, v in extra.items() if k != "auc_sd"},
     }
     return {k: (significant(float(v)) if k != "n" else int(v)) for k, v in found.items() if v is not None}

@@ -102,7 +102,6 @@ def write_headline(folder: Path, result: dict, partition: str) -> dict:
         auc_high=m.get("auc_ci_high"),
         sensitivity=m.get("sensitivity"),
         specificity=m.get("specificity"),
-        threshold=result.get("threshold"),
         **({"probe_covid": probe} if probe is not None else {}),
     )
     (Path(folder) / "headline.json").write_text(figures_text(found))

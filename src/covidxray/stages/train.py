@@ -359,7 +359,6 @@ def cv_headline(figures: dict, n_images: int) -> dict:
         figures["cv_auc_mean"],
         sensitivity=figures.get("oof_sensitivity"),
         specificity=figures.get("oof_specificity"),
-        threshold=figures.get("threshold"),
         auc_sd=figures.get("cv_auc_std"),
     )
 
