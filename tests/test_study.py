@@ -135,7 +135,8 @@ def test_small_groups_are_flagged_not_counted():
 
 
 def study_cfg(tmp_path, recipes, *extra):
-    cfg = make_cfg([f"paths.reports={tmp_path / 'reports'}", *extra])
+    """The study config with `recipes`, compared with `erm` unless `extra` names another baseline."""
+    cfg = make_cfg([f"paths.reports={tmp_path / 'reports'}", "study.baseline=erm", *extra])
     cfg.study.recipes = recipes
     return cfg
 
@@ -189,6 +190,7 @@ def study_run(tiny_data, tmp_path_factory):
             "loco.groups=[[radiography]]",
             "loco.objective.min_images=10",
             "loco.objective.max_shortcut_auc=1.0",  # tiny_data's synthetic classes differ in pixel statistics
+            "study.baseline=erm",
             *LOCO,
         ]
     )
@@ -261,8 +263,10 @@ def test_a_recipe_in_a_study_gives_its_figures_alone(tiny_data, tmp_path):
         "experiment=smoke",
         "model=efficientnet_lite0",
         "model.weights=none",
+        "model.features=last",  # Lite0's default is blocks: the "blocks" recipe must differ
         "model.head.pool_size=1",
         "train.epochs=2",
+        "study.baseline=erm",
     ]
     paths = [f"paths.curated={tiny_data['curated']}", f"paths.splits={tiny_data['splits']}"]
     cfg = make_cfg([*frozen, *paths, f"paths.features={tmp_path / 'features'}", "loco.groups=[[radiography]]", *LOCO])

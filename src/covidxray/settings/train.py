@@ -159,7 +159,7 @@ def algorithm_settings(cfg, model: ModelSettings, augment: AugmentSettings) -> A
     if algorithm.keras_loss() is None and not stacked:
         raise CovidXrayError(
             f"algorithm.name={chosen.name} trains only the stacked heads on frozen features: it needs "
-            "model.freeze_base=true, augment=none and model.fine_tune.unfreeze_top=0"
+            "model.freeze_base=true, augment=none and model.fine_tune.unfreeze_top=0, or add algorithm=erm"
         )
     return chosen
 
