@@ -171,7 +171,8 @@ def test_a_toy_algorithm_plugs_in_through_one_module_and_one_config(two_sites, t
     "overrides, message",
     [
         (["algorithm.name=dro"], "algorithm.name must be one of coral, erm, groupdro, mixup, vrex, got 'dro'"),
-        (["+algorithm.eta=0.1"], "algorithm.eta: not a parameter of erm"),
+        (["algorithm=erm", "+algorithm.eta=0.1"], "algorithm.eta: not a parameter of erm"),
+        (["+algorithm.eta=0.1"], r"algorithm.eta: not a parameter of vrex \(its parameters: penalty, anneal_steps\)"),
     ],
 )
 def test_bad_algorithms_are_one_line_before_training(overrides, message):

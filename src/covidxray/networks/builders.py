@@ -382,15 +382,22 @@ def split_at_backbone(model: keras.Model):
 
 
 def set_fine_tune(model: keras.Model, unfreeze_top: int) -> int:
-    """Make the top `unfreeze_top` layers of the backbone trainable (BatchNormalization layers
-    stay frozen), the rest frozen. Returns how many layers with weights became trainable."""
+    """Make the top `unfreeze_top` layers of the backbone network trainable (BatchNormalization
+    layers stay frozen), the rest frozen; the layers model.features=blocks adds (_with_blocks: no
+    weights) are not counted among them. Returns how many layers with weights became trainable."""
     backbone = model.get_layer("backbone")
     backbone.trainable = True
-    n = int(unfreeze_top)
-    cut = max(0, len(backbone.layers) - n)
+    network = [layer for layer in backbone.layers if not _adds_blocks(layer)]
+    cut = max(0, len(network) - int(unfreeze_top))
+    top = {id(layer) for layer in network[cut:]}
     unfrozen = 0
-    for i, layer in enumerate(backbone.layers):
-        trainable = i >= cut and not isinstance(layer, layers.BatchNormalization)
+    for layer in backbone.layers:
+        trainable = id(layer) in top and not isinstance(layer, layers.BatchNormalization)
         layer.trainable = trainable
         unfrozen += int(trainable and bool(layer.weights))
     return unfrozen
+
+
+def _adds_blocks(layer) -> bool:
+    """Whether a backbone layer is one _with_blocks added (the blocks' pooling, tiling, concat)."""
+    return layer.name == BLOCKS_LAYER or layer.name.startswith("features_block")
