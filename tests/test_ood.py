@@ -123,7 +123,7 @@ def test_a_model_folder_without_the_file_predicts_as_before(tiny, tmp_path):
 
 def test_litert_and_keras_give_the_same_ood_score(tiny):
     """model.tflite's features output scores like the Keras sub-model (serving without TensorFlow),
-    from the pass that predicted the images; a detector of an older model (its LiteRT feature model
+    whatever the model predicted before; a detector of an older model (its LiteRT feature model
     in ood.npz, model.tflite a classifier only) still scores the same."""
     from covidxray.networks import litert, model_file
 
@@ -134,9 +134,9 @@ def test_litert_and_keras_give_the_same_ood_score(tiny):
     x = np.random.default_rng(5).integers(0, 256, (3, 32, 32)).astype(np.uint8)
     expected = detector.distances(ood.lite_features(detector, keras_model, x))
     lite.predict(x[..., None].astype(np.float32))
-    remembered = ood.lite_features(detector, lite, x)  # the features of that same pass
+    remembered = ood.lite_features(detector, lite, x)  # after predicting these images
     lite.predict(x[::-1, ..., None].astype(np.float32))
-    computed = ood.lite_features(detector, lite, x)  # other images last: a pass of its own
+    computed = ood.lite_features(detector, lite, x)  # after predicting others
     np.testing.assert_array_equal(remembered, computed)
     assert np.allclose(detector.distances(computed), expected, rtol=1e-3), (computed, expected)
 

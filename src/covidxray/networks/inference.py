@@ -65,13 +65,23 @@ def decode_rows(model_input, meta: dict) -> np.ndarray:
 
 def probabilities(model, pixels: np.ndarray, n_classes: int) -> np.ndarray:
     """Softmax outputs (N, K) for uint8 images (N, S, S), fed as raw 0..255 pixels as in training."""
+    return outputs(model, pixels, n_classes)[0]
+
+
+def outputs(model, pixels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(probabilities(), the pooled features (N, D) where the model gives them in the same pass:
+    a LiteRT model with model.tflite's features output; else None)."""
     if len(pixels) == 0:
-        return np.zeros((0, n_classes))
+        return np.zeros((0, n_classes)), None
     x = np.asarray(pixels, dtype=np.float32)[..., None]
-    probs = np.asarray(model.predict(x, batch_size=BATCH_SIZE, verbose=0), dtype=float)
+    if getattr(model, "has_features", False):
+        probs, features = model.outputs(x)
+    else:
+        probs, features = model.predict(x, batch_size=BATCH_SIZE, verbose=0), None
+    probs = np.asarray(probs, dtype=float)
     if probs.ndim != 2 or probs.shape[1] != n_classes:
         raise CovidXrayError(f"the model outputs shape {probs.shape[1:]}, but its metadata names {n_classes} classes")
-    return probs
+    return probs, features
 
 
 def decide(probs: np.ndarray, threshold: float) -> np.ndarray:
@@ -112,12 +122,12 @@ def predictions(model, meta: dict, pixels: np.ndarray) -> pd.DataFrame:
     and ood (networks/ood.py; None without a detector): an image flagged out-of-distribution is
     labelled so instead of a class, its p_<class> kept."""
     classes = list(meta["classes"])
-    probs = probabilities(model, pixels, len(classes))
+    probs, features = outputs(model, pixels, len(classes))
     table = pd.DataFrame({f"p_{classes[-1]}": probs[:, -1]})
     for c, name in enumerate(classes[:-1]):
         table[f"p_{name}"] = probs[:, c]
     labels = np.asarray(classes, dtype=object)[decide(probs, meta["threshold"])] if len(probs) else []
-    scores, flagged = ood.flag(meta.get("ood"), model, pixels)
+    scores, flagged = ood.flag(meta.get("ood"), model, pixels, features)
     labels = [ood.OOD_LABEL if out else label for label, out in zip(labels, flagged, strict=True)]
     table["label"] = pd.Series(labels, dtype=object)
     table["threshold"] = float(meta["threshold"])

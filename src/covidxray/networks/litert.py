@@ -107,8 +107,7 @@ class LiteModel:
     (on 2 cores XNNPACK keeps both busy with single images; training/extraction.py measured it), so
     the interpreter is planned once. `keras` holds the bytes of the model.keras it was converted
     from where they were at hand (calibrate copies them into its folder). A file with the
-    `features` output also answers `features(x)`: those of the images last predicted come from
-    that same pass."""
+    `features` output also answers `features(x)`, and `outputs(x)` gives both from one pass."""
 
     def __init__(self, content: bytes, source: str, keras: bytes | None = None):
         try:
@@ -124,7 +123,6 @@ class LiteModel:
         self.content, self.source, self.keras = content, source, keras
         self._input, self._output, self._features = inputs[0]["index"], outputs[PROBABILITIES], outputs.get(FEATURES)
         self.input_shape = tuple(int(d) for d in inputs[0]["shape_signature"])
-        self._last: tuple[np.ndarray, np.ndarray] | None = None  # (inputs, features) of the last predict
 
     def _outputs(self) -> dict[str, int]:
         """{output name: tensor index}: the signature's names, or PROBABILITIES for a lone output."""
@@ -144,19 +142,16 @@ class LiteModel:
     def predict(self, x, batch_size: int = 1, verbose: int = 0) -> np.ndarray:
         """Softmax outputs (N, K) for float32 inputs (N, S, S, 1) (batch_size and verbose: Keras'
         arguments, unused)."""
-        return self._run(x)[0]
+        return self.outputs(x)[0]
 
     def features(self, x) -> np.ndarray:
-        """The pooled features (N, D) of float32 inputs (N, S, S, 1): those of the last predict
-        when x are its inputs (no second pass), else computed."""
+        """The pooled features (N, D) of float32 inputs (N, S, S, 1)."""
         if self._features is None:
             raise CovidXrayError(f"{self.source}: this model.tflite has no features output")
-        x = np.asarray(x, dtype=np.float32)
-        if self._last is not None and self._last[0].shape == x.shape and np.array_equal(self._last[0], x):
-            return self._last[1]
-        return self._run(x)[1]
+        return self.outputs(x)[1]
 
-    def _run(self, x) -> tuple[np.ndarray, np.ndarray | None]:
+    def outputs(self, x) -> tuple[np.ndarray, np.ndarray | None]:
+        """(softmax outputs (N, K), pooled features (N, D) or None without that output), one pass."""
         x = np.asarray(x, dtype=np.float32)
         if tuple(x.shape[1:]) != self.input_shape[1:]:
             raise CovidXrayError(f"{self.source}: input shape {x.shape[1:]}, the model takes {self.input_shape[1:]}")
@@ -169,10 +164,7 @@ class LiteModel:
                 features.append(np.array(self.interpreter.get_tensor(self._features)[0]))
         if not probs:
             return np.zeros((0, 0), np.float32), None
-        found = np.stack(features) if features else None
-        if found is not None:
-            self._last = (x.copy(), found)
-        return np.stack(probs), found
+        return np.stack(probs), (np.stack(features) if features else None)
 
 
 def load(path, keras: bytes | None = None) -> LiteModel:

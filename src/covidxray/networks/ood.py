@@ -151,8 +151,8 @@ def features(model, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
 
 
 def lite_features(detector: Detector, model, pixels: np.ndarray) -> np.ndarray:
-    """features(), for a LiteRT model from its features output (the pass that predicted these
-    images), or from the LiteRT feature model of an older detector: no TensorFlow either way."""
+    """features(), for a LiteRT model from its features output, or from the LiteRT feature model
+    of an older detector: no TensorFlow either way."""
     from covidxray.networks.litert import LiteModel
 
     x = np.asarray(pixels, dtype=np.float32)[..., None]
@@ -163,10 +163,12 @@ def lite_features(detector: Detector, model, pixels: np.ndarray) -> np.ndarray:
     return np.asarray(LiteModel(detector.lite, OOD_FILE).predict(x), dtype=np.float64)
 
 
-def flag(detector: Detector | None, model, pixels: np.ndarray) -> tuple[list, list]:
+def flag(detector: Detector | None, model, pixels: np.ndarray, features=None) -> tuple[list, list]:
     """(ood_score, ood) per image: the distance and whether it is above the threshold; None each
-    without a detector."""
+    without a detector. `features`: the images' pooled features where the pass that predicted them
+    gave them (inference.outputs), else computed here."""
     if detector is None or len(pixels) == 0:
         return [None] * len(pixels), [None] * len(pixels)
-    scores = detector.distances(lite_features(detector, model, pixels))
+    found = lite_features(detector, model, pixels) if features is None else features
+    scores = detector.distances(found)
     return [float(s) for s in scores], [bool(s > detector.threshold) for s in scores]

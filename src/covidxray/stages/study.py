@@ -1,7 +1,7 @@
 """study stage: the recipes of `study.recipes` (a name and Hydra overrides each: an algorithm, a
 feature source, a head, a preprocessing) run through leave-one-collection-out on the same groups
 and seeds (evaluation/loco.py, on the frozen backbone's stored features), and compared with the
-baseline recipe (`study.baseline`, ERM) per group, paired (evaluation/study.py).
+baseline recipe (`study.baseline`, the shipped default) per group, paired (evaluation/study.py).
 
 Outputs (reports/study, installed together; a reader sees all old files or all new ones):
   headline.json    DVC metrics: the objective of the best recipe besides the baseline (auc, auc_min:
