@@ -205,6 +205,18 @@ class ServerProcess:
             time.sleep(0.5)
         pytest.fail(f"server not ready after {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
 
+    def commands(self) -> list[str]:
+        """The command lines of the processes in the server's session (it and what it started)."""
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                session = int(stat.read_text().rsplit(")", 1)[1].split()[3])
+                if session == self.proc.pid:
+                    found.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip())
+            except (OSError, IndexError, ValueError):
+                continue  # a process that ended meanwhile
+        return found
+
     def stop(self) -> None:
         import os
         import signal

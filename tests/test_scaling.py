@@ -40,7 +40,7 @@ def test_smoke_training_logs_to_an_mlflow_server(smoke_cfg, tmp_path, monkeypatc
         ],
         f"http://127.0.0.1:{port}",
         tmp_path / "server.log",
-        env=dict(os.environ),
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # as make ui: no GenAI job consumers
         cwd=root,
     )
     try:
