@@ -89,6 +89,7 @@ def test_the_keras_path_applies_l2_and_refuses_standardization(tiny_data):
                 [
                     "experiment=smoke",
                     "train.epochs=3",
+                    "train.run_eagerly=false",  # 24 steps: here the graph costs less than eager steps
                     f"model.head.l2={l2}",
                     f"paths.curated={tiny_data['curated']}",
                     f"paths.splits={tiny_data['splits']}",

@@ -263,6 +263,28 @@ def test_heads_trained_on_cached_features_are_the_full_models_heads(tiny_data):
             )
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["keras_fit", "stacked_heads"])
+def test_run_eagerly_changes_the_cost_not_the_figures(tiny_data, frozen):
+    """train.run_eagerly (the smoke preset's: its fits are a few steps, cheaper than tracing a graph)
+    gives what the graph gives: Keras's fit from pixels, and the stacked heads without XLA."""
+    from covidxray.training.cv_data import load_cv_data
+    from covidxray.training.trainer import Trainer
+
+    found = []
+    for eager in (False, True):
+        s = frozen_head_settings(tiny_data, f"model.freeze_base={frozen}", f"train.run_eagerly={eager}")
+        assert s.fit.run_eagerly is eager
+        data = load_cv_data(s.curated, s.splits, s.inputs, s.roles)
+        fold = data.rows["fold"].to_numpy()
+        trainer = Trainer(s.fit, data.images, data.y, len(data.classes), verbose=0, feature_cache=frozen)
+        ((probs, result),) = trainer.cross_validate(
+            [(np.flatnonzero(fold != 0), np.flatnonzero(fold == 0))], [2, 0], [0]
+        )
+        assert result.history["phase"].iloc[0] == ("head" if frozen else "train")
+        found.append((probs, result.history[["loss", "auc"]].to_numpy()))
+    assert np.allclose(found[0][0], found[1][0], atol=1e-5) and np.allclose(found[0][1], found[1][1], atol=1e-5)
+
+
 def test_augmentation_runs_in_the_input_pipeline_for_training_only(tiny_data):
     from covidxray.settings.train import augment_settings
     from covidxray.training.inputs import build_augmenter, make_dataset

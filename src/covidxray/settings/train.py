@@ -186,6 +186,7 @@ def fit_settings(cfg) -> FitSettings:
         epochs=epochs,
         batch_size=batch,
         steps_per_execution=per_call,
+        run_eagerly=flag(cfg, "train.run_eagerly"),
         early_stopping=flag(cfg, "train.early_stopping.enabled"),
         patience=integer(cfg, "train.early_stopping.patience", 0),
         class_weights=choice(cfg, "train.class_weights", CLASS_WEIGHTS),

@@ -96,6 +96,7 @@ class FitSettings:
     epochs: int
     batch_size: int
     steps_per_execution: int
+    run_eagerly: bool
     early_stopping: bool
     patience: int
     class_weights: str

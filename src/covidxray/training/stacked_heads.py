@@ -170,6 +170,7 @@ def fit_heads(
     patience: int | None = None,
     algorithm: Algorithm | None = None,
     groups: np.ndarray | None = None,
+    eager: bool = False,
 ) -> list[HeadFit]:
     """Train one head per (train rows, validation rows or None) of `splits` on pooled features x
     (N, D) with class indices y, all at once, from the same seeded initial weights.
@@ -178,7 +179,8 @@ def fit_heads(
     algorithm: the loss (training/algorithms; default ERM), fed each row's group (class x
     collection, ints in [0, n_groups); default: its class). With shape.standardize, head k trains
     on (x - mean) / std of its training rows and its returned weights take the raw x
-    (fold_standardization)."""
+    (fold_standardization). eager: each epoch's steps run eagerly, not as one XLA program (no
+    compilation: cheaper for a few steps, slower beyond)."""
     import tensorflow as tf
 
     algorithm = algorithm or ERM()
@@ -189,7 +191,7 @@ def fit_heads(
     n_groups = int(groups.max()) + 1 if len(groups) else 1
     moments = standardization(x, [train for train, _ in splits]) if shape.standardize else None
     state = algorithm.initial_state(len(splits), n_groups)
-    epoch_fn = _epoch_function(variables, optimizer, algorithm, state, n_groups, shape, moments)
+    epoch_fn = _epoch_function(variables, optimizer, algorithm, state, n_groups, shape, moments, eager)
     weights = np.zeros((len(splits), len(x)), np.float32)
     for k, (train, _) in enumerate(splits):
         weights[k, train] = sample_weight[k]
@@ -296,9 +298,16 @@ def _drops(shape: HeadShape) -> bool:
 
 
 def _epoch_function(
-    variables, optimizer, algorithm: Algorithm, state: list, n_groups: int, shape: HeadShape, moments=None
+    variables,
+    optimizer,
+    algorithm: Algorithm,
+    state: list,
+    n_groups: int,
+    shape: HeadShape,
+    moments=None,
+    eager: bool = False,
 ):
-    """A tf.function running one epoch of steps for all heads, the loss from `algorithm`
+    """A tf.function (eager: the plain function) running one epoch of steps for all heads, the loss from `algorithm`
     (Algorithm.objective, with its `draws`) plus the kernels' L2 penalty; returns the softmax
     outputs of each step (steps, K, B, C) and each head's loss per step (steps, K). moments:
     (mean, std) (K, D) of standardization() when the heads train on standardized features."""
@@ -325,7 +334,6 @@ def _epoch_function(
         logits, h = forward(xb, scale)
         return tf.nn.softmax(logits), h
 
-    @tf.function(jit_compile=True)  # XLA: one fused program per epoch, ~2.5x faster on CPU
     def epoch(x, onehot, sample_weight, groups, idx, dropout_scale, draws):
         steps = tf.shape(idx)[0]
         probs = tf.TensorArray(tf.float32, size=steps)
@@ -352,4 +360,6 @@ def _epoch_function(
             losses = losses.write(s, per_head)
         return probs.stack(), losses.stack()
 
-    return epoch
+    return (
+        epoch if eager else tf.function(epoch, jit_compile=True)
+    )  # XLA: one fused program per epoch, ~2.5x faster on CPU

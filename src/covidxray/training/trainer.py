@@ -48,11 +48,17 @@ def make_optimizer(optimizer: OptimizerSettings, lr: float, epochs: int, steps_p
 
 
 def compile_model(
-    model, optimizer, n_classes: int, steps_per_execution: int = 1, loss="categorical_crossentropy"
+    model,
+    optimizer,
+    n_classes: int,
+    steps_per_execution: int = 1,
+    loss="categorical_crossentropy",
+    run_eagerly: bool = False,
 ) -> None:
     """Categorical cross-entropy; accuracy and AUC (macro over classes: for two classes, the
     covid AUC) per epoch. steps_per_execution > 1 runs that many train steps per call into the
-    compiled graph (less per-step Python overhead; epoch-level results and callbacks unchanged)."""
+    compiled graph (less per-step Python overhead; epoch-level results and callbacks unchanged);
+    run_eagerly: no graph at all (no tracing: cheaper where a fit is a few steps)."""
     import keras
 
     model.compile(
@@ -60,6 +66,7 @@ def compile_model(
         loss=loss,
         metrics=["accuracy", keras.metrics.AUC(multi_label=True, num_labels=n_classes, name="auc")],
         steps_per_execution=int(steps_per_execution),
+        run_eagerly=bool(run_eagerly),
     )
 
 
@@ -270,6 +277,7 @@ class Trainer:
             patience=s.patience if s.early_stopping else None,
             algorithm=s.algorithm.build(),
             groups=self.groups,
+            eager=s.run_eagerly,
         )
         seconds = (time.perf_counter() - start) / len(splits)
         results = []
@@ -359,7 +367,7 @@ class Trainer:
         steps = math.ceil(len(train_idx) / self.global_batch)
         with self.strategy.scope():
             optimizer = make_optimizer(s.optimizer, lr, n_epochs, steps)
-            compile_model(target, optimizer, self.n_classes, s.steps_per_execution, self._keras_loss())
+            compile_model(target, optimizer, self.n_classes, s.steps_per_execution, self._keras_loss(), s.run_eagerly)
         train_ds, val_ds = self._datasets(source, train_idx, val_idx, augmenter)
         callbacks, stopper = [logger], None
         if s.early_stopping and val_idx is not None:
