@@ -107,11 +107,11 @@ def make_cfg(overrides: list[str] | None = None):
 
 
 def frozen_head_settings(tiny_data: dict, *overrides: str):
-    """The train settings of the smoke experiment on a frozen VGG16 (random weights) over tiny_data:
+    """The train settings of the smoke experiment with its CNN frozen (random weights) over tiny_data:
     a head that trains on fixed features (the stacked heads), in seconds."""
     from covidxray.settings.train import train_settings
 
-    base = ["experiment=smoke", "model=vgg16", "model.weights=none", "train.epochs=2"]
+    base = ["experiment=smoke", "model.freeze_base=true", "train.epochs=2"]
     paths = [f"paths.curated={tiny_data['curated']}", f"paths.splits={tiny_data['splits']}"]
     return train_settings(make_cfg([*base, *paths, *overrides]))
 

@@ -15,8 +15,9 @@ import pytest
 
 from conftest import BIN, REPO, make_cfg, synthetic_xrays
 
-# A frozen random backbone at 32 px: the stacked heads (the default recipe's path) at test size.
-FROZEN = ["experiment=smoke", "model=mobilenetv2", "model.weights=none", "model.freeze_base=true", "train.epochs=2"]
+# A frozen random backbone at 32 px (the smoke CNN: a frozen MobileNetV2 took 24 s a training, this 5 s):
+# the stacked heads (the default recipe's path) at test size.
+FROZEN = ["experiment=smoke", "model.freeze_base=true", "train.epochs=2"]
 # LOCO inside `covidxray train` at test size: radiography held out, few calibration draws and resamples
 LOCO_TINY = [
     "++optimized_metric=loco_auc_mean",  # force-add: the key may or may not be in the base config
