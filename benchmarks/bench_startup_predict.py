@@ -13,6 +13,10 @@ Python finds compiled bytecode (PYTHONDONTWRITEBYTECODE=1 with a venv installed 
     .venv/bin/python benchmarks/bench_startup_predict.py                      # models/, one X-ray
     .venv/bin/python benchmarks/bench_startup_predict.py --model DIR --image FILE --repeats 5
     .venv/bin/python benchmarks/bench_startup_predict.py --tiny    # the smoke model, 1 round (make test)
+
+Also `mlflow models serve` of each side, logged as the train stage logs it (serving/pyfunc.py) to a
+store in a temporary folder: seconds from the command's start until /ping answers (serve_ready_*;
+MLflow's own start-up included, TensorFlow's only on the Keras side).
 """
 
 from __future__ import annotations
@@ -94,6 +98,55 @@ def predict_once(model: Path, image: Path, out: list, cpu: list) -> None:
     out.append(done.stdout.strip().splitlines()[-1])
 
 
+def logged(folder: Path, store: Path) -> str:
+    """The model of `folder` logged as a pyfunc model (as the train stage logs it) to the SQLite
+    store `store`: its runs:/ URI. The LiteRT side's model carries model.tflite, as trained ones do."""
+    import mlflow
+    import numpy as np
+
+    from covidxray.networks import model_file
+    from covidxray.serving import pyfunc
+
+    model, meta = model_file.load_model(folder)
+    mlflow.set_tracking_uri(f"sqlite:///{store}")
+    found = mlflow.get_experiment_by_name("bench")
+    experiment = found.experiment_id if found else mlflow.create_experiment("bench", str(store.parent / "artifacts"))
+    with mlflow.start_run(experiment_id=experiment) as run:
+        pyfunc.log_model(model, meta, example=np.full((64, 64), 100, np.uint8))
+    return f"runs:/{run.info.run_id}/model"
+
+
+def serve_once(uri: str, store: Path, log: Path) -> None:
+    """`mlflow models serve -m URI --env-manager local` in its own session, until /ping answers 200
+    (fails after 120 s or when the server exits), then the whole session is stopped."""
+    import signal
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{store}", "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
+    argv = ["mlflow", "models", "serve", "-m", uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise SystemExit(f"mlflow models serve not ready ({uri}):\n{log.read_text()[-2000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+
+
 def once(fns: dict) -> dict[str, tuple[float, list[float]]]:
     """Each fn timed once, no warm-up (the tiny run: that it works, not how fast)."""
     found = {}
@@ -131,6 +184,10 @@ def main(argv=None) -> dict:
         rows, cpu = {name: [] for name in folders}, {name: [] for name in folders}
         runs = {n: (lambda n=n: predict_once(folders[n], image, rows[n], cpu[n])) for n in folders}
         found = once(runs) if args.tiny else alternating(runs, repeats)
+        store = work / "mlflow.db"
+        uris = {n: logged(folder, store) for n, folder in folders.items()}
+        serve = {f"serve_ready_{n}": (lambda n=n: serve_once(uris[n], store, work / f"serve-{n}.log")) for n in folders}
+        found |= once(serve) if args.tiny else alternating(serve, repeats)
         shutil.rmtree(work, ignore_errors=True)
     answers = {n: sorted(set(r)) for n, r in rows.items()}
     if answers["keras"] != answers["litert"]:
