@@ -88,12 +88,12 @@ def test_startup_benchmark_times_commands_with_and_without_bytecode(tmp_path):
 
 def test_startup_benchmark_times_both_engines(tmp_path):
     """`covidxray predict` cold on one image, Keras and LiteRT, the same answer from both; and
-    `mlflow models serve` of each, logged as training logs it, until it answers /ping."""
+    `mlflow models serve` of the LiteRT side, logged as training logs it, until it answers /ping."""
     done = run([str(ROOT / "benchmarks" / "bench_startup_predict.py"), "--tiny"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results, _ = json.JSONDecoder().raw_decode(done.stdout[done.stdout.index("{") :])
     assert results["keras_s"] > 0 and results["litert_s"] > 0 and results["cpu"]
-    assert results["serve_ready_keras_s"] > 0 and results["serve_ready_litert_s"] > 0
+    assert results["serve_ready_litert_s"] > 0 and "serve_ready_keras_s" not in results
     assert results["answer"].count(",") >= 3 and isinstance(results["bytecode"], bool)
     assert list(tmp_path.iterdir()) == []
 
