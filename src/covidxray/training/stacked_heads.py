@@ -307,10 +307,11 @@ def _epoch_function(
     moments=None,
     eager: bool = False,
 ):
-    """A tf.function (eager: the plain function) running one epoch of steps for all heads, the loss from `algorithm`
-    (Algorithm.objective, with its `draws`) plus the kernels' L2 penalty; returns the softmax
-    outputs of each step (steps, K, B, C) and each head's loss per step (steps, K). moments:
-    (mean, std) (K, D) of standardization() when the heads train on standardized features."""
+    """A tf.function (eager: the plain function) running one epoch of steps for all heads, the
+    loss from `algorithm` (Algorithm.objective, with its `draws`) plus the kernels' L2 penalty;
+    returns the softmax outputs of each step (steps, K, B, C) and each head's loss per step
+    (steps, K). moments: (mean, std) (K, D) of standardization() when the heads train on
+    standardized features."""
     import tensorflow as tf
 
     kernels = variables[::2]
@@ -360,6 +361,6 @@ def _epoch_function(
             losses = losses.write(s, per_head)
         return probs.stack(), losses.stack()
 
-    return (
-        epoch if eager else tf.function(epoch, jit_compile=True)
-    )  # XLA: one fused program per epoch, ~2.5x faster on CPU
+    if eager:
+        return epoch
+    return tf.function(epoch, jit_compile=True)  # XLA: one fused program per epoch, ~2.5x faster on CPU
