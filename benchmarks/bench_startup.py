@@ -4,7 +4,8 @@ PYTHONDONTWRITEBYTECODE=1 (set on these machines and in many containers):
 
   no_bytecode  PYTHONPYCACHEPREFIX=<an empty folder>: Python looks for .pyc files only there, finds
                none and (PYTHONDONTWRITEBYTECODE) writes none, so it compiles every module it imports
-               from source, every time: what `pip install --no-compile` alone leaves.
+               from source, every time: what an install that compiles nothing (uv's default, pip
+               --no-compile) leaves.
   bytecode     the venv's own __pycache__ folders, as `make setup` compiles them (compileall).
 
     .venv/bin/python benchmarks/bench_startup.py [--model models/model.keras] [--image X.png] [--repeats 3]

@@ -6,7 +6,7 @@ Both sides run the same image through the real command line (`python -m covidxra
 taking turns round by round (median of --repeats, after one untimed warm-up each so the files sit
 in the page cache), and must print the same p(covid) to 4 decimals. Reported: median wall and
 CPU seconds (user + system of the process: what other load on the machine inflates least). Start-up depends on whether
-Python finds compiled bytecode (PYTHONDONTWRITEBYTECODE=1 with a venv installed by pip
+Python finds compiled bytecode (PYTHONDONTWRITEBYTECODE=1 with a venv installed by uv or pip
 --no-compile compiles every module from source at every start): the result says which it was;
 `python -m compileall -q -j0 .venv/lib` makes the other case.
 
