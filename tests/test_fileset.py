@@ -146,12 +146,11 @@ def _outputs(root: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def old_root(tiny_data, tmp_path_factory) -> Path:
-    """A complete set of train outputs (and its MLflow store) from an earlier run (8 head units)."""
-    from covidxray.stages.train import main
+    """A complete set of train outputs (and its MLflow store) from an earlier run: the session's
+    trained smoke model (8 head units), copied by each test before it is overwritten."""
+    from test_evaluate import trained_model
 
-    root = tmp_path_factory.mktemp("old")
-    main(make_cfg([*_overrides(root, tiny_data), "model.head.dense_units=8"]))
-    return root
+    return trained_model(tmp_path_factory.mktemp("trained"), tiny_data)["root"]
 
 
 @pytest.mark.parametrize("point, outcome", [POINTS[0], POINTS[2]])  # before the journal; mid-switch
