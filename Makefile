@@ -65,8 +65,11 @@ params: setup
 
 # MLflow UI on the local store: make ui [PORT=5001]. MLflow's job execution (GenAI jobs, which this
 # project has none of) is off: it starts seven huey consumer processes, ~28 s of CPU on start-up.
+# One web worker, not MLflow's default four: one person's browser (each worker imports MLflow's
+# server anew, ~3 s of CPU; ready in 5 s instead of 8 here).
 ui: $(STAMP)
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port $(PORT)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db \
+	  --host 127.0.0.1 --port $(PORT) --workers 1
 
 clean:
 	rm -rf $(VENV) outputs multirun

@@ -25,5 +25,7 @@ def test_make_ui_takes_a_port(tmp_path):
             assert page.status == 200 and b"MLflow" in page.read()
         # MLflow's job execution is off: no huey consumers (seven processes, ~28 s of CPU at start)
         assert not [c for c in server.commands() if "huey" in c], server.commands()
+        # one web worker, uvicorn's own process: none of the four worker processes MLflow starts by default
+        assert not [c for c in server.commands() if "multiprocessing" in c], server.commands()
     finally:
         server.stop()
