@@ -5,14 +5,12 @@ through `covidxray train` with leave-one-collection-out; bad hyper-parameters on
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from conftest import BIN, REPO, make_cfg
+from conftest import make_cfg
 from test_recipe import FROZEN, LOCO_TINY, _paths, two_sites  # noqa: F401 (two_sites: the fixture)
 
 
@@ -206,24 +204,18 @@ def test_bad_hyper_parameters_are_one_line_before_training(overrides, message):
     assert "\n" not in str(found.value)
 
 
-def test_groupdro_trains_through_covidxray_train_with_loco(two_sites, tmp_path):  # noqa: F811
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    argv = [
-        str(BIN / "covidxray"),
-        "train",
-        "algorithm=groupdro",
-        *FROZEN,
-        *LOCO_TINY,
-        "cv.final_model=false",
-        *_paths(two_sites, tmp_path),
-        f"hydra.run.dir={tmp_path / 'run'}",
-    ]
-    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    metrics = json.loads((tmp_path / "run" / "reports" / "cv" / "metrics.json").read_text())
-    assert 0.0 <= metrics["loco_radiography_auc"] <= 1.0
-
+def test_groupdro_trains_through_the_train_stage_with_loco(two_sites, tmp_path):  # noqa: F811
+    """algorithm=groupdro chosen like any config group, with LOCO inside the train stage (the
+    command line itself, Hydra's app, is covered by the other `covidxray train` tests)."""
     from mlflow.tracking import MlflowClient
+
+    from covidxray.stages import train
+
+    train.main(
+        make_cfg(["algorithm=groupdro", *FROZEN, *LOCO_TINY, "cv.final_model=false", *_paths(two_sites, tmp_path)])
+    )
+    metrics = json.loads((tmp_path / "reports" / "cv" / "metrics.json").read_text())
+    assert 0.0 <= metrics["loco_radiography_auc"] <= 1.0
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("covid-xray").experiment_id])
