@@ -34,6 +34,21 @@ def test_threshold_holds_the_false_alarm_rate_on_fresh_samples():
         ood.fit(train, np.arange(2000) % 5, [0, 1], rate=1.0)
 
 
+def test_distances_are_sklearns_ledoit_wolf_mahalanobis():
+    """The precision from the shrunk covariance's Cholesky factor gives the distances of sklearn's
+    LedoitWolf (its pinvh), for more features than images (the frozen backbones' case), and is
+    symmetric."""
+    from sklearn.covariance import LedoitWolf
+
+    rng = np.random.default_rng(2)
+    features = np.abs(rng.normal(size=(60, 300)) @ rng.normal(size=(300, 300)) * 0.1)
+    detector = ood.fit_gaussian(features)
+    new = np.abs(rng.normal(size=(20, 300)) @ rng.normal(size=(300, 300)) * 0.1)
+    reference = np.sqrt(LedoitWolf().fit(features).mahalanobis(new))
+    assert np.allclose(detector.distances(new), reference, rtol=1e-9, atol=0)
+    assert np.array_equal(detector.precision, detector.precision.T)
+
+
 def test_file_round_trips_with_the_same_bytes(tmp_path):
     rng = np.random.default_rng(1)
     detector = ood.fit(rng.normal(size=(40, 3)), np.arange(40) % 2, [0, 1], rate=0.1)
