@@ -252,17 +252,22 @@ def test_phash_pairs():
 
 
 def test_shortcut_auc():
+    """Each table's AUC on the same patient folds: a leaky width separates, noise does not, three
+    classes give the macro AUC; one class, or one patient a class, is None for every table."""
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1], 40)
     groups = np.arange(80) // 2
     leaky = pd.DataFrame({"width": np.where(y == 1, 1000.0, 512.0) + rng.normal(0, 5, 80)})
-    assert A.shortcut_auc(leaky, y, groups, seed=0) > 0.95
     noise = pd.DataFrame({"width": rng.normal(0, 1, 80)})
-    assert 0.2 < A.shortcut_auc(noise, y, groups, seed=0) < 0.8
+    found = A.shortcut_aucs({"leaky": leaky, "noise": noise}, y, groups, seed=0)
+    assert found["leaky"]["auc"] > 0.95 and 0.2 < found["noise"]["auc"] < 0.8
+    assert found["noise"] == A.shortcut_aucs({"alone": noise}, y, groups, seed=0)["alone"]  # tables do not interact
     y3 = np.repeat([0, 1, 2], 20)
     three = pd.DataFrame({"w": y3 * 100.0})
-    assert A.shortcut_auc(three, y3, np.arange(60), seed=0) > 0.95
-    assert A.shortcut_auc(leaky, np.zeros(80), groups, seed=0) is None
+    assert A.shortcut_aucs({"w": three}, y3, np.arange(60), seed=0)["w"]["auc"] > 0.95
+    tables = {"leaky": leaky, "noise": noise}
+    assert A.shortcut_aucs(tables, np.zeros(80), groups, seed=0) == {"leaky": None, "noise": None}
+    assert A.shortcut_aucs({"leaky": leaky}, y, np.zeros(80), seed=0) == {"leaky": None}
 
 
 # ---------- the stage end to end on a small real subset ----------
@@ -381,7 +386,7 @@ def test_curate_rejects_bad_config_and_leaves_nothing(repo_root, small_inputs, t
 def test_shortcut_aucs_per_class_exposes_one_separable_class():
     y = np.repeat([0, 1, 2], 30)
     feats = pd.DataFrame({"w": np.where(y == 2, 1000.0, 512.0)})  # only class 2 is separable
-    result = A.shortcut_aucs(feats, y, np.arange(90), seed=0)
+    result = A.shortcut_aucs({"w": feats}, y, np.arange(90), seed=0)["w"]
     assert result["per_class"][2] > 0.95 and result["auc"] < result["per_class"][2]
 
 

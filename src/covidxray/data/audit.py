@@ -55,12 +55,15 @@ def pixel_features(images: np.ndarray) -> pd.DataFrame:
     )
 
 
-def shortcut_aucs(features: pd.DataFrame, y, groups, seed: int, folds: int = 5) -> dict | None:
-    """Cross-validated ROC AUCs of a depth-3 decision tree predicting the label from `features` alone.
+def shortcut_aucs(features: dict[str, pd.DataFrame], y, groups, seed: int, folds: int = 5) -> dict:
+    """Cross-validated ROC AUCs of a depth-3 decision tree predicting the label from each table of
+    `features` ({name: table}) alone.
 
-    Folds are StratifiedGroupKFold by patient; AUCs are on the pooled out-of-fold probabilities.
-    Returns {"auc": binary AUC or one-vs-rest macro AUC, "per_class": {class: one-vs-rest AUC}},
-    or None when there are too few patients to fold.
+    Folds are StratifiedGroupKFold by patient, the same for every table (the folds depend on the
+    labels and patients only, and sklearn's splitter is the slow part: ~1 s on 3,000 patients);
+    AUCs are on the pooled out-of-fold probabilities. Returns {name: {"auc": binary AUC or
+    one-vs-rest macro AUC, "per_class": {class: one-vs-rest AUC}}}, each None when there are too
+    few patients to fold.
     """
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedGroupKFold
@@ -68,26 +71,21 @@ def shortcut_aucs(features: pd.DataFrame, y, groups, seed: int, folds: int = 5) 
 
     y, groups = np.asarray(y), np.asarray(groups)
     classes = np.unique(y)
-    if len(classes) < 2:
-        return None
-    n_splits = min(int(folds), min(len(np.unique(groups[y == c])) for c in classes))
+    n_splits = 0 if len(classes) < 2 else min(int(folds), min(len(np.unique(groups[y == c])) for c in classes))
     if n_splits < 2:
-        return None
-    X = np.asarray(features, dtype=np.float64)
-    proba = np.zeros((len(y), len(classes)))
-    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    for train, test in splitter.split(X, y, groups):
-        tree = DecisionTreeClassifier(max_depth=3, min_samples_leaf=5, random_state=seed).fit(X[train], y[train])
-        proba[np.ix_(test, np.searchsorted(classes, tree.classes_))] = tree.predict_proba(X[test])
-    per_class = {c.item(): float(roc_auc_score(y == c, proba[:, k])) for k, c in enumerate(classes)}
-    auc = per_class[classes[1].item()] if len(classes) == 2 else float(np.mean(list(per_class.values())))
-    return {"auc": auc, "per_class": per_class}
-
-
-def shortcut_auc(features: pd.DataFrame, y, groups, seed: int, folds: int = 5) -> float | None:
-    """The headline of `shortcut_aucs`: binary ROC AUC, or one-vs-rest macro AUC for 3 classes."""
-    result = shortcut_aucs(features, y, groups, seed, folds)
-    return None if result is None else result["auc"]
+        return dict.fromkeys(features)
+    splits = list(StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(y, y, groups))
+    out = {}
+    for name, table in features.items():
+        X = np.asarray(table, dtype=np.float64)
+        proba = np.zeros((len(y), len(classes)))
+        for train, test in splits:
+            tree = DecisionTreeClassifier(max_depth=3, min_samples_leaf=5, random_state=seed).fit(X[train], y[train])
+            proba[np.ix_(test, np.searchsorted(classes, tree.classes_))] = tree.predict_proba(X[test])
+        per_class = {c.item(): float(roc_auc_score(y == c, proba[:, k])) for k, c in enumerate(classes)}
+        auc = per_class[classes[1].item()] if len(classes) == 2 else float(np.mean(list(per_class.values())))
+        out[name] = {"auc": auc, "per_class": per_class}
+    return out
 
 
 def _counts(series: pd.Series) -> dict:
@@ -127,8 +125,12 @@ def collection_facts(index: pd.DataFrame, features: dict, described: dict, seed:
                 UNKNOWN: int(ages.isna().sum()),
             },
             "shortcut_auc_vs_rest": {
-                k: (shortcut_auc(f, mine.astype(int), index["patient_id"], seed, folds) if separable else None)
-                for k, f in features.items()
+                k: None if r is None else r["auc"]
+                for k, r in (
+                    shortcut_aucs(features, mine.astype(int), index["patient_id"], seed, folds)
+                    if separable
+                    else dict.fromkeys(features)
+                ).items()
             },
             **{k: info.get(k) for k in ("kind", "citation", "license")},
         }
@@ -184,7 +186,7 @@ def audit(
             "mode": _counts(rows["orig_mode"]),
         }
     features = {"geometry_format": geometry_features(df), "pixel_stats": pixel_features(images)}
-    results = {k: shortcut_aucs(f, df["y"], df["patient_id"], seed, folds) for k, f in features.items()}
+    results = shortcut_aucs(features, df["y"], df["patient_id"], seed, folds)
     aucs = {k: (None if r is None else round(r["auc"], 4)) for k, r in results.items()}
     per_class = {
         k: ({} if r is None or len(classes) < 3 else {classes[int(c)]: round(v, 4) for c, v in r["per_class"].items()})

@@ -45,14 +45,9 @@ def same_source_probe(model, meta: dict, images: np.ndarray, frame: pd.DataFrame
 def shortcut_aucs(frame: pd.DataFrame, stored: np.ndarray, seed: int) -> dict:
     """The audit's shortcut AUCs (geometry/format, pixel statistics) for the label of one set."""
     y = frame["label"].astype("category").cat.codes.to_numpy()
-    out = {}
-    for name, feats in (
-        ("geometry_format", audit.geometry_features(frame)),
-        ("pixel_stats", audit.pixel_features(stored)),
-    ):
-        result = audit.shortcut_aucs(feats, y, frame["patient_id"], seed)
-        out[name] = None if result is None else float(result["auc"])
-    return out
+    features = {"geometry_format": audit.geometry_features(frame), "pixel_stats": audit.pixel_features(stored)}
+    found = audit.shortcut_aucs(features, y, frame["patient_id"], seed)
+    return {name: None if result is None else float(result["auc"]) for name, result in found.items()}
 
 
 def penultimate_features(model, images: np.ndarray, batch_size: int = 64, store=None) -> np.ndarray:
