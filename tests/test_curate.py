@@ -383,6 +383,28 @@ def test_curate_rejects_bad_config_and_leaves_nothing(repo_root, small_inputs, t
     assert not out.exists() and not list(out.parent.glob(".curated*"))
 
 
+def test_a_collection_alone_has_no_shortcut_auc_against_the_rest():
+    """Where one collection is the whole set there is no rest to tell it from: None for each
+    feature table; beside a second collection each table gets its AUC."""
+    index = pd.DataFrame(
+        {
+            "source": ["a"] * 20 + ["b"] * 20,
+            "patient_id": [f"p{i}" for i in range(40)],
+            "label": ["covid", "normal"] * 20,
+            "orig_width": [1000.0] * 20 + [500.0] * 20,
+            "orig_height": 800.0,
+            "orig_format": "PNG",
+            "orig_mode": "L",
+            "age": np.nan,
+        }
+    )
+    features = {"geometry_format": A.geometry_features(index), "pixel_stats": pd.DataFrame({"m": np.arange(40.0)})}
+    alone = A.collection_facts(index[:20], {k: f[:20] for k, f in features.items()}, {"a": {}}, seed=0)
+    assert alone["a"]["shortcut_auc_vs_rest"] == {"geometry_format": None, "pixel_stats": None}
+    both = A.collection_facts(index, features, {"a": {}, "b": {}}, seed=0)
+    assert both["a"]["shortcut_auc_vs_rest"]["geometry_format"] == 1.0
+
+
 def test_shortcut_aucs_per_class_exposes_one_separable_class():
     y = np.repeat([0, 1, 2], 30)
     feats = pd.DataFrame({"w": np.where(y == 2, 1000.0, 512.0)})  # only class 2 is separable
