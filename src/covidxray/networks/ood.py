@@ -94,8 +94,7 @@ def save(detector: Detector, path: Path) -> Path:
             buffer = io.BytesIO()
             kept = array if name == "features_tflite" else np.asarray(array, dtype=np.float64)
             np.lib.format.write_array(buffer, kept, allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_STORED
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))  # stored: ZipInfo's default
             archive.writestr(info, buffer.getvalue())
     return Path(path)
 
